@@ -1,0 +1,433 @@
+"""DINOv3 features of a 3D volume from orthogonal 2D planes, on the label grid.
+
+For each requested plane (``xy``: slices along z, ``xz``: along y, ``yz``: along x):
+
+1. the raw slices are taken at raw resolution (raw may be finer than the output grid),
+   intensity-scaled with statistics of the whole volume (never per slice), resampled
+   to square pixels (anisotropic voxels, e.g. 40×4×4 nm, become isotropic in-plane),
+   padded to a multiple of the patch size and normalised with ImageNet mean/std;
+2. the backbone turns each batch of slices into a token grid; with a ``stride``
+   smaller than the patch size the image is run at every sub-patch shift and the
+   token grids are interleaved (a sliding window);
+3. the token grid is resampled bilinearly onto the output grid's in-plane voxel
+   centres (geometry in nm, so any raw:output ratio works);
+4. along the slicing axis, all raw slices whose centres lie inside an output voxel
+   are averaged (anti-aliasing); an output voxel with no raw slice centre inside it
+   takes the nearest raw slice.
+
+Every plane streams straight into one float32 accumulator of shape (C, z, y, x),
+already divided by the number of planes, so the result is the mean of the planes
+with no full-size copy per plane.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinopipe import __version__
+from dinopipe.backbone import IMAGENET_MEAN, IMAGENET_STD, TINY_BACKBONES, Backbone
+from dinopipe.io import Geometry
+
+logger = logging.getLogger(__name__)
+
+#: Plane name -> (slicing axis, in-plane axes) in (z, y, x) axis numbers.
+PLANES: dict[str, tuple[int, tuple[int, int]]] = {"xy": (0, (1, 2)), "xz": (1, (0, 2)), "yz": (2, (0, 1))}
+
+#: Allowed raw:output voxel-size ratio per axis (raw voxel size / output voxel size).
+RATIO_RANGE = (0.1, 16.0)
+
+#: A guided upsampler: (tokens (B, C, h, w), images (B, 3, H, W)) -> (B, C, H', W').
+Upsampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FeatureParams:
+    """Parameters of feature extraction (config section ``features``).
+
+    Attributes:
+        backbone: "tiny-vit", "tiny-convnext", a hub id or a local snapshot directory.
+        revision: Hub revision, or None.
+        planes: Subset of "xy", "xz", "yz".
+        stride: Token stride in pixels; None means the patch size. Must divide it.
+        batch_size: Slices per backbone call.
+        intensity: "percentile" (scale ``low``..``high`` percentiles of the volume to
+            0..1) or "dtype" (the integer dtype's range).
+        low: Lower percentile (percentile mode).
+        high: Upper percentile (percentile mode).
+        max_slice_size: Cap on the longer side of a slice fed to the backbone, pixels.
+        device: "auto", "cpu" or "cuda".
+        autocast: Use bf16 autocast on CUDA (fp32 on CPU always).
+        seed: Seed of the random weights of the tiny backbones.
+    """
+
+    backbone: str = "tiny-vit"
+    revision: str | None = None
+    planes: list[str] = field(default_factory=lambda: ["xy", "xz", "yz"])
+    stride: int | None = None
+    batch_size: int = 16
+    intensity: str = "percentile"
+    low: float = 0.5
+    high: float = 99.5
+    max_slice_size: int = 1024
+    device: str = "auto"
+    autocast: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> FeatureParams:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in config section 'features': {unknown}; allowed: {sorted(known)}")
+        params = cls(**dict(section))
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        bad = [p for p in self.planes if p not in PLANES]
+        if bad or not self.planes or len(set(self.planes)) != len(self.planes):
+            raise ValueError(f"features.planes must be a non-empty subset of {list(PLANES)}, got {self.planes}")
+        if self.intensity not in ("percentile", "dtype"):
+            raise ValueError(f"features.intensity must be 'percentile' or 'dtype', got {self.intensity!r}")
+        if not 0 <= self.low < self.high <= 100:
+            raise ValueError(f"features.low/high must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}")
+        if self.batch_size < 1:
+            raise ValueError(f"features.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class PlaneTimings:
+    prepare_s: float = 0.0
+    backbone_s: float = 0.0
+    resample_s: float = 0.0
+    slices: int = 0
+    image_size: tuple[int, int] = (0, 0)
+
+
+def check_ratio(raw_voxel_size: Sequence[float], out_voxel_size: Sequence[float], volume: str) -> None:
+    """Raise if a raw:output voxel-size ratio is outside :data:`RATIO_RANGE` on any axis."""
+    for axis, r, o in zip("zyx", raw_voxel_size, out_voxel_size):
+        ratio = r / o
+        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
+            raise ValueError(
+                f"volume {volume!r}: raw voxel size {r} nm vs label voxel size {o} nm on axis {axis} "
+                f"(ratio {ratio:.3g}) is outside the supported {RATIO_RANGE[0]}–{RATIO_RANGE[1]}"
+            )
+
+
+def intensity_range(raw: np.ndarray, method: str, low: float, high: float) -> tuple[float, float]:
+    """Per-volume intensity range mapped to 0..1.
+
+    Percentiles are taken on at most about a million voxels sampled on a regular
+    stride (deterministic). Returns (lo, hi) with hi > lo.
+    """
+    if method == "dtype":
+        if not np.issubdtype(raw.dtype, np.integer):
+            raise ValueError(f"intensity 'dtype' needs integer raw data, got {raw.dtype}")
+        info = np.iinfo(raw.dtype)
+        return float(info.min), float(info.max)
+    step = max(1, int(math.ceil((raw.size / 1e6) ** (1 / 3))))
+    sample = np.asarray(raw[::step, ::step, ::step], dtype=np.float64)
+    if not np.all(np.isfinite(sample)):
+        raise ValueError("raw contains NaN or infinite values")
+    lo, hi = np.percentile(sample, [low, high])
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def slice_weights(
+    raw_translation: float, raw_voxel: float, n_raw: int, out_translation: float, out_voxel: float, n_out: int
+) -> list[tuple[int, list[tuple[int, float]]]]:
+    """Which raw slices average into each output slice along one axis.
+
+    Args:
+        raw_translation: Centre of raw voxel 0, nm.
+        raw_voxel: Raw voxel size, nm.
+        n_raw: Number of raw voxels.
+        out_translation: Centre of output voxel 0, nm.
+        out_voxel: Output voxel size, nm.
+        n_out: Number of output voxels.
+
+    Returns:
+        For every raw slice used, in increasing order: (raw index, [(output index,
+        weight), ...]); the weights of each output index sum to 1.
+    """
+    raw_centres = raw_translation + raw_voxel * np.arange(n_raw)
+    out_of_raw = np.floor((raw_centres - (out_translation - out_voxel / 2)) / out_voxel).astype(np.int64)
+    members: dict[int, list[int]] = {i: [] for i in range(n_out)}
+    for j, i in enumerate(out_of_raw):
+        if 0 <= i < n_out:
+            members[int(i)].append(j)
+    contributions: dict[int, list[tuple[int, float]]] = {}
+    for i, js in members.items():
+        if not js:  # raw coarser than output: nearest raw slice
+            centre = out_translation + i * out_voxel
+            js = [int(np.clip(np.rint((centre - raw_translation) / raw_voxel), 0, n_raw - 1))]
+        for j in js:
+            contributions.setdefault(j, []).append((i, 1.0 / len(js)))
+    return sorted(contributions.items())
+
+
+def _token_coords(
+    out_centres_nm: np.ndarray, begin_nm: float, pixel_nm: float, patch: int, stride: int, n_tokens: int
+) -> torch.Tensor:
+    """Normalised grid_sample coordinates (align_corners=True) of output voxel centres.
+
+    Token k of a sliding window with ``stride`` covers pixels [k*stride, k*stride+patch),
+    centre at pixel coordinate k*stride + patch/2 (in units where pixel m spans [m, m+1)).
+    """
+    pix = (out_centres_nm - begin_nm) / pixel_nm
+    t = (pix - patch / 2) / stride
+    if n_tokens == 1:
+        return torch.zeros(len(t), dtype=torch.float32)
+    return torch.as_tensor(2 * t / (n_tokens - 1) - 1, dtype=torch.float32)
+
+
+class _Plane:
+    """Geometry of one plane: which raw slices, their in-plane crop and image size."""
+
+    def __init__(self, name: str, raw_geom: Geometry, out_geom: Geometry, backbone: Backbone, params: FeatureParams):
+        self.name = name
+        self.axis, (self.b, self.c) = PLANES[name]
+        rv, ov = np.asarray(raw_geom.voxel_size), np.asarray(out_geom.voxel_size)
+        rt, ot = np.asarray(raw_geom.translation), np.asarray(out_geom.translation)
+        a, b, c = self.axis, self.b, self.c
+        self.contributions = slice_weights(rt[a], rv[a], raw_geom.shape[a], ot[a], ov[a], out_geom.shape[a])
+        # in-plane raw extent: the raw voxels overlapping the output grid
+        self.crop: list[slice] = []
+        begins = []
+        for ax in (b, c):
+            lo = int(np.floor((out_geom.begin_nm[ax] - raw_geom.begin_nm[ax]) / rv[ax] + 1e-6))
+            hi = int(np.ceil((out_geom.end_nm[ax] - raw_geom.begin_nm[ax]) / rv[ax] - 1e-6))
+            lo, hi = max(lo, 0), min(hi, raw_geom.shape[ax])
+            self.crop.append(slice(lo, hi))
+            begins.append(raw_geom.begin_nm[ax] + lo * rv[ax])
+        extent = [(s.stop - s.start) * rv[ax] for s, ax in zip(self.crop, (b, c))]
+        pixel = min(rv[b], rv[c])  # square pixels at the finer in-plane resolution
+        longest = max(extent) / pixel
+        if longest > params.max_slice_size:
+            pixel *= longest / params.max_slice_size
+        self.size = tuple(max(1, int(round(e / pixel))) for e in extent)
+        # the exact pixel size per axis after rounding the image size
+        self.pixel_nm = [e / n for e, n in zip(extent, self.size)]
+        p = backbone.patch_size
+        self.stride = params.stride or p
+        self.shifts = p // self.stride
+        self.padded = tuple(int(math.ceil(n / p)) * p for n in self.size)
+        n_tokens = [self.padded[i] // p * self.shifts for i in range(2)]
+        centres = [ot[ax] + ov[ax] * np.arange(out_geom.shape[ax]) for ax in (b, c)]
+        gy = _token_coords(centres[0], begins[0], self.pixel_nm[0], p, self.stride, n_tokens[0])
+        gx = _token_coords(centres[1], begins[1], self.pixel_nm[1], p, self.stride, n_tokens[1])
+        mesh_y, mesh_x = torch.meshgrid(gy, gx, indexing="ij")
+        self.grid = torch.stack([mesh_x, mesh_y], dim=-1)[None]  # (1, Ho, Wo, 2): x then y
+
+    def take(self, raw: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+        """Raw slices (B, H, W) at ``indices`` along the slicing axis, cropped in-plane."""
+        index: list[Any] = [slice(None)] * 3
+        index[self.axis] = list(indices)
+        index[self.b], index[self.c] = self.crop
+        block = np.asarray(raw[tuple(index)])
+        return np.moveaxis(block, self.axis, 0)
+
+
+def _prepare(
+    slices: np.ndarray, plane: _Plane, lo: float, hi: float, device: torch.device
+) -> torch.Tensor:
+    """Scale, resize to square pixels, pad and ImageNet-normalise a batch of slices."""
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(device)
+    x = ((x - lo) / (hi - lo)).clamp_(0, 1)[:, None]
+    if tuple(x.shape[-2:]) != plane.size:
+        shrinking = any(s > t for s, t in zip(x.shape[-2:], plane.size))
+        x = F.interpolate(x, size=plane.size, mode="bilinear", align_corners=False, antialias=shrinking)
+    pad_h, pad_w = plane.padded[0] - plane.size[0], plane.padded[1] - plane.size[1]
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+def _tokens_sliding(backbone: Backbone, images: torch.Tensor, plane: _Plane, autocast: bool) -> torch.Tensor:
+    """Token grid (B, C, h*shifts, w*shifts) with the plane's stride."""
+    use_autocast = autocast and images.device.type == "cuda"
+    n, s = plane.shifts, plane.stride
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        if n == 1:
+            return backbone.tokens(images)
+        grids = {}
+        for u in range(n):
+            for v in range(n):
+                shifted = images[:, :, u * s :, v * s :]
+                shifted = F.pad(shifted, (0, v * s, 0, u * s), mode="replicate")
+                grids[u, v] = backbone.tokens(shifted)
+    b, ch, gh, gw = grids[0, 0].shape
+    fine = images.new_empty((b, ch, gh * n, gw * n), dtype=torch.float32)
+    for (u, v), g in grids.items():
+        fine[:, :, u::n, v::n] = g
+    return fine
+
+
+def extract_features(
+    raw: np.ndarray,
+    raw_geom: Geometry,
+    out_geom: Geometry,
+    backbone: Backbone,
+    params: FeatureParams,
+    *,
+    volume: str = "volume",
+    upsampler: Upsampler | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Compute the plane-averaged DINOv3 features of a volume on the output grid.
+
+    Args:
+        raw: Raw intensities (z, y, x) on ``raw_geom`` (any array supporting numpy
+            indexing, e.g. a zarr array).
+        raw_geom: Geometry of ``raw`` (nm).
+        out_geom: The output (label) grid (nm); must lie inside the raw extent.
+        backbone: The loaded backbone.
+        params: Feature parameters.
+        volume: Volume name for error messages.
+        upsampler: Optional guided upsampler applied to each token grid before the
+            bilinear resampling to the output grid (see :data:`Upsampler`).
+        progress: Called with the number of slices processed after each batch.
+
+    Returns:
+        (features (C, z, y, x) float32, info) where info holds the intensity range,
+        the image size per plane and a timing breakdown in seconds.
+    """
+    params.validate()
+    check_ratio(raw_geom.voxel_size, out_geom.voxel_size, volume)
+    if raw.ndim != 3:
+        raise ValueError(f"volume {volume!r}: raw must be 3D (z, y, x), got shape {raw.shape}")
+    if np.any(out_geom.begin_nm < raw_geom.begin_nm - 1e-6) or np.any(out_geom.end_nm > raw_geom.end_nm + 1e-6):
+        raise ValueError(
+            f"volume {volume!r}: output grid {out_geom.begin_nm.tolist()}–{out_geom.end_nm.tolist()} nm "
+            f"is not inside the raw extent {raw_geom.begin_nm.tolist()}–{raw_geom.end_nm.tolist()} nm"
+        )
+    if params.stride is not None and (params.stride < 1 or backbone.patch_size % params.stride):
+        raise ValueError(f"features.stride {params.stride} must divide the patch size {backbone.patch_size}")
+    lo, hi = intensity_range(raw, params.intensity, params.low, params.high)
+    torch.manual_seed(params.seed)
+    acc = np.zeros((backbone.channels, *out_geom.shape), dtype=np.float32)
+    timings: dict[str, Any] = {}
+    sizes: dict[str, list[int]] = {}
+    scale = 1.0 / len(params.planes)
+    for name in params.planes:
+        plane = _Plane(name, raw_geom, out_geom, backbone, params)
+        t = PlaneTimings(image_size=plane.padded)
+        sizes[name] = list(plane.padded)
+        order = plane.contributions
+        for start in range(0, len(order), params.batch_size):
+            batch = order[start : start + params.batch_size]
+            t0 = time.perf_counter()
+            images = _prepare(plane.take(raw, [j for j, _ in batch]), plane, lo, hi, backbone.device)
+            t1 = time.perf_counter()
+            tokens = _tokens_sliding(backbone, images, plane, params.autocast)
+            if upsampler is not None:
+                tokens = upsampler(tokens, images).float()
+            t2 = time.perf_counter()
+            grid = plane.grid.to(tokens.device).expand(len(batch), -1, -1, -1)
+            resampled = F.grid_sample(tokens, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            resampled = resampled.cpu().numpy()  # (B, C, Ho, Wo)
+            for k, (_, targets) in enumerate(batch):
+                for i, w in targets:
+                    index: list[Any] = [slice(None)] * 4
+                    index[1 + plane.axis] = i
+                    acc[tuple(index)] += (w * scale) * resampled[k]
+            t3 = time.perf_counter()
+            t.prepare_s += t1 - t0
+            t.backbone_s += t2 - t1
+            t.resample_s += t3 - t2
+            t.slices += len(batch)
+            if progress is not None:
+                progress(len(batch))
+        timings[name] = asdict(t)
+        logger.info(
+            "volume %s plane %s: %d slices of %s px, backbone %.2fs, prepare %.2fs, resample %.2fs",
+            volume, name, t.slices, plane.padded, t.backbone_s, t.prepare_s, t.resample_s,
+        )
+    info = {"intensity_range": [lo, hi], "image_size": sizes, "timings": timings}
+    return acc, info
+
+
+def signature(backbone: Backbone, params: FeatureParams, raw_geom: Geometry, out_geom: Geometry,
+              intensity: Sequence[float]) -> dict[str, Any]:
+    """What produced a feature volume; stored with it and checked when it is read."""
+    return {
+        "model_id": backbone.name,
+        "revision": backbone.revision,
+        "weights_hash": backbone.weights_hash,
+        "architecture": backbone.architecture,
+        "patch_size": backbone.patch_size,
+        "channels": backbone.channels,
+        "planes": list(params.planes),
+        "stride": params.stride or backbone.patch_size,
+        "max_slice_size": params.max_slice_size,
+        "normalisation": {
+            "intensity": params.intensity,
+            "low": params.low,
+            "high": params.high,
+            "range": [float(v) for v in intensity],
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "raw_voxel_size": list(raw_geom.voxel_size),
+        "voxel_size": list(out_geom.voxel_size),
+        "dinopipe_version": __version__,
+    }
+
+
+def expected_signature(params: FeatureParams) -> dict[str, Any]:
+    """The part of a signature that follows from the configuration alone."""
+    expected = {
+        "model_id": params.backbone,
+        "revision": params.revision if params.backbone not in TINY_BACKBONES else None,
+        "planes": list(params.planes),
+        "normalisation.intensity": params.intensity,
+        "normalisation.low": params.low,
+        "normalisation.high": params.high,
+        "max_slice_size": params.max_slice_size,
+        "dinopipe_version": __version__,
+    }
+    if params.stride is not None:
+        expected["stride"] = params.stride
+    return expected
+
+
+def _lookup(sig: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = sig
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return "<missing>"
+        value = value[part]
+    return value
+
+
+def check_signature(stored: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    """Raise ValueError naming the first key whose stored value differs from ``expected``.
+
+    Args:
+        stored: Signature read from a feature store.
+        expected: Expected values, keyed by dotted paths into the signature
+            (e.g. "normalisation.low").
+        where: The store's path, for the message.
+    """
+    for key, want in expected.items():
+        have = _lookup(stored, key)
+        if have != want:
+            raise ValueError(
+                f"features at {where} do not match the configuration: signature key {key!r} is "
+                f"{have!r} in the store but {want!r} in the config; recompute them "
+                f"(e.g. `snakemake {where} --force`)"
+            )

@@ -1,0 +1,392 @@
+"""One function per workflow stage: read inputs, call the library, write outputs atomically.
+
+The Snakemake scripts in ``workflow/scripts/`` are thin wrappers around these, so every
+stage can be run and tested without Snakemake. All paths are plain paths; every
+function writes its output under a temporary name and moves it into place at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import socket
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from dinopipe import __version__, io
+from dinopipe.sheet import Volume
+
+logger = logging.getLogger(__name__)
+
+
+def volume_from_dict(record: Mapping[str, Any]) -> Volume:
+    """Rebuild a :class:`Volume` from the dict Snakemake passes as a param."""
+    roi = record.get("roi")
+    return Volume(
+        name=record["name"],
+        raw=record["raw"],
+        labels=record.get("labels"),
+        role=record["role"],
+        roi=tuple(tuple(b) for b in roi) if roi else None,  # type: ignore[arg-type]
+    )
+
+
+def _source_args(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "min_raw_voxel_size": data.get("min_raw_voxel_size"),
+        "label_voxel_size": data.get("label_voxel_size"),
+        "output_voxel_size": data.get("output_voxel_size"),
+    }
+
+
+def demo_seed(name: str, seed: int) -> int:
+    """A stable per-volume seed from the volume name and the demo seed."""
+    return (zlib.crc32(name.encode()) + 7919 * int(seed)) % (2**31)
+
+
+def run_demo_data(
+    name: str, out_path: str | Path, *, seed: int, label_shape: Sequence[int],
+    label_voxel_size: Sequence[float], raw_factor: Sequence[int],
+) -> None:
+    """Write one synthetic demo volume as OME-NGFF: ``raw`` (s0 fine, s1 at the label
+    voxel size) and ``labels`` (s0), in one store ``out_path``.
+
+    The raw grid's corner coincides with the label grid's corner: raw voxel size is
+    ``label_voxel_size / raw_factor``.
+    """
+    from dinopipe.demo import make_demo_volume
+
+    raw, labels = make_demo_volume(demo_seed(name, seed), label_shape=tuple(label_shape), raw_factor=tuple(raw_factor))
+    lvs = np.asarray(label_voxel_size, dtype=float)
+    rvs = lvs / np.asarray(raw_factor)
+    with io.atomic_output(out_path) as tmp:
+        zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        io.write_image(tmp / "raw", raw, rvs.tolist(), (rvs / 2).tolist(), name="raw")
+        io.write_image(tmp / "labels", labels, lvs.tolist(), (lvs / 2).tolist(), name="labels")
+        _add_scale(tmp / "raw", raw, raw_factor, rvs)
+    logger.info("demo volume %s: raw %s, labels %s (%d ids)", name, raw.shape, labels.shape, len(np.unique(labels)) - 1)
+
+
+def _add_scale(group_path: Path, raw: np.ndarray, factor: Sequence[int], rvs: np.ndarray) -> None:
+    """Add a 2x... mean-downsampled scale ``s1`` to an image group written by io.write_image."""
+    f = tuple(int(v) for v in factor)
+    shape = tuple(s // k for s, k in zip(raw.shape, f))
+    view = raw[: shape[0] * f[0], : shape[1] * f[1], : shape[2] * f[2]].astype(np.float32)
+    coarse = view.reshape(shape[0], f[0], shape[1], f[1], shape[2], f[2]).mean(axis=(1, 3, 5))
+    group = zarr.open_group(str(group_path), mode="a")
+    group.create_array("s1", data=np.rint(coarse).astype(raw.dtype), chunks=io.default_chunks(shape, False),
+                       chunk_key_encoding={"name": "v2", "separator": "/"})
+    ms = group.attrs["multiscales"]
+    cvs = (rvs * np.asarray(f)).tolist()
+    ms[0]["datasets"].append({
+        "path": "s1",
+        "coordinateTransformations": [
+            {"type": "scale", "scale": cvs},
+            {"type": "translation", "translation": (np.asarray(cvs) / 2).tolist()},
+        ],
+    })
+    group.attrs["multiscales"] = ms
+
+
+def run_features(
+    volume: Volume, out_path: str | Path, features: Mapping[str, Any], data: Mapping[str, Any],
+    *, threads: int | None = None,
+) -> dict[str, Any]:
+    """Compute a volume's DINOv3 features on its output grid and store them.
+
+    Writes an OME-NGFF image ``out_path`` with ``s0`` (C, z, y, x) float16 and the
+    signature, intensity range, image sizes and timings under the ``dinopipe`` attrs.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from dinopipe.backbone import load_backbone
+    from dinopipe.features import FeatureParams, extract_features, signature
+    from dinopipe.sources import open_sources
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    params = FeatureParams.from_config(features)
+    t0 = time.perf_counter()
+    src = open_sources(volume, **_source_args(data))
+    backbone = load_backbone(params.backbone, params.revision, seed=params.seed, device=params.device)
+    t_load = time.perf_counter() - t0
+    total = sum(len(_plane_slices(src, p)) for p in params.planes)
+    with tqdm(total=total, desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
+        feats, info = extract_features(
+            src.raw.array, src.raw.geometry, src.grid, backbone, params, volume=volume.name, progress=bar.update
+        )
+    t1 = time.perf_counter()
+    sig = signature(backbone, params, src.raw.geometry, src.grid, info["intensity_range"])
+    attrs = {
+        "signature": sig,
+        "volume": volume.name,
+        "raw": {"path": volume.raw, "scale": src.raw.scale, **src.raw.geometry.to_dict()},
+        "image_size": info["image_size"],
+        "timings": {"load_s": t_load, "planes": info["timings"], "extract_s": t1 - t0 - t_load},
+    }
+    with io.atomic_output(out_path) as tmp:
+        io.write_image(tmp, feats.astype(np.float16), src.grid.voxel_size, src.grid.translation,
+                       channel_axis=True, attrs=attrs, name=f"{volume.name} DINOv3 features")
+        attrs["timings"]["write_s"] = time.perf_counter() - t1
+        group = zarr.open_group(str(tmp), mode="a")
+        group.attrs["dinopipe"] = json.loads(json.dumps(attrs))
+    logger.info("features %s: %s in %.1fs", volume.name, feats.shape, time.perf_counter() - t0)
+    return attrs
+
+
+def _plane_slices(src: Any, plane: str) -> range:
+    from dinopipe.features import PLANES
+
+    axis = PLANES[plane][0]
+    return range(src.raw.geometry.shape[axis])
+
+
+#: Defaults of the ``targets`` config section.
+DEFAULT_TARGETS: dict[str, Any] = {
+    "offsets": [[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 0], [0, 3, 0], [0, 0, 3]],
+    "lsd_sigma_nm": 64.0,
+    "boundary_weight_max": 5.0,
+    "boundary_sigma_nm": 32.0,
+    "unlabelled_ids": [],
+    "mask_erosion_nm": 0.0,
+}
+
+
+def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """Compute a volume's training targets on its output grid and store them.
+
+    Writes a group ``out_path`` with OME-NGFF images ``labels`` (uint64),
+    ``affinities`` (n_offsets, z, y, x) uint8, ``lsds`` (10, z, y, x) float16,
+    ``boundary_weights`` float32, ``mask`` uint8 and ``raw`` (float32, 0..1, area-averaged
+    onto the label grid); root attrs hold the parameters and timings.
+    """
+    from dinopipe import targets as tg
+    from dinopipe.sources import open_sources, resample_to_grid
+
+    params = {**DEFAULT_TARGETS, **targets}
+    unknown = sorted(set(params) - set(DEFAULT_TARGETS))
+    if unknown:
+        raise ValueError(f"unknown key(s) in config section 'targets': {unknown}; allowed: {sorted(DEFAULT_TARGETS)}")
+    src = open_sources(volume, **_source_args(data))
+    if src.labels is None or src.label_window is None:
+        raise ValueError(f"volume {volume.name!r} has no labels: targets need labels (role {volume.role!r})")
+    timings: dict[str, float] = {}
+
+    def timed(key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[key] = time.perf_counter() - t
+        return result
+
+    labels = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]).astype(np.uint64))
+    if not labels.any():
+        raise ValueError(f"volume {volume.name!r}: labels {volume.labels} are all zero inside the processed region")
+    vs = src.grid.voxel_size
+    affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
+    lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs)
+    mask = timed("mask_s", tg.compute_mask, labels, params["unlabelled_ids"], params["mask_erosion_nm"], vs)
+    weights = timed(
+        "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
+        params["boundary_weight_max"], params["boundary_sigma_nm"], mask,
+    )
+    raw = timed("raw_s", lambda: _raw_on_grid(src, resample_to_grid))
+    t = time.perf_counter()
+    g = src.grid
+    with io.atomic_output(out_path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        io.write_image(tmp / "labels", labels, g.voxel_size, g.translation)
+        io.write_image(tmp / "affinities", affs.astype(np.uint8), g.voxel_size, g.translation, channel_axis=True)
+        io.write_image(tmp / "lsds", lsds.astype(np.float16), g.voxel_size, g.translation, channel_axis=True)
+        io.write_image(tmp / "boundary_weights", weights.astype(np.float32), g.voxel_size, g.translation)
+        io.write_image(tmp / "mask", mask.astype(np.uint8), g.voxel_size, g.translation)
+        io.write_image(tmp / "raw", raw, g.voxel_size, g.translation)
+        timings["write_s"] = time.perf_counter() - t
+        attrs = {"volume": volume.name, **params, "grid": g.to_dict(), "timings": timings}
+        root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
+    logger.info("targets %s: %s, %.1fs", volume.name, labels.shape, sum(timings.values()))
+    return attrs
+
+
+def _raw_on_grid(src: Any, resample: Any) -> np.ndarray:
+    from dinopipe.features import intensity_range
+
+    raw = src.raw.read()
+    lo, hi = intensity_range(raw, "percentile", 0.5, 99.5)
+    scaled = np.clip((raw.astype(np.float32) - lo) / (hi - lo), 0, 1)
+    return resample(scaled, src.raw.geometry, src.grid).astype(np.float32)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the effective configuration (canonical JSON)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for pkg in ("dinopipe", "torch", "transformers", "snakemake", "numpy", "zarr", "tensorstore", "edt", "mwatershed"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_metadata(
+    volume: Volume, features_path: str | Path, targets_path: str | Path | None, out_path: str | Path,
+    config: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write a volume's metadata JSON: provenance, shapes, label statistics, timings, sizes."""
+    feats = io.read_image(features_path)
+    meta: dict[str, Any] = {
+        "volume": volume.name,
+        "role": volume.role,
+        "sources": {"raw": volume.raw, "labels": volume.labels, "roi_nm": volume.roi},
+        "config_sha256": config_hash(config),
+        "config": dict(config),
+        "versions": package_versions(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "features": {
+            "path": str(features_path),
+            "shape": list(feats.array.shape),
+            "dtype": str(feats.array.dtype),
+            "grid": feats.geometry.to_dict(),
+            "signature": feats.attrs.get("signature") if feats.attrs else None,
+            "raw": feats.attrs.get("raw") if feats.attrs else None,
+            "timings": feats.attrs.get("timings") if feats.attrs else None,
+            "bytes": io.directory_size(features_path),
+        },
+    }
+    if targets_path is not None:
+        root = zarr.open_group(str(targets_path), mode="r")
+        labels = io.read_image(Path(targets_path) / "labels").read()
+        mask = io.read_image(Path(targets_path) / "mask").read()
+        ids, counts = np.unique(labels, return_counts=True)
+        fg = ids != 0
+        meta["targets"] = {
+            "path": str(targets_path),
+            "arrays": {k: {"shape": list(root[k]["s0"].shape), "dtype": str(root[k]["s0"].dtype)} for k in root.group_keys()},
+            "parameters": {k: v for k, v in dict(root.attrs["dinopipe"]).items() if k not in ("timings", "grid")},
+            "timings": dict(root.attrs["dinopipe"]).get("timings"),
+            "bytes": io.directory_size(targets_path),
+        }
+        meta["labels"] = {
+            "n_ids": int(fg.sum()),
+            "background_fraction": float(counts[~fg].sum() / labels.size),
+            "mask_fraction": float(mask.mean()),
+            "voxels_per_id": {
+                "min": int(counts[fg].min()) if fg.any() else 0,
+                "median": float(np.median(counts[fg])) if fg.any() else 0.0,
+                "max": int(counts[fg].max()) if fg.any() else 0,
+            },
+        }
+    meta["dinopipe_version"] = __version__
+    io.write_json(out_path, meta)
+    return meta
+
+
+def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapping[str, Any]) -> None:
+    """Segment predicted affinities and write uint64 labels as OME-NGFF."""
+    from dinopipe.segment import segment
+
+    params = dict(params)
+    method = params.pop("method", "mutex_watershed")
+    affs_img = io.read_image(Path(predictions_path) / "affinities")
+    offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
+    t = time.perf_counter()
+    labels = segment(affs_img.read().astype(np.float32), offsets, method=method, **params)
+    g = affs_img.geometry
+    with io.atomic_output(out_path) as tmp:
+        io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation",
+                       attrs={"method": method, "parameters": params, "seconds": time.perf_counter() - t})
+    logger.info("segmentation %s: %d segments", out_path, len(np.unique(labels)) - (0 in labels))
+
+
+def run_evaluate(
+    volume: str, segmentation_path: str | Path, targets_path: str | Path, out_path: str | Path,
+    ignore_labels: Sequence[int] = (0,),
+) -> dict[str, Any]:
+    """Score a segmentation against the volume's labels (VOI, adapted Rand) into a JSON."""
+    from dinopipe.evaluate import evaluate_segmentation
+
+    test = io.read_image(segmentation_path).read()
+    truth = io.read_image(Path(targets_path) / "labels").read()
+    scores = evaluate_segmentation(truth, test, ignore_labels=tuple(ignore_labels))
+    result = {"volume": volume, **scores}
+    io.write_json(out_path, result)
+    return result
+
+
+def run_summary(evaluation_jsons: Sequence[str | Path], out_path: str | Path, unscored: Sequence[str] = ()) -> None:
+    """Collect per-volume evaluation JSONs into one TSV (one row per volume)."""
+    from dinopipe.evaluate import write_summary_tsv
+
+    rows = [json.loads(Path(p).read_text()) for p in evaluation_jsons]
+    for name in unscored:
+        logger.warning("volume %s has no labels: not evaluated", name)
+    with io.atomic_output(out_path) as tmp:
+        write_summary_tsv(rows, tmp)
+
+
+def check_feature_signatures(features_paths: Sequence[str | Path], features: Mapping[str, Any]) -> None:
+    """Refuse cached features that the current ``features`` config would not produce,
+    and feature volumes that disagree with each other (e.g. different weights)."""
+    from dinopipe.features import FeatureParams, check_signature, expected_signature
+
+    expected = expected_signature(FeatureParams.from_config(features))
+    first: tuple[str, Mapping[str, Any]] | None = None
+    for path in features_paths:
+        sig = (io.read_image(path).attrs or {}).get("signature")
+        if sig is None:
+            raise ValueError(f"features at {path} carry no signature: recompute them")
+        check_signature(sig, expected, str(path))
+        if first is None:
+            first = (str(path), sig)
+        else:
+            for key in ("weights_hash", "channels", "patch_size", "stride", "voxel_size"):
+                if sig.get(key) != first[1].get(key):
+                    raise ValueError(
+                        f"features at {path} and {first[0]} differ in signature key {key!r}: "
+                        f"{sig.get(key)!r} vs {first[1].get(key)!r}"
+                    )
+
+
+def run_train(
+    train_volumes: Sequence[tuple[str, str]], validate_volumes: Sequence[tuple[str, str]],
+    out_dir: str | Path, params: Mapping[str, Any], features: Mapping[str, Any], *, threads: int | None = None,
+) -> dict[str, Any]:
+    """Check the cached features' signatures, then train (see :func:`dinopipe.train.train`)."""
+    from dinopipe.train import train
+
+    check_feature_signatures([f for f, _ in [*train_volumes, *validate_volumes]], features)
+    params = dict(params)
+    if threads and params.get("num_threads") is None:
+        params["num_threads"] = int(threads)
+    return train(train_volumes, validate_volumes, out_dir, params)
+
+
+def run_predict(
+    features_path: str | Path, checkpoint_dir: str | Path, out_path: str | Path, params: Mapping[str, Any],
+    *, threads: int | None = None,
+) -> None:
+    """Blockwise prediction of one volume (see :func:`dinopipe.predict.predict_volume`)."""
+    import torch
+
+    from dinopipe.predict import predict_volume
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    predict_volume(
+        features_path, checkpoint_dir, out_path,
+        block_shape=tuple(params["block_shape"]), device=params.get("device", "auto"),
+    )

@@ -1,0 +1,17 @@
+rule metadata:
+    input:
+        features="results/features/{volume}.zarr",
+        targets=lambda w: (
+            ["results/targets/{volume}.zarr"] if VOLUMES[w.volume].labels else []
+        ),
+    output:
+        "results/metadata/{volume}.json",
+    log:
+        "logs/metadata/{volume}.log",
+    params:
+        volume=volume_record,
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/metadata.py"

@@ -1,0 +1,15 @@
+rule segment:
+    input:
+        "results/predictions/{volume}.zarr",
+    output:
+        directory("results/segmentations/{volume}.zarr"),
+    log:
+        "logs/segment/{volume}.log",
+    params:
+        segment=config["segment"],
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    script:
+        "../scripts/segment.py"

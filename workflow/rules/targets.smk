@@ -1,0 +1,19 @@
+rule targets:
+    input:
+        volume_inputs,
+    output:
+        directory("results/targets/{volume}.zarr"),
+    log:
+        "logs/targets/{volume}.log",
+    benchmark:
+        "benchmarks/targets/{volume}.tsv"
+    params:
+        volume=volume_record,
+        targets=config["targets"],
+        data=config["data"],
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/targets.py"

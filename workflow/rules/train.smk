@@ -1,0 +1,23 @@
+rule train:
+    input:
+        train_features=expand("results/features/{volume}.zarr", volume=TRAIN),
+        train_targets=expand("results/targets/{volume}.zarr", volume=TRAIN),
+        validate_features=expand("results/features/{volume}.zarr", volume=VALIDATE),
+        validate_targets=expand("results/targets/{volume}.zarr", volume=VALIDATE),
+    output:
+        checkpoint="results/model/checkpoint.pt",
+        model_config="results/model/model_config.json",
+        curve="results/model/loss_curve.tsv",
+    log:
+        "logs/train.log",
+    benchmark:
+        "benchmarks/train.tsv"
+    params:
+        train=config["train"],
+        features=config["features"],
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=720,
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,13 @@
+"""Score one volume's segmentation against its labels."""
+
+from dinopipe.logs import logged
+from dinopipe.stages import run_evaluate
+
+with logged(snakemake.log[0]):  # noqa: F821
+    run_evaluate(
+        snakemake.wildcards.volume,  # noqa: F821
+        snakemake.input.segmentation,  # noqa: F821
+        snakemake.input.targets,  # noqa: F821
+        snakemake.output[0],  # noqa: F821
+        ignore_labels=snakemake.params.evaluate["ignore_labels"],  # noqa: F821
+    )

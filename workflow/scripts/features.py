@@ -1,0 +1,13 @@
+"""DINOv3 features of one volume on its label grid."""
+
+from dinopipe.logs import logged
+from dinopipe.stages import run_features, volume_from_dict
+
+with logged(snakemake.log[0]):  # noqa: F821
+    run_features(
+        volume_from_dict(snakemake.params.volume),  # noqa: F821
+        snakemake.output[0],  # noqa: F821
+        snakemake.params.features,  # noqa: F821
+        snakemake.params.data,  # noqa: F821
+        threads=snakemake.threads,  # noqa: F821
+    )
