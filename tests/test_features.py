@@ -1,0 +1,192 @@
+"""Feature extraction: geometry, planes, strides, backbones and signatures (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dinopipe.backbone import load_backbone
+from dinopipe.features import (
+    FeatureParams,
+    check_ratio,
+    check_signature,
+    expected_signature,
+    extract_features,
+    signature,
+    slice_weights,
+)
+from dinopipe.io import Geometry
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return load_backbone("tiny-vit", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def convnext():
+    return load_backbone("tiny-convnext", device="cpu")
+
+
+def _raw(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, shape).astype(np.uint8)
+
+
+RAW = Geometry((32, 48, 64), (8.0, 8.0, 8.0), (0.0, 0.0, 0.0))
+OUT = Geometry((16, 24, 32), (16.0, 16.0, 16.0), (4.0, 4.0, 4.0))
+
+
+@pytest.mark.parametrize("planes", [["xy"], ["xz"], ["yz"], ["xy", "xz"], ["xz", "yz"], ["xy", "xz", "yz"]])
+def test_shape_for_every_plane_subset(vit, planes):
+    feats, info = extract_features(_raw(RAW.shape), RAW, OUT, vit, FeatureParams(planes=planes))
+    assert feats.shape == (vit.channels, *OUT.shape)
+    assert feats.dtype == np.float32
+    assert set(info["image_size"]) == set(planes)
+    assert np.isfinite(feats).all()
+
+
+def test_convnext_shapes(convnext):
+    feats, info = extract_features(_raw(RAW.shape), RAW, OUT, convnext, FeatureParams())
+    assert convnext.patch_size == 32
+    assert feats.shape == (convnext.channels, *OUT.shape)
+    assert all(s % 32 == 0 for size in info["image_size"].values() for s in size)
+
+
+def test_constant_along_z_gives_identical_xy_features(vit):
+    plane = _raw(RAW.shape[1:])
+    raw = np.broadcast_to(plane, RAW.shape).copy()
+    feats, _ = extract_features(raw, RAW, OUT, vit, FeatureParams(planes=["xy"]))
+    assert np.abs(feats - feats[:, :1]).max() == 0
+    assert np.abs(feats[:, 0]).max() > 0
+
+
+def test_three_planes_equal_mean_of_single_planes(vit):
+    raw = _raw(RAW.shape, seed=1)
+    single = [extract_features(raw, RAW, OUT, vit, FeatureParams(planes=[p]))[0] for p in ("xy", "xz", "yz")]
+    three, _ = extract_features(raw, RAW, OUT, vit, FeatureParams())
+    np.testing.assert_allclose(three, np.mean(single, axis=0), atol=1e-5)
+
+
+def test_stride_8_doubles_token_grid(vit, monkeypatch):
+    import dinopipe.features as features
+
+    seen = []
+    original = features._tokens_sliding
+
+    def spy(backbone, images, plane, autocast):
+        out = original(backbone, images, plane, autocast)
+        seen.append(tuple(out.shape[-2:]))
+        return out
+
+    monkeypatch.setattr(features, "_tokens_sliding", spy)
+    raw = _raw(RAW.shape)
+    extract_features(raw, RAW, OUT, vit, FeatureParams(planes=["xy"]))
+    extract_features(raw, RAW, OUT, vit, FeatureParams(planes=["xy"], stride=8))
+    coarse, fine = seen[0], seen[-1]
+    assert fine == (2 * coarse[0], 2 * coarse[1])
+
+
+def test_stride_sliding_window_tokens_are_shifted_runs(vit):
+    """With stride 8 the interleaved grid holds the stride-16 tokens at even positions."""
+    from dinopipe.features import _Plane, _prepare, _tokens_sliding
+
+    raw = _raw(RAW.shape)
+    plane = _Plane("xy", RAW, OUT, vit, FeatureParams(planes=["xy"], stride=8))
+    images = _prepare(plane.take(raw, [0, 1]), plane, 0.0, 255.0, vit.device)
+    fine = _tokens_sliding(vit, images, plane, autocast=False)
+    coarse = vit.tokens(images)
+    np.testing.assert_allclose(fine[:, :, ::2, ::2].numpy(), coarse.numpy(), atol=1e-5)
+
+
+def test_stride_must_divide_patch(vit):
+    with pytest.raises(ValueError, match="stride"):
+        extract_features(_raw(RAW.shape), RAW, OUT, vit, FeatureParams(stride=5))
+
+
+def test_anisotropic_and_non_cubic(vit):
+    """40x4x4 nm raw onto a 40x8x8 nm label grid: shape and square pixels per plane."""
+    raw_geom = Geometry((6, 40, 56), (40.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    out_geom = Geometry((6, 20, 28), (40.0, 8.0, 8.0), (0.0, 2.0, 2.0))
+    feats, info = extract_features(_raw(raw_geom.shape), raw_geom, out_geom, vit, FeatureParams())
+    assert feats.shape == (vit.channels, 6, 20, 28)
+    # xz: z extent 240 nm at 4 nm pixels -> 60 px, padded to 64; x 224 nm -> 56 px -> 64
+    assert info["image_size"]["xz"] == [64, 64]
+    assert info["image_size"]["xy"] == [48, 64]
+
+
+def test_output_grid_must_lie_inside_raw(vit):
+    out = Geometry((16, 24, 40), (16.0, 16.0, 16.0), (4.0, 4.0, 4.0))  # x extends past the raw
+    with pytest.raises(ValueError, match="not inside the raw extent"):
+        extract_features(_raw(RAW.shape), RAW, out, vit, FeatureParams(), volume="v1")
+
+
+def test_ratio_outside_range_names_volume():
+    with pytest.raises(ValueError, match="vol_7.*axis x"):
+        check_ratio((8, 8, 1), (8, 8, 16), "vol_7")
+    with pytest.raises(ValueError, match="ratio"):
+        check_ratio((200, 8, 8), (10, 8, 8), "v")
+    check_ratio((4, 4, 4), (16, 16, 16), "ok")
+
+
+def test_slice_weights_average_fine_raw_and_pick_nearest_coarse():
+    # raw 8 nm, out 16 nm: every output slice averages two raw slices
+    pairs = dict(slice_weights(0.0, 8.0, 8, 4.0, 16.0, 4))
+    assert pairs == {j: [(j // 2, 0.5)] for j in range(8)}
+    # raw 32 nm, out 16 nm: each output slice takes the nearest raw slice
+    pairs = dict(slice_weights(8.0, 32.0, 2, 0.0, 16.0, 4))
+    assert pairs == {0: [(0, 1.0), (1, 1.0)], 1: [(2, 1.0), (3, 1.0)]}
+
+
+def test_antialiasing_along_slicing_axis(vit):
+    """Raw finer than the output along z: the xy features average the raw slices."""
+    raw_geom = Geometry((8, 32, 32), (8.0, 16.0, 16.0), (0.0, 0.0, 0.0))
+    out_geom = Geometry((4, 32, 32), (16.0, 16.0, 16.0), (4.0, 0.0, 0.0))
+    raw = _raw(raw_geom.shape, seed=3)
+    feats, _ = extract_features(raw, raw_geom, out_geom, vit, FeatureParams(planes=["xy"]))
+    per_slice, _ = extract_features(raw, raw_geom, raw_geom, vit, FeatureParams(planes=["xy"]))
+    np.testing.assert_allclose(feats[:, 1], (per_slice[:, 2] + per_slice[:, 3]) / 2, atol=1e-5)
+
+
+def test_intensity_scaling_is_per_volume(vit):
+    """Scaling a slice's contrast alone changes features; a global affine change does not."""
+    raw = _raw(RAW.shape, seed=4).astype(np.float32)
+    a, _ = extract_features(raw, RAW, OUT, vit, FeatureParams(planes=["xy"]))
+    b, _ = extract_features(raw * 3 + 10, RAW, OUT, vit, FeatureParams(planes=["xy"]))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_nan_raw_is_an_error(vit):
+    raw = _raw(RAW.shape).astype(np.float32)
+    raw[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        extract_features(raw, RAW, OUT, vit, FeatureParams())
+
+
+def test_deterministic(vit):
+    raw = _raw(RAW.shape)
+    a, _ = extract_features(raw, RAW, OUT, vit, FeatureParams())
+    b, _ = extract_features(raw, RAW, OUT, vit, FeatureParams())
+    assert np.array_equal(a, b)
+
+
+def test_signature_round_trip_and_mismatch(vit):
+    params = FeatureParams(planes=["xy", "yz"])
+    sig = signature(vit, params, RAW, OUT, (0.0, 255.0))
+    check_signature(sig, expected_signature(params), "f.zarr")
+    for changed, key in [
+        (FeatureParams(planes=["xy"]), "planes"),
+        (FeatureParams(planes=["xy", "yz"], low=1.0), "normalisation.low"),
+        (FeatureParams(planes=["xy", "yz"], backbone="tiny-convnext"), "model_id"),
+        (FeatureParams(planes=["xy", "yz"], stride=8), "stride"),
+    ]:
+        with pytest.raises(ValueError, match=f"signature key '{key}'"):
+            check_signature(sig, expected_signature(changed), "f.zarr")
+
+
+def test_params_reject_unknown_and_bad_values():
+    with pytest.raises(ValueError, match="unknown key.*'plane'"):
+        FeatureParams.from_config({"plane": ["xy"]})
+    with pytest.raises(ValueError, match="planes"):
+        FeatureParams.from_config({"planes": ["xy", "ab"]})
+    with pytest.raises(ValueError, match="low/high"):
+        FeatureParams.from_config({"low": 90, "high": 10})
