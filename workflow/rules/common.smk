@@ -14,7 +14,6 @@ VALIDATE = [v.name for v in by_role(VOLUMES.values(), "validate")]
 PREDICT = [v.name for v in by_role(VOLUMES.values(), *config["predict"]["roles"])]
 LABELLED = [v for v in VOLUMES if VOLUMES[v].labels]
 SCORED = [v for v in PREDICT if VOLUMES[v].labels]
-DEMO = sorted({v.raw.split(".zarr")[0].split("/")[-1] for v in VOLUMES.values() if v.raw.startswith("resources/demo/")})
 
 if not TRAIN:
     raise ValueError(f"{config['volumes']}: no volume has role 'train'")

@@ -8,5 +8,7 @@ rule demo_data:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/demo_data.py"

@@ -11,6 +11,8 @@ rule evaluate:
     resources:
         mem_mb=8000,
         runtime=30,
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/evaluate.py"
 
@@ -25,5 +27,7 @@ rule evaluation_summary:
     params:
         unscored=[v for v in PREDICT if v not in SCORED],
     localrule: True
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/evaluation_summary.py"

@@ -15,5 +15,7 @@ rule features:
     resources:
         mem_mb=16000,
         runtime=120,
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/features.py"

@@ -13,5 +13,7 @@ rule metadata:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/metadata.py"

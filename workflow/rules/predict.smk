@@ -13,5 +13,7 @@ rule predict:
     resources:
         mem_mb=16000,
         runtime=120,
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/predict.py"

@@ -11,5 +11,7 @@ rule segment:
     resources:
         mem_mb=16000,
         runtime=60,
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/segment.py"

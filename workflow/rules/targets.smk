@@ -15,5 +15,7 @@ rule targets:
     resources:
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/targets.py"

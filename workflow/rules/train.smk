@@ -19,5 +19,7 @@ rule train:
     resources:
         mem_mb=16000,
         runtime=720,
+    conda:
+        "../envs/dinopipe.yaml"
     script:
         "../scripts/train.py"
