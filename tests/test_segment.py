@@ -1,0 +1,210 @@
+"""Tests for dinopipe.segment."""
+
+from __future__ import annotations
+
+import itertools
+
+import mwatershed
+import numpy as np
+import pytest
+
+from dinopipe.segment import (
+    filter_small_fragments,
+    mutex_watershed,
+    relabel_consecutive,
+    segment,
+    threshold_components,
+)
+
+SHORT = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+LONG = SHORT + [[3, 0, 0], [0, 3, 0], [0, 0, 3]]
+
+
+def affinities_from_labels(labels: np.ndarray, offsets: list[list[int]]) -> np.ndarray:
+    """aff[k, p] = 1 iff p + offsets[k] is inside and labels[p] == labels[p + o] != 0."""
+    aff = np.zeros((len(offsets), *labels.shape), dtype=np.float32)
+    for k, offset in enumerate(offsets):
+        for p in itertools.product(*(range(n) for n in labels.shape)):
+            q = tuple(pi + oi for pi, oi in zip(p, offset))
+            if all(0 <= qi < n for qi, n in zip(q, labels.shape)):
+                aff[(k, *p)] = float(labels[p] == labels[q] != 0)
+    return aff
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True if a and b are equal up to a one-to-one relabelling."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+def blocks_truth() -> np.ndarray:
+    """8x9x10 volume tiled by 8 boxes plus an L-shaped (non-convex) cell, no background."""
+    labels = np.zeros((8, 9, 10), dtype=np.uint64)
+    labels[:4, :5, :6] = 1
+    labels[:4, :5, 6:] = 2
+    labels[:4, 5:, :3] = 3
+    labels[:4, 5:, 3:] = 4
+    labels[4:, :4, :] = 5
+    labels[4:, 4:, :5] = 6
+    labels[4:, 4:, 5:] = 7
+    labels[6:, 7:, 2:8] = 8
+    labels[4:6, 7:, 2:8] = 6  # L-shaped piece of 6 wrapping around 8
+    return labels
+
+
+# --- mwatershed conventions this module relies on -------------------------------------
+
+
+def test_mwatershed_offset_convention_is_p_to_p_plus_offset() -> None:
+    # One attractive edge stored at x=1 with offset +1 joins voxels 1 and 2.
+    w = -np.ones((1, 1, 1, 5))
+    w[0, 0, 0, 1] = 1.0
+    out = mwatershed.agglom(w, [[0, 0, 1]])[0, 0]
+    assert out[1] == out[2] != 0
+    assert out[0] != out[1] and out[3] != out[1]
+    # Offset +2: voxel 1 joins voxel 3, not voxel 2.
+    w = -np.ones((1, 1, 1, 6))
+    w[0, 0, 0, 1] = 1.0
+    out = mwatershed.agglom(w, [[0, 0, 2]])[0, 0]
+    assert out[1] == out[3] != 0 and out[2] != out[1]
+    # Voxels merged with nothing come back as 0 (mutex_watershed gives them ids).
+    assert out[0] == out[2] == 0
+
+
+def test_mwatershed_long_range_mutex_splits() -> None:
+    # Chain 0-1-2 attracts weakly (0.4); a strong repulsive long edge 0<->2 wins.
+    w = np.zeros((2, 1, 1, 3))
+    w[0] = 0.4
+    w[1, 0, 0, 0] = -0.9
+    out = mwatershed.agglom(w, [[0, 0, 1], [0, 0, 2]])[0, 0]
+    assert out[0] != out[2]
+
+
+# --- segmentation of ideal affinities ---------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["mutex_watershed", "threshold_components"])
+def test_ideal_affinities_give_back_truth(method: str) -> None:
+    truth = blocks_truth()
+    offsets = LONG if method == "mutex_watershed" else SHORT
+    aff = affinities_from_labels(truth, offsets)
+    labels = segment(aff, offsets, method=method)
+    assert labels.dtype == np.uint64 and labels.shape == truth.shape
+    assert same_partition(labels, truth)
+    assert np.array_equal(np.unique(labels), np.arange(1, len(np.unique(truth)) + 1))
+
+
+def test_mutex_watershed_on_demo_labels() -> None:
+    from dinopipe.demo import make_demo_volume
+    from dinopipe.evaluate import evaluate_segmentation
+
+    _, truth = make_demo_volume(3, label_shape=(12, 16, 16), mean_cell_diameter_vox=6.0)
+    aff = affinities_from_labels(truth, LONG)
+    labels = mutex_watershed(aff, LONG)
+    # Membrane voxels have no attractive edge: single-voxel fragments of their own.
+    cells = truth > 0
+    assert same_partition(labels[cells], truth[cells])
+    m = evaluate_segmentation(truth, labels)
+    assert m["voi_split"] == pytest.approx(0.0, abs=1e-12)
+    assert m["voi_merge"] == pytest.approx(0.0, abs=1e-12)
+    assert m["adapted_rand_error"] == pytest.approx(0.0, abs=1e-12)
+    # min_size drops those single-voxel fragments to 0, and nothing else.
+    filtered = mutex_watershed(aff, LONG, min_size=2)
+    assert np.array_equal(filtered == 0, truth == 0)
+    assert same_partition(filtered, truth)
+
+
+def test_mutex_watershed_bias_and_noise() -> None:
+    truth = blocks_truth()
+    aff = affinities_from_labels(truth, LONG)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(aff * 0.8 + 0.1 + rng.normal(0, 0.05, aff.shape), 0, 1)
+    assert same_partition(mutex_watershed(noisy, LONG), truth)
+    # A strongly attractive bias merges everything.
+    merged = mutex_watershed(noisy, LONG, bias_short=0.5, bias_long=0.5)
+    assert np.all(merged == 1)
+    # Strongly repulsive: every voxel its own segment.
+    split = mutex_watershed(noisy, LONG, bias_short=-1.5, bias_long=-1.5)
+    assert split.max() == split.size and np.all(split > 0)
+
+
+def test_mutex_watershed_strides() -> None:
+    truth = blocks_truth()
+    aff = affinities_from_labels(truth, LONG)
+    strides = [[1, 1, 1]] * 3 + [[2, 2, 2]] * 3
+    assert same_partition(mutex_watershed(aff, LONG, strides=strides), truth)
+    with pytest.raises(ValueError, match="strides"):
+        mutex_watershed(aff, LONG, strides=[[1, 1, 1]])
+
+
+def test_threshold_components_threshold_and_long_range_ignored() -> None:
+    truth = blocks_truth()
+    aff = affinities_from_labels(truth, LONG) * 0.6
+    assert same_partition(threshold_components(aff, LONG, threshold=0.5), truth)
+    # Above every affinity: each voxel alone.
+    alone = threshold_components(aff, LONG, threshold=0.7)
+    assert alone.max() == truth.size
+    # Negative offsets work the same way (edge p <-> p - 1 stored at p).
+    neg = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+    assert same_partition(threshold_components(affinities_from_labels(truth, neg), neg), truth)
+    with pytest.raises(ValueError, match="short-range"):
+        threshold_components(aff[3:], LONG[3:])
+
+
+def test_threshold_components_min_size() -> None:
+    truth = blocks_truth()
+    aff = affinities_from_labels(truth, SHORT)
+    sizes = dict(zip(*np.unique(truth, return_counts=True)))
+    min_size = int(sorted(sizes.values())[2])
+    labels = threshold_components(aff, SHORT, min_size=min_size)
+    small = [i for i, s in sizes.items() if s < min_size]
+    assert small
+    assert np.array_equal(labels == 0, np.isin(truth, small))
+    assert labels.max() == len(sizes) - len(small)
+    assert set(np.unique(labels[labels > 0])) == set(range(1, int(labels.max()) + 1))
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def test_filter_small_fragments() -> None:
+    labels = np.array([[0, 5, 5, 5], [7, 7, 9, 0], [0, 0, 0, 0]], dtype=np.int32)
+    out = filter_small_fragments(labels, 3)
+    assert out.dtype == np.int32
+    assert np.array_equal(out, np.array([[0, 5, 5, 5], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    assert np.array_equal(filter_small_fragments(labels, 0), labels)
+    assert np.array_equal(labels[1], [7, 7, 9, 0])  # input untouched
+    with pytest.raises(ValueError, match="min_size"):
+        filter_small_fragments(labels, -1)
+    with pytest.raises(ValueError, match="integer"):
+        filter_small_fragments(labels.astype(float), 2)
+
+
+def test_relabel_consecutive() -> None:
+    big = np.uint64(2**63 + 5)
+    labels = np.array([[0, big, 3], [3, 0, 2**40]], dtype=np.uint64)
+    out = relabel_consecutive(labels)
+    assert out.dtype == np.uint64
+    assert np.array_equal(out, np.array([[0, 3, 1], [1, 0, 2]]))
+    no_background = relabel_consecutive(np.array([4, 9, 4], dtype=np.int16))
+    assert no_background.dtype == np.uint64 and no_background.tolist() == [1, 2, 1]
+    with pytest.raises(ValueError, match="non-negative"):
+        relabel_consecutive(np.array([-1, 2]))
+
+
+def test_bad_inputs() -> None:
+    aff = np.full((3, 2, 3, 4), 0.7)
+    with pytest.raises(ValueError, match="allowed: \\['mutex_watershed', 'threshold_components'\\]"):
+        segment(aff, SHORT, method="watershed")
+    with pytest.raises(ValueError, match="threshold"):
+        segment(aff, SHORT, method="mutex_watershed", threshold=0.5)
+    with pytest.raises(ValueError, match="3 affinity channels"):
+        mutex_watershed(aff, LONG)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mutex_watershed(aff * 2, SHORT)
+    with pytest.raises(ValueError, match="4D"):
+        threshold_components(aff[0], SHORT)
+    with pytest.raises(ValueError, match="offsets"):
+        mutex_watershed(aff, [[1, 0], [0, 1], [1, 1]])
+    with pytest.raises(ValueError, match="min_size"):
+        segment(aff, SHORT, method="threshold_components", min_size=-3)
