@@ -30,4 +30,4 @@ lint: install
 	$(BIN)/snakemake --lint
 
 clean:
-	rm -rf results resources logs benchmarks/features benchmarks/targets benchmarks/train.tsv .snakemake
+	rm -rf results resources logs .snakemake

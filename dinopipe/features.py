@@ -277,6 +277,33 @@ def _tokens_sliding(backbone: Backbone, images: torch.Tensor, plane: _Plane, aut
     return fine
 
 
+#: Upper bound on the bytes of resampled features held at once (the rest streams).
+RESAMPLE_CHUNK_BYTES = 16 * 2**20
+
+
+def _accumulate(
+    acc: torch.Tensor, tokens: torch.Tensor, plane: _Plane, batch: Sequence[tuple[int, list[tuple[int, float]]]],
+    scale: float,
+) -> None:
+    """Resample a batch's token grids onto the output plane and add them into ``acc``.
+
+    Resampling runs a few slices at a time so that no more than about
+    :data:`RESAMPLE_CHUNK_BYTES` of resampled features exist at once, and each slice is
+    added in place into its output slice(s) of the (C, z, y, x) accumulator.
+    """
+    per_slice = tokens.shape[1] * plane.grid.shape[1] * plane.grid.shape[2] * 4
+    chunk = max(1, RESAMPLE_CHUNK_BYTES // per_slice)
+    grid = plane.grid.to(tokens.device)
+    for start in range(0, len(batch), chunk):
+        part = tokens[start : start + chunk]
+        resampled = F.grid_sample(
+            part, grid.expand(len(part), -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
+        ).cpu()
+        for k, (_, targets) in enumerate(batch[start : start + chunk]):
+            for i, w in targets:
+                acc.select(1 + plane.axis, i).add_(resampled[k], alpha=w * scale)
+
+
 def extract_features(
     raw: np.ndarray,
     raw_geom: Geometry,
@@ -320,6 +347,7 @@ def extract_features(
     lo, hi = intensity_range(raw, params.intensity, params.low, params.high)
     torch.manual_seed(params.seed)
     acc = np.zeros((backbone.channels, *out_geom.shape), dtype=np.float32)
+    acc_t = torch.from_numpy(acc)  # shares memory: planes add into it in place
     timings: dict[str, Any] = {}
     sizes: dict[str, list[int]] = {}
     scale = 1.0 / len(params.planes)
@@ -337,14 +365,7 @@ def extract_features(
             if upsampler is not None:
                 tokens = upsampler(tokens, images).float()
             t2 = time.perf_counter()
-            grid = plane.grid.to(tokens.device).expand(len(batch), -1, -1, -1)
-            resampled = F.grid_sample(tokens, grid, mode="bilinear", padding_mode="border", align_corners=True)
-            resampled = resampled.cpu().numpy()  # (B, C, Ho, Wo)
-            for k, (_, targets) in enumerate(batch):
-                for i, w in targets:
-                    index: list[Any] = [slice(None)] * 4
-                    index[1 + plane.axis] = i
-                    acc[tuple(index)] += (w * scale) * resampled[k]
+            _accumulate(acc_t, tokens, plane, batch, scale)
             t3 = time.perf_counter()
             t.prepare_s += t1 - t0
             t.backbone_s += t2 - t1

@@ -6,7 +6,7 @@ rule features:
     log:
         "logs/features/{volume}.log",
     benchmark:
-        "benchmarks/features/{volume}.tsv"
+        "results/benchmarks/features/{volume}.tsv"
     params:
         volume=volume_record,
         features=config["features"],

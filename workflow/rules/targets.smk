@@ -6,7 +6,7 @@ rule targets:
     log:
         "logs/targets/{volume}.log",
     benchmark:
-        "benchmarks/targets/{volume}.tsv"
+        "results/benchmarks/targets/{volume}.tsv"
     params:
         volume=volume_record,
         targets=config["targets"],

@@ -11,7 +11,7 @@ rule train:
     log:
         "logs/train.log",
     benchmark:
-        "benchmarks/train.tsv"
+        "results/benchmarks/train.tsv"
     params:
         train=config["train"],
         features=config["features"],
