@@ -1,0 +1,310 @@
+"""Masked, weighted losses for affinity and LSD prediction.
+
+Shapes: predictions and targets are (B, C, z, y, x). ``weight`` and ``mask`` are
+(B, 1, z, y, x), (B, z, y, x) or (B, C, z, y, x) and broadcast over channels.
+
+Mask semantics (all losses): ``mask`` is 1 where the target is known and 0
+elsewhere. Masked-out voxels contribute nothing. Voxelwise losses
+(:func:`weighted_bce`, :func:`masked_mse`, :func:`focal_loss`) are
+``sum(mask * weight * loss) / sum(mask)`` over all elements (voxels x channels),
+i.e. the mean over masked elements with ``weight`` as an emphasis factor (boundary
+weights >= 1 raise the loss near boundaries rather than being normalised away). An
+empty mask gives a loss of 0 (with a gradient of 0), never NaN. Overlap losses
+(:func:`dice_loss`, :func:`tversky_loss`) sum over the batch and space per channel
+and average over channels.
+
+All losses are computed in float32, whatever the dtype of their inputs (e.g. bf16
+under autocast).
+
+Every affinity loss has the signature ``loss(logits, target, weight=None,
+mask=None, **params)``; :func:`build_loss` binds the params by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+AffinityLoss = Callable[..., torch.Tensor]
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype != torch.float32 else t
+
+
+def _broadcastable(t: torch.Tensor | None, ref: torch.Tensor, name: str) -> torch.Tensor | None:
+    """Bring ``weight``/``mask`` to a shape that broadcasts against ``ref`` (B, C, z, y, x)."""
+    if t is None:
+        return None
+    t = _as_float(t)
+    if t.dim() == ref.dim() - 1:
+        t = t.unsqueeze(1)
+    if t.dim() != ref.dim() or t.shape[0] != ref.shape[0] or t.shape[2:] != ref.shape[2:] or t.shape[1] not in (
+        1,
+        ref.shape[1],
+    ):
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not match predictions of shape {tuple(ref.shape)}; "
+            "allowed: (B, z, y, x), (B, 1, z, y, x) or the predictions' shape"
+        )
+    return t
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor, what: str) -> None:
+    if pred.dim() != 5:
+        raise ValueError(f"{what}: expected (B, C, z, y, x) predictions, got shape {tuple(pred.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(f"{what}: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+
+
+def _masked_mean(
+    elementwise: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``sum(mask * weight * elementwise) / sum(mask)`` over all elements; 0 for an empty mask."""
+    if weight is not None:
+        elementwise = elementwise * weight
+    if mask is None:
+        return elementwise.mean()
+    total = (elementwise * mask).sum()
+    count = mask.expand_as(elementwise).sum()
+    return total / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def weighted_bce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary cross-entropy on logits, weighted and masked.
+
+    Args:
+        logits: (B, C, z, y, x) logits.
+        target: (B, C, z, y, x) targets in [0, 1].
+        weight: Per-voxel weights (e.g. boundary weights >= 1), or None for 1.
+        mask: 1 where the target is known, or None for everywhere.
+
+    Returns:
+        Scalar: mean over masked elements of ``weight * BCE`` (``ln 2`` for logits 0
+        and weight 1).
+    """
+    _check_pair(logits, target, "weighted_bce")
+    logits, target = _as_float(logits), _as_float(target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return _masked_mean(bce, _broadcastable(weight, logits, "weight"), _broadcastable(mask, logits, "mask"))
+
+
+def masked_mse(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error, weighted and masked (mean over masked elements).
+
+    Args:
+        pred: (B, C, z, y, x) predictions.
+        target: (B, C, z, y, x) targets.
+        weight: Per-voxel weights, or None for 1.
+        mask: 1 where the target is known, or None for everywhere.
+    """
+    _check_pair(pred, target, "masked_mse")
+    pred, target = _as_float(pred), _as_float(target)
+    return _masked_mean(
+        (pred - target) ** 2, _broadcastable(weight, pred, "weight"), _broadcastable(mask, pred, "mask")
+    )
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma: float = 2.0,
+    alpha: float | None = 0.25,
+) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017) on logits, weighted and masked.
+
+    Per element: ``-alpha_t * (1 - p_t)**gamma * log(p_t)`` with ``p_t = p`` where
+    the target is 1 and ``1 - p`` where it is 0; ``alpha_t = alpha`` for targets 1
+    and ``1 - alpha`` for targets 0 (soft targets interpolate). ``gamma=0`` and
+    ``alpha=None`` give :func:`weighted_bce`.
+
+    Args:
+        logits: (B, C, z, y, x) logits.
+        target: (B, C, z, y, x) targets in [0, 1].
+        weight: Per-voxel weights, or None for 1.
+        mask: 1 where the target is known, or None for everywhere.
+        gamma: Focusing exponent, >= 0.
+        alpha: Weight of the positive class in [0, 1], or None for no class weighting.
+    """
+    _check_focal(gamma, alpha)
+    _check_pair(logits, target, "focal_loss")
+    logits, target = _as_float(logits), _as_float(target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = (1 - p_t) ** gamma * bce if gamma else bce
+    if alpha is not None:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return _masked_mean(loss, _broadcastable(weight, logits, "weight"), _broadcastable(mask, logits, "mask"))
+
+
+def tversky_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    smooth: float = 1.0,
+) -> torch.Tensor:
+    """Soft Tversky loss on sigmoid probabilities, per channel, averaged over channels.
+
+    Per channel, summed over batch and space with ``w = weight * mask``:
+    ``TP = sum(w p t)``, ``FP = sum(w p (1 - t))``, ``FN = sum(w (1 - p) t)`` and
+    ``loss = 1 - (TP + smooth) / (TP + alpha FP + beta FN + smooth)``. A channel with
+    a zero denominator (empty mask and ``smooth=0``) contributes 0. ``alpha = beta =
+    0.5`` is the soft Dice loss.
+
+    Args:
+        logits: (B, C, z, y, x) logits.
+        target: (B, C, z, y, x) targets in [0, 1].
+        weight: Per-voxel weights, or None for 1.
+        mask: 1 where the target is known, or None for everywhere.
+        alpha: Weight of false positives, >= 0.
+        beta: Weight of false negatives, >= 0.
+        smooth: Added to numerator and denominator, >= 0.
+    """
+    _check_tversky(alpha, beta, smooth)
+    _check_pair(logits, target, "tversky_loss")
+    logits, target = _as_float(logits), _as_float(target)
+    p = torch.sigmoid(logits)
+    w = torch.ones_like(p[:, :1])
+    for extra in (_broadcastable(weight, logits, "weight"), _broadcastable(mask, logits, "mask")):
+        if extra is not None:
+            w = w * extra
+    w = w.expand_as(p)
+    dims = (0, 2, 3, 4)
+    tp = (w * p * target).sum(dims)
+    fp = (w * p * (1 - target)).sum(dims)
+    fn = (w * (1 - p) * target).sum(dims)
+    denominator = tp + alpha * fp + beta * fn + smooth
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    per_channel = torch.where(denominator > 0, 1 - (tp + smooth) / safe, torch.zeros_like(denominator))
+    return per_channel.mean()
+
+
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    smooth: float = 1.0,
+) -> torch.Tensor:
+    """Soft Dice loss: ``1 - (2 TP + s) / (sum p + sum t + s)`` per channel, averaged.
+
+    The same as :func:`tversky_loss` with ``alpha = beta = 0.5`` (see there for the
+    definitions, the masking and the weighting).
+    """
+    _check_tversky(0.5, 0.5, smooth)
+    return tversky_loss(logits, target, weight, mask, alpha=0.5, beta=0.5, smooth=smooth)
+
+
+def affinity_lsd_loss(
+    aff_logits: torch.Tensor,
+    aff_target: torch.Tensor,
+    lsd_pred: torch.Tensor | None,
+    lsd_target: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    lsd_weight: float = 1.0,
+    affinity_loss: AffinityLoss | None = None,
+) -> torch.Tensor:
+    """Boundary-weighted affinity loss plus ``lsd_weight`` times the masked LSD MSE.
+
+    Args:
+        aff_logits: (B, n_offsets, z, y, x) affinity logits.
+        aff_target: (B, n_offsets, z, y, x) affinities in {0, 1}.
+        lsd_pred: (B, 10, z, y, x) predicted LSDs (after the sigmoid), or None.
+        lsd_target: (B, 10, z, y, x) target LSDs, or None.
+        weight: Boundary weights (>= 1) for the affinity term only; None for 1.
+        mask: 1 where labels are known; applies to both terms.
+        lsd_weight: Factor of the LSD term (>= 0); ignored when there are no LSDs.
+        affinity_loss: Loss for the affinity term with the signature
+            ``(logits, target, weight, mask)`` (see :func:`build_loss`); default
+            :func:`weighted_bce`.
+
+    Returns:
+        Scalar loss.
+    """
+    if lsd_weight < 0:
+        raise ValueError(f"lsd_weight must be >= 0, got {lsd_weight!r}")
+    if (lsd_pred is None) != (lsd_target is None):
+        raise ValueError("lsd_pred and lsd_target must both be given or both be None")
+    loss = (affinity_loss or weighted_bce)(aff_logits, aff_target, weight, mask)
+    if lsd_pred is not None and lsd_target is not None and lsd_weight > 0:
+        loss = loss + lsd_weight * masked_mse(lsd_pred, lsd_target, None, mask)
+    return loss
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < low or (
+        high is not None and value > high
+    ):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"loss parameter {name} must be a number {allowed}, got {value!r}")
+
+
+def _check_focal(gamma: float, alpha: float | None) -> None:
+    _check_number("gamma", gamma, 0)
+    if alpha is not None:
+        _check_number("alpha", alpha, 0, 1)
+
+
+def _check_tversky(alpha: float, beta: float, smooth: float) -> None:
+    _check_number("alpha", alpha, 0)
+    _check_number("beta", beta, 0)
+    _check_number("smooth", smooth, 0)
+
+
+LOSSES: dict[str, tuple[AffinityLoss, dict[str, Any], Callable[..., None] | None]] = {
+    "bce": (weighted_bce, {}, None),
+    "focal": (focal_loss, {"gamma": 2.0, "alpha": 0.25}, _check_focal),
+    "dice": (dice_loss, {"smooth": 1.0}, lambda smooth: _check_tversky(0.5, 0.5, smooth)),
+    "tversky": (tversky_loss, {"alpha": 0.5, "beta": 0.5, "smooth": 1.0}, _check_tversky),
+}
+"""Affinity losses by name: (function, default params, parameter check)."""
+
+
+def build_loss(name: str, **params: Any) -> AffinityLoss:
+    """An affinity loss ``loss(logits, target, weight=None, mask=None)`` by name.
+
+    Args:
+        name: One of "bce", "focal" (params gamma, alpha), "dice" (smooth) or
+            "tversky" (alpha, beta, smooth).
+        **params: Parameters of that loss; defaults as in the loss functions.
+
+    Raises:
+        ValueError: Unknown name, unknown parameter or invalid parameter value.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; allowed: {sorted(LOSSES)}")
+    fn, defaults, check = LOSSES[name]
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown parameters {unknown} for loss {name!r}; allowed: {sorted(defaults)}")
+    merged = {**defaults, **params}
+    if check is not None:
+        check(**merged)
+    return functools.partial(fn, **merged) if merged else fn

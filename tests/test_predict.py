@@ -1,0 +1,110 @@
+"""Tests for dinopipe.predict: blockwise prediction, model loading, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from dinopipe.io import read_image, write_image, write_json
+from dinopipe.predict import load_model, predict_volume
+from dinopipe.train import build_model_config, save_checkpoint
+from dinopipe.unet import UNet3D, UNetConfig, output_channels
+
+OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 0, 0]]
+VOXEL_SIZE = (8.0, 4.0, 4.0)
+TRANSLATION = (40.0, -6.0, 2.0)
+
+
+def make_features(path: Path, shape: tuple[int, int, int], channels: int, seed: int = 0) -> str:
+    """A random (C, z, y, x) float16 feature image with a signature."""
+    data = np.random.default_rng(seed).normal(size=(channels, *shape)).astype(np.float16)
+    write_image(path, data, VOXEL_SIZE, TRANSLATION, channel_axis=True, attrs={"signature": {"model_id": "tiny"}})
+    return str(path)
+
+
+def make_model_dir(path: Path, channels: int, levels: int, norm: str | None, lsds: bool = True, seed: int = 0) -> Path:
+    """A model folder as train() writes it, with random weights (and batch norm statistics)."""
+    torch.manual_seed(seed)
+    config = UNetConfig(
+        in_channels=channels,
+        out_channels=output_channels(len(OFFSETS), lsds),
+        levels=levels,
+        base_channels=4,
+        norm=norm,
+    )
+    model = UNet3D(config)
+    for module in model.modules():  # non-trivial running statistics for eval-mode batch norm
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path.mkdir(parents=True)
+    save_checkpoint(path / "checkpoint.pt", model, None, step=0)
+    write_json(path / "model_config.json", build_model_config(config, OFFSETS, lsds, {"model_id": "tiny"}))
+    return path
+
+
+@pytest.mark.parametrize(("levels", "norm"), [(1, "batch"), (2, None)])
+def test_blockwise_equals_whole_volume(tmp_path, levels, norm):
+    shape = (20, 26, 30)  # not a multiple of the block shape on any axis
+    features = make_features(tmp_path / "features.zarr", shape, channels=5)
+    model_dir = make_model_dir(tmp_path / "model", channels=5, levels=levels, norm=norm)
+    predict_volume(features, model_dir, tmp_path / "whole.zarr", block_shape=(64, 64, 64), device="cpu")
+    predict_volume(features, model_dir, tmp_path / "blocks.zarr", block_shape=(8, 12, 16), device="cpu", batch_size=3)
+    for name, channels in (("affinities", 4), ("lsds", 10)):
+        whole = read_image(tmp_path / "whole.zarr" / name)
+        blocks = read_image(tmp_path / "blocks.zarr" / name)
+        assert whole.array.shape == (channels, *shape)
+        assert whole.array.dtype == np.float32
+        assert whole.geometry.voxel_size == VOXEL_SIZE and whole.geometry.translation == TRANSLATION
+        a, b = whole.read(), blocks.read()
+        assert np.all((a >= 0) & (a <= 1))
+        assert a.std() > 1e-3  # not a constant output
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    attrs = zarr.open_group(str(tmp_path / "blocks.zarr")).attrs["dinopipe"]
+    assert attrs["offsets"] == OFFSETS
+    assert attrs["block_shape"] == [8, 12, 16]
+
+
+def test_block_shape_is_rounded_to_the_pooling_grid(tmp_path):
+    features = make_features(tmp_path / "features.zarr", (12, 12, 12), channels=3)
+    model_dir = make_model_dir(tmp_path / "model", channels=3, levels=2, norm=None, lsds=False)
+    predict_volume(features, model_dir, tmp_path / "p.zarr", block_shape=(5, 6, 100), device="cpu")
+    root = zarr.open_group(str(tmp_path / "p.zarr"))
+    assert root.attrs["dinopipe"]["block_shape"] == [8, 8, 12]
+    assert root.attrs["dinopipe"]["lsds"] is False
+    assert "lsds" not in root  # a model without LSDs writes affinities only
+    assert read_image(tmp_path / "p.zarr" / "affinities").array.shape == (4, 12, 12, 12)
+
+
+def test_channel_mismatch_names_paths_and_counts(tmp_path):
+    features = make_features(tmp_path / "features.zarr", (8, 8, 8), channels=6)
+    model_dir = make_model_dir(tmp_path / "model", channels=5, levels=1, norm=None)
+    message = r"features .*features\.zarr have 6 channels but the model in .*model expects 5"
+    with pytest.raises(ValueError, match=message):
+        predict_volume(features, model_dir, tmp_path / "p.zarr", device="cpu")
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def test_load_model(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model", channels=5, levels=1, norm="batch")
+    model, config = load_model(model_dir)
+    assert not model.training
+    assert config["offsets"] == OFFSETS and config["in_channels"] == 5
+    with pytest.raises(FileNotFoundError, match="no model_config.json in model folder"):
+        load_model(tmp_path)
+    (tmp_path / "model" / "checkpoint.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt in model folder"):
+        load_model(model_dir)
+
+
+def test_bad_arguments(tmp_path):
+    features = make_features(tmp_path / "features.zarr", (8, 8, 8), channels=5)
+    model_dir = make_model_dir(tmp_path / "model", channels=5, levels=1, norm=None)
+    with pytest.raises(ValueError, match="block_shape"):
+        predict_volume(features, model_dir, tmp_path / "p.zarr", block_shape=(8, 8), device="cpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_volume(features, model_dir, tmp_path / "p.zarr", batch_size=0, device="cpu")
