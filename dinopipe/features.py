@@ -22,6 +22,7 @@ with no full-size copy per plane.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -67,6 +68,13 @@ class FeatureParams:
         device: "auto", "cpu" or "cuda".
         autocast: Use bf16 autocast on CUDA (fp32 on CPU always).
         seed: Seed of the random weights of the tiny backbones.
+        block_shape: Process the volume in blocks of this many output voxels (z, y, x);
+            None: the whole volume at once unless its float32 accumulator would exceed
+            ``max_memory_mb``, in which case cubic blocks that fit are chosen.
+        block_halo: Context (output voxels) added around each block.
+        max_memory_mb: Accumulator size (MB) above which blocks are used automatically.
+        upsampler: Path of a TorchScript guided upsampler (see :func:`load_upsampler`);
+            None: the token grid is resampled bilinearly.
     """
 
     backbone: str = "tiny-vit"
@@ -81,6 +89,10 @@ class FeatureParams:
     device: str = "auto"
     autocast: bool = True
     seed: int = 0
+    block_shape: list[int] | None = None
+    block_halo: int = 16
+    max_memory_mb: float = 8192.0
+    upsampler: str | None = None
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> FeatureParams:
@@ -102,6 +114,20 @@ class FeatureParams:
             raise ValueError(f"features.low/high must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}")
         if self.batch_size < 1:
             raise ValueError(f"features.batch_size must be >= 1, got {self.batch_size}")
+        if self.block_shape is not None and (len(self.block_shape) != 3 or min(self.block_shape) < 1):
+            raise ValueError(f"features.block_shape must be 3 positive voxel counts (z, y, x), got {self.block_shape}")
+
+    def blocking(self, channels: int, shape: Sequence[int]) -> list[int] | None:
+        """The block shape to use for an output grid of ``shape`` (None: whole volume)."""
+        if self.block_shape is not None:
+            return list(self.block_shape)
+        need_mb = channels * float(np.prod(shape)) * 4 / 2**20
+        if need_mb <= self.max_memory_mb:
+            return None
+        # cubic blocks whose grown accumulator fits in the budget
+        side = int((self.max_memory_mb * 2**20 / (channels * 4)) ** (1 / 3)) - 2 * self.block_halo
+        side = max(side, 16)
+        return [min(side, s) for s in shape]
 
 
 @dataclass
@@ -179,7 +205,7 @@ def slice_weights(
 
 
 def _token_coords(
-    out_centres_nm: np.ndarray, begin_nm: float, pixel_nm: float, patch: int, stride: int, n_tokens: int
+    out_centres_nm: np.ndarray, begin_nm: float, pixel_nm: float, patch: float, stride: float, n_tokens: int
 ) -> torch.Tensor:
     """Normalised grid_sample coordinates (align_corners=True) of output voxel centres.
 
@@ -220,16 +246,35 @@ class _Plane:
         self.size = tuple(max(1, int(round(e / pixel))) for e in extent)
         # the exact pixel size per axis after rounding the image size
         self.pixel_nm = [e / n for e, n in zip(extent, self.size)]
-        p = backbone.patch_size
+        p = self.patch = backbone.patch_size
         self.stride = params.stride or p
         self.shifts = p // self.stride
         self.padded = tuple(int(math.ceil(n / p)) * p for n in self.size)
-        n_tokens = [self.padded[i] // p * self.shifts for i in range(2)]
-        centres = [ot[ax] + ov[ax] * np.arange(out_geom.shape[ax]) for ax in (b, c)]
-        gy = _token_coords(centres[0], begins[0], self.pixel_nm[0], p, self.stride, n_tokens[0])
-        gx = _token_coords(centres[1], begins[1], self.pixel_nm[1], p, self.stride, n_tokens[1])
-        mesh_y, mesh_x = torch.meshgrid(gy, gx, indexing="ij")
-        self.grid = torch.stack([mesh_x, mesh_y], dim=-1)[None]  # (1, Ho, Wo, 2): x then y
+        self.tokens_shape = tuple(self.padded[i] // p * self.shifts for i in range(2))
+        self._centres = [ot[ax] + ov[ax] * np.arange(out_geom.shape[ax]) for ax in (b, c)]
+        self._begins = begins
+        self._grids: dict[tuple[int, int], torch.Tensor] = {}
+        self.grid = self.grid_for(self.tokens_shape)
+
+    def grid_for(self, shape: Sequence[int]) -> torch.Tensor:
+        """grid_sample coordinates (1, Ho, Wo, 2) of the output voxels in a feature map.
+
+        A map of the token grid's shape has the backbone's patch/stride geometry; any
+        other shape (a guided upsampler's output) is taken as a uniform grid over the
+        padded image, each element covering ``padded / shape`` pixels.
+        """
+        key = (int(shape[0]), int(shape[1]))
+        if key not in self._grids:
+            coords = []
+            for i in range(2):
+                if key == self.tokens_shape:
+                    patch, stride = float(self.patch), float(self.stride)
+                else:
+                    patch = stride = self.padded[i] / key[i]
+                coords.append(_token_coords(self._centres[i], self._begins[i], self.pixel_nm[i], patch, stride, key[i]))
+            mesh_y, mesh_x = torch.meshgrid(coords[0], coords[1], indexing="ij")
+            self._grids[key] = torch.stack([mesh_x, mesh_y], dim=-1)[None]  # x then y
+        return self._grids[key]
 
     def take(self, raw: np.ndarray, indices: Sequence[int]) -> np.ndarray:
         """Raw slices (B, H, W) at ``indices`` along the slicing axis, cropped in-plane."""
@@ -281,6 +326,31 @@ def _tokens_sliding(backbone: Backbone, images: torch.Tensor, plane: _Plane, aut
 RESAMPLE_CHUNK_BYTES = 16 * 2**20
 
 
+def load_upsampler(path: str, device: torch.device) -> Upsampler:
+    """Load a guided upsampler saved with ``torch.jit.save`` from a local file.
+
+    The module is called as ``module(tokens, images)`` with ``tokens`` (B, C, h, w), the
+    backbone's token grid, and ``images`` (B, 3, H, W), the normalised images fed to the
+    backbone, and returns (B, C, H', W') features covering the same (padded) image
+    extent uniformly — typically H' = H, W' = W. dinopipe then resamples that map onto
+    the output grid bilinearly. Nothing is fetched from the network.
+    """
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"features.upsampler: no such file {path} (a TorchScript module saved with torch.jit.save)")
+    module = torch.jit.load(path, map_location=device).eval()
+
+    def upsample(tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = module(tokens, images)
+        if out.ndim != 4 or out.shape[:2] != tokens.shape[:2]:
+            raise ValueError(f"upsampler {path} returned shape {tuple(out.shape)} for tokens {tuple(tokens.shape)}")
+        return out
+
+    return upsample
+
+
 def _accumulate(
     acc: torch.Tensor, tokens: torch.Tensor, plane: _Plane, batch: Sequence[tuple[int, list[tuple[int, float]]]],
     scale: float,
@@ -291,9 +361,9 @@ def _accumulate(
     :data:`RESAMPLE_CHUNK_BYTES` of resampled features exist at once, and each slice is
     added in place into its output slice(s) of the (C, z, y, x) accumulator.
     """
-    per_slice = tokens.shape[1] * plane.grid.shape[1] * plane.grid.shape[2] * 4
+    grid = plane.grid_for(tokens.shape[-2:]).to(tokens.device)
+    per_slice = tokens.shape[1] * grid.shape[1] * grid.shape[2] * 4
     chunk = max(1, RESAMPLE_CHUNK_BYTES // per_slice)
-    grid = plane.grid.to(tokens.device)
     for start in range(0, len(batch), chunk):
         part = tokens[start : start + chunk]
         resampled = F.grid_sample(
@@ -314,6 +384,7 @@ def extract_features(
     volume: str = "volume",
     upsampler: Upsampler | None = None,
     progress: Callable[[int], None] | None = None,
+    intensity: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Compute the plane-averaged DINOv3 features of a volume on the output grid.
 
@@ -328,6 +399,8 @@ def extract_features(
         upsampler: Optional guided upsampler applied to each token grid before the
             bilinear resampling to the output grid (see :data:`Upsampler`).
         progress: Called with the number of slices processed after each batch.
+        intensity: The (lo, hi) intensity range mapped to 0..1; default: computed from
+            ``raw`` (pass the whole volume's range when ``raw`` is one block of it).
 
     Returns:
         (features (C, z, y, x) float32, info) where info holds the intensity range,
@@ -344,8 +417,7 @@ def extract_features(
         )
     if params.stride is not None and (params.stride < 1 or backbone.patch_size % params.stride):
         raise ValueError(f"features.stride {params.stride} must divide the patch size {backbone.patch_size}")
-    lo, hi = intensity_range(raw, params.intensity, params.low, params.high)
-    torch.manual_seed(params.seed)
+    lo, hi = intensity or intensity_range(raw, params.intensity, params.low, params.high)
     acc = np.zeros((backbone.channels, *out_geom.shape), dtype=np.float32)
     acc_t = torch.from_numpy(acc)  # shares memory: planes add into it in place
     timings: dict[str, Any] = {}
@@ -382,8 +454,107 @@ def extract_features(
     return acc, info
 
 
+def raw_window(raw_geom: Geometry, out_geom: Geometry) -> tuple[tuple[slice, slice, slice], Geometry]:
+    """The raw voxels overlapping ``out_geom`` and their geometry."""
+    rv = np.asarray(raw_geom.voxel_size)
+    lo = np.floor((out_geom.begin_nm - raw_geom.begin_nm) / rv + 1e-6).astype(int)
+    hi = np.ceil((out_geom.end_nm - raw_geom.begin_nm) / rv - 1e-6).astype(int)
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, raw_geom.shape)
+    window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    geom = Geometry(
+        tuple(int(b - a) for a, b in zip(lo, hi)),  # type: ignore[arg-type]
+        raw_geom.voxel_size,
+        tuple(float(t + a * v) for t, a, v in zip(raw_geom.translation, lo, rv)),  # type: ignore[arg-type]
+    )
+    return window, geom  # type: ignore[return-value]
+
+
+def sub_geometry(geom: Geometry, window: Sequence[slice]) -> Geometry:
+    """The geometry of ``geom[window]``."""
+    return Geometry(
+        tuple(s.stop - s.start for s in window),  # type: ignore[arg-type]
+        geom.voxel_size,
+        tuple(float(t + s.start * v) for t, s, v in zip(geom.translation, window, geom.voxel_size)),  # type: ignore[arg-type]
+    )
+
+
+def blocks(shape: Sequence[int], block_shape: Sequence[int]) -> list[tuple[slice, slice, slice]]:
+    """Core windows tiling a (z, y, x) grid, in C order."""
+    starts = [range(0, s, b) for s, b in zip(shape, block_shape)]
+    return [
+        tuple(slice(o, min(o + b, s)) for o, b, s in zip(origin, block_shape, shape))  # type: ignore[misc]
+        for origin in itertools.product(*starts)
+    ]
+
+
+def extract_features_blockwise(
+    raw: np.ndarray,
+    raw_geom: Geometry,
+    out_geom: Geometry,
+    backbone: Backbone,
+    params: FeatureParams,
+    write: Callable[[tuple[slice, slice, slice], np.ndarray], None],
+    *,
+    block_shape: Sequence[int],
+    halo: Sequence[int] | int = 8,
+    volume: str = "volume",
+    upsampler: Upsampler | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Features of a volume too large for memory, block by block with a halo.
+
+    Each block's features are computed from the raw under the block grown by ``halo``
+    output voxels on every side (clipped to the volume; the start moved down onto the
+    volume's patch grid), so the backbone sees context across block faces and its
+    tokens sit where they would for the whole volume; only the core is written. The intensity range is the
+    whole volume's. Memory is bounded by one grown block's accumulator and raw.
+
+    Slices are independent, so along a plane's slicing axis blocking changes nothing;
+    within a slice, a ViT attends over the whole (cropped) slice, so cores differ
+    slightly from whole-volume features: the halo keeps seams small.
+
+    Args:
+        raw, raw_geom, out_geom, backbone, params, volume, upsampler, progress: as in
+            :func:`extract_features`.
+        write: Called with (core window in output voxels, features (C, ...) float32).
+        block_shape: Core block shape in output voxels (z, y, x).
+        halo: Context in output voxels added on each side (one value or per axis).
+
+    Returns:
+        Info as :func:`extract_features` returns, with timings summed over blocks.
+    """
+    halo3 = np.broadcast_to(np.asarray(halo, dtype=int), (3,))
+    lo, hi = intensity_range(raw, params.intensity, params.low, params.high)
+    info: dict[str, Any] = {"intensity_range": [lo, hi], "timings": {}, "blocks": 0}
+    # Align every grown block's start to the whole volume's patch grid (in output voxels,
+    # where one patch of raw voxels is a whole number of them) so tokens sit where they
+    # would sit for the whole volume.
+    unit = backbone.patch_size * np.asarray(raw_geom.voxel_size) / np.asarray(out_geom.voxel_size)
+    align = [int(round(u)) if abs(u - round(u)) < 1e-6 and u >= 1 else 1 for u in unit]
+    for core in blocks(out_geom.shape, block_shape):
+        grown = tuple(
+            slice(max((s.start - h) // a * a, 0), min(s.stop + h, n))
+            for s, h, n, a in zip(core, halo3, out_geom.shape, align)
+        )
+        sub_out = sub_geometry(out_geom, grown)
+        window, sub_raw = raw_window(raw_geom, sub_out)
+        feats, block_info = extract_features(
+            np.asarray(raw[window]), sub_raw, sub_out, backbone, params, volume=volume,
+            upsampler=upsampler, progress=progress, intensity=(lo, hi),
+        )
+        inner = tuple(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown))
+        write(core, feats[(slice(None), *inner)])  # type: ignore[arg-type]
+        info["blocks"] += 1
+        info["image_size"] = block_info["image_size"]
+        for plane, t in block_info["timings"].items():
+            total = info["timings"].setdefault(plane, {k: 0 for k in t if k != "image_size"})
+            for k in total:
+                total[k] += t[k]
+    return info
+
+
 def signature(backbone: Backbone, params: FeatureParams, raw_geom: Geometry, out_geom: Geometry,
-              intensity: Sequence[float]) -> dict[str, Any]:
+              intensity: Sequence[float], image_size: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     """What produced a feature volume; stored with it and checked when it is read."""
     return {
         "model_id": backbone.name,
@@ -394,6 +565,7 @@ def signature(backbone: Backbone, params: FeatureParams, raw_geom: Geometry, out
         "channels": backbone.channels,
         "planes": list(params.planes),
         "stride": params.stride or backbone.patch_size,
+        "image_size": {k: list(v) for k, v in image_size.items()},
         "max_slice_size": params.max_slice_size,
         "normalisation": {
             "intensity": params.intensity,

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ import zarr
 from numcodecs import Blosc
 
 logger = logging.getLogger(__name__)
+
+# Snakemake marks directory outputs with a `.snakemake_timestamp` file, which zarr
+# reports as an unknown object whenever the group is listed.
+warnings.filterwarnings("ignore", message=r".*\.snakemake_timestamp.*")
 
 SPATIAL_AXES = ("z", "y", "x")
 _COMPRESSOR = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE)
@@ -192,6 +197,58 @@ def default_chunks(shape: Sequence[int], channel_axis: bool, spatial: int = 64) 
     return (int(shape[0]), *chunks) if channel_axis else chunks
 
 
+def create_image(
+    path: str | os.PathLike[str],
+    shape: Sequence[int],
+    dtype: Any,
+    voxel_size: Sequence[float],
+    translation: Sequence[float],
+    *,
+    channel_axis: bool = False,
+    chunks: Sequence[int] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    name: str | None = None,
+) -> Any:
+    """Create an empty OME-NGFF 0.4 image group with a single scale ``s0``; return ``s0``.
+
+    This writes in place: wrap it in :func:`atomic_output` (on the whole store) to
+    make the output appear atomically.
+
+    Args:
+        path: Group path to create (must not exist).
+        shape: (z, y, x), or (c, z, y, x) when ``channel_axis``.
+        dtype: Array dtype.
+        voxel_size: nm per voxel, (z, y, x).
+        translation: Centre of voxel 0 in nm, (z, y, x).
+        channel_axis: Whether the first axis is channels.
+        chunks: Chunk shape; default from :func:`default_chunks`.
+        attrs: Extra attributes stored under the group's ``"dinopipe"`` key.
+        name: Image name stored in the multiscales metadata (default: folder name).
+
+    Returns:
+        The writable zarr array ``s0`` (filled with zeros until written).
+    """
+    ndim = 4 if channel_axis else 3
+    if len(shape) != ndim:
+        raise ValueError(f"{path}: expected a {ndim}D array, got shape {tuple(shape)}")
+    if len(voxel_size) != 3 or len(translation) != 3:
+        raise ValueError(f"{path}: voxel_size and translation need 3 values (z, y, x)")
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="w-", zarr_format=2)
+    group.attrs["multiscales"] = _multiscales(name or path.name, voxel_size, translation, channel_axis)
+    if attrs:
+        group.attrs["dinopipe"] = json.loads(json.dumps(dict(attrs), default=_json_default))
+    return group.create_array(
+        "s0",
+        shape=tuple(int(s) for s in shape),
+        dtype=dtype,
+        chunks=tuple(chunks) if chunks else default_chunks(shape, channel_axis),
+        compressors=_COMPRESSOR,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        fill_value=0,
+    )
+
+
 def write_image(
     path: str | os.PathLike[str],
     data: np.ndarray,
@@ -203,41 +260,18 @@ def write_image(
     attrs: Mapping[str, Any] | None = None,
     name: str | None = None,
 ) -> None:
-    """Write one array as an OME-NGFF 0.4 image group with a single scale ``s0``.
-
-    This writes in place: wrap it in :func:`atomic_output` (on the whole store) to
-    make the output appear atomically.
-
-    Args:
-        path: Group path to create (must not exist).
-        data: (z, y, x) array, or (c, z, y, x) when ``channel_axis``.
-        voxel_size: nm per voxel, (z, y, x).
-        translation: Centre of voxel 0 in nm, (z, y, x).
-        channel_axis: Whether the first axis of ``data`` is channels.
-        chunks: Chunk shape; default from :func:`default_chunks`.
-        attrs: Extra attributes stored under the group's ``"dinopipe"`` key.
-        name: Image name stored in the multiscales metadata (default: folder name).
-    """
-    ndim = 4 if channel_axis else 3
-    if data.ndim != ndim:
-        raise ValueError(f"{path}: expected a {ndim}D array, got shape {data.shape}")
-    if len(voxel_size) != 3 or len(translation) != 3:
-        raise ValueError(f"{path}: voxel_size and translation need 3 values (z, y, x)")
-    path = Path(path)
-    group = zarr.open_group(str(path), mode="w-", zarr_format=2)
-    group.attrs["multiscales"] = _multiscales(name or path.name, voxel_size, translation, channel_axis)
-    if attrs:
-        group.attrs["dinopipe"] = json.loads(json.dumps(dict(attrs), default=_json_default))
-    arr = group.create_array(
-        "s0",
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=tuple(chunks) if chunks else default_chunks(data.shape, channel_axis),
-        compressors=_COMPRESSOR,
-        chunk_key_encoding={"name": "v2", "separator": "/"},
-        fill_value=0,
+    """Write one array as an OME-NGFF 0.4 image group (see :func:`create_image`)."""
+    arr = create_image(
+        path, data.shape, data.dtype, voxel_size, translation,
+        channel_axis=channel_axis, chunks=chunks, attrs=attrs, name=name,
     )
     arr[...] = data
+
+
+def set_attrs(path: str | os.PathLike[str], attrs: Mapping[str, Any]) -> None:
+    """Store ``attrs`` under the ``"dinopipe"`` key of the group at ``path`` (JSON-safe)."""
+    group = zarr.open_group(str(path), mode="a")
+    group.attrs["dinopipe"] = json.loads(json.dumps(dict(attrs), default=_json_default))
 
 
 def _transforms(dataset: Mapping[str, Any], ndim: int, where: str) -> tuple[list[float], list[float]]:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import platform
+import resource
 import socket
 import time
 import zlib
@@ -110,7 +111,13 @@ def run_features(
     from tqdm import tqdm
 
     from dinopipe.backbone import load_backbone
-    from dinopipe.features import FeatureParams, extract_features, signature
+    from dinopipe.features import (
+        FeatureParams,
+        extract_features,
+        extract_features_blockwise,
+        load_upsampler,
+        signature,
+    )
     from dinopipe.sources import open_sources
 
     if threads:
@@ -119,36 +126,48 @@ def run_features(
     t0 = time.perf_counter()
     src = open_sources(volume, **_source_args(data))
     backbone = load_backbone(params.backbone, params.revision, seed=params.seed, device=params.device)
+    upsampler = load_upsampler(params.upsampler, backbone.device) if params.upsampler else None
     t_load = time.perf_counter() - t0
-    total = sum(len(_plane_slices(src, p)) for p in params.planes)
-    with tqdm(total=total, desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
-        feats, info = extract_features(
-            src.raw.array, src.raw.geometry, src.grid, backbone, params, volume=volume.name, progress=bar.update
-        )
-    t1 = time.perf_counter()
-    sig = signature(backbone, params, src.raw.geometry, src.grid, info["intensity_range"])
-    attrs = {
-        "signature": sig,
+    blocking = params.blocking(backbone.channels, src.grid.shape)
+    attrs: dict[str, Any] = {
         "volume": volume.name,
         "raw": {"path": volume.raw, "scale": src.raw.scale, **src.raw.geometry.to_dict()},
-        "image_size": info["image_size"],
-        "timings": {"load_s": t_load, "planes": info["timings"], "extract_s": t1 - t0 - t_load},
     }
-    with io.atomic_output(out_path) as tmp:
-        io.write_image(tmp, feats.astype(np.float16), src.grid.voxel_size, src.grid.translation,
-                       channel_axis=True, attrs=attrs, name=f"{volume.name} DINOv3 features")
-        attrs["timings"]["write_s"] = time.perf_counter() - t1
-        group = zarr.open_group(str(tmp), mode="a")
-        group.attrs["dinopipe"] = json.loads(json.dumps(attrs))
-    logger.info("features %s: %s in %.1fs", volume.name, feats.shape, time.perf_counter() - t0)
+    g = src.grid
+    with io.atomic_output(out_path) as tmp, tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
+        if blocking is None:
+            feats, info = extract_features(
+                src.raw.array, src.raw.geometry, g, backbone, params, volume=volume.name, progress=bar.update,
+                upsampler=upsampler,
+            )
+            t1 = time.perf_counter()
+            io.write_image(tmp, feats.astype(np.float16), g.voxel_size, g.translation, channel_axis=True,
+                           name=f"{volume.name} DINOv3 features")
+        else:
+            out = io.create_image(tmp, (backbone.channels, *g.shape), np.float16, g.voxel_size, g.translation,
+                                  channel_axis=True, name=f"{volume.name} DINOv3 features")
+            logger.info("volume %s: blockwise features, blocks of %s voxels, halo %d", volume.name, blocking,
+                        params.block_halo)
+
+            def write(core: tuple[slice, ...], block: np.ndarray) -> None:
+                out[(slice(None), *core)] = block.astype(np.float16)
+
+            info = extract_features_blockwise(
+                src.raw.array, src.raw.geometry, g, backbone, params, write, block_shape=blocking,
+                halo=params.block_halo, volume=volume.name, progress=bar.update, upsampler=upsampler,
+            )
+            t1 = time.perf_counter()
+        attrs["signature"] = signature(backbone, params, src.raw.geometry, g, info["intensity_range"],
+                                       info["image_size"])
+        attrs["image_size"] = info["image_size"]
+        attrs["blocks"] = {"block_shape": blocking, "halo": params.block_halo, "count": info.get("blocks", 1)}
+        attrs["timings"] = {"load_s": t_load, "planes": info["timings"], "extract_s": t1 - t0 - t_load,
+                            "write_s": time.perf_counter() - t1}
+        attrs["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        io.set_attrs(tmp, attrs)
+    logger.info("features %s: %s in %.1fs, peak RSS %.0f MB", volume.name, (backbone.channels, *g.shape),
+                time.perf_counter() - t0, attrs["peak_rss_mb"])
     return attrs
-
-
-def _plane_slices(src: Any, plane: str) -> range:
-    from dinopipe.features import PLANES
-
-    axis = PLANES[plane][0]
-    return range(src.raw.geometry.shape[axis])
 
 
 #: Defaults of the ``targets`` config section.

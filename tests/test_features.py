@@ -171,7 +171,7 @@ def test_deterministic(vit):
 
 def test_signature_round_trip_and_mismatch(vit):
     params = FeatureParams(planes=["xy", "yz"])
-    sig = signature(vit, params, RAW, OUT, (0.0, 255.0))
+    sig = signature(vit, params, RAW, OUT, (0.0, 255.0), {"xy": [48, 64]})
     check_signature(sig, expected_signature(params), "f.zarr")
     for changed, key in [
         (FeatureParams(planes=["xy"]), "planes"),
