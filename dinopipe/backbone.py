@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,8 +149,11 @@ def _pretrained_model(name: str, revision: str | None) -> nn.Module:
     is_dir = local.is_dir()
     if not is_dir and name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"backbone directory not found: {name}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return AutoModel.from_pretrained(str(local) if is_dir else name, revision=None if is_dir else revision)
+        return AutoModel.from_pretrained(
+            str(local) if is_dir else name, revision=None if is_dir else revision, local_files_only=offline or is_dir
+        )
     except OSError as exc:
         if is_dir:
             raise ValueError(f"backbone directory {name} is not a transformers snapshot: {exc}") from exc

@@ -598,6 +598,37 @@ def expected_signature(params: FeatureParams) -> dict[str, Any]:
     return expected
 
 
+#: Signature keys that must agree between feature volumes used by one model: what
+#: defines the feature space. (Per-volume keys such as the intensity range, raw voxel
+#: size and image size may differ.)
+MODEL_KEYS = (
+    "model_id",
+    "revision",
+    "weights_hash",
+    "architecture",
+    "patch_size",
+    "channels",
+    "planes",
+    "stride",
+    "max_slice_size",
+    "voxel_size",
+    "normalisation.intensity",
+    "normalisation.low",
+    "normalisation.high",
+)
+
+
+def check_compatible(sig: Mapping[str, Any], reference: Mapping[str, Any], where: str, reference_where: str) -> None:
+    """Raise ValueError naming the first :data:`MODEL_KEYS` entry where two signatures differ."""
+    for key in MODEL_KEYS:
+        a, b = _lookup(sig, key), _lookup(reference, key)
+        if a != b:
+            raise ValueError(
+                f"features at {where} and {reference_where} differ in signature key {key!r}: {a!r} vs {b!r}; "
+                f"they were not produced by the same model and settings"
+            )
+
+
 def _lookup(sig: Mapping[str, Any], dotted: str) -> Any:
     value: Any = sig
     for part in dotted.split("."):

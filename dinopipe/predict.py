@@ -35,7 +35,8 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from dinopipe.io import atomic_output, read_image, write_image
+from dinopipe.features import check_compatible
+from dinopipe.io import atomic_output, create_image, read_image
 from dinopipe.train import autocast_context, resolve_device
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, receptive_field_halo, split_output
 
@@ -98,40 +99,13 @@ def _read_block(array: Any, start: Sequence[int], block: Sequence[int], halo: in
     return data
 
 
-def _compare_signatures(
-    features_sig: Mapping[str, Any] | None, model_sig: Mapping[str, Any] | None, features_path: str, model_dir: str
-) -> None:
-    if model_sig is None or features_sig is None:
-        if model_sig is not None or features_sig is not None:
-            logger.warning(
-                "cannot check that features %s match model %s: only one of them records a feature signature",
-                features_path,
-                model_dir,
-            )
-        return
-    differ = sorted(k for k in set(features_sig) | set(model_sig) if features_sig.get(k) != model_sig.get(k))
-    if differ:
-        logger.warning(
-            "features %s differ from those model %s was trained on in signature keys %s",
-            features_path,
-            model_dir,
-            differ,
-        )
-
-
 def _empty_image(path: Path, channels: int, image: Any, chunks: Sequence[int], attrs: Mapping[str, Any]) -> Any:
-    """Create a float32 (channels, z, y, x) image without holding it in memory; return its array."""
-    shape = (channels, *image.geometry.shape)
-    write_image(
-        path,
-        np.broadcast_to(np.zeros((), dtype=np.float32), shape),
-        image.geometry.voxel_size,
-        image.geometry.translation,
-        channel_axis=True,
-        chunks=(channels, *chunks),
-        attrs=attrs,
+    """Create a float32 (channels, z, y, x) image on ``image``'s grid; return its writable array."""
+    g = image.geometry
+    return create_image(
+        path, (channels, *g.shape), np.float32, g.voxel_size, g.translation,
+        channel_axis=True, chunks=(channels, *chunks), attrs=attrs,
     )
-    return zarr.open_array(str(path / "s0"), mode="r+")
 
 
 def predict_volume(
@@ -180,9 +154,12 @@ def predict_volume(
             f"features {features_path} have {channels} channels but the model in {checkpoint_dir} "
             f"expects {model.config.in_channels}"
         )
-    _compare_signatures(
-        (features.attrs or {}).get("signature"), config.get("feature_signature"), features_path, checkpoint_dir
-    )
+    features_sig, model_sig = (features.attrs or {}).get("signature"), config.get("feature_signature")
+    if features_sig is not None and model_sig is not None:
+        check_compatible(features_sig, model_sig, str(features_path), f"the training features of {checkpoint_dir}")
+    elif features_sig is not None or model_sig is not None:
+        logger.warning("cannot check that features %s match model %s: only one records a signature",
+                       features_path, checkpoint_dir)
     offsets = config["offsets"]
     num_offsets = len(offsets)
     lsds = model.config.out_channels == num_offsets + NUM_LSD_CHANNELS

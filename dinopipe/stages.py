@@ -360,7 +360,7 @@ def run_summary(evaluation_jsons: Sequence[str | Path], out_path: str | Path, un
 def check_feature_signatures(features_paths: Sequence[str | Path], features: Mapping[str, Any]) -> None:
     """Refuse cached features that the current ``features`` config would not produce,
     and feature volumes that disagree with each other (e.g. different weights)."""
-    from dinopipe.features import FeatureParams, check_signature, expected_signature
+    from dinopipe.features import FeatureParams, check_compatible, check_signature, expected_signature
 
     expected = expected_signature(FeatureParams.from_config(features))
     first: tuple[str, Mapping[str, Any]] | None = None
@@ -372,12 +372,7 @@ def check_feature_signatures(features_paths: Sequence[str | Path], features: Map
         if first is None:
             first = (str(path), sig)
         else:
-            for key in ("weights_hash", "channels", "patch_size", "stride", "voxel_size"):
-                if sig.get(key) != first[1].get(key):
-                    raise ValueError(
-                        f"features at {path} and {first[0]} differ in signature key {key!r}: "
-                        f"{sig.get(key)!r} vs {first[1].get(key)!r}"
-                    )
+            check_compatible(sig, first[1], str(path), first[0])
 
 
 def run_train(

@@ -38,6 +38,7 @@ import zarr
 from tqdm import tqdm
 
 from dinopipe import __version__
+from dinopipe.features import check_compatible
 from dinopipe.io import Image, atomic_output, read_image, write_json
 from dinopipe.losses import AffinityLoss, affinity_lsd_loss, build_loss
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, output_channels, split_output
@@ -318,16 +319,8 @@ def _check_consistent(volumes: Sequence[_Volume]) -> None:
                 f"volume {v.name} has affinity offsets {v.offsets} ({v.targets_path}) but volume "
                 f"{first.name} has {first.offsets} ({first.targets_path})"
             )
-        if first.signature is not None and v.signature is not None and v.signature != first.signature:
-            keys = sorted(
-                k for k in set(first.signature) | set(v.signature) if first.signature.get(k) != v.signature.get(k)
-            )
-            logger.warning(
-                "feature signatures of %s and %s differ in %s; check that both come from the same model",
-                first.name,
-                v.name,
-                keys,
-            )
+        if first.signature is not None and v.signature is not None:
+            check_compatible(v.signature, first.signature, v.features_path, first.features_path)
 
 
 def _sample_crop(
