@@ -73,8 +73,8 @@ class FeatureParams:
             ``max_memory_mb``, in which case cubic blocks that fit are chosen.
         block_halo: Context (output voxels) added around each block.
         max_memory_mb: Accumulator size (MB) above which blocks are used automatically.
-        upsampler: Path of a TorchScript guided upsampler (see :func:`load_upsampler`);
-            None: the token grid is resampled bilinearly.
+        upsampler: A guided upsampler, ``"path/to/file.py:factory"`` (see
+            :func:`load_upsampler`); None: the token grid is resampled bilinearly.
     """
 
     backbone: str = "tiny-vit"
@@ -326,26 +326,39 @@ def _tokens_sliding(backbone: Backbone, images: torch.Tensor, plane: _Plane, aut
 RESAMPLE_CHUNK_BYTES = 16 * 2**20
 
 
-def load_upsampler(path: str, device: torch.device) -> Upsampler:
-    """Load a guided upsampler saved with ``torch.jit.save`` from a local file.
+def load_upsampler(spec: str, device: torch.device) -> Upsampler:
+    """Load a guided upsampler from a local Python file: ``"path/to/file.py:factory"``.
 
-    The module is called as ``module(tokens, images)`` with ``tokens`` (B, C, h, w), the
-    backbone's token grid, and ``images`` (B, 3, H, W), the normalised images fed to the
-    backbone, and returns (B, C, H', W') features covering the same (padded) image
-    extent uniformly — typically H' = H, W' = W. dinopipe then resamples that map onto
-    the output grid bilinearly. Nothing is fetched from the network.
+    ``factory(device)`` is called once and must return a callable (e.g. an
+    ``nn.Module``) taking ``tokens`` (B, C, h, w), the backbone's token grid, and
+    ``images`` (B, 3, H, W), the normalised images fed to the backbone, and returning
+    (B, C, H', W') features covering the same (padded) image extent uniformly —
+    typically H' = H, W' = W. dinopipe then resamples that map onto the output grid
+    bilinearly. The file loads its own weights from local paths: nothing is fetched.
     """
+    import importlib.util
     from pathlib import Path
 
+    path, _, factory_name = spec.rpartition(":")
+    if not path or not factory_name:
+        raise ValueError(f"features.upsampler must be 'path/to/file.py:factory', got {spec!r}")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"features.upsampler: no such file {path} (a TorchScript module saved with torch.jit.save)")
-    module = torch.jit.load(path, map_location=device).eval()
+        raise FileNotFoundError(f"features.upsampler: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"dinopipe_upsampler_{Path(path).stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"features.upsampler: cannot import {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ValueError(f"features.upsampler: {path} has no callable {factory_name!r}")
+    upsampler = factory(device)
 
     def upsample(tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = module(tokens, images)
+            out = upsampler(tokens, images)
         if out.ndim != 4 or out.shape[:2] != tokens.shape[:2]:
-            raise ValueError(f"upsampler {path} returned shape {tuple(out.shape)} for tokens {tuple(tokens.shape)}")
+            raise ValueError(f"upsampler {spec} returned shape {tuple(out.shape)} for tokens {tuple(tokens.shape)}")
         return out
 
     return upsample

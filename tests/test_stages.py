@@ -1,0 +1,86 @@
+"""The per-volume stages outside Snakemake: demo data, features (whole and blockwise), targets, metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from dinopipe import io
+from dinopipe.sheet import Volume
+from dinopipe.stages import check_feature_signatures, run_demo_data, run_features, run_metadata, run_targets
+
+DEMO = {"seed": 0, "label_shape": [8, 32, 32], "label_voxel_size": [16, 16, 16], "raw_factor": [2, 2, 2]}
+FEATURES = {"backbone": "tiny-vit", "planes": ["xy", "yz"]}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    run_demo_data("v", root / "v.zarr", **DEMO)
+    return root
+
+
+def _volume(demo):
+    return Volume("v", str(demo / "v.zarr" / "raw"), str(demo / "v.zarr" / "labels"), "train")
+
+
+def test_demo_store_is_a_two_scale_pyramid(demo):
+    assert io.multiscale_levels(demo / "v.zarr" / "raw") == [("s0", (8.0, 8.0, 8.0)), ("s1", (16.0, 16.0, 16.0))]
+    labels = io.read_image(demo / "v.zarr" / "labels")
+    assert labels.geometry.shape == (8, 32, 32) and labels.array.dtype == np.uint64
+    # the raw s1 voxel centres coincide with the label voxel centres
+    assert io.read_image(demo / "v.zarr" / "raw", "s1").geometry.translation == labels.geometry.translation
+
+
+def test_features_whole_and_blockwise_agree_and_record_provenance(demo, tmp_path):
+    whole = run_features(_volume(demo), tmp_path / "whole.zarr", FEATURES, {})
+    blocked = run_features(_volume(demo), tmp_path / "blocked.zarr", {**FEATURES, "block_shape": [4, 32, 32]}, {})
+    a = io.read_image(tmp_path / "whole.zarr").read()
+    b = io.read_image(tmp_path / "blocked.zarr").read()
+    # xy is exact across z-blocks; yz slices are cut at the block faces (halo 16 covers all of z here)
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-2)
+    assert whole["blocks"]["count"] == 1 and blocked["blocks"]["count"] == 2
+    assert whole["peak_rss_mb"] > 0
+    assert set(whole["timings"]["planes"]) == {"xy", "yz"}
+    assert whole["signature"]["image_size"] == {"xy": [64, 64], "yz": [16, 64]}
+    stored = io.read_image(tmp_path / "whole.zarr").attrs
+    assert stored["signature"] == whole["signature"]
+    check_feature_signatures([tmp_path / "whole.zarr", tmp_path / "blocked.zarr"], FEATURES)
+    with pytest.raises(ValueError, match="signature key 'planes'"):
+        check_feature_signatures([tmp_path / "whole.zarr"], {**FEATURES, "planes": ["xy"]})
+
+
+def test_targets_and_metadata(demo, tmp_path):
+    vol = _volume(demo)
+    run_features(vol, tmp_path / "f.zarr", FEATURES, {})
+    attrs = run_targets(vol, tmp_path / "t.zarr", {"lsd_sigma_nm": 32}, {})
+    assert attrs["lsd_sigma_nm"] == 32 and attrs["offsets"][0] == [1, 0, 0]
+    raw = io.read_image(tmp_path / "t.zarr" / "raw").read()
+    assert raw.shape == (8, 32, 32) and 0 <= raw.min() and raw.max() <= 1
+    with pytest.raises(ValueError, match="unknown key.*'lsd_sigma'"):
+        run_targets(vol, tmp_path / "t2.zarr", {"lsd_sigma": 3}, {})
+    assert not (tmp_path / "t2.zarr").exists()
+    meta = run_metadata(vol, tmp_path / "f.zarr", tmp_path / "t.zarr", tmp_path / "m.json", {"a": 1})
+    assert json.loads((tmp_path / "m.json").read_text())["config_sha256"] == meta["config_sha256"]
+    assert meta["targets"]["arrays"]["lsds"] == {"shape": [10, 8, 32, 32], "dtype": "float16"}
+    assert meta["labels"]["n_ids"] == len(np.unique(io.read_image(tmp_path / "t.zarr" / "labels").read())) - 1
+    assert meta["features"]["bytes"] > 0
+
+
+def test_targets_need_labels(demo, tmp_path):
+    vol = Volume("v", str(demo / "v.zarr" / "raw"), None, "predict")
+    with pytest.raises(ValueError, match="volume 'v' has no labels"):
+        run_targets(vol, tmp_path / "t.zarr", {}, {})
+
+
+def test_all_zero_labels_are_an_error(tmp_path):
+    io.write_image(tmp_path / "r.zarr", np.ones((8, 8, 8), np.uint8), (8, 8, 8), (4, 4, 4))
+    io.write_image(tmp_path / "l.zarr", np.zeros((4, 4, 4), np.uint64), (16, 16, 16), (8, 8, 8))
+    vol = Volume("z", str(tmp_path / "r.zarr"), str(tmp_path / "l.zarr"), "train")
+    with pytest.raises(ValueError, match="volume 'z': labels .* are all zero"):
+        run_targets(vol, tmp_path / "t.zarr", {}, {})
+    assert not (tmp_path / "t.zarr").exists()
+    assert zarr.open_group(str(tmp_path / "r.zarr"), mode="r")  # inputs untouched
