@@ -84,3 +84,21 @@ def test_all_zero_labels_are_an_error(tmp_path):
         run_targets(vol, tmp_path / "t.zarr", {}, {})
     assert not (tmp_path / "t.zarr").exists()
     assert zarr.open_group(str(tmp_path / "r.zarr"), mode="r")  # inputs untouched
+
+
+def test_features_on_real_multiresolution_data(shared_data, tmp_path):
+    """gala: raw at 10 nm, labels at 20 nm (OME-NGFF pyramids); features land on the
+    20 nm label grid of the ROI, with the raw read at 10 nm."""
+    gala = shared_data / "gala" / "train.zarr"
+    vol = Volume("gala", str(gala / "raw"), str(gala / "labels" / "neurons"), "train",
+                 roi=((100, 420), (200, 840), (400, 1040)))
+    attrs = run_features(vol, tmp_path / "f.zarr", {"backbone": "tiny-convnext"}, {"label_voxel_size": [20, 20, 20]})
+    feats = io.read_image(tmp_path / "f.zarr")
+    labels = io.read_image(gala / "labels" / "neurons", "s1").geometry
+    assert feats.geometry.voxel_size == (20.0, 20.0, 20.0)
+    assert feats.array.shape == (32, 16, 32, 32)
+    # the output grid is a window of the label grid: same voxel centres
+    offset = (np.asarray(feats.geometry.translation) - np.asarray(labels.translation)) / 20.0
+    assert np.allclose(offset, np.round(offset)) and feats.geometry.translation == (100.0, 200.0, 400.0)
+    assert attrs["raw"]["scale"] == "s0" and attrs["signature"]["raw_voxel_size"] == [10.0, 10.0, 10.0]
+    assert np.isfinite(feats.read().astype(np.float32)).all()
