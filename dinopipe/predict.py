@@ -1,6 +1,6 @@
-"""Blockwise prediction of affinities and LSDs from a feature volume.
+"""Blockwise prediction of affinities and LSDs, from cached features or from raw.
 
-The volume is cut into blocks (z, y, x); each block is read with a halo of context
+The label grid is cut into blocks (z, y, x); each block is read with a halo of context
 on every side (from :func:`dinopipe.unet.receptive_field_halo`, rounded up to a
 multiple of ``2**levels``), the part of the halo outside the volume is filled by
 reflection at the volume's faces, the network runs on block + halo, and only the
@@ -10,14 +10,28 @@ mode) or no normalisation the result does not depend on the block shape, and equ
 a prediction of the whole volume as one block. Group and instance norm use
 statistics over the whole block, so with them blocks show seams.
 
+The network input of a block comes from a *reader*:
+
+* cached features (:func:`predict_volume`): ``results/features/{volume}.zarr``;
+* raw (:func:`predict_from_raw`): DINOv3 features of the block + UNet halo are computed
+  from the raw under that window grown by a further feature halo (aligned to the
+  patch grid, as :func:`dinopipe.features.extract_features_blockwise` does), so the
+  backbone also sees context across block faces;
+* for models trained with ``"input_raw": true`` in ``model_config.json``, the raw image
+  on the label grid (0..1, area-averaged, the volume's 0.5–99.5 percentile range) is
+  appended as the last input channel.
+
+Memory is bounded by one batch of blocks (with halos), the network's activations and,
+from raw, one grown block of raw and features; it does not grow with the volume.
+
 Output store (written atomically):
 
 * ``affinities``: image (n_offsets, z, y, x) float32, sigmoid probabilities in [0, 1].
 * ``lsds``: image (10, z, y, x) float32 in [0, 1] (only for models that predict LSDs).
-* root attrs ``["dinopipe"]``: ``offsets`` and provenance (features, checkpoint,
-  block shape, halo, feature signature).
+* root attrs ``["dinopipe"]``: ``offsets`` and provenance (source, checkpoint,
+  block shape, halo, feature signature, timings).
 
-Both images carry the features' voxel size and translation (nm).
+Both images carry the label grid's voxel size and translation (nm).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import product
 from pathlib import Path
@@ -36,11 +51,14 @@ import zarr
 from tqdm import tqdm
 
 from dinopipe.features import check_compatible
-from dinopipe.io import atomic_output, create_image, read_image
+from dinopipe.io import Geometry, atomic_output, create_image, read_image
 from dinopipe.train import autocast_context, resolve_device
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, receptive_field_halo, split_output
 
 logger = logging.getLogger(__name__)
+
+#: Intensity percentiles of the raw channel fed to ``input_raw`` models (as in the targets' ``raw``).
+RAW_PERCENTILES = (0.5, 99.5)
 
 
 def load_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[UNet3D, dict[str, Any]]:
@@ -86,85 +104,185 @@ def _block_starts(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[
     yield from product(*(range(0, s, b) for s, b in zip(shape, block, strict=True)))
 
 
-def _read_block(array: Any, start: Sequence[int], block: Sequence[int], halo: int) -> np.ndarray:
-    """Read (C, block + 2 halo) around ``start``; outside the volume, reflect at its faces."""
-    shape = array.shape[1:]
+# --------------------------------------------------------------------------- readers
+
+
+class FeatureReader:
+    """Network input from a cached feature image (C, z, y, x)."""
+
+    def __init__(self, image: Any) -> None:
+        self.array = image.array
+        self.channels = int(image.array.shape[0])
+
+    def read(self, window: Sequence[slice]) -> np.ndarray:
+        return np.asarray(self.array[(slice(None), *window)], dtype=np.float32)
+
+
+class RawFeatureReader:
+    """Network input computed from raw: DINOv3 features of a window, with their own halo.
+
+    Args:
+        raw: Raw image (z, y, x) (e.g. a zarr array) on ``raw_geom``.
+        raw_geom, grid: Raw geometry and the label (output) grid, nm.
+        backbone, params: As for :func:`dinopipe.features.extract_features`.
+        halo: Feature context in label voxels added around each window (clipped to the
+            volume, start aligned to the patch grid).
+        intensity: The whole volume's intensity range (lo, hi).
+        volume: Name for messages.
+        upsampler: Optional guided upsampler.
+    """
+
+    def __init__(
+        self, raw: Any, raw_geom: Geometry, grid: Geometry, backbone: Any, params: Any, *, halo: int,
+        intensity: tuple[float, float], volume: str = "volume", upsampler: Any = None,
+    ) -> None:
+        self.raw, self.raw_geom, self.grid = raw, raw_geom, grid
+        self.backbone, self.params, self.halo = backbone, params, int(halo)
+        self.intensity, self.volume, self.upsampler = intensity, volume, upsampler
+        self.channels = int(backbone.channels)
+        unit = backbone.patch_size * np.asarray(raw_geom.voxel_size) / np.asarray(grid.voxel_size)
+        self.align = [int(round(u)) if abs(u - round(u)) < 1e-6 and u >= 1 else 1 for u in unit]
+        self.image_size: dict[str, Any] = {}
+
+    def read(self, window: Sequence[slice]) -> np.ndarray:
+        from dinopipe.features import extract_features, raw_window, sub_geometry
+
+        grown = tuple(
+            slice(max((s.start - self.halo) // a * a, 0), min(s.stop + self.halo, n))
+            for s, n, a in zip(window, self.grid.shape, self.align, strict=True)
+        )
+        sub_out = sub_geometry(self.grid, grown)
+        raw_win, sub_raw = raw_window(self.raw_geom, sub_out)
+        feats, info = extract_features(
+            np.asarray(self.raw[raw_win]), sub_raw, sub_out, self.backbone, self.params, volume=self.volume,
+            upsampler=self.upsampler, intensity=self.intensity,
+        )
+        self.image_size = info["image_size"]
+        inner = tuple(slice(w.start - g.start, w.stop - g.start) for w, g in zip(window, grown, strict=True))
+        return feats[(slice(None), *inner)]
+
+
+class RawOnGridReader:
+    """One channel: raw scaled to 0..1 by the volume's percentile range, area-averaged onto the label grid.
+
+    Equals the targets' ``raw`` image (``dinopipe.stages.run_targets``) restricted to
+    the window, computed from only the raw voxels under that window.
+    """
+
+    channels = 1
+
+    def __init__(self, raw: Any, raw_geom: Geometry, grid: Geometry) -> None:
+        from dinopipe.features import intensity_range
+
+        self.raw, self.raw_geom, self.grid = raw, raw_geom, grid
+        self.lo, self.hi = intensity_range(raw, "percentile", *RAW_PERCENTILES)
+
+    def read(self, window: Sequence[slice]) -> np.ndarray:
+        from dinopipe.features import raw_window, sub_geometry
+        from dinopipe.sources import resample_to_grid
+
+        sub_out = sub_geometry(self.grid, window)
+        raw_win, sub_raw = raw_window(self.raw_geom, sub_out)
+        scaled = np.clip((np.asarray(self.raw[raw_win], dtype=np.float32) - self.lo) / (self.hi - self.lo), 0, 1)
+        return resample_to_grid(scaled, sub_raw, sub_out)[None].astype(np.float32)
+
+
+def _read_block(readers: Sequence[Any], shape: Sequence[int], start: Sequence[int], block: Sequence[int],
+                halo: int) -> np.ndarray:
+    """Read (C, block + 2 halo) around ``start`` from every reader (channels concatenated);
+    outside the volume, reflect at its faces."""
     lo = [s - halo for s in start]
     hi = [s + b + halo for s, b in zip(start, block, strict=True)]
     src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, shape, strict=True))
-    data = np.asarray(array[(slice(None), *src)])
+    data = np.concatenate([r.read(src) for r in readers], axis=0) if len(readers) > 1 else readers[0].read(src)
     pad = [(0, 0)] + [(s.start - a, b - s.stop) for s, a, b in zip(src, lo, hi, strict=True)]
     if any(p for pair in pad for p in pair):
-        data = np.pad(data, pad, mode="reflect")
+        data = np.pad(data, pad, mode="reflect")  # numpy repeats the reflection for pads > size
     return data
 
 
-def _empty_image(path: Path, channels: int, image: Any, chunks: Sequence[int], attrs: Mapping[str, Any]) -> Any:
-    """Create a float32 (channels, z, y, x) image on ``image``'s grid; return its writable array."""
-    g = image.geometry
+def _empty_image(path: Path, channels: int, grid: Geometry, chunks: Sequence[int], attrs: Mapping[str, Any]) -> Any:
+    """Create a float32 (channels, z, y, x) image on ``grid``; return its writable array."""
     return create_image(
-        path, (channels, *g.shape), np.float32, g.voxel_size, g.translation,
+        path, (channels, *grid.shape), np.float32, grid.voxel_size, grid.translation,
         channel_axis=True, chunks=(channels, *chunks), attrs=attrs,
     )
 
 
-def predict_volume(
-    features_path: str | os.PathLike[str],
-    checkpoint_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    block_shape: Sequence[int] = (32, 64, 64),
-    device: str = "auto",
-    batch_size: int = 1,
-    autocast: bool = True,
-) -> None:
-    """Predict affinities (and LSDs) for a whole feature volume, block by block.
-
-    Memory: one batch of blocks (with halo) plus the network's activations; outputs are
-    written block by block into chunk-aligned zarr arrays.
-
-    Args:
-        features_path: Feature image (C, z, y, x), e.g. ``results/features/{volume}.zarr``.
-        checkpoint_dir: Training output folder (``model_config.json`` + ``checkpoint.pt``).
-        out_path: Output store, e.g. ``results/predictions/{volume}.zarr``.
-        block_shape: Core block shape (z, y, x) in label voxels; rounded up to multiples
-            of ``2**levels`` and capped at the (rounded-up) volume shape. Also the output
-            chunk shape.
-        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
-        batch_size: Blocks per forward pass.
-        autocast: Run in bf16 autocast on CUDA (ignored on CPU).
-
-    Raises:
-        ValueError: The features' channel count differs from the model's, or a bad
-            ``block_shape`` / ``batch_size``.
-    """
-    features_path, checkpoint_dir = str(features_path), str(checkpoint_dir)
+def _check_block_args(block_shape: Sequence[int], batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if len(block_shape) != 3 or any(
         isinstance(b, bool) or not isinstance(b, int | np.integer) or b < 1 for b in block_shape
     ):
         raise ValueError(f"block_shape must be three positive integers (z, y, x), got {block_shape!r}")
-    model, config = load_model(checkpoint_dir)
-    features = read_image(features_path)
-    if not features.channel_axis:
-        raise ValueError(f"features {features_path} must be (C, z, y, x), got shape {features.array.shape}")
-    channels = int(features.array.shape[0])
-    if channels != model.config.in_channels:
+
+
+def _input_raw(config: Mapping[str, Any]) -> bool:
+    return bool(config.get("input_raw", False))
+
+
+def _check_channels(model: UNet3D, config: Mapping[str, Any], feature_channels: int, where: str,
+                    checkpoint_dir: str) -> None:
+    extra = 1 if _input_raw(config) else 0
+    if feature_channels + extra != model.config.in_channels:
+        raw_note = " (+1 raw channel: the model has input_raw)" if extra else ""
         raise ValueError(
-            f"features {features_path} have {channels} channels but the model in {checkpoint_dir} "
-            f"expects {model.config.in_channels}"
+            f"features {where} have {feature_channels} channels{raw_note} but the model in {checkpoint_dir} "
+            f"expects {model.config.in_channels - extra}"
         )
-    features_sig, model_sig = (features.attrs or {}).get("signature"), config.get("feature_signature")
+
+
+def _check_signature(features_sig: Mapping[str, Any] | None, config: Mapping[str, Any], where: str,
+                     checkpoint_dir: str) -> None:
+    model_sig = config.get("feature_signature")
     if features_sig is not None and model_sig is not None:
-        check_compatible(features_sig, model_sig, str(features_path), f"the training features of {checkpoint_dir}")
+        check_compatible(features_sig, model_sig, where, f"the training features of {checkpoint_dir}")
     elif features_sig is not None or model_sig is not None:
         logger.warning("cannot check that features %s match model %s: only one records a signature",
-                       features_path, checkpoint_dir)
+                       where, checkpoint_dir)
+
+
+def predict_blocks(
+    readers: Sequence[Any],
+    grid: Geometry,
+    model: UNet3D,
+    config: Mapping[str, Any],
+    out_path: str | os.PathLike[str],
+    *,
+    block_shape: Sequence[int] = (32, 64, 64),
+    device: str = "auto",
+    batch_size: int = 1,
+    autocast: bool = True,
+    attrs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict affinities (and LSDs) on ``grid`` block by block; write the output store atomically.
+
+    Args:
+        readers: Objects with ``channels`` and ``read(window) -> (C, z, y, x) float32``
+            for in-volume windows of ``grid``; their channels are concatenated in order.
+        grid: The label grid (shape, voxel size and translation of the outputs).
+        model, config: From :func:`load_model`.
+        out_path: Output store.
+        block_shape: Core block shape (z, y, x) in label voxels; rounded up to multiples
+            of ``2**levels`` and capped at the (rounded-up) volume shape. Also the
+            output chunk shape.
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        batch_size: Blocks per forward pass.
+        autocast: bf16 autocast on CUDA (ignored on CPU).
+        attrs: Extra provenance stored in the root attrs.
+
+    Returns:
+        Statistics: ``blocks``, ``block_shape``, ``halo`` and seconds spent reading
+        inputs (``read_s``), in the network (``forward_s``), writing (``write_s``)
+        and in total (``total_s``).
+    """
+    _check_block_args(block_shape, batch_size)
+    t_start = time.perf_counter()
     offsets = config["offsets"]
     num_offsets = len(offsets)
     lsds = model.config.out_channels == num_offsets + NUM_LSD_CHANNELS
-
-    shape = features.geometry.shape
+    shape = grid.shape
     divisor = model.config.divisor
     halo = _round_up(receptive_field_halo(model.config), divisor)
     block = tuple(
@@ -176,31 +294,26 @@ def predict_volume(
     starts = list(_block_starts(shape, block))
     dev = resolve_device(device)
     model.to(dev)
-    logger.info(
-        "predicting %s (shape %s) with %s: %d blocks of %s + halo %d, device %s",
-        features_path,
-        shape,
-        checkpoint_dir,
-        len(starts),
-        block,
-        halo,
-        dev,
-    )
-
+    logger.info("predicting %s: %d blocks of %s + halo %d, device %s", shape, len(starts), block, halo, dev)
+    stats: dict[str, Any] = {"blocks": len(starts), "block_shape": list(block), "halo": halo,
+                             "read_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
     with atomic_output(out_path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        aff_out = _empty_image(tmp / "affinities", num_offsets, features, chunks, {"offsets": offsets})
-        lsd_out = _empty_image(tmp / "lsds", NUM_LSD_CHANNELS, features, chunks, {}) if lsds else None
-        with tqdm(total=len(starts), desc="predict", unit="block", disable=None) as progress:
+        aff_out = _empty_image(tmp / "affinities", num_offsets, grid, chunks, {"offsets": offsets})
+        lsd_out = _empty_image(tmp / "lsds", NUM_LSD_CHANNELS, grid, chunks, {}) if lsds else None
+        with tqdm(total=len(starts), desc="predict", unit="block", disable=None, mininterval=5) as progress:
             for first in range(0, len(starts), batch_size):
                 batch_starts = starts[first : first + batch_size]
-                inputs = np.stack([_read_block(features.array, s, block, halo) for s in batch_starts])
+                t0 = time.perf_counter()
+                inputs = np.stack([_read_block(readers, shape, s, block, halo) for s in batch_starts])
+                t1 = time.perf_counter()
                 x = torch.from_numpy(inputs).to(dev).float()
                 with torch.no_grad(), autocast_context(dev, autocast):
                     output = model(x)
                 aff_logits, lsd = split_output(output.float(), num_offsets)
                 aff = torch.sigmoid(aff_logits).cpu().numpy()
                 lsd_np = lsd.cpu().numpy() if lsd is not None else None
+                t2 = time.perf_counter()
                 for i, start in enumerate(batch_starts):
                     core = [min(b, s - st) for b, s, st in zip(block, shape, start, strict=True)]
                     src = (slice(None), *(slice(halo, halo + c) for c in core))
@@ -208,14 +321,151 @@ def predict_volume(
                     aff_out[dst] = aff[i][src]
                     if lsd_out is not None and lsd_np is not None:
                         lsd_out[dst] = lsd_np[i][src]
+                t3 = time.perf_counter()
+                stats["read_s"] += t1 - t0
+                stats["forward_s"] += t2 - t1
+                stats["write_s"] += t3 - t2
                 progress.update(len(batch_starts))
-        root.attrs["dinopipe"] = {
+        stats["total_s"] = time.perf_counter() - t_start
+        root.attrs["dinopipe"] = json.loads(json.dumps({
             "offsets": offsets,
             "lsds": lsds,
-            "features": features_path,
-            "checkpoint": checkpoint_dir,
+            "input_raw": _input_raw(config),
             "block_shape": list(block),
             "halo": halo,
             "feature_signature": config.get("feature_signature"),
-        }
-    logger.info("wrote %s", out_path)
+            "timings": {k: stats[k] for k in ("read_s", "forward_s", "write_s", "total_s")},
+            **(attrs or {}),
+        }, default=str))
+    logger.info("wrote %s: %d blocks, read %.1fs, network %.1fs, write %.1fs, total %.1fs", out_path,
+                len(starts), stats["read_s"], stats["forward_s"], stats["write_s"], stats["total_s"])
+    return stats
+
+
+def _raw_reader_for(volume: Any, data: Mapping[str, Any] | None, grid: Geometry, checkpoint_dir: str) -> RawOnGridReader:
+    """The raw channel of an ``input_raw`` model, on ``grid`` (which must be the volume's output grid)."""
+    from dinopipe.sources import open_sources
+
+    if volume is None:
+        raise ValueError(
+            f"the model in {checkpoint_dir} takes the raw image as an extra input channel (input_raw): "
+            "pass the volume (its sheet row) so the raw can be read"
+        )
+    src = open_sources(volume, **_source_args(data or {}))
+    if src.grid.shape != grid.shape or not np.allclose(src.grid.translation, grid.translation) or not np.allclose(
+        src.grid.voxel_size, grid.voxel_size
+    ):
+        raise ValueError(
+            f"volume {volume.name!r}: its output grid {src.grid} differs from the features' grid {grid}"
+        )
+    return RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)
+
+
+def _source_args(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: data.get(k) for k in ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")}
+
+
+def predict_volume(
+    features_path: str | os.PathLike[str],
+    checkpoint_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    block_shape: Sequence[int] = (32, 64, 64),
+    device: str = "auto",
+    batch_size: int = 1,
+    autocast: bool = True,
+    *,
+    volume: Any = None,
+    data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict affinities (and LSDs) for a whole cached feature volume, block by block.
+
+    Args:
+        features_path: Feature image (C, z, y, x), e.g. ``results/features/{volume}.zarr``.
+        checkpoint_dir: Training output folder (``model_config.json`` + ``checkpoint.pt``).
+        out_path: Output store, e.g. ``results/predictions/{volume}.zarr``.
+        block_shape, device, batch_size, autocast: See :func:`predict_blocks`.
+        volume: The volume's sheet row (:class:`dinopipe.sheet.Volume`); needed only for
+            models with ``input_raw``, to read the raw.
+        data: The ``data`` config section (scale choice) for reading that raw.
+
+    Returns:
+        The statistics of :func:`predict_blocks`.
+
+    Raises:
+        ValueError: The features' channel count differs from the model's, signatures
+            differ, or a bad ``block_shape`` / ``batch_size``.
+    """
+    features_path, checkpoint_dir = str(features_path), str(checkpoint_dir)
+    _check_block_args(block_shape, batch_size)
+    model, config = load_model(checkpoint_dir)
+    features = read_image(features_path)
+    if not features.channel_axis:
+        raise ValueError(f"features {features_path} must be (C, z, y, x), got shape {features.array.shape}")
+    _check_channels(model, config, int(features.array.shape[0]), features_path, checkpoint_dir)
+    _check_signature((features.attrs or {}).get("signature"), config, features_path, checkpoint_dir)
+    readers: list[Any] = [FeatureReader(features)]
+    if _input_raw(config):
+        readers.append(_raw_reader_for(volume, data, features.geometry, checkpoint_dir))
+    return predict_blocks(
+        readers, features.geometry, model, config, out_path, block_shape=block_shape, device=device,
+        batch_size=batch_size, autocast=autocast,
+        attrs={"source": "features", "features": features_path, "checkpoint": checkpoint_dir},
+    )
+
+
+def predict_from_raw(
+    volume: Any,
+    checkpoint_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    features: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+    block_shape: Sequence[int] = (32, 64, 64),
+    device: str = "auto",
+    batch_size: int = 1,
+    autocast: bool = True,
+    feature_halo: int | None = None,
+) -> dict[str, Any]:
+    """Predict end to end from raw: features are computed per block (with their own halo), never cached.
+
+    Args:
+        volume: The sheet row (:class:`dinopipe.sheet.Volume`).
+        checkpoint_dir: Training output folder.
+        out_path: Output store.
+        features: The ``features`` config section (must match the model's training features).
+        data: The ``data`` config section (scale choice, output grid).
+        block_shape, device, batch_size, autocast: See :func:`predict_blocks`.
+        feature_halo: Backbone context in label voxels around each block + UNet halo;
+            default ``features.block_halo``.
+
+    Returns:
+        The statistics of :func:`predict_blocks`.
+    """
+    from dinopipe.backbone import load_backbone
+    from dinopipe.features import FeatureParams, intensity_range, load_upsampler, signature
+    from dinopipe.sources import open_sources
+
+    checkpoint_dir = str(checkpoint_dir)
+    _check_block_args(block_shape, batch_size)
+    model, config = load_model(checkpoint_dir)
+    params = FeatureParams.from_config(features)
+    src = open_sources(volume, **_source_args(data or {}))
+    backbone = load_backbone(params.backbone, params.revision, seed=params.seed, device=params.device)
+    where = f"volume {volume.name!r} (features from raw with {params.backbone})"
+    _check_channels(model, config, int(backbone.channels), where, checkpoint_dir)
+    intensity = intensity_range(src.raw.array, params.intensity, params.low, params.high)
+    sig = signature(backbone, params, src.raw.geometry, src.grid, intensity, {})
+    _check_signature(sig, config, where, checkpoint_dir)
+    upsampler = load_upsampler(params.upsampler, backbone.device) if params.upsampler else None
+    halo = params.block_halo if feature_halo is None else int(feature_halo)
+    readers: list[Any] = [RawFeatureReader(
+        src.raw.array, src.raw.geometry, src.grid, backbone, params, halo=halo, intensity=intensity,
+        volume=volume.name, upsampler=upsampler,
+    )]
+    if _input_raw(config):
+        readers.append(RawOnGridReader(src.raw.array, src.raw.geometry, src.grid))
+    return predict_blocks(
+        readers, src.grid, model, config, out_path, block_shape=block_shape, device=device,
+        batch_size=batch_size, autocast=autocast,
+        attrs={"source": "raw", "volume": volume.name, "raw": volume.raw, "checkpoint": checkpoint_dir,
+               "feature_halo": halo, "computed_feature_signature": sig},
+    )

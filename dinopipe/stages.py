@@ -390,17 +390,35 @@ def run_train(
 
 
 def run_predict(
-    features_path: str | Path, checkpoint_dir: str | Path, out_path: str | Path, params: Mapping[str, Any],
-    *, threads: int | None = None,
-) -> None:
-    """Blockwise prediction of one volume (see :func:`dinopipe.predict.predict_volume`)."""
+    features_path: str | Path | None, checkpoint_dir: str | Path, out_path: str | Path, params: Mapping[str, Any],
+    *, threads: int | None = None, volume: Volume | None = None, features: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Blockwise prediction of one volume from its cached features or, with
+    ``params["source"] == "raw"``, end to end from raw (see :mod:`dinopipe.predict`).
+
+    ``volume`` and ``data`` are needed from raw and for models trained with
+    ``input_raw``; ``features`` (the features config section) from raw.
+    """
     import torch
 
-    from dinopipe.predict import predict_volume
+    from dinopipe.predict import predict_from_raw, predict_volume
 
     if threads:
         torch.set_num_threads(int(threads))
-    predict_volume(
-        features_path, checkpoint_dir, out_path,
-        block_shape=tuple(params["block_shape"]), device=params.get("device", "auto"),
-    )
+    common = {
+        "block_shape": tuple(params.get("block_shape", (32, 64, 64))),
+        "device": params.get("device", "auto"),
+        "batch_size": int(params.get("batch_size", 1)),
+    }
+    source = params.get("source", "features")
+    if source == "raw":
+        if volume is None or features is None:
+            raise ValueError("predict.source 'raw' needs the volume and the features config section")
+        return predict_from_raw(volume, checkpoint_dir, out_path, features, data, **common,
+                                feature_halo=params.get("feature_halo"))
+    if source != "features":
+        raise ValueError(f"predict.source must be 'features' or 'raw', got {source!r}")
+    if features_path is None:
+        raise ValueError("predict.source 'features' needs the features path")
+    return predict_volume(features_path, checkpoint_dir, out_path, **common, volume=volume, data=data)

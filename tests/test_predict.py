@@ -108,3 +108,86 @@ def test_bad_arguments(tmp_path):
         predict_volume(features, model_dir, tmp_path / "p.zarr", block_shape=(8, 8), device="cpu")
     with pytest.raises(ValueError, match="batch_size"):
         predict_volume(features, model_dir, tmp_path / "p.zarr", batch_size=0, device="cpu")
+
+
+# --- end to end from raw, and models that also take the raw image ----------------------
+
+DEMO = {"seed": 0, "label_shape": [8, 32, 32], "label_voxel_size": [16, 16, 16], "raw_factor": [2, 2, 2]}
+FEATURE_CONFIG = {"backbone": "tiny-vit", "planes": ["xy", "yz"]}
+
+
+@pytest.fixture(scope="module")
+def demo_volume(tmp_path_factory):
+    """A demo volume with its cached (whole-volume) features and targets."""
+    from dinopipe.sheet import Volume
+    from dinopipe.stages import run_demo_data, run_features, run_targets
+
+    root = tmp_path_factory.mktemp("demo")
+    run_demo_data("v", root / "v.zarr", **DEMO)
+    volume = Volume("v", str(root / "v.zarr" / "raw"), str(root / "v.zarr" / "labels"), "predict")
+    attrs = run_features(volume, root / "features.zarr", FEATURE_CONFIG, {})
+    run_targets(volume, root / "targets.zarr", {}, {})
+    return volume, root, attrs["signature"]
+
+
+def _demo_model(path: Path, channels: int, signature: dict, input_raw: bool = False) -> Path:
+    torch.manual_seed(1)
+    config = UNetConfig(in_channels=channels + int(input_raw), out_channels=output_channels(len(OFFSETS), True),
+                        levels=1, base_channels=4, norm=None)
+    path.mkdir(parents=True)
+    save_checkpoint(path / "checkpoint.pt", UNet3D(config), None, step=0)
+    write_json(path / "model_config.json",
+               build_model_config(config, OFFSETS, True, signature, input_raw=input_raw))
+    return path
+
+
+def test_predict_from_raw_matches_cached_features(demo_volume, tmp_path):
+    from dinopipe.predict import predict_from_raw
+
+    volume, root, signature = demo_volume
+    channels = int(read_image(root / "features.zarr").array.shape[0])
+    model_dir = _demo_model(tmp_path / "model", channels, signature)
+    predict_volume(root / "features.zarr", model_dir, tmp_path / "cached.zarr", block_shape=(8, 16, 16), device="cpu")
+    # One block covering the volume: the backbone sees exactly what whole-volume extraction saw.
+    whole = predict_from_raw(volume, model_dir, tmp_path / "raw_whole.zarr", FEATURE_CONFIG, {},
+                             block_shape=(64, 64, 64), device="cpu")
+    blocks = predict_from_raw(volume, model_dir, tmp_path / "raw_blocks.zarr", FEATURE_CONFIG, {},
+                              block_shape=(8, 16, 16), device="cpu", feature_halo=16)
+    assert (whole["blocks"], blocks["blocks"]) == (1, 4)
+    cached = read_image(tmp_path / "cached.zarr" / "affinities")
+    a = cached.read()
+    b = read_image(tmp_path / "raw_whole.zarr" / "affinities").read()
+    c = read_image(tmp_path / "raw_blocks.zarr" / "affinities").read()
+    np.testing.assert_allclose(a, b, atol=5e-3)  # only the float16 rounding of cached features differs
+    assert np.abs(a - c).mean() < 0.02  # per-block features: the ViT attends within the grown block only
+    assert cached.geometry == read_image(tmp_path / "raw_blocks.zarr" / "affinities").geometry
+    attrs = zarr.open_group(str(tmp_path / "raw_blocks.zarr")).attrs["dinopipe"]
+    assert attrs["source"] == "raw" and attrs["feature_halo"] == 16
+    # A mismatching backbone is a clear error.
+    with pytest.raises(ValueError, match="differ in signature key"):
+        predict_from_raw(volume, model_dir, tmp_path / "bad.zarr", {**FEATURE_CONFIG, "seed": 3}, {}, device="cpu")
+
+
+def test_input_raw_models_get_the_raw_channel(demo_volume, tmp_path):
+    from dinopipe.predict import RawOnGridReader
+    from dinopipe.sources import open_sources
+
+    volume, root, signature = demo_volume
+    channels = int(read_image(root / "features.zarr").array.shape[0])
+    model_dir = _demo_model(tmp_path / "model", channels, signature, input_raw=True)
+    with pytest.raises(ValueError, match="input_raw"):
+        predict_volume(root / "features.zarr", model_dir, tmp_path / "p.zarr", device="cpu")
+    stats = predict_volume(root / "features.zarr", model_dir, tmp_path / "p.zarr", block_shape=(8, 16, 16),
+                           device="cpu", volume=volume, data={})
+    assert stats["blocks"] == 4
+    assert zarr.open_group(str(tmp_path / "p.zarr")).attrs["dinopipe"]["input_raw"] is True
+    # The raw channel read per window equals the targets' raw image (what training saw).
+    src = open_sources(volume)
+    reader = RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)
+    target_raw = read_image(root / "targets.zarr" / "raw").read()
+    window = (slice(2, 7), slice(5, 20), slice(0, 32))
+    np.testing.assert_allclose(reader.read(window)[0], target_raw[window], atol=1e-5)
+    # Without input_raw in the config, the extra channel is a channel mismatch.
+    other = _demo_model(tmp_path / "model2", channels + 1, signature)
+    with pytest.raises(ValueError, match=f"have {channels} channels but the model .* expects {channels + 1}"):
+        predict_volume(root / "features.zarr", other, tmp_path / "q.zarr", device="cpu")

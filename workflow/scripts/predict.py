@@ -1,15 +1,18 @@
-"""Blockwise prediction of affinities and LSDs for one volume."""
+"""Blockwise prediction of affinities and LSDs for one volume (from cached features or raw)."""
 
 from pathlib import Path
 
 from dinopipe.logs import logged
-from dinopipe.stages import run_predict
+from dinopipe.stages import run_predict, volume_from_dict
 
 with logged(snakemake.log[0]):  # noqa: F821
     run_predict(
-        snakemake.input.features,  # noqa: F821
+        snakemake.input.features[0] if snakemake.input.features else None,  # noqa: F821
         Path(snakemake.input.checkpoint).parent,  # noqa: F821
         snakemake.output[0],  # noqa: F821
         snakemake.params.predict,  # noqa: F821
         threads=snakemake.threads,  # noqa: F821
+        volume=volume_from_dict(snakemake.params.volume),  # noqa: F821
+        features=snakemake.params.features,  # noqa: F821
+        data=snakemake.params.data,  # noqa: F821
     )
