@@ -16,6 +16,9 @@ and average over channels.
 All losses are computed in float32, whatever the dtype of their inputs (e.g. bf16
 under autocast).
 
+Semantic targets (one class per voxel) use :func:`weighted_cross_entropy` with class
+weights.
+
 Every affinity loss has the signature ``loss(logits, target, weight=None,
 mask=None, **params)``; :func:`build_loss` binds the params by name.
 """
@@ -256,6 +259,44 @@ def affinity_lsd_loss(
     if lsd_pred is not None and lsd_target is not None and lsd_weight > 0:
         loss = loss + lsd_weight * masked_mse(lsd_pred, lsd_target, None, mask)
     return loss
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy for semantic (per-voxel class) targets, class-weighted and masked.
+
+    Per voxel: ``-w[t] * log softmax(logits)[t]`` with ``t`` the voxel's class and ``w``
+    the class weights (e.g. from :func:`dinopipe.targets.compute_semantic_targets`,
+    normalised to mean 1 over the voxels). Reduced as the other voxelwise losses:
+    ``sum(mask * w[t] * CE) / sum(mask)``; an empty mask gives 0.
+
+    Args:
+        logits: (B, K, z, y, x) class logits.
+        target: (B, z, y, x) integer classes in [0, K).
+        class_weights: (K,) weights, or None for 1.
+        mask: (B, z, y, x) or (B, 1, z, y, x), 1 where the class is known, or None.
+    """
+    if logits.dim() != 5:
+        raise ValueError(f"weighted_cross_entropy: expected (B, K, z, y, x) logits, got shape {tuple(logits.shape)}")
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"weighted_cross_entropy: target shape {tuple(target.shape)} must be the logits' shape "
+            f"{tuple(logits.shape)} without the class axis"
+        )
+    if class_weights is not None and class_weights.shape != (logits.shape[1],):
+        raise ValueError(
+            f"weighted_cross_entropy: {tuple(class_weights.shape)} class weights for {logits.shape[1]} classes"
+        )
+    logits = _as_float(logits)
+    ce = F.cross_entropy(logits, target.long(), reduction="none").unsqueeze(1)  # (B, 1, z, y, x)
+    weight = None
+    if class_weights is not None:
+        weight = _as_float(class_weights).to(logits.device)[target.long()].unsqueeze(1)
+    return _masked_mean(ce, weight, _broadcastable(mask, ce, "mask"))
 
 
 def _check_number(name: str, value: Any, low: float, high: float | None = None) -> None:

@@ -151,3 +151,36 @@ def test_build_loss():
         build_loss("focal", gamma=-1)
     with pytest.raises(ValueError, match="alpha must be a number in"):
         build_loss("focal", alpha=2.0)
+
+
+def test_cross_entropy_hand_values_class_weights_and_mask():
+    from dinopipe.losses import weighted_cross_entropy
+
+    # two voxels, two classes: logits (0, 0) -> CE ln 2 whatever the class; (ln 3, 0) -> p(class 0) = 3/4
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]]).reshape(1, 2, 1, 1, 2)
+    target = torch.tensor([1, 0]).reshape(1, 1, 1, 2)
+    ce = [LN2, -math.log(0.75)]
+    assert weighted_cross_entropy(logits, target).item() == pytest.approx(sum(ce) / 2)
+    weights = torch.tensor([3.0, 0.5])  # class 1 at voxel 0, class 0 at voxel 1
+    assert weighted_cross_entropy(logits, target, weights).item() == pytest.approx((0.5 * ce[0] + 3 * ce[1]) / 2)
+    mask = torch.tensor([0.0, 1.0]).reshape(1, 1, 1, 2)
+    assert weighted_cross_entropy(logits, target, weights, mask).item() == pytest.approx(3 * ce[1])
+    empty = weighted_cross_entropy(logits, target, weights, torch.zeros_like(mask))
+    assert empty.item() == 0.0
+    with pytest.raises(ValueError, match="class weights for 2 classes"):
+        weighted_cross_entropy(logits, target, torch.ones(3))
+    with pytest.raises(ValueError, match="without the class axis"):
+        weighted_cross_entropy(logits, target.unsqueeze(0))
+
+
+def test_boundary_weighted_affinity_loss_uses_each_loss_own_parameters():
+    # focal alpha and tversky alpha are separate parameters of separate losses: never shared
+    x, t = vol([0.0, 0.0]), vol([1.0, 0.0])
+    focal = build_loss("focal", gamma=0.0, alpha=0.25)
+    assert focal(x, t).item() == pytest.approx((0.25 + 0.75) / 2 * LN2)
+    tversky = build_loss("tversky", alpha=0.0, beta=1.0, smooth=0.0)
+    assert tversky(x, t).item() == pytest.approx(0.5)
+    weight = vol([4.0, 1.0])  # boundary weights emphasise the first voxel
+    assert affinity_lsd_loss(x, t, None, None, weight, None, affinity_loss=focal).item() == pytest.approx(
+        (4 * 0.25 + 0.75) / 2 * LN2
+    )
