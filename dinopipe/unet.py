@@ -6,9 +6,11 @@ transposed convolution, so the output has the spatial shape of the input. The
 input's spatial shape must be divisible by ``2**levels`` on every axis; other shapes
 are rejected with a ValueError (callers pad, e.g. :mod:`dinopipe.predict`).
 
-The output channels are ``num_offsets`` affinity logits followed by
-:data:`NUM_LSD_CHANNELS` LSD channels (see :func:`output_channels` and
-:func:`split_output`).
+The output channels follow from the target type (:func:`target_channels`): for
+affinities ``num_offsets`` affinity logits followed by :data:`NUM_LSD_CHANNELS` LSD
+channels (see :func:`output_channels` and :func:`split_output`), for semantic targets
+one logit per class. The input channels are the feature channels, plus one for the raw
+image when the model was trained with ``input_raw``.
 
 Normalisation and blockwise prediction: "batch" (in eval mode) and no normalisation
 act voxel by voxel, so predicting a volume block by block with a halo of
@@ -139,6 +141,30 @@ def output_channels(num_offsets: int, lsds: bool) -> int:
     if isinstance(num_offsets, bool) or not isinstance(num_offsets, int) or num_offsets < 1:
         raise ValueError(f"num_offsets must be an integer >= 1, got {num_offsets!r}")
     return num_offsets + (NUM_LSD_CHANNELS if lsds else 0)
+
+
+def target_channels(
+    target: str, *, num_offsets: int = 0, lsds: bool = False, num_classes: int = 0, input_raw: bool = False,
+    feature_channels: int = 0,
+) -> tuple[int, int]:
+    """(input, output) channels of the UNet for a target type.
+
+    Args:
+        target: ``"affinities"`` (``num_offsets`` logits, plus the LSDs when ``lsds``)
+            or ``"semantic"`` (``num_classes`` class logits).
+        num_offsets, lsds: For affinities (see :func:`output_channels`).
+        num_classes: For semantic targets (>= 2).
+        input_raw: Whether the raw image is appended as the last input channel.
+        feature_channels: Feature channels of the cached features.
+    """
+    inputs = int(feature_channels) + int(bool(input_raw))
+    if target == "affinities":
+        return inputs, output_channels(num_offsets, lsds)
+    if target == "semantic":
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"semantic targets need num_classes >= 2, got {num_classes!r}")
+        return inputs, num_classes
+    raise ValueError(f"target must be 'affinities' or 'semantic', got {target!r}")
 
 
 def split_output(output: torch.Tensor, num_offsets: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -120,3 +120,15 @@ def test_output_channels_and_split():
     assert split_output(out[:, :3], 3)[1] is None
     with pytest.raises(ValueError, match="13 channels"):
         split_output(out, 4)
+
+
+def test_channels_follow_the_target_type():
+    from dinopipe.unet import target_channels
+
+    assert target_channels("affinities", num_offsets=6, lsds=True, feature_channels=32) == (32, 16)
+    assert target_channels("affinities", num_offsets=6, lsds=False, feature_channels=32, input_raw=True) == (33, 6)
+    assert target_channels("semantic", num_classes=4, feature_channels=8) == (8, 4)
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        target_channels("semantic", num_classes=1, feature_channels=8)
+    with pytest.raises(ValueError, match="target must be"):
+        target_channels("boundaries", feature_channels=8)
