@@ -136,8 +136,10 @@ def run_features(
     g = src.grid
     with io.atomic_output(out_path) as tmp, tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
         if blocking is None:
+            # raw is small next to the feature accumulator: read it once rather than
+            # decompressing chunks again for every batch of xz / yz slices
             feats, info = extract_features(
-                src.raw.array, src.raw.geometry, g, backbone, params, volume=volume.name, progress=bar.update,
+                src.raw.read(), src.raw.geometry, g, backbone, params, volume=volume.name, progress=bar.update,
                 upsampler=upsampler,
             )
             t1 = time.perf_counter()
