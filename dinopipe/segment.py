@@ -7,15 +7,27 @@ lies outside the volume are ignored. Short-range offsets are those whose largest
 absolute component is 1; all others are long-range.
 
 The segmentation functions (:func:`mutex_watershed`, :func:`threshold_components`,
-:func:`segment`) return uint64 labels of shape (z, y, x) numbered consecutively from
-1; 0 marks only voxels removed as small fragments.
+:func:`agglomerate`, :func:`segment`) return uint64 labels of shape (z, y, x) numbered
+consecutively from 1; 0 marks only voxels removed as small fragments.
+
+Memory: segmenting a volume in one piece needs about :func:`bytes_per_voxel` bytes per
+voxel (affinities as float32 and float64 edge weights, labels and relabelling
+temporaries): about 110 bytes with 6 offsets, so 16 GB hold about 140 million voxels
+(520^3). Larger volumes go through :func:`segment_blockwise`: each block is segmented
+on its own into fragments, fragments touching across a block face are merged when
+their mean short-range affinity across that face exceeds ``merge_threshold``, then
+small fragments are removed and ids made consecutive; memory is then bounded by one
+block plus one id per fragment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from itertools import product
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import mwatershed
 import numpy as np
@@ -84,7 +96,16 @@ def mutex_watershed(
     weights = np.ascontiguousarray(affinities, dtype=np.float64) + bias[:, None, None, None]
     # mwatershed: weight w at voxel p for offset o is the edge p <-> p + o; voxels
     # merged with nothing come back as 0 (checked in tests/test_segment.py).
-    labels = mwatershed.agglom(weights, [list(o) for o in offsets_t], strides=strides_list)
+    # Offsets at least as long as the volume along an axis have no edges (and crash mwatershed).
+    inside = [k for k, o in enumerate(offsets_t) if all(abs(v) < n for v, n in zip(o, affinities.shape[1:]))]
+    if len(inside) < len(offsets_t):
+        weights = weights[inside]
+        offsets_t = [offsets_t[k] for k in inside]
+        strides_list = [strides_list[k] for k in inside] if strides_list is not None else None
+    if not offsets_t:
+        labels = np.zeros(affinities.shape[1:], dtype=np.uint64)
+    else:
+        labels = mwatershed.agglom(weights, [list(o) for o in offsets_t], strides=strides_list)
     labels = np.asarray(labels, dtype=np.uint64)
     singletons = labels == 0
     n_single = int(singletons.sum())
@@ -158,6 +179,118 @@ def threshold_components(
     return labels
 
 
+def agglomerate(
+    affinities: np.ndarray,
+    offsets: Sequence[Sequence[int]],
+    threshold: float = 0.5,
+    fragments_low: float = 0.0001,
+    fragments_high: float = 0.9999,
+    scoring_function: str = "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>",
+    min_size: int = 0,
+) -> np.ndarray:
+    """Watershed fragments, then hierarchical agglomeration (``waterz``).
+
+    Uses the three short-range offsets (one per axis, +1 or -1; long-range ones are
+    ignored). waterz builds fragments by a watershed on the affinity graph
+    (``fragments_low``/``fragments_high`` are its affinity thresholds), then merges
+    adjacent regions in order of their score, by default one minus the mean affinity
+    on their common boundary, while the score is below ``1 - threshold``: regions
+    merge while their mean boundary affinity exceeds ``threshold``.
+
+    Args:
+        affinities: (n_offsets, z, y, x) floats in [0, 1].
+        offsets: One (dz, dy, dx) offset in voxels per affinity channel; must include
+            (+-1, 0, 0), (0, +-1, 0) and (0, 0, +-1).
+        threshold: Mean boundary affinity above which regions merge, in [0, 1].
+        fragments_low, fragments_high: waterz's watershed thresholds (0 <= low < high <= 1).
+        scoring_function: waterz scoring function (a C++ type; precompiled ones are fast).
+        min_size: Fragments with fewer voxels than this become 0 (>= 0).
+
+    Returns:
+        uint64 labels (z, y, x), consecutive from 1; 0 only where a small fragment was removed.
+
+    Raises:
+        ImportError: waterz is not installed (with the command to install it).
+        ValueError: Invalid inputs, or a short-range offset missing.
+    """
+    offsets_t = _check_inputs(affinities, offsets)
+    _check_min_size(min_size)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
+    if not 0.0 <= fragments_low < fragments_high <= 1.0:
+        raise ValueError(f"need 0 <= fragments_low < fragments_high <= 1, got {fragments_low}, {fragments_high}")
+    try:
+        import waterz
+    except ImportError as exc:
+        raise ImportError(
+            "segment method 'agglomeration' needs the waterz package: `pip install waterz` "
+            "(prebuilt wheels for Linux; other scoring functions compile with a C++ compiler and boost headers, "
+            f"e.g. `apt-get install g++ libboost-dev`): {exc}"
+        ) from exc
+    shape = affinities.shape[1:]
+    # waterz stores the edge p <-> p - e_d at p (channel d); ours p <-> p + o at p.
+    affs = np.zeros((3, *shape), dtype=np.float32)
+    for axis in range(3):
+        k = _axis_offset(offsets_t, axis)
+        if k is None:
+            raise ValueError(f"agglomeration needs a short-range offset along axis {'zyx'[axis]}, got {offsets_t}")
+        sign = offsets_t[k][axis]
+        dst = [slice(None)] * 3
+        src = [slice(None)] * 3
+        if sign > 0:  # ours at p is waterz's at p + e_d
+            dst[axis], src[axis] = slice(1, None), slice(0, -1)
+        affs[(axis, *dst)] = affinities[(k, *src)]
+    with _quiet_stdout():
+        labels = next(iter(waterz.agglomerate(
+            affs, [1.0 - float(threshold)], aff_threshold_low=float(fragments_low),
+            aff_threshold_high=float(fragments_high), scoring_function=scoring_function,
+        )))
+    labels = np.asarray(labels, dtype=np.uint64)
+    unassigned = labels == 0  # voxels without any edge above fragments_low: single-voxel fragments
+    n_single = int(unassigned.sum())
+    if n_single:
+        start = int(labels.max()) + 1
+        labels[unassigned] = np.arange(start, start + n_single, dtype=np.uint64)
+    labels = filter_small_fragments(labels, min_size)
+    return relabel_consecutive(labels)
+
+
+def _axis_offset(offsets: Sequence[tuple[int, int, int]], axis: int) -> int | None:
+    """Index of the offset +e_axis (preferred) or -e_axis, or None."""
+    for sign in (1, -1):
+        want = tuple(sign if a == axis else 0 for a in range(3))
+        if want in offsets:
+            return list(offsets).index(want)
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Send C-level stdout (waterz's progress prints) to the log at debug level instead."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured): nothing to redirect
+        yield
+        return
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                logger.debug("waterz: %s", text[-2000:])
+
+
 def filter_small_fragments(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Set every label with fewer than ``min_size`` voxels to 0.
 
@@ -216,6 +349,7 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
 METHODS: dict[str, Callable[..., np.ndarray]] = {
     "mutex_watershed": mutex_watershed,
     "threshold_components": threshold_components,
+    "agglomeration": agglomerate,
 }
 
 
@@ -231,7 +365,7 @@ def segment(
         affinities: (n_offsets, z, y, x) floats in [0, 1].
         offsets: One (dz, dy, dx) offset in voxels per affinity channel.
         method: One of :data:`METHODS` (``"mutex_watershed"``,
-            ``"threshold_components"``).
+            ``"threshold_components"``, ``"agglomeration"``).
         **params: Keyword arguments of that method (e.g. ``min_size``).
 
     Returns:
@@ -249,6 +383,126 @@ def segment(
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; allowed: {allowed}")
     return func(affinities, offsets, **params)
+
+
+def bytes_per_voxel(num_offsets: int) -> int:
+    """Estimated peak bytes per voxel of segmenting a volume in one piece.
+
+    float32 affinities (4 per offset), float64 edge weights (8 per offset), uint64
+    labels and the int64 temporaries of relabelling (about 32).
+    """
+    return 12 * int(num_offsets) + 40
+
+
+def segment_blockwise(
+    affinities: Any,
+    offsets: Sequence[Sequence[int]],
+    out: Any,
+    block_shape: Sequence[int],
+    method: str = "mutex_watershed",
+    merge_threshold: float = 0.5,
+    min_size: int = 0,
+    **params: object,
+) -> int:
+    """Segment a volume too large for memory block by block, merging fragments across block faces.
+
+    Pass 1 segments each block with ``method`` (its ``min_size`` left at 0) and writes
+    its fragments with globally unique ids into ``out``; for every face between a block
+    and its predecessor along an axis it collects the pairs of fragments facing each
+    other across the face and the short-range affinity (offset +-1 along that axis) of
+    each voxel pair, and merges two fragments when their mean affinity over the face
+    exceeds ``merge_threshold``. Pass 2 drops merged objects smaller than ``min_size``
+    voxels and rewrites ``out`` with consecutive ids.
+
+    Args:
+        affinities: (n_offsets, z, y, x) array-like in [0, 1] (e.g. a zarr array),
+            read one block at a time.
+        offsets: One (dz, dy, dx) offset in voxels per channel; must include a
+            short-range offset along each axis that is cut into blocks.
+        out: Writable (z, y, x) uint64 array-like of the same spatial shape (e.g. a
+            zarr array whose chunks divide ``block_shape``).
+        block_shape: Block shape (z, y, x) in voxels.
+        method: A method of :data:`METHODS`.
+        merge_threshold: Mean face affinity above which two fragments merge.
+        min_size: Objects (after merging) with fewer voxels than this become 0.
+        **params: Parameters of ``method``.
+
+    Returns:
+        The number of segments written.
+    """
+    shape = tuple(int(s) for s in affinities.shape[1:])
+    if tuple(out.shape) != shape:
+        raise ValueError(f"output shape {tuple(out.shape)} differs from the affinities' {shape}")
+    if len(block_shape) != 3 or any(int(b) < 1 for b in block_shape):
+        raise ValueError(f"block_shape must be three positive integers (z, y, x), got {block_shape!r}")
+    _check_min_size(min_size)
+    if method not in METHODS:
+        raise ValueError(f"unknown segmentation method {method!r}; allowed: {sorted(METHODS)}")
+    offsets_t = [tuple(int(v) for v in o) for o in offsets]
+    block = tuple(int(b) for b in block_shape)
+    axis_k = [_axis_offset(offsets_t, a) for a in range(3)]
+    for a in range(3):
+        if shape[a] > block[a] and axis_k[a] is None:
+            raise ValueError(f"blockwise segmentation needs a short-range offset along axis {'zyx'[a]}, got {offsets_t}")
+    windows = [tuple(slice(o, min(o + b, n)) for o, b, n in zip(origin, block, shape))
+               for origin in product(*(range(0, n, b) for n, b in zip(shape, block)))]
+    parent = np.zeros(1, dtype=np.int64)  # union-find over fragment ids (0: background)
+    sizes = np.zeros(1, dtype=np.int64)
+    next_id = 1
+
+    def find_roots(ids: np.ndarray) -> np.ndarray:
+        roots = parent[ids]
+        while True:
+            up = parent[roots]
+            if np.array_equal(up, roots):
+                return roots
+            roots = up
+
+    for window in windows:
+        aff = np.asarray(affinities[(slice(None), *window)], dtype=np.float32)
+        labels = segment(aff, offsets_t, method=method, min_size=0, **params)
+        n = int(labels.max())
+        counts = np.bincount(labels.ravel().astype(np.int64), minlength=n + 1)[1 : n + 1]
+        labels[labels > 0] += np.uint64(next_id - 1)
+        out[window] = labels
+        parent = np.concatenate([parent, np.arange(next_id, next_id + n, dtype=np.int64)])
+        sizes = np.concatenate([sizes, counts])
+        next_id += n
+        # merge with the predecessor along each axis across the face at window[a].start
+        for a in range(3):
+            z0 = window[a].start
+            if z0 == 0 or axis_k[a] is None:
+                continue
+            k = axis_k[a]
+            face = list(window)
+            face[a] = slice(z0 - 1, z0 + 1)
+            pair = np.asarray(out[tuple(face)]).astype(np.int64)
+            lo, hi = np.take(pair, 0, axis=a), np.take(pair, 1, axis=a)
+            at = z0 - 1 if offsets_t[k][a] > 0 else z0
+            face[a] = slice(at, at + 1)
+            edge = np.take(np.asarray(affinities[(k, *face)], dtype=np.float64), 0, axis=a)
+            keep = (lo > 0) & (hi > 0)
+            if not keep.any():
+                continue
+            a_ids, b_ids, w = lo[keep], hi[keep], edge[keep]
+            pairs, inverse = np.unique(np.stack([a_ids, b_ids]), axis=1, return_inverse=True)
+            inverse = inverse.ravel()
+            mean = np.bincount(inverse, weights=w) / np.bincount(inverse)
+            for x, y in pairs[:, mean > merge_threshold].T:
+                rx, ry = find_roots(np.array([x, y]))
+                if rx != ry:
+                    parent[max(rx, ry)] = min(rx, ry)
+    roots = find_roots(np.arange(next_id))
+    object_sizes = np.bincount(roots, weights=sizes, minlength=next_id)
+    kept = (object_sizes >= max(min_size, 1)) & (np.arange(next_id) > 0)
+    final = np.zeros(next_id, dtype=np.uint64)
+    final[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.uint64)
+    lookup = final[roots]
+    for window in windows:
+        out[window] = lookup[np.asarray(out[window]).astype(np.int64)]
+    logger.info("blockwise %s: %d blocks, %d fragments, %d segments", method, len(windows), next_id - 1,
+                int(kept.sum()))
+    return int(kept.sum())
 
 
 def _is_short(offset: tuple[int, int, int]) -> bool:

@@ -316,21 +316,67 @@ def run_metadata(
     return meta
 
 
-def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapping[str, Any]) -> None:
-    """Segment predicted affinities and write uint64 labels as OME-NGFF."""
-    from dinopipe.segment import segment
+#: Defaults of the ``segment`` config section (method parameters are picked by name).
+DEFAULT_SEGMENT: dict[str, Any] = {
+    "method": "mutex_watershed",
+    "min_size": 0,
+    "max_voxels": 100_000_000,
+    "block_shape": None,
+    "merge_threshold": 0.5,
+}
 
-    params = dict(params)
-    method = params.pop("method", "mutex_watershed")
+
+def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Segment predicted affinities and write uint64 labels as OME-NGFF.
+
+    ``params`` is the ``segment`` config section: ``method``, ``min_size``, the
+    method's own parameters (keys of other methods are ignored), and the blocking:
+    volumes of more than ``max_voxels`` voxels, or any volume when ``block_shape`` is
+    set, are segmented blockwise (:func:`dinopipe.segment.segment_blockwise`, fragments
+    merged across block faces above ``merge_threshold``); ``block_shape`` null then means
+    128 x 256 x 256. The default ``max_voxels`` (1e8, about 11 GB with 6 offsets, see
+    :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB.
+    """
+    import inspect
+
+    from dinopipe.segment import METHODS, bytes_per_voxel, segment, segment_blockwise
+
+    config = {**DEFAULT_SEGMENT, **params}
+    method = config["method"]
+    if method not in METHODS:
+        raise ValueError(f"segment.method {method!r} is unknown; allowed: {sorted(METHODS)}")
+    accepted = set(inspect.signature(METHODS[method]).parameters) - {"affinities", "offsets", "min_size"}
+    method_params = {k: v for k, v in config.items() if k in accepted and v is not None}
     affs_img = io.read_image(Path(predictions_path) / "affinities")
     offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
-    t = time.perf_counter()
-    labels = segment(affs_img.read().astype(np.float32), offsets, method=method, **params)
     g = affs_img.geometry
+    voxels = int(np.prod(g.shape))
+    blockwise = config["block_shape"] is not None or voxels > int(config["max_voxels"])
+    block = [min(int(b), n) for b, n in zip(config["block_shape"] or (128, 256, 256), g.shape)]
+    t = time.perf_counter()
+    attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": config["min_size"],
+                             "blockwise": blockwise}
     with io.atomic_output(out_path) as tmp:
-        io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation",
-                       attrs={"method": method, "parameters": params, "seconds": time.perf_counter() - t})
-    logger.info("segmentation %s: %d segments", out_path, len(np.unique(labels)) - (0 in labels))
+        if blockwise:
+            logger.info("segmenting %s blockwise (%d voxels, max_voxels %d): blocks of %s", predictions_path,
+                        voxels, int(config["max_voxels"]), block)
+            out = io.create_image(tmp, g.shape, np.uint64, g.voxel_size, g.translation, chunks=block,
+                                  name="segmentation")
+            n = segment_blockwise(affs_img.array, offsets, out, block, method=method,
+                                  merge_threshold=float(config["merge_threshold"]),
+                                  min_size=int(config["min_size"]), **method_params)
+            attrs.update(block_shape=block, merge_threshold=float(config["merge_threshold"]))
+        else:
+            logger.info("segmenting %s in memory (%d voxels, about %.1f GB)", predictions_path, voxels,
+                        voxels * bytes_per_voxel(len(offsets)) / 1e9)
+            labels = segment(affs_img.read().astype(np.float32), offsets, method=method,
+                             min_size=int(config["min_size"]), **method_params)
+            n = int(labels.max())
+            io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation")
+        attrs.update(segments=n, seconds=time.perf_counter() - t)
+        io.set_attrs(tmp, attrs)
+    logger.info("segmentation %s: %d segments in %.1fs", out_path, n, attrs["seconds"])
+    return attrs
 
 
 def run_evaluate(
@@ -349,12 +395,17 @@ def run_evaluate(
 
 
 def run_summary(evaluation_jsons: Sequence[str | Path], out_path: str | Path, unscored: Sequence[str] = ()) -> None:
-    """Collect per-volume evaluation JSONs into one TSV (one row per volume)."""
+    """Collect per-volume evaluation JSONs into one TSV (one row per volume).
+
+    Volumes in ``unscored`` (predicted, but without labels) get a row with empty
+    metrics and the note "no labels: not evaluated".
+    """
     from dinopipe.evaluate import write_summary_tsv
 
     rows = [json.loads(Path(p).read_text()) for p in evaluation_jsons]
     for name in unscored:
         logger.warning("volume %s has no labels: not evaluated", name)
+        rows.append({"volume": name, "note": "no labels: not evaluated"})
     with io.atomic_output(out_path) as tmp:
         write_summary_tsv(rows, tmp)
 

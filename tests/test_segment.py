@@ -194,7 +194,7 @@ def test_relabel_consecutive() -> None:
 
 def test_bad_inputs() -> None:
     aff = np.full((3, 2, 3, 4), 0.7)
-    with pytest.raises(ValueError, match="allowed: \\['mutex_watershed', 'threshold_components'\\]"):
+    with pytest.raises(ValueError, match="allowed: \\['agglomeration', 'mutex_watershed', 'threshold_components'\\]"):
         segment(aff, SHORT, method="watershed")
     with pytest.raises(ValueError, match="threshold"):
         segment(aff, SHORT, method="mutex_watershed", threshold=0.5)
@@ -208,3 +208,98 @@ def test_bad_inputs() -> None:
         mutex_watershed(aff, [[1, 0], [0, 1], [1, 1]])
     with pytest.raises(ValueError, match="min_size"):
         segment(aff, SHORT, method="threshold_components", min_size=-3)
+
+
+# --- agglomeration, ground truth round trips, blockwise ---------------------------------
+
+
+def test_agglomeration_thresholds() -> None:
+    from dinopipe.segment import agglomerate
+
+    truth = blocks_truth()
+    aff = affinities_from_labels(truth, LONG) * 0.6 + 0.2  # inside 0.8, across boundaries 0.2
+    assert same_partition(agglomerate(aff, LONG, threshold=0.5), truth)
+    assert np.all(agglomerate(aff, LONG, threshold=0.1) == 1)  # every boundary is above 0.1: one object
+    neg = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+    assert same_partition(agglomerate(affinities_from_labels(truth, neg), neg), truth)
+    with pytest.raises(ValueError, match="axis x"):
+        agglomerate(aff[:2], LONG[:2])
+    with pytest.raises(ValueError, match="threshold"):
+        segment(aff, LONG, method="agglomeration", threshold=1.5)
+
+
+def test_agglomeration_without_waterz_says_how_to_install(monkeypatch) -> None:
+    import sys
+
+    from dinopipe.segment import agglomerate
+
+    monkeypatch.setitem(sys.modules, "waterz", None)
+    with pytest.raises(ImportError, match="pip install waterz"):
+        agglomerate(affinities_from_labels(blocks_truth(), SHORT), SHORT)
+
+
+METHOD_PARAMS = {
+    "mutex_watershed": {},
+    "threshold_components": {"threshold": 0.5},
+    "agglomeration": {"threshold": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def cremi_crop(request):
+    """Real CREMI neuron labels (40x4x4 nm), a crop, and their affinities."""
+    from pathlib import Path
+
+    from dinopipe.targets import compute_affinities
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cremi_labels" / "cremi.npz"
+    if not data.is_file():
+        pytest.skip(f"real test data not present at {data}")
+    from skimage.measure import label
+
+    # Ids cut into disconnected pieces by the crop count as separate objects.
+    labels = label(np.load(data)["labels"][:12, :96, :96].astype(np.int64) + 1, background=0, connectivity=1)
+    labels = relabel_consecutive(labels)
+    return labels, compute_affinities(labels, LONG).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_ground_truth_affinities_segment_back_to_ground_truth(cremi_crop, method) -> None:
+    from dinopipe.evaluate import evaluate_segmentation
+
+    truth, aff = cremi_crop
+    labels = segment(aff, LONG, method=method, **METHOD_PARAMS[method])
+    m = evaluate_segmentation(truth, labels)
+    assert m["voi_split"] == pytest.approx(0, abs=1e-9) and m["voi_merge"] == pytest.approx(0, abs=1e-9)
+    assert m["adapted_rand_error"] == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
+def test_blockwise_ground_truth_round_trip(cremi_crop, method) -> None:
+    from dinopipe.evaluate import evaluate_segmentation
+    from dinopipe.segment import segment_blockwise
+
+    truth, aff = cremi_crop
+    out = np.zeros(truth.shape, dtype=np.uint64)
+    n = segment_blockwise(aff, LONG, out, (5, 40, 32), method=method, **METHOD_PARAMS[method])
+    m = evaluate_segmentation(truth, out)
+    assert m["voi_sum"] == pytest.approx(0, abs=1e-9) and m["adapted_rand_error"] == pytest.approx(0, abs=1e-9)
+    assert n == len(np.unique(truth)) and set(np.unique(out)) == set(range(1, n + 1))
+
+
+def test_blockwise_min_size_counts_merged_objects() -> None:
+    from dinopipe.segment import segment_blockwise
+
+    truth = blocks_truth()
+    aff = affinities_from_labels(truth, LONG)
+    sizes = dict(zip(*np.unique(truth, return_counts=True)))
+    min_size = int(sorted(sizes.values())[2])
+    out = np.zeros(truth.shape, dtype=np.uint64)
+    # 3x3x3 blocks cut every object into many block-sized pieces: sizes are those of the merged objects.
+    n = segment_blockwise(aff, LONG, out, (3, 3, 3), method="mutex_watershed", min_size=min_size)
+    small = [i for i, s in sizes.items() if s < min_size]
+    assert n == len(sizes) - len(small)
+    assert np.array_equal(out == 0, np.isin(truth, small))
+    assert same_partition(out[out > 0], truth[out > 0])
+    with pytest.raises(ValueError, match="differs"):
+        segment_blockwise(aff, LONG, np.zeros((2, 2, 2), np.uint64), (3, 3, 3))

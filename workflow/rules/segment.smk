@@ -5,6 +5,8 @@ rule segment:
         directory("results/segmentations/{volume}.zarr"),
     log:
         "logs/segment/{volume}.log",
+    benchmark:
+        "results/benchmarks/segment/{volume}.tsv"
     params:
         segment=config["segment"],
     threads: 1
