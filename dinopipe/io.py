@@ -1,4 +1,9 @@
-"""Reading and writing volumes as OME-NGFF (0.4, Zarr v2) images, and atomic outputs.
+"""Reading input volumes, writing OME-NGFF (0.4, Zarr v2) images, and atomic outputs.
+
+Inputs (:func:`open_source`) may be OME-NGFF 0.4 (Zarr v2) or 0.5 (Zarr v3) multiscale
+groups, plain Zarr v2/v3 or N5 arrays (read through tensorstore), or HDF5 datasets
+(``file.h5:/dataset``, read through h5py). Plain arrays carry no geometry: their voxel
+size and offset come from the volume sheet.
 
 Conventions used throughout dinopipe:
 
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
 import zarr
 from numcodecs import Blosc
 
@@ -88,8 +94,10 @@ class Image:
             when ``channel_axis`` is True.
         geometry: Spatial geometry of the last three axes.
         path: Where it came from (for error messages and provenance).
-        scale: The multiscale dataset path chosen inside the group ("s0", ...), or None.
+        scale: The multiscale dataset path chosen inside the group ("s0", ...), or None
+            for a plain array.
         attrs: The group's attributes (for dinopipe's own metadata).
+        format: "ome-ngff 0.4", "ome-ngff 0.5", "zarr", "zarr3", "n5" or "hdf5".
     """
 
     array: Any
@@ -97,6 +105,7 @@ class Image:
     path: str
     scale: str | None = None
     attrs: Mapping[str, Any] | None = None
+    format: str = "ome-ngff 0.4"
 
     @property
     def channel_axis(self) -> bool:
@@ -125,15 +134,22 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     An existing output at ``path`` is replaced. On any exception the temporary
     output is removed and ``path`` is left as it was, so a failed or killed job
     never leaves an output that looks complete (a SIGKILL leaves only a hidden
-    ``.NAME.tmp-*`` sibling, which the next run ignores).
+    ``.NAME.tmp-*`` sibling, which the next write of ``path`` removes).
 
     Args:
         path: Final path of the output (a directory store or a file).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"cannot create the output folder {final.parent} for {final}: {exc}") from exc
     if not os.access(final.parent, os.W_OK):
         raise PermissionError(f"output folder is not writable: {final.parent}")
+    for stale in final.parent.glob(f".{glob_escape(final.name)}.tmp-*"):
+        # left by a killed job: the output path belongs to this job now
+        logger.info("removing stale temporary output %s", stale)
+        _remove(stale)
     tmp = _tmp_sibling(final)
     try:
         yield tmp
@@ -144,6 +160,13 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise RuntimeError(f"nothing was written for {final}")
     _remove(final)
     os.replace(tmp, final)
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters escaped."""
+    import glob
+
+    return glob.escape(name)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -274,10 +297,17 @@ def set_attrs(path: str | os.PathLike[str], attrs: Mapping[str, Any]) -> None:
     group.attrs["dinopipe"] = json.loads(json.dumps(dict(attrs), default=_json_default))
 
 
+#: Length units of OME-NGFF axes, in nm (a missing unit is taken as nm).
+UNITS_NM = {
+    None: 1.0, "": 1.0, "nanometer": 1.0, "nm": 1.0, "micrometer": 1e3, "um": 1e3, "angstrom": 0.1,
+    "picometer": 1e-3, "millimeter": 1e6,
+}
+
+
 def _transforms(dataset: Mapping[str, Any], ndim: int, where: str) -> tuple[list[float], list[float]]:
     scale = [1.0] * ndim
     trans = [0.0] * ndim
-    for t in dataset.get("coordinateTransformations", []):
+    for t in dataset.get("coordinateTransformations", []) or []:
         if t.get("type") == "scale":
             scale = [float(v) for v in t["scale"]]
         elif t.get("type") == "translation":
@@ -287,8 +317,52 @@ def _transforms(dataset: Mapping[str, Any], ndim: int, where: str) -> tuple[list
     return scale, trans
 
 
+def ngff_multiscale(attrs: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """The first ``multiscales`` entry of OME-NGFF 0.4 (top level) or 0.5 (under ``ome``)
+    group attributes, and the version ("0.4" or "0.5").
+
+    Raises:
+        ValueError: There is no ``multiscales`` entry.
+    """
+    ome = attrs.get("ome")
+    if isinstance(ome, Mapping) and ome.get("multiscales"):
+        return str(ome.get("version", "0.5")), dict(ome["multiscales"][0])
+    if attrs.get("multiscales"):
+        ms = dict(attrs["multiscales"][0])
+        return str(ms.get("version", "0.4")), ms
+    raise ValueError(f"{where}: no OME-NGFF 'multiscales' attribute")
+
+
+def ngff_levels(multiscale: Mapping[str, Any], where: str) -> list[tuple[str, Geometry | None, tuple[float, ...]]]:
+    """Every scale of a multiscale entry: (dataset path, voxel size in nm, translation in nm),
+    for the last three (spatial) axes, with the multiscale-level transforms and axis
+    units applied."""
+    axes = multiscale.get("axes") or [{"name": a, "type": "space"} for a in SPATIAL_AXES]
+    ndim = len(axes)
+    spatial = [i for i, a in enumerate(axes) if (a.get("type") if isinstance(a, Mapping) else None) in ("space", None)]
+    if len(spatial) != 3 or spatial != list(range(ndim - 3, ndim)):
+        names = [a.get("name") if isinstance(a, Mapping) else a for a in axes]
+        raise ValueError(f"{where}: expected three spatial axes (z, y, x) last, got axes {names}")
+    units = []
+    for i in spatial:
+        unit = axes[i].get("unit") if isinstance(axes[i], Mapping) else None
+        if unit not in UNITS_NM:
+            raise ValueError(f"{where}: axis {axes[i].get('name')!r} has unit {unit!r}; allowed: "
+                             f"{sorted(u for u in UNITS_NM if u)}")
+        units.append(UNITS_NM[unit])
+    outer_scale, outer_trans = _transforms(multiscale, ndim, where)
+    levels = []
+    for d in multiscale["datasets"]:
+        sc, tr = _transforms(d, ndim, f"{where}/{d['path']}")
+        vs = tuple(sc[i] * outer_scale[i] * u for i, u in zip(spatial, units))
+        trans = tuple((tr[i] * outer_scale[i] + outer_trans[i]) * u for i, u in zip(spatial, units))
+        levels.append((str(d["path"]), vs, trans))
+    return levels  # type: ignore[return-value]
+
+
 def read_image(path: str | os.PathLike[str], scale: str | None = None) -> Image:
-    """Open an OME-NGFF image group written by :func:`write_image` (or any 0.4 multiscale).
+    """Open an OME-NGFF image group written by :func:`write_image` (or any 0.4/0.5 multiscale)
+    with zarr-python.
 
     Args:
         path: The image group.
@@ -309,36 +383,291 @@ def read_image(path: str | os.PathLike[str], scale: str | None = None) -> Image:
     except Exception as exc:  # zarr raises several types for "not a group"
         raise ValueError(f"{p}: not a Zarr group ({exc})") from exc
     attrs = dict(group.attrs)
-    ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if not ms:
-        raise ValueError(f"{p}: no OME-NGFF 'multiscales' attribute")
-    datasets = ms[0]["datasets"]
-    names = [d["path"] for d in datasets]
+    version, ms = ngff_multiscale(attrs, str(p))
+    levels = ngff_levels(ms, str(p))
+    names = [name for name, _, _ in levels]
     chosen = scale or names[0]
     if chosen not in names:
         raise ValueError(f"{p}: scale {chosen!r} not found; available: {names}")
-    dataset = datasets[names.index(chosen)]
+    _, vs, trans = levels[names.index(chosen)]
     arr = group[chosen]
-    sc, tr = _transforms(dataset, arr.ndim, f"{p}/{chosen}")
     geometry = Geometry(
         shape=tuple(int(s) for s in arr.shape[-3:]),  # type: ignore[arg-type]
-        voxel_size=tuple(sc[-3:]),  # type: ignore[arg-type]
-        translation=tuple(tr[-3:]),  # type: ignore[arg-type]
+        voxel_size=tuple(vs),  # type: ignore[arg-type]
+        translation=tuple(trans),  # type: ignore[arg-type]
     )
-    return Image(array=arr, geometry=geometry, path=str(p), scale=chosen, attrs=attrs.get("dinopipe", {}))
+    return Image(array=arr, geometry=geometry, path=str(p), scale=chosen, attrs=attrs.get("dinopipe", {}),
+                 format=f"ome-ngff {version}")
 
 
 def multiscale_levels(path: str | os.PathLike[str]) -> list[tuple[str, tuple[float, float, float]]]:
     """List (dataset path, voxel size in nm) for every scale of a multiscale group."""
-    group = zarr.open_group(str(path), mode="r")
-    ms = group.attrs.get("multiscales")
-    if not ms:
-        raise ValueError(f"{path}: no OME-NGFF 'multiscales' attribute")
-    levels = []
-    for d in ms[0]["datasets"]:
-        sc, _ = _transforms(d, group[d["path"]].ndim, f"{path}/{d['path']}")
-        levels.append((d["path"], tuple(sc[-3:])))
-    return levels  # type: ignore[return-value]
+    attrs, _ = _group_attrs(Path(path))
+    _, ms = ngff_multiscale(attrs, str(path))
+    return [(name, vs) for name, vs, _ in ngff_levels(ms, str(path))]  # type: ignore[misc]
+
+
+# --- input volumes: OME-NGFF groups, plain Zarr / N5 arrays, HDF5 datasets -------------
+
+_HDF5 = (".h5", ".hdf5", ".hdf", ".he5")
+
+
+class SourceArray:
+    """A read-only array on disk with numpy-style indexing.
+
+    Supports ``.shape``, ``.dtype``, ``.ndim``, ``np.asarray(arr)``, and ``arr[key]`` with
+    integers, slices (with steps), ``...`` and one list of indices along one axis
+    (outer indexing, as numpy does for a single list); reads return numpy arrays.
+    """
+
+    def __init__(self, shape: Sequence[int], dtype: Any, reader: Any, where: str, close: Any = None) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self._reader = reader
+        self.where = where
+        self._close = close
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self._reader(self._normalize(key if isinstance(key, tuple) else (key,)))
+
+    def _normalize(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        """numpy's semantics made explicit: ``...`` expanded, slices clipped to the shape,
+        negative indices counted from the end."""
+        if any(k is Ellipsis for k in key):
+            i = next(j for j, k in enumerate(key) if k is Ellipsis)
+            key = (*key[:i], *[slice(None)] * (self.ndim - len(key) + 1), *key[i + 1 :])
+        if len(key) > self.ndim:
+            raise IndexError(f"{self.where}: {len(key)} indices for a {self.ndim}D array")
+        key = (*key, *[slice(None)] * (self.ndim - len(key)))
+        out: list[Any] = []
+        for k, n in zip(key, self.shape):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step < 1:
+                    raise IndexError(f"{self.where}: negative slice steps are not supported")
+                out.append(slice(start, max(start, stop), step))
+            elif isinstance(k, (int, np.integer)):
+                if not -n <= int(k) < n:
+                    raise IndexError(f"{self.where}: index {int(k)} out of range for size {n}")
+                out.append(int(k) % n)
+            elif isinstance(k, (list, np.ndarray)):
+                idx = np.asarray(k, dtype=np.int64)
+                if idx.size and (idx.min() < -n or idx.max() >= n):
+                    raise IndexError(f"{self.where}: indices out of range for size {n}")
+                out.append((idx % n).tolist())
+            else:
+                raise TypeError(f"{self.where}: unsupported index {k!r}")
+        return tuple(out)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"SourceArray({self.where}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _tensorstore_array(spec: dict[str, Any], where: str, transpose: bool = False) -> SourceArray:
+    try:
+        store = ts.open(spec, open=True, read=True).result()
+    except Exception as exc:  # tensorstore raises ValueError with its own status text
+        raise ValueError(f"{where}: cannot open as {spec['driver']} array ({exc})") from exc
+    if transpose:
+        store = store.T
+
+    def read(key: tuple[Any, ...]) -> np.ndarray:
+        fancy = any(isinstance(k, (list, np.ndarray)) for k in key)
+        view = store.oindex[key] if fancy else store[key]
+        return np.asarray(view.read().result())
+
+    return SourceArray(store.shape, store.dtype.numpy_dtype, read, where)
+
+
+def _hdf5_array(file: Path, dataset: str, where: str) -> SourceArray:
+    import h5py
+
+    try:
+        handle = h5py.File(file, "r")
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot open {file} as HDF5 ({exc})") from exc
+    if dataset not in handle or not isinstance(handle[dataset], h5py.Dataset):
+        found: list[str] = []
+        handle.visititems(lambda name, obj: found.append("/" + name) if isinstance(obj, h5py.Dataset) else None)
+        handle.close()
+        raise ValueError(f"{where}: no dataset {dataset!r} in {file}; datasets there: {found}")
+    ds = handle[dataset]
+
+    def read(key: tuple[Any, ...]) -> np.ndarray:
+        # h5py wants increasing, unique fancy indices: read those, then reorder
+        for axis, k in enumerate(key):
+            if isinstance(k, (list, np.ndarray)):
+                wanted = np.asarray(k, dtype=np.int64)
+                unique, inverse = np.unique(wanted, return_inverse=True)
+                inner = list(key)
+                inner[axis] = unique.tolist()
+                block = np.asarray(ds[tuple(inner)])
+                dropped = sum(1 for j in key[:axis] if isinstance(j, (int, np.integer)))
+                return np.take(block, inverse, axis=axis - dropped)
+        return np.asarray(ds[key])
+
+    return SourceArray(ds.shape, ds.dtype, read, where, close=handle.close)
+
+
+def split_hdf5(path: str) -> tuple[Path, str] | None:
+    """``file.h5:/dataset`` -> (file.h5, "/dataset"); None when ``path`` is not HDF5."""
+    lower = path.lower()
+    for ext in _HDF5:
+        i = lower.find(ext + ":")
+        if i >= 0:
+            return Path(path[: i + len(ext)]), path[i + len(ext) + 1 :] or "/"
+        if lower.endswith(ext):
+            return Path(path), ""
+    return None
+
+
+def source_store(path: str) -> str:
+    """The file or folder on disk that holds an input (for Snakemake inputs):
+    ``a.zarr/raw`` -> ``a.zarr``, ``b.n5/raw/s0`` -> ``b.n5``, ``c.h5:/stack`` -> ``c.h5``."""
+    h5 = split_hdf5(path)
+    if h5 is not None:
+        return str(h5[0])
+    for ext in (".zarr", ".n5"):
+        i = path.find(ext + "/")
+        if i >= 0:
+            return path[: i + len(ext)]
+    return path.rstrip("/")
+
+
+def _group_attrs(p: Path) -> tuple[dict[str, Any], str]:
+    """Attributes and kind of a Zarr v2/v3 or N5 node: kind is one of "zarr-array",
+    "zarr-group", "zarr3-array", "zarr3-group", "n5-array", "n5-group"."""
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or folder: {p}")
+    if (p / "zarr.json").is_file():
+        meta = json.loads((p / "zarr.json").read_text())
+        return dict(meta.get("attributes") or {}), f"zarr3-{meta.get('node_type', 'group')}"
+    if (p / ".zarray").is_file():
+        attrs = json.loads((p / ".zattrs").read_text()) if (p / ".zattrs").is_file() else {}
+        return attrs, "zarr-array"
+    if (p / ".zgroup").is_file() or (p / ".zattrs").is_file():
+        attrs = json.loads((p / ".zattrs").read_text()) if (p / ".zattrs").is_file() else {}
+        return attrs, "zarr-group"
+    if (p / "attributes.json").is_file():
+        attrs = json.loads((p / "attributes.json").read_text())
+        return attrs, "n5-array" if "dimensions" in attrs else "n5-group"
+    raise ValueError(f"{p}: not a Zarr (v2 or v3) or N5 array or group (no .zarray, .zgroup, zarr.json "
+                     f"or attributes.json)")
+
+
+def _plain_array(p: Path, kind: str) -> tuple[SourceArray, str]:
+    driver = kind.split("-")[0]
+    spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(p)}}
+    # N5 lists dimensions fastest-first (x, y, z); present them as (z, y, x) like z5py
+    return _tensorstore_array(spec, str(p), transpose=driver == "n5"), driver
+
+
+def source_levels(path: str) -> tuple[str, list[tuple[str | None, tuple[float, ...] | None]]]:
+    """The format of an input and its scales as (dataset path, voxel size in nm);
+    plain arrays have one level ``(None, None)`` (their geometry comes from the sheet).
+
+    Raises:
+        FileNotFoundError: ``path`` (or the HDF5 file) does not exist.
+        ValueError: ``path`` is none of the supported formats.
+    """
+    h5 = split_hdf5(path)
+    if h5 is not None:
+        if not h5[0].is_file():
+            raise FileNotFoundError(f"no such file: {h5[0]}")
+        return "hdf5", [(None, None)]
+    attrs, kind = _group_attrs(Path(path))
+    if kind.endswith("-array"):
+        return kind.split("-")[0], [(None, None)]
+    try:
+        version, ms = ngff_multiscale(attrs, path)
+    except ValueError:
+        children = sorted(c.name for c in Path(path).iterdir() if c.is_dir())
+        raise ValueError(
+            f"{path}: a group but not an OME-NGFF multiscale image (no 'multiscales' attribute); "
+            f"give an image group or an array inside it (found {children})"
+        ) from None
+    return f"ome-ngff {version}", [(name, vs) for name, vs, _ in ngff_levels(ms, path)]
+
+
+def open_source(
+    path: str,
+    scale: str | None = None,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    offset: Sequence[float] | None = None,
+) -> Image:
+    """Open an input volume for reading (lazily, through tensorstore or h5py).
+
+    Args:
+        path: An OME-NGFF 0.4/0.5 multiscale group, a Zarr v2/v3 or N5 array folder, or
+            an HDF5 dataset ``file.h5:/dataset``.
+        scale: For multiscale groups, the dataset path to read (default: the first).
+        voxel_size: For plain arrays (required): nm per voxel, (z, y, x).
+        offset: For plain arrays: physical position (nm) of the *corner* of voxel
+            (0, 0, 0), i.e. where the array begins; default (0, 0, 0).
+
+    Returns:
+        The image; ``array`` is a :class:`SourceArray`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: Unsupported format, a missing dataset or scale, a voxel size given for
+            a multiscale group (which states its own) or missing for a plain array.
+    """
+    fmt, levels = source_levels(path)
+    if fmt.startswith("ome-ngff"):
+        if voxel_size is not None or offset is not None:
+            raise ValueError(f"{path} is an OME-NGFF multiscale group, which states its own voxel size and "
+                             f"offset: leave the sheet's voxel size / offset columns empty for it")
+        attrs, kind = _group_attrs(Path(path))
+        _, ms = ngff_multiscale(attrs, path)
+        full = ngff_levels(ms, path)
+        names = [name for name, _, _ in full]
+        chosen = scale or names[0]
+        if chosen not in names:
+            raise ValueError(f"{path}: scale {chosen!r} not found; available: {names}")
+        _, vs, trans = full[names.index(chosen)]
+        sub = Path(path) / chosen
+        if not sub.exists():
+            raise FileNotFoundError(f"{path}: scale {chosen!r} is listed in 'multiscales' but {sub} does not exist")
+        driver = "zarr3" if kind.startswith("zarr3") else "zarr"
+        array = _tensorstore_array({"driver": driver, "kvstore": {"driver": "file", "path": str(sub)}}, str(sub))
+        if array.ndim != len(ms.get("axes") or SPATIAL_AXES):
+            raise ValueError(f"{sub}: array has {array.ndim} axes but 'multiscales' lists {len(ms['axes'])}")
+        return Image(array, Geometry(array.shape[-3:], vs, trans), path, chosen,  # type: ignore[arg-type]
+                     attrs.get("dinopipe", {}), fmt)
+    if voxel_size is None:
+        raise ValueError(f"{path} is a plain {fmt} array without a voxel size: give it in the sheet "
+                         f"(nm, 'z,y,x')")
+    if fmt == "hdf5":
+        file, dataset = split_hdf5(path)  # type: ignore[misc]
+        if not dataset.strip("/"):
+            raise ValueError(f"{path}: name the HDF5 dataset as '{file}:/dataset'")
+        array = _hdf5_array(file, dataset, path)
+    else:
+        array, _ = _plain_array(Path(path), _group_attrs(Path(path))[1])
+    if len(voxel_size) != 3 or (offset is not None and len(offset) != 3):
+        raise ValueError(f"{path}: voxel size and offset need 3 values (z, y, x)")
+    vs = tuple(float(v) for v in voxel_size)
+    corner = tuple(float(o) for o in (offset or (0.0, 0.0, 0.0)))
+    trans = tuple(c + v / 2 for c, v in zip(corner, vs))
+    shape = tuple(array.shape[-3:]) if array.ndim >= 3 else tuple(array.shape)
+    return Image(array, Geometry(shape, vs, trans), path, None, {}, fmt)  # type: ignore[arg-type]
 
 
 def directory_size(path: str | os.PathLike[str]) -> int:

@@ -3,23 +3,37 @@
 A tab-separated file with a header row. Columns:
 
 * ``name`` (required): unique volume name, used in every output path.
-* ``raw`` (required): the raw image, an OME-NGFF multiscale group (e.g.
-  ``data/vol.zarr/raw``). Relative paths are relative to the working directory.
-* ``labels`` (optional, may be empty): instance labels, an OME-NGFF multiscale group.
+* ``raw`` (required): the raw image: an OME-NGFF 0.4/0.5 multiscale group (e.g.
+  ``data/vol.zarr/raw``), a plain Zarr or N5 array (``data/vol.n5/raw/s0``) or an HDF5
+  dataset (``data/vol.h5:/raw``). Relative paths are relative to the working directory.
+* ``labels`` (optional, may be empty): instance labels, in any of the same forms. Labels
+  may cover only part of the raw (a crop); the processed region is where they are.
 * ``role`` (required): ``train``, ``validate`` or ``predict``.
 * ``roi`` (optional, may be empty): region of interest in nm, ``z0:z1,y0:y1,x0:x1``.
+* ``voxel_size``, ``offset`` (optional): for a *plain* raw array (Zarr, N5, HDF5), which
+  carries no geometry: nm per voxel and the position in nm of the *corner* of voxel
+  (0, 0, 0) (where the array begins; NGFF's translation is the voxel *centre*, i.e.
+  ``offset + voxel_size / 2``), each ``z,y,x``. ``voxel_size`` is required for plain
+  arrays, ``offset`` defaults to ``0,0,0``; both must be empty for OME-NGFF groups.
+* ``labels_voxel_size``, ``labels_offset`` (optional): the same for a plain labels
+  array; default: the raw's ``voxel_size`` / ``offset``.
 """
 
 from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 ROLES = ("train", "validate", "predict")
-COLUMNS = ("name", "raw", "labels", "role", "roi")
+COLUMNS = ("name", "raw", "labels", "role", "roi", "voxel_size", "offset", "labels_voxel_size", "labels_offset")
+#: Optional geometry columns (plain arrays only); omitted from records when empty.
+GEOMETRY_COLUMNS = ("voxel_size", "offset", "labels_voxel_size", "labels_offset")
 REQUIRED = ("name", "raw", "role")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -34,6 +48,10 @@ class Volume:
         labels: Path of the label image group, or None.
         role: "train", "validate" or "predict".
         roi: ((z0, z1), (y0, y1), (x0, x1)) in nm, or None for everything.
+        voxel_size: nm per voxel (z, y, x) of a plain raw array, else None.
+        offset: Corner of raw voxel (0, 0, 0) in nm (z, y, x) for a plain array, else None.
+        labels_voxel_size: As ``voxel_size``, for a plain labels array (None: the raw's).
+        labels_offset: As ``offset``, for a plain labels array (None: the raw's).
     """
 
     name: str
@@ -41,6 +59,32 @@ class Volume:
     labels: str | None
     role: str
     roi: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] | None = None
+    voxel_size: tuple[float, float, float] | None = None
+    offset: tuple[float, float, float] | None = None
+    labels_voxel_size: tuple[float, float, float] | None = None
+    labels_offset: tuple[float, float, float] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able dict (a Snakemake param); empty geometry columns are left out,
+        so sheets without them give the same record as before they existed."""
+        rec: dict[str, Any] = {"name": self.name, "raw": self.raw, "labels": self.labels, "role": self.role,
+                               "roi": [list(b) for b in self.roi] if self.roi else None}
+        for col in GEOMETRY_COLUMNS:
+            value = getattr(self, col)
+            if value is not None:
+                rec[col] = list(value)
+        return rec
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Volume:
+        """Inverse of :meth:`to_record`."""
+        roi = record.get("roi")
+        geometry = {c: tuple(float(v) for v in record[c]) for c in GEOMETRY_COLUMNS if record.get(c) is not None}
+        return cls(
+            name=record["name"], raw=record["raw"], labels=record.get("labels") or None, role=record["role"],
+            roi=tuple(tuple(float(v) for v in b) for b in roi) if roi else None,  # type: ignore[arg-type]
+            **geometry,  # type: ignore[arg-type]
+        )
 
 
 def parse_roi(text: str, where: str) -> tuple[tuple[float, float], ...] | None:
@@ -56,6 +100,21 @@ def parse_roi(text: str, where: str) -> tuple[tuple[float, float], ...] | None:
     if len(bounds) != 3 or any(len(b) != 2 or b[1] <= b[0] for b in bounds):
         raise ValueError(f"{where}: roi {text!r} is not 'z0:z1,y0:y1,x0:x1' in nm with z0 < z1 etc.")
     return bounds  # type: ignore[return-value]
+
+
+def parse_vec3(text: str, where: str, column: str, *, positive: bool) -> tuple[float, float, float] | None:
+    """Parse ``z,y,x`` (nm) into three floats; empty -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(np.isfinite(values)) or (positive and min(values) <= 0):
+        kind = "three positive numbers" if positive else "three numbers"
+        raise ValueError(f"{where}: {column} {text!r} is not 'z,y,x' in nm ({kind})")
+    return values  # type: ignore[return-value]
 
 
 def read_sheet(path: str | Path) -> list[Volume]:
@@ -77,6 +136,9 @@ def read_sheet(path: str | Path) -> list[Volume]:
     unknown = [h for h in header if h not in COLUMNS]
     if unknown:
         raise ValueError(f"{path}: unknown column(s) {unknown}; allowed: {list(COLUMNS)}")
+    duplicated = sorted({h for h in header if header.count(h) > 1})
+    if duplicated:
+        raise ValueError(f"{path}: column(s) {duplicated} appear more than once in the header")
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}")
@@ -98,13 +160,19 @@ def read_sheet(path: str | Path) -> list[Volume]:
         seen.add(name)
         if rec["role"] not in ROLES:
             raise ValueError(f"{where}: volume {name!r} has role {rec['role']!r}; allowed: {list(ROLES)}")
+        vwhere = f"{where} (volume {name!r})"
+        labels = rec.get("labels") or None
+        if labels is None and (rec.get("labels_voxel_size") or rec.get("labels_offset")):
+            raise ValueError(f"{vwhere}: labels_voxel_size / labels_offset given but no labels")
         volumes.append(
             Volume(
                 name=name,
                 raw=rec["raw"],
-                labels=rec.get("labels") or None,
+                labels=labels,
                 role=rec["role"],
-                roi=parse_roi(rec.get("roi", ""), f"{where} (volume {name!r})"),  # type: ignore[arg-type]
+                roi=parse_roi(rec.get("roi", ""), vwhere),  # type: ignore[arg-type]
+                **{c: parse_vec3(rec.get(c, ""), vwhere, c, positive=c.endswith("voxel_size"))  # type: ignore[arg-type]
+                   for c in GEOMETRY_COLUMNS},
             )
         )
     if not volumes:

@@ -1,10 +1,14 @@
 """Opening a volume's raw and labels, choosing scales, and the output (label) grid.
 
-Raw and labels are OME-NGFF multiscale groups. The raw scale is the finest one not
-finer than ``min_raw_voxel_size`` on any axis; the label scale is the finest one, or
-the one matching ``label_voxel_size`` when given. The output grid is the label grid
-restricted to the raw extent and the volume's ROI; volumes without labels use the raw
-extent at ``output_voxel_size``.
+Raw and labels are OME-NGFF 0.4/0.5 multiscale groups, plain Zarr/N5 arrays or HDF5
+datasets (see :func:`dinopipe.io.open_source`; plain arrays take their voxel size and
+offset from the sheet). The raw scale is the finest one not finer than
+``min_raw_voxel_size`` on any axis; the label scale is the finest one, or the one
+matching ``label_voxel_size`` when given. The output grid is the label grid restricted
+to the raw extent and the volume's ROI (labels covering only a crop of the raw set the
+processed region); volumes without labels use the raw extent at ``output_voxel_size``.
+
+Every error names the volume, what (raw / labels / roi) and the path.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dinopipe.io import Geometry, Image, multiscale_levels, read_image
+from dinopipe.io import Geometry, Image, open_source, source_levels
 from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)
@@ -32,6 +36,19 @@ class Sources:
     grid: Geometry
     #: (z, y, x) slices of the label array that cover ``grid`` (None without labels).
     label_window: tuple[slice, slice, slice] | None
+
+    def provenance(self) -> dict[str, object]:
+        """Where the inputs came from: paths, formats, chosen scales, geometry, ROI, grid."""
+
+        def describe(image: Image | None) -> dict[str, object] | None:
+            if image is None:
+                return None
+            return {"path": image.path, "format": image.format, "scale": image.scale, "dtype": str(image.array.dtype),
+                    **image.geometry.to_dict()}
+
+        return {"raw": describe(self.raw), "labels": describe(self.labels),
+                "roi_nm": [list(b) for b in self.volume.roi] if self.volume.roi else None,
+                "grid": self.grid.to_dict()}
 
 
 def choose_scale(
@@ -55,22 +72,68 @@ def choose_scale(
     return min(ok, key=lambda item: float(np.prod(item[1])))[0]
 
 
-def _open(path: str, what: str, volume: str, **choose: object) -> Image:
+def _open(
+    path: str, what: str, volume: str, voxel_size: Sequence[float] | None, offset: Sequence[float] | None,
+    default_voxel_size: Sequence[float] | None = None, default_offset: Sequence[float] | None = None,
+    **choose: object,
+) -> Image:
+    prefix = f"volume {volume!r}: {what}"
     try:
-        levels = multiscale_levels(path)
+        fmt, levels = source_levels(path)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"volume {volume!r}: {what} not found: {path}") from exc
-    except Exception as exc:
-        import os
-
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"volume {volume!r}: {what} not found: {path}") from exc
-        raise ValueError(f"volume {volume!r}: {what} {path} is not an OME-NGFF multiscale group ({exc})") from exc
-    scale = choose_scale(path, levels, what=f"volume {volume!r}: {what}", **choose)  # type: ignore[arg-type]
-    image = read_image(path, scale)
+        raise FileNotFoundError(f"{prefix} not found: {path} ({exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"{prefix}: {exc}") from exc
+    column = "voxel_size" if what == "raw" else "labels_voxel_size"
+    if fmt.startswith("ome-ngff"):
+        if voxel_size is not None or offset is not None:
+            raise ValueError(
+                f"{prefix} {path} is an OME-NGFF multiscale group, which states its own voxel size and offset: "
+                f"leave the sheet columns {column!r} and {column.replace('voxel_size', 'offset')!r} empty"
+            )
+    else:
+        if voxel_size is None:  # a plain labels array defaults to the raw's geometry
+            voxel_size, offset = default_voxel_size, offset if offset is not None else default_offset
+        if voxel_size is None:
+            raise ValueError(f"{prefix} {path} is a plain {fmt} array, which carries no voxel size: give it in "
+                             f"the sheet column {column!r} (nm, 'z,y,x')")
+        levels = [(None, tuple(float(v) for v in voxel_size))]
+    scale = choose_scale(path, levels, what=prefix, **choose)  # type: ignore[arg-type]
+    try:
+        image = open_source(path, scale, voxel_size=voxel_size, offset=offset)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{prefix}: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{prefix}: {exc}") from exc
     if image.array.ndim != 3:
-        raise ValueError(f"volume {volume!r}: {what} {path}/{scale} must be 3D (z, y, x), got shape {image.array.shape}")
+        where = f"{path}/{scale}" if scale else path
+        raise ValueError(f"{prefix} {where} must be 3D (z, y, x), got shape {image.array.shape}")
     return image
+
+
+def check_finite(raw: Image, volume: str, slab_voxels: int = 2**24) -> None:
+    """Raise if a floating-point raw image holds NaN or infinite values (read in z-slabs)."""
+    if not np.issubdtype(raw.array.dtype, np.floating):
+        return
+    shape = raw.array.shape
+    step = max(1, slab_voxels // max(1, shape[1] * shape[2]))
+    for z in range(0, shape[0], step):
+        slab = np.asarray(raw.array[z : z + step])
+        bad = ~np.isfinite(slab)
+        if bad.any():
+            first = np.argwhere(bad)[0] + (z, 0, 0)
+            raise ValueError(
+                f"volume {volume!r}: raw {raw.path} holds {int(bad.sum())}+ NaN or infinite values (first at voxel "
+                f"{first.tolist()}); raw must be finite"
+            )
+
+
+def _extent(geom: Geometry) -> str:
+    return "[" + ", ".join(f"{a:g}:{b:g}" for a, b in zip(geom.begin_nm, geom.end_nm)) + "] nm"
+
+
+def _roi_text(roi: object) -> str:
+    return "none" if roi is None else ",".join(f"{a:g}:{b:g}" for a, b in roi)  # type: ignore[attr-defined]
 
 
 def _window(geom: Geometry, lo_nm: np.ndarray, hi_nm: np.ndarray) -> tuple[slice, ...]:
@@ -97,45 +160,57 @@ def open_sources(
         output_voxel_size: Output voxel size (nm) for volumes without labels; None:
             the raw voxel size.
     """
-    raw = _open(volume.raw, "raw", volume.name, min_voxel_size=min_raw_voxel_size)
-    if not np.issubdtype(raw.array.dtype, np.number):
-        raise ValueError(f"volume {volume.name!r}: raw {volume.raw} has non-numeric dtype {raw.array.dtype}")
+    from dinopipe.features import check_ratio
+
+    raw = _open(volume.raw, "raw", volume.name, volume.voxel_size, volume.offset, min_voxel_size=min_raw_voxel_size)
+    if not np.issubdtype(raw.array.dtype, np.number) or np.issubdtype(raw.array.dtype, np.complexfloating):
+        raise ValueError(f"volume {volume.name!r}: raw {volume.raw} has dtype {raw.array.dtype}; expected integers "
+                         f"or floats")
     labels = None
     rg = raw.geometry
     lo, hi = rg.begin_nm.copy(), rg.end_nm.copy()
-    if volume.roi is not None:
-        roi = np.asarray(volume.roi, dtype=float)
-        lo, hi = np.maximum(lo, roi[:, 0]), np.minimum(hi, roi[:, 1])
+    roi = np.asarray(volume.roi, dtype=float) if volume.roi is not None else None
+    extents = f"raw {volume.raw} covers {_extent(rg)}"
     if volume.labels:
-        labels = _open(volume.labels, "labels", volume.name, exact=label_voxel_size)
+        labels = _open(volume.labels, "labels", volume.name, volume.labels_voxel_size, volume.labels_offset,
+                       volume.voxel_size, volume.offset, exact=label_voxel_size)
         if not np.issubdtype(labels.array.dtype, np.integer):
             raise ValueError(
-                f"volume {volume.name!r}: labels {volume.labels} must be integer, got {labels.array.dtype}"
+                f"volume {volume.name!r}: labels {volume.labels} must be integer (instance ids), got "
+                f"{labels.array.dtype}"
             )
         lg = labels.geometry
-        window = _window(lg, lo, hi)
-        shape = tuple(s.stop - s.start for s in window)
+        check_ratio(rg.voxel_size, lg.voxel_size, volume.name)
+        extents += f", labels {volume.labels} cover {_extent(lg)}"
+        # label voxels whose whole extent lies inside the raw
+        inner = _window(lg, rg.begin_nm + np.asarray(lg.voxel_size) / 2,
+                        rg.end_nm - np.asarray(lg.voxel_size) / 2 + 1e-6)
+        if min(s.stop - s.start for s in inner) < 1:
+            raise ValueError(f"volume {volume.name!r}: raw and labels do not overlap: {extents} "
+                             f"(no label voxel lies wholly inside the raw)")
+        window = _window(lg, lo if roi is None else np.maximum(lo, roi[:, 0]),
+                         hi if roi is None else np.minimum(hi, roi[:, 1]))
+        window = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(window, inner))
+        shape = tuple(max(0, s.stop - s.start) for s in window)
         translation = tuple(float(t + s.start * v) for t, s, v in zip(lg.translation, window, lg.voxel_size))
         grid = Geometry(shape, lg.voxel_size, translation)  # type: ignore[arg-type]
-        # keep only label voxels whose whole extent lies inside the raw
-        if np.any(grid.begin_nm < rg.begin_nm - 1e-6) or np.any(grid.end_nm > rg.end_nm + 1e-6):
-            inner = _window(lg, rg.begin_nm + np.asarray(lg.voxel_size) / 2, rg.end_nm - np.asarray(lg.voxel_size) / 2 + 1e-6)
-            window = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(window, inner))
-            shape = tuple(s.stop - s.start for s in window)
-            translation = tuple(float(t + s.start * v) for t, s, v in zip(lg.translation, window, lg.voxel_size))
-            grid = Geometry(shape, lg.voxel_size, translation)  # type: ignore[arg-type]
     else:
+        if roi is not None:
+            lo, hi = np.maximum(lo, roi[:, 0]), np.minimum(hi, roi[:, 1])
         vs = tuple(float(v) for v in (output_voxel_size or rg.voxel_size))
+        check_ratio(rg.voxel_size, vs, volume.name)
         shape = tuple(max(0, int(math.floor((h - l) / v + 1e-9))) for l, h, v in zip(lo, hi, vs))
         translation = tuple(float(l + v / 2) for l, v in zip(lo, vs))
         grid = Geometry(shape, vs, translation)  # type: ignore[arg-type]
         window = None
     if min(grid.shape) < 1:
         raise ValueError(
-            f"volume {volume.name!r}: raw, labels and roi do not overlap (raw {rg.begin_nm.tolist()}–"
-            f"{rg.end_nm.tolist()} nm, roi {volume.roi})"
+            f"volume {volume.name!r}: roi {_roi_text(volume.roi)} nm lies outside the data ({extents}); "
+            f"no output voxel remains"
         )
-    logger.info("volume %s: raw %s/%s %s, output grid %s", volume.name, volume.raw, raw.scale, rg, grid)
+    check_finite(raw, volume.name)
+    logger.info("volume %s: raw %s (%s, scale %s) %s, output grid %s", volume.name, volume.raw, raw.format,
+                raw.scale, rg, grid)
     return Sources(volume, raw, labels, grid, window)  # type: ignore[arg-type]
 
 

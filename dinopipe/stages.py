@@ -30,15 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 def volume_from_dict(record: Mapping[str, Any]) -> Volume:
-    """Rebuild a :class:`Volume` from the dict Snakemake passes as a param."""
-    roi = record.get("roi")
-    return Volume(
-        name=record["name"],
-        raw=record["raw"],
-        labels=record.get("labels"),
-        role=record["role"],
-        roi=tuple(tuple(b) for b in roi) if roi else None,  # type: ignore[arg-type]
-    )
+    """Rebuild a :class:`Volume` from the dict Snakemake passes as a param
+    (:meth:`Volume.to_record`)."""
+    return Volume.from_record(record)
 
 
 def _source_args(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,6 +126,7 @@ def run_features(
     attrs: dict[str, Any] = {
         "volume": volume.name,
         "raw": {"path": volume.raw, "scale": src.raw.scale, **src.raw.geometry.to_dict()},
+        "sources": src.provenance(),
     }
     g = src.grid
     with io.atomic_output(out_path) as tmp, tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
@@ -232,7 +227,8 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         io.write_image(tmp / "mask", mask.astype(np.uint8), g.voxel_size, g.translation)
         io.write_image(tmp / "raw", raw, g.voxel_size, g.translation)
         timings["write_s"] = time.perf_counter() - t
-        attrs = {"volume": volume.name, **params, "grid": g.to_dict(), "timings": timings}
+        attrs = {"volume": volume.name, **params, "grid": g.to_dict(), "sources": src.provenance(),
+                 "timings": timings}
         root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
     logger.info("targets %s: %s, %.1fs", volume.name, labels.shape, sum(timings.values()))
     return attrs
@@ -267,11 +263,18 @@ def run_metadata(
     config: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Write a volume's metadata JSON: provenance, shapes, label statistics, timings, sizes."""
+    t0 = time.perf_counter()
     feats = io.read_image(features_path)
+    sources = (feats.attrs or {}).get("sources") or {}
     meta: dict[str, Any] = {
         "volume": volume.name,
         "role": volume.role,
-        "sources": {"raw": volume.raw, "labels": volume.labels, "roi_nm": volume.roi},
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # paths, formats, chosen scales, geometry and ROI as the features stage opened them
+        "sources": {"raw": sources.get("raw") or {"path": volume.raw},
+                    "labels": sources.get("labels") or ({"path": volume.labels} if volume.labels else None),
+                    "roi_nm": [list(b) for b in volume.roi] if volume.roi else None,
+                    "grid": sources.get("grid")},
         "config_sha256": config_hash(config),
         "config": dict(config),
         "versions": package_versions(),
@@ -297,7 +300,8 @@ def run_metadata(
         meta["targets"] = {
             "path": str(targets_path),
             "arrays": {k: {"shape": list(root[k]["s0"].shape), "dtype": str(root[k]["s0"].dtype)} for k in root.group_keys()},
-            "parameters": {k: v for k, v in dict(root.attrs["dinopipe"]).items() if k not in ("timings", "grid")},
+            "parameters": {k: v for k, v in dict(root.attrs["dinopipe"]).items()
+                           if k not in ("timings", "grid", "sources")},
             "timings": dict(root.attrs["dinopipe"]).get("timings"),
             "bytes": io.directory_size(targets_path),
         }
@@ -312,6 +316,7 @@ def run_metadata(
             },
         }
     meta["dinopipe_version"] = __version__
+    meta["metadata_s"] = time.perf_counter() - t0
     io.write_json(out_path, meta)
     return meta
 

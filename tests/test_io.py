@@ -68,3 +68,91 @@ def test_reads_gala_multiscale(shared_data):
     img = io.read_image(shared_data / "gala" / "train.zarr" / "raw", "s1")
     assert img.geometry.translation == (5.0, 5.0, 5.0)
     assert img.array.shape == (25, 50, 100)
+
+
+def test_source_array_indexing_matches_numpy(tmp_path):
+    from input_fixtures import write_n5
+
+    data = np.arange(5 * 6 * 7, dtype=np.int32).reshape(5, 6, 7)
+    io.write_image(tmp_path / "a.zarr", data, (1, 1, 1), (0, 0, 0))
+    write_n5(tmp_path / "b.n5", "raw", data)
+    import h5py
+
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f["g/raw"] = data
+    sources = [
+        io.open_source(str(tmp_path / "a.zarr")),
+        io.open_source(str(tmp_path / "b.n5/raw"), voxel_size=(1, 1, 1)),
+        io.open_source(f"{tmp_path}/c.h5:/g/raw", voxel_size=(1, 1, 1)),
+    ]
+    keys = [
+        (slice(1, 3), slice(0, 100), slice(2, 5)), (Ellipsis,), (slice(None, None, 2), slice(1, None, 3)),
+        ([3, 1, 1], slice(1, 4), slice(0, 2)), (slice(0, 2), [5, 0]), (-1, slice(2, 4), 3), (slice(4, 2),),
+    ]
+    for src in sources:
+        arr = src.array
+        assert arr.shape == data.shape and arr.dtype == data.dtype and arr.ndim == 3
+        np.testing.assert_array_equal(np.asarray(arr), data)
+        for key in keys:
+            np.testing.assert_array_equal(arr[key], data[key], err_msg=f"{src.format} {key}")
+    assert [s.format for s in sources] == ["ome-ngff 0.4", "n5", "hdf5"]
+
+
+def test_ngff_05_units_and_multiscale_transforms(tmp_path):
+    from input_fixtures import write_ngff_v05
+
+    write_ngff_v05(tmp_path / "i.zarr", [np.zeros((2, 2, 2), np.uint8)], [(2, 2, 2)], [(1, 1, 1)])
+    group = zarr.open_group(str(tmp_path / "i.zarr"), mode="a")
+    ome = group.attrs["ome"]
+    ms = ome["multiscales"][0]
+    for axis in ms["axes"]:
+        axis["unit"] = "micrometer"
+    ms["coordinateTransformations"] = [{"type": "scale", "scale": [0.5, 0.5, 0.5]},
+                                       {"type": "translation", "translation": [1, 0, 0]}]
+    group.attrs["ome"] = ome
+    for img in (io.read_image(tmp_path / "i.zarr"), io.open_source(str(tmp_path / "i.zarr"))):
+        # 2 units x 0.5 = 1 um = 1000 nm; centre of voxel 0 at (1 x 0.5 + 1) um in z
+        assert img.geometry.voxel_size == (1000.0, 1000.0, 1000.0)
+        assert img.geometry.translation == (1500.0, 500.0, 500.0)
+        assert img.format == "ome-ngff 0.5"
+    assert io.multiscale_levels(tmp_path / "i.zarr") == [("s0", (1000.0, 1000.0, 1000.0))]
+
+
+def test_open_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        io.open_source(str(tmp_path / "nope.zarr"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        io.open_source(f"{tmp_path}/nope.h5:/raw", voxel_size=(1, 1, 1))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="not a Zarr .* or N5 array or group"):
+        io.open_source(str(tmp_path / "folder"))
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=2).create_array("raw", shape=(2, 2, 2), dtype="u1")
+    with pytest.raises(ValueError, match=r"not an OME-NGFF multiscale image .*found \['raw'\]"):
+        io.open_source(str(tmp_path / "g.zarr"))
+    with pytest.raises(ValueError, match="plain zarr array without a voxel size"):
+        io.open_source(str(tmp_path / "g.zarr/raw"))
+    io.write_image(tmp_path / "i.zarr", np.zeros((2, 2, 2), np.uint8), (1, 1, 1), (0, 0, 0))
+    with pytest.raises(ValueError, match="states its own voxel size"):
+        io.open_source(str(tmp_path / "i.zarr"), voxel_size=(1, 1, 1))
+    with pytest.raises(ValueError, match="scale 's1' not found; available: \\['s0'\\]"):
+        io.open_source(str(tmp_path / "i.zarr"), "s1")
+
+
+def test_source_store():
+    assert io.source_store("a/b.zarr/raw") == "a/b.zarr"
+    assert io.source_store("a/b.zarr") == "a/b.zarr"
+    assert io.source_store("/d/c.n5/raw/s0") == "/d/c.n5"
+    assert io.source_store("/d/c.h5:/volumes/raw") == "/d/c.h5"
+    assert io.source_store("/d/c.hdf5") == "/d/c.hdf5"
+    assert io.split_hdf5("x/c.H5:stack") == (io.Path("x/c.H5"), "stack")
+
+
+def test_atomic_output_removes_a_killed_jobs_temporary(tmp_path):
+    stale = tmp_path / ".out.zarr.tmp-123-deadbeef"
+    stale.mkdir()
+    (stale / "half-written").write_text("x")
+    other = tmp_path / ".other.zarr.tmp-1-aa"
+    other.mkdir()
+    with io.atomic_output(tmp_path / "out.zarr") as tmp:
+        io.write_image(tmp, np.ones((2, 2, 2), np.uint8), (1, 1, 1), (0, 0, 0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.zarr.tmp-1-aa", "out.zarr"]

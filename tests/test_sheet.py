@@ -51,3 +51,39 @@ def test_parse_roi_rejects_reversed_bounds():
     with pytest.raises(ValueError, match="z0 < z1"):
         parse_roi("10:0,0:1,0:1", "here")
     assert parse_roi("  ", "here") is None
+
+
+def test_geometry_columns_for_plain_arrays(tmp_path):
+    header = "name\traw\tlabels\trole\tvoxel_size\toffset\tlabels_voxel_size\tlabels_offset\n"
+    p = _sheet(tmp_path, header + "h\td/i.h5:/stack\td/l.h5:/stack\ttrain\t40,4,4\t0,-2,-2\t\t\n"
+                        "n\td/v.n5/raw\td/v.n5/labels\tpredict\t8,8,8\t\t16,16,16\t8,8,8\n")
+    h, n = read_sheet(p)
+    assert h.voxel_size == (40.0, 4.0, 4.0) and h.offset == (0.0, -2.0, -2.0) and h.labels_voxel_size is None
+    assert n.offset is None and n.labels_voxel_size == (16.0, 16.0, 16.0) and n.labels_offset == (8.0, 8.0, 8.0)
+    # a record round-trips, and rows without geometry give the same record as before the columns existed
+    from dinopipe.sheet import Volume
+
+    assert Volume.from_record(h.to_record()) == h
+    old = read_sheet(_sheet(tmp_path, HEADER + "a\tr.zarr/raw\t\ttrain\t0:1,0:2,0:3\n"))[0]
+    assert old.to_record() == {"name": "a", "raw": "r.zarr/raw", "labels": None, "role": "train",
+                               "roi": [[0, 1], [0, 2], [0, 3]]}
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("a\tr\t\ttrain\t0,4,4\t\n", r"line 2 \(volume 'a'\): voxel_size '0,4,4' is not 'z,y,x' in nm \(three positive"),
+        ("a\tr\t\ttrain\t4,4\t\n", "voxel_size '4,4'"),
+        ("a\tr\t\ttrain\t4,4,4\tx,0,0\n", "offset 'x,0,0' is not 'z,y,x' in nm"),
+        ("a\tr\t\ttrain\t4,4,4\t0,0,0\t8,8,8\n", "labels_voxel_size / labels_offset given but no labels"),
+    ],
+)
+def test_bad_geometry_columns(tmp_path, row, message):
+    header = "name\traw\tlabels\trole\tvoxel_size\toffset\tlabels_voxel_size\n"
+    with pytest.raises(ValueError, match=message):
+        read_sheet(_sheet(tmp_path, header + row))
+
+
+def test_duplicate_column(tmp_path):
+    with pytest.raises(ValueError, match=r"column\(s\) \['raw'\] appear more than once"):
+        read_sheet(_sheet(tmp_path, "name\traw\traw\trole\na\tr\tr\ttrain\n"))

@@ -10,6 +10,8 @@ from dinopipe.io import Geometry
 from dinopipe.sheet import Volume
 from dinopipe.sources import choose_scale, open_sources, resample_to_grid
 
+from input_fixtures import write_n5, write_ngff_v05
+
 
 def test_choose_scale():
     levels = [("s0", (10.0, 10.0, 10.0)), ("s1", (20.0, 20.0, 20.0)), ("s2", (40.0, 40.0, 40.0))]
@@ -50,7 +52,7 @@ def test_missing_and_bad_sources(tmp_path):
     with pytest.raises(ValueError, match="labels .* must be integer"):
         open_sources(Volume("v", str(tmp_path / "r.zarr"), str(tmp_path / "l.zarr"), "train"))
     far = Volume("v", str(tmp_path / "r.zarr"), None, "predict", roi=((100, 200), (0, 8), (0, 8)))
-    with pytest.raises(ValueError, match="do not overlap"):
+    with pytest.raises(ValueError, match="roi 100:200,0:8,0:8 nm lies outside the data"):
         open_sources(far)
 
 
@@ -60,3 +62,83 @@ def test_resample_area_average():
     data = np.arange(16, dtype=np.float32).reshape(4, 2, 2)
     out = resample_to_grid(data, src, dst)
     np.testing.assert_allclose(out[:, 0, 0], [data[:2].mean(), data[2:].mean()])
+
+
+def test_gala_hdf5_matches_the_zarr_copy(shared_data):
+    gala = shared_data / "gala"
+    # the Zarr copy puts voxel 0's centre at 0 nm, so its corner (the sheet's offset) is at -5 nm
+    h5 = Volume("h", f"{gala}/train-image.h5:/stack", f"{gala}/train-gt.lzf.h5:stack", "train",
+                voxel_size=(10, 10, 10), offset=(-5, -5, -5))
+    src = open_sources(h5)
+    zarr_src = open_sources(Volume("z", str(gala / "train.zarr/raw"), str(gala / "train.zarr/labels/neurons"), "train"))
+    assert src.raw.format == "hdf5" and src.raw.scale is None
+    assert src.grid == zarr_src.grid == Geometry((50, 100, 200), (10.0, 10.0, 10.0), (0.0, 0.0, 0.0))
+    np.testing.assert_array_equal(src.raw.array[[7, 3, 3], 10:20, 5:9], zarr_src.raw.array[[7, 3, 3], 10:20, 5:9])
+    np.testing.assert_array_equal(np.asarray(src.labels.array[::7, ::9, ::11]),
+                                  np.asarray(zarr_src.labels.array[::7, ::9, ::11]))
+    # labels at the raw's grid (columns default to the raw's), offset moves both
+    moved = Volume("h", h5.raw, h5.labels, "train", voxel_size=(10, 10, 10), offset=(100, 0, -50))
+    assert open_sources(moved).grid.translation == (105.0, 5.0, -45.0)
+    with pytest.raises(ValueError, match=r"volume 'h': raw .*train-image.h5:/stack is a plain hdf5 array.*'voxel_size'"):
+        open_sources(Volume("h", h5.raw, None, "predict"))
+    with pytest.raises(ValueError, match=r"volume 'h': raw: .*no dataset '/nope'.*datasets there: \['/stack'\]"):
+        open_sources(Volume("h", f"{gala}/train-image.h5:/nope", None, "predict", voxel_size=(10, 10, 10)))
+
+
+def test_gala_ngff_with_sheet_voxel_size_is_rejected(shared_data):
+    gala = shared_data / "gala" / "train.zarr"
+    vol = Volume("g", str(gala / "raw"), None, "predict", voxel_size=(10, 10, 10))
+    with pytest.raises(ValueError, match="volume 'g': raw .* is an OME-NGFF multiscale group.*'voxel_size'"):
+        open_sources(vol)
+
+
+def test_ngff_05_zarr_v3_with_scale_and_translation(tmp_path):
+    raw = np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16)
+    # raw at 4 nm (s0) and 8 nm (s1), corner at 100 nm in z
+    write_ngff_v05(tmp_path / "v.zarr" / "raw", [raw, raw[::2, ::2, ::2]], [(4, 4, 4), (8, 8, 8)],
+                   [(102, 2, 2), (104, 4, 4)])
+    labels = np.zeros((2, 4, 4), np.uint32)
+    labels[:, 1:, 1:] = 3
+    # a crop: labels at 16 nm covering z 100..132, y/x 16..80 nm
+    write_ngff_v05(tmp_path / "v.zarr" / "labels", [labels], [(16, 16, 16)], [(108, 24, 24)])
+    vol = Volume("v", str(tmp_path / "v.zarr/raw"), str(tmp_path / "v.zarr/labels"), "train")
+    src = open_sources(vol, min_raw_voxel_size=(8, 8, 8))
+    assert src.raw.format == "ome-ngff 0.5" and src.raw.scale == "s1"
+    assert src.raw.geometry == Geometry((4, 8, 8), (8.0, 8.0, 8.0), (104.0, 4.0, 4.0))
+    # the labels crop sets the processed region: its voxels lying wholly inside the raw (0..64 nm in y, x)
+    assert src.grid == Geometry((2, 3, 3), (16.0, 16.0, 16.0), (108.0, 24.0, 24.0))
+    np.testing.assert_array_equal(src.raw.array[[1, 0], 2:3, 0:2], raw[::2, ::2, ::2][[1, 0], 2:3, 0:2])
+    narrowed = Volume("v", vol.raw, vol.labels, "train", roi=((0, 1000), (30, 1000), (0, 1000)))
+    assert open_sources(narrowed).grid.shape == (2, 2, 3)
+
+
+def test_n5_and_plain_zarr_arrays(tmp_path):
+    raw = np.random.default_rng(0).integers(0, 255, (6, 10, 12), dtype=np.uint8)
+    write_n5(tmp_path / "v.n5", "raw", raw)
+    labels = np.ones((3, 5, 6), np.uint64)
+    io.write_image(tmp_path / "l.zarr", labels, (20, 20, 20), (10, 10, 10))
+    vol = Volume("n", str(tmp_path / "v.n5/raw"), str(tmp_path / "l.zarr/s0"), "train",
+                 voxel_size=(10, 10, 10), labels_voxel_size=(20, 20, 20))
+    src = open_sources(vol)
+    assert src.raw.format == "n5" and src.labels.format == "zarr"
+    assert src.raw.array.shape == (6, 10, 12)
+    np.testing.assert_array_equal(np.asarray(src.raw.array), raw)
+    np.testing.assert_array_equal(src.raw.array[[5, 1], 2:4, 3], raw[[5, 1], 2:4, 3])
+    assert src.grid == Geometry((3, 5, 6), (20.0, 20.0, 20.0), (10.0, 10.0, 10.0))
+    with pytest.raises(ValueError, match="volume 'n': labels .* plain zarr array.*'labels_voxel_size'"):
+        open_sources(Volume("n", str(tmp_path / "l.zarr"), str(tmp_path / "l.zarr/s0"), "train"))
+
+
+def test_float_raw_with_nan_is_an_error(tmp_path):
+    raw = np.ones((4, 4, 4), np.float32)
+    raw[2, 1, 3] = np.nan
+    io.write_image(tmp_path / "r.zarr", raw, (8, 8, 8), (4, 4, 4))
+    with pytest.raises(ValueError, match=r"volume 'f': raw .*r.zarr holds 1\+ NaN .*first at voxel \[2, 1, 3\]"):
+        open_sources(Volume("f", str(tmp_path / "r.zarr"), None, "predict"))
+
+
+def test_raw_and_labels_not_overlapping(tmp_path):
+    io.write_image(tmp_path / "r.zarr", np.ones((4, 4, 4), np.uint8), (8, 8, 8), (4, 4, 4))
+    io.write_image(tmp_path / "l.zarr", np.ones((4, 4, 4), np.uint8), (8, 8, 8), (1004, 4, 4))
+    with pytest.raises(ValueError, match=r"volume 'o': raw and labels do not overlap: raw .* covers \[0:32"):
+        open_sources(Volume("o", str(tmp_path / "r.zarr"), str(tmp_path / "l.zarr"), "train"))

@@ -1,9 +1,8 @@
 # Config validation, the volume sheet and input functions. Logic lives in dinopipe.
 
-from dataclasses import asdict
-
 from snakemake.utils import validate
 
+from dinopipe.io import source_store
 from dinopipe.sheet import by_role, read_sheet
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -23,16 +22,13 @@ wildcard_constraints:
 
 def volume_record(wildcards):
     """The sheet row of a volume as a dict (a param, so a changed row reruns its jobs)."""
-    return asdict(VOLUMES[wildcards.volume])
-
-def store_root(path):
-    """The Zarr store holding an image group (`a/b.zarr/raw` -> `a/b.zarr`)."""
-    return path.split(".zarr")[0] + ".zarr" if ".zarr" in path else path
+    return VOLUMES[wildcards.volume].to_record()
 
 def volume_inputs(wildcards):
-    """The raw (and labels) stores of a volume: real data, or what demo_data writes."""
+    """The files or folders holding a volume's raw and labels (`a.zarr/raw` -> `a.zarr`,
+    `b.n5/raw/s0` -> `b.n5`, `c.h5:/stack` -> `c.h5`): real data, or what demo_data writes."""
     v = VOLUMES[wildcards.volume]
-    return sorted({store_root(p) for p in (v.raw, v.labels) if p})
+    return sorted({source_store(p) for p in (v.raw, v.labels) if p})
 
 def all_outputs():
     return [
