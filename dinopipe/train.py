@@ -1,52 +1,77 @@
-"""Train a 3D UNet on precomputed DINOv3 features to predict affinities and LSDs.
+"""Train a 3D UNet on precomputed DINOv3 features to predict affinities (+ LSDs) or classes.
 
 Inputs per volume (see the storage contract in ``DESIGN.md``):
 
 * ``results/features/{volume}.zarr``: image (C, z, y, x) float16 on the label grid.
 * ``results/targets/{volume}.zarr``: group of images ``affinities`` (n_offsets, z, y, x)
   uint8, ``lsds`` (10, z, y, x) float16, ``boundary_weights`` (z, y, x) float32,
-  ``mask`` (z, y, x) uint8, with the offsets in the root attrs ``["dinopipe"]["offsets"]``.
+  ``mask`` (z, y, x) uint8, ``raw`` (z, y, x) float32 and ``labels``, with the offsets
+  in the root attrs ``["dinopipe"]["offsets"]``. Semantic targets (``target:
+  semantic``) read ``semantic`` (z, y, x) uint8 classes instead, with ``num_classes``
+  (and optionally ``class_weights``) in the root attrs.
 
-Outputs in ``out_dir``:
+Crops come from :mod:`dinopipe.loader` (tensorstore, threaded prefetch) and are
+augmented by :mod:`dinopipe.augment`.
 
-* ``checkpoint.pt``: ``{"model": state_dict, "optimizer": state_dict, "step": int}``
-  (tensors and plain values only; load with ``torch.load(..., weights_only=True)``).
-* ``model_config.json``: everything needed to rebuild the model and interpret its
-  output (see :func:`build_model_config`).
-* ``loss_curve.tsv``: columns ``step``, ``train_loss``, ``val_loss``. Row 0 holds the
-  validation loss of the untrained model (empty ``train_loss``); ``val_loss`` is empty
-  on steps without validation.
+Outputs in ``out_dir``, written when training ends (a killed run leaves none of them):
 
-Checkpoint and loss curve are rewritten (atomically) every ``validate_every`` steps
-and at the end; ``checkpoint.pt`` always holds the latest model, not the best one.
+* ``checkpoint.pt``: ``{"model": state_dict, "step": int, "val_loss": float | None}``,
+  the model with the best validation loss (the final model without validation);
+  tensors and plain values only: ``torch.load(..., weights_only=True)``.
+* ``model_config.json``: everything needed to rebuild the model and feed it (see
+  :func:`build_model_config`), incl. ``input_raw`` and where the raw comes from.
+* ``loss_curve.tsv``: columns ``step``, ``train_loss``, ``val_loss``, ``val_f1``,
+  ``lr``. Row 0 holds the validation of the untrained model; validation columns are
+  empty on steps without validation. ``loss_curve.png`` plots it.
+
+Resumable state in ``state_dir`` (default ``out_dir/state``; deliberately not a
+Snakemake output, which Snakemake would delete before rerunning the job):
+
+* ``latest.pt``: model, optimiser, scheduler, grad scaler, torch RNG states, step, the
+  curve so far, the best validation and early-stopping counters, and the resume
+  signature; written at every validation.
+* ``best.pt``: the best model so far; ``loss_curve.tsv``: the curve so far.
+
+A rerun with the same settings (or with only ``steps``, the validation cadence,
+early stopping, threads, device or loader settings changed) continues from
+``latest.pt``. Batches depend only on ``(seed, step)``, so on CPU a resumed run is
+bitwise the run that was not interrupted. TensorBoard logs go to ``out_dir/tensorboard``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from tqdm import tqdm
 
 from dinopipe import __version__
-from dinopipe.features import check_compatible
-from dinopipe.io import Image, atomic_output, read_image, write_json
-from dinopipe.losses import AffinityLoss, affinity_lsd_loss, build_loss
-from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, output_channels, split_output
+from dinopipe.augment import feature_noise, resolve_augment_params
+from dinopipe.io import atomic_output, write_json
+from dinopipe.loader import (
+    TARGET_TYPES,
+    CropSampler,
+    Prefetcher,
+    Volume,
+    check_consistent,
+    open_volume,
+    to_device,
+)
+from dinopipe.losses import affinity_lsd_loss, build_loss, weighted_cross_entropy
+from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, output_channels, split_output, target_channels
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
-    "steps": 2000,  # optimiser steps
+    "steps": 2000,  # optimiser steps in total (a rerun with more steps continues)
     "batch_size": 2,  # crops per step
     "crop_shape": [32, 64, 64],  # (z, y, x) label voxels, multiples of 2**unet.levels
     "learning_rate": 5e-4,  # AdamW peak learning rate
@@ -54,24 +79,46 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
     "lr_schedule": "cosine",  # "cosine" (to 0 at the last step) or "constant"
     "warmup_steps": 0,  # linear warm-up steps before the schedule
     "grad_clip_norm": 1.0,  # clip the gradient norm to this; None: no clipping
-    "loss": "bce",  # affinity loss: "bce", "focal", "dice", "tversky" (dinopipe.losses)
-    "loss_params": {},  # parameters of that loss (e.g. {"gamma": 2.0} for focal)
-    "lsds": True,  # also predict the 10 LSD channels
-    "lsd_weight": 1.0,  # factor of the LSD MSE term
-    "seed": 0,  # seeds model initialisation, crop sampling and validation crops
-    "validate_every": 100,  # steps between validations (and checkpoint writes)
+    "target": "affinities",  # "affinities" (+ LSDs) or "semantic" (classes)
+    "loss": "bce",  # affinities: "bce", "focal", "dice", "tversky"; semantic: "cross_entropy"
+    "loss_params": {},  # parameters of that loss only (e.g. {"gamma": 2.0} for focal)
+    "lsds": True,  # affinities: also predict the 10 LSD channels
+    "lsd_weight": 1.0,  # λ of the LSD MSE term
+    "class_weights": None,  # semantic: per-class weights; None: the targets' attrs, else 1
+    "input_raw": False,  # append the raw image on the label grid as an input channel
+    "augment": {},  # dinopipe.augment.DEFAULT_AUGMENT_PARAMS
+    "seed": 0,  # seeds model initialisation, crops, augmentation and validation crops
+    "validate_every": 100,  # steps between validations (and resumable-state writes)
     "validation_crops": 8,  # fixed crops drawn from the validate volumes
     "min_mask_fraction": 0.1,  # reject crops with less of their mask set than this
+    "early_stopping_patience": None,  # stop after this many validations without improvement
+    "early_stopping_min_delta": 0.0,  # an improvement must lower val_loss by more than this
     "unet": {},  # UNetConfig fields except in_channels/out_channels (taken from the data)
     "device": "auto",  # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N"
-    "autocast": True,  # bf16 autocast on CUDA (ignored on CPU)
+    "autocast": "bf16",  # CUDA mixed precision: "bf16", "fp16" (with loss scaling) or "none"
     "num_threads": None,  # torch.set_num_threads for the run; None: leave as is
+    "loader_workers": 2,  # threads preparing batches
+    "prefetch": 4,  # batches prepared ahead
+    "resume": True,  # continue from out_dir/state/latest.pt when compatible
+    "tensorboard": True,  # write TensorBoard scalars and image slices
 }
 """Defaults of the ``train:`` config section; :func:`resolve_train_params` checks keys."""
 
 LR_SCHEDULES = ("constant", "cosine")
-MAX_CROP_TRIES = 100
-"""Random positions tried per crop before taking the best one seen (with a warning)."""
+AUTOCAST = ("bf16", "fp16", "none")
+RESUME_FREE_KEYS = (
+    "steps", "validate_every", "early_stopping_patience", "early_stopping_min_delta", "device", "num_threads",
+    "loader_workers", "prefetch", "resume", "tensorboard",
+)
+"""Train params that may change between an interrupted run and its continuation."""
+RAW_SOURCE = (
+    "targets store image 'raw' (results/targets/{volume}.zarr/raw): the raw image scaled to 0..1 by "
+    "the volume's 0.5-99.5 percentile range and area-averaged onto the label grid; appended as the last input channel"
+)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``stop_after_step`` testing hook of :func:`train` (simulates a kill)."""
 
 
 # --------------------------------------------------------------------------- params
@@ -101,7 +148,10 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown train parameters {unknown}; allowed: {sorted(DEFAULT_TRAIN_PARAMS)}")
     p = {**DEFAULT_TRAIN_PARAMS, **params}
-    integers = {"steps": 1, "batch_size": 1, "validate_every": 1, "validation_crops": 0, "warmup_steps": 0}
+    integers = {
+        "steps": 1, "batch_size": 1, "validate_every": 1, "validation_crops": 0, "warmup_steps": 0,
+        "loader_workers": 1, "prefetch": 1,
+    }
     for key, minimum in integers.items():
         _require(_is_int(p[key]) and p[key] >= minimum, key, p[key], f"an integer >= {minimum}")
         p[key] = int(p[key])
@@ -110,47 +160,60 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     crop = p["crop_shape"]
     _require(
         isinstance(crop, Sequence) and len(crop) == 3 and all(_is_int(c) and c >= 1 for c in crop),
-        "crop_shape",
-        crop,
-        "three positive integers (z, y, x) in label voxels",
+        "crop_shape", crop, "three positive integers (z, y, x) in label voxels",
     )
     p["crop_shape"] = [int(c) for c in crop]
     _require(_is_number(p["learning_rate"]) and p["learning_rate"] > 0, "learning_rate", p["learning_rate"], "> 0")
-    for key in ("weight_decay", "lsd_weight"):
+    for key in ("weight_decay", "lsd_weight", "early_stopping_min_delta"):
         _require(_is_number(p[key]) and p[key] >= 0, key, p[key], "a number >= 0")
     _require(
         p["grad_clip_norm"] is None or (_is_number(p["grad_clip_norm"]) and p["grad_clip_norm"] > 0),
-        "grad_clip_norm",
-        p["grad_clip_norm"],
-        "a number > 0 or null",
+        "grad_clip_norm", p["grad_clip_norm"], "a number > 0 or null",
+    )
+    _require(
+        p["early_stopping_patience"] is None or (_is_int(p["early_stopping_patience"]) and p["early_stopping_patience"] >= 1),
+        "early_stopping_patience", p["early_stopping_patience"], "an integer >= 1 or null",
     )
     _require(
         _is_number(p["min_mask_fraction"]) and 0 <= p["min_mask_fraction"] <= 1,
-        "min_mask_fraction",
-        p["min_mask_fraction"],
-        "a number in [0, 1]",
+        "min_mask_fraction", p["min_mask_fraction"], "a number in [0, 1]",
     )
     _require(p["lr_schedule"] in LR_SCHEDULES, "lr_schedule", p["lr_schedule"], f"one of {list(LR_SCHEDULES)}")
-    for key in ("lsds", "autocast"):
+    if p["autocast"] is True or p["autocast"] is False:  # older configs: true means bf16
+        p["autocast"] = "bf16" if p["autocast"] else "none"
+    _require(p["autocast"] in AUTOCAST, "autocast", p["autocast"], f"one of {list(AUTOCAST)}")
+    for key in ("lsds", "input_raw", "resume", "tensorboard"):
         _require(isinstance(p[key], bool), key, p[key], "true or false")
     _require(
         p["num_threads"] is None or (_is_int(p["num_threads"]) and p["num_threads"] >= 1),
-        "num_threads",
-        p["num_threads"],
-        "a positive integer or null",
+        "num_threads", p["num_threads"], "a positive integer or null",
     )
+    _require(p["target"] in TARGET_TYPES, "target", p["target"], f"one of {list(TARGET_TYPES)}")
     _require(isinstance(p["loss_params"], Mapping), "loss_params", p["loss_params"], "a mapping")
     _require(isinstance(p["loss"], str), "loss", p["loss"], "a loss name")
-    build_loss(p["loss"], **p["loss_params"])  # raises for unknown names / params
     p["loss_params"] = dict(p["loss_params"])
+    if p["target"] == "semantic":
+        _require(p["loss"] == "cross_entropy", "loss", p["loss"], "'cross_entropy' for target 'semantic'")
+        _require(not p["loss_params"], "loss_params", p["loss_params"], "empty for cross_entropy (use class_weights)")
+        cw = p["class_weights"]
+        _require(
+            cw is None or (isinstance(cw, Sequence) and len(cw) >= 2 and all(_is_number(w) and w >= 0 for w in cw)),
+            "class_weights", cw, "null or a list of >= 2 numbers >= 0",
+        )
+    else:
+        if p["loss"] == "cross_entropy":
+            raise ValueError("train parameter 'loss' is 'cross_entropy', which needs target: semantic")
+        build_loss(p["loss"], **p["loss_params"])  # raises for unknown names / params
+        _require(p["class_weights"] is None, "class_weights", p["class_weights"], "null for target 'affinities'")
+    _require(isinstance(p["augment"], Mapping), "augment", p["augment"], "a mapping")
+    p["augment"] = resolve_augment_params(p["augment"])
     _require(isinstance(p["unet"], Mapping), "unet", p["unet"], "a mapping of UNetConfig fields")
     derived = sorted({"in_channels", "out_channels"} & set(p["unet"]))
     if derived:
         raise ValueError(
             f"train parameter 'unet' must not set {derived}: they follow from the feature channels, "
-            "the number of affinity offsets and 'lsds'"
+            "input_raw, the number of affinity offsets and 'lsds' (or the number of classes)"
         )
-    # Check the UNet fields now (with placeholder channel counts) so that errors come early.
     p["unet"] = {
         k: v
         for k, v in UNetConfig.from_dict({**p["unet"], "in_channels": 1, "out_channels": 1}).to_dict().items()
@@ -159,9 +222,7 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     divisor = 2 ** p["unet"]["levels"]
     _require(
         all(c % divisor == 0 for c in p["crop_shape"]),
-        "crop_shape",
-        p["crop_shape"],
-        f"divisible by 2**unet.levels = {divisor} on every axis",
+        "crop_shape", p["crop_shape"], f"divisible by 2**unet.levels = {divisor} on every axis",
     )
     resolve_device(p["device"])
     return p
@@ -186,245 +247,126 @@ def resolve_device(device: str | torch.device) -> torch.device:
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when ``enabled``; a no-op on CPU."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def autocast_context(device: torch.device, mode: bool | str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision on CUDA: ``"bf16"`` (or True), ``"fp16"``; a no-op on CPU or for "none"/False."""
+    if mode is True:
+        mode = "bf16"
+    if device.type == "cuda" and mode in ("bf16", "fp16"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class _Volume:
-    """One training volume, opened once: zarr arrays, read lazily crop by crop."""
-
-    name: str
-    features_path: str
-    targets_path: str
-    features: Any
-    affinities: Any
-    lsds: Any
-    weights: Any
-    mask: Any
-    offsets: list[list[int]]
-    signature: Mapping[str, Any] | None
-    shape: tuple[int, int, int]
-    warned_mask: bool = False
-
-    @property
-    def channels(self) -> int:
-        return int(self.features.shape[0])
-
-    def read(self, start: Sequence[int], crop: Sequence[int], mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Read one crop; features stay float16, targets keep their stored dtypes."""
-        sl = tuple(slice(s, s + c) for s, c in zip(start, crop, strict=True))
-        out = {
-            "features": np.asarray(self.features[(slice(None), *sl)]),
-            "affinities": np.asarray(self.affinities[(slice(None), *sl)]),
-            "weights": np.asarray(self.weights[sl]),
-            "mask": np.asarray(self.mask[sl]) if mask is None else mask,
-        }
-        if self.lsds is not None:
-            out["lsds"] = np.asarray(self.lsds[(slice(None), *sl)])
-        return out
-
-
-def _volume_name(features_path: str) -> str:
-    name = Path(features_path).name
-    return name[: -len(".zarr")] if name.endswith(".zarr") else name
-
-
-def _open_volume(features_path: str | Path, targets_path: str | Path, lsds: bool) -> _Volume:
-    features_path, targets_path = str(features_path), str(targets_path)
-    name = _volume_name(features_path)
-    features = read_image(features_path)
-    if not features.channel_axis:
-        raise ValueError(
-            f"volume {name}: features {features_path} must be (C, z, y, x), got shape {features.array.shape}"
-        )
-    if not Path(targets_path).exists():
-        raise FileNotFoundError(f"volume {name}: no targets at {targets_path}")
-    root_attrs = dict(zarr.open_group(targets_path, mode="r").attrs).get("dinopipe", {})
-    offsets = root_attrs.get("offsets")
-    if not offsets:
-        raise ValueError(f"volume {name}: targets {targets_path} have no 'offsets' in their 'dinopipe' attributes")
-    offsets = [[int(o) for o in off] for off in offsets]
-
-    def target(key: str, channels: int | None) -> Image:
-        image = read_image(Path(targets_path) / key)
-        where = f"volume {name}: target {targets_path}/{key}"
-        if image.geometry.shape != features.geometry.shape:
-            raise ValueError(
-                f"{where} has spatial shape {image.geometry.shape} but features {features_path} have "
-                f"{features.geometry.shape}; both must be on the same label grid"
-            )
-        if not np.allclose(image.geometry.voxel_size, features.geometry.voxel_size) or not np.allclose(
-            image.geometry.translation, features.geometry.translation
-        ):
-            raise ValueError(
-                f"{where} has voxel size {image.geometry.voxel_size} nm / translation "
-                f"{image.geometry.translation} nm but features {features_path} have "
-                f"{features.geometry.voxel_size} / {features.geometry.translation}; both must be on the label grid"
-            )
-        actual = image.array.shape[0] if image.channel_axis else None
-        if actual != channels:
-            raise ValueError(f"{where} has shape {image.array.shape}; expected {channels} channels first")
-        return image
-
-    signature = (features.attrs or {}).get("signature")
-    return _Volume(
-        name=name,
-        features_path=features_path,
-        targets_path=targets_path,
-        features=features.array,
-        affinities=target("affinities", len(offsets)).array,
-        lsds=target("lsds", NUM_LSD_CHANNELS).array if lsds else None,
-        weights=target("boundary_weights", None).array,
-        mask=target("mask", None).array,
-        offsets=offsets,
-        signature=signature,
-        shape=features.geometry.shape,
-    )
-
-
-def _open_volumes(
-    volumes: Sequence[tuple[str, str]], crop: Sequence[int], lsds: bool, role: str
-) -> list[_Volume]:
+def _open_all(
+    volumes: Sequence[tuple[str, str]], p: Mapping[str, Any], role: str, extra: Sequence[str] = ()
+) -> list[Volume]:
     opened = []
     for i, entry in enumerate(volumes):
         if isinstance(entry, str | bytes) or len(entry) != 2:
             raise ValueError(f"{role} volume #{i} must be a (features_path, targets_path) pair, got {entry!r}")
-        volume = _open_volume(entry[0], entry[1], lsds)
-        if any(c > s for c, s in zip(crop, volume.shape, strict=True)):
+        volume = open_volume(
+            entry[0], entry[1], lsds=p["lsds"], raw=p["input_raw"], target=p["target"], extra=extra
+        )
+        if any(c > s for c, s in zip(p["crop_shape"], volume.shape, strict=True)):
             raise ValueError(
-                f"{role} volume {volume.name}: crop_shape {list(crop)} is larger than the volume "
+                f"{role} volume {volume.name}: crop_shape {list(p['crop_shape'])} is larger than the volume "
                 f"{list(volume.shape)} (z, y, x) ({volume.features_path}); use a smaller crop_shape"
             )
         opened.append(volume)
     return opened
 
 
-def _check_consistent(volumes: Sequence[_Volume]) -> None:
+def _num_classes(volumes: Sequence[Volume], p: Mapping[str, Any]) -> tuple[int, list[float] | None]:
     first = volumes[0]
-    for v in volumes[1:]:
-        if v.channels != first.channels:
-            raise ValueError(
-                f"volume {v.name} has {v.channels} feature channels ({v.features_path}) but volume "
-                f"{first.name} has {first.channels} ({first.features_path})"
-            )
-        if v.offsets != first.offsets:
-            raise ValueError(
-                f"volume {v.name} has affinity offsets {v.offsets} ({v.targets_path}) but volume "
-                f"{first.name} has {first.offsets} ({first.targets_path})"
-            )
-        if first.signature is not None and v.signature is not None:
-            check_compatible(v.signature, first.signature, v.features_path, first.features_path)
-
-
-def _sample_crop(
-    volume: _Volume, crop: Sequence[int], rng: np.random.Generator, min_fraction: float
-) -> tuple[tuple[int, ...], np.ndarray]:
-    """A uniformly random crop start whose mask covers at least ``min_fraction``."""
-    best: tuple[float, tuple[int, ...], np.ndarray] = (-1.0, (), np.empty(0))
-    for _ in range(MAX_CROP_TRIES):
-        start = tuple(int(rng.integers(0, s - c + 1)) for s, c in zip(volume.shape, crop, strict=True))
-        mask = np.asarray(volume.mask[tuple(slice(s, s + c) for s, c in zip(start, crop, strict=True))])
-        fraction = float(np.count_nonzero(mask)) / mask.size
-        if fraction >= min_fraction:
-            return start, mask
-        if fraction > best[0]:
-            best = (fraction, start, mask)
-    if not volume.warned_mask:
-        logger.warning(
-            "volume %s: no crop with >= %.0f%% of its mask set in %d tries; using the best found (%.1f%%)",
-            volume.name,
-            100 * min_fraction,
-            MAX_CROP_TRIES,
-            100 * best[0],
+    n = first.attrs.get("num_classes")
+    weights = p["class_weights"] if p["class_weights"] is not None else first.attrs.get("class_weights")
+    if n is None and weights is not None:
+        n = len(weights)
+    if n is None:
+        raise ValueError(
+            f"volume {first.name}: semantic targets {first.targets_path} have no 'num_classes' in their "
+            "'dinopipe' attributes; set train.class_weights (one per class) or store num_classes"
         )
-        volume.warned_mask = True
-    return best[1], best[2]
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"{len(weights)} class weights for {n} classes (volume {first.name})")
+    return int(n), None if weights is None else [float(w) for w in weights]
 
 
-def _validation_crops(
-    volumes: Sequence[_Volume], count: int, crop: Sequence[int], seed: int, min_fraction: float
-) -> list[tuple[int, tuple[int, ...]]]:
-    """A fixed, seeded set of (volume index, start) crops, spread round-robin over the volumes."""
-    if not volumes:
-        return []
-    rng = np.random.default_rng([seed, 1])
-    crops = []
-    for i in range(count):
-        index = i % len(volumes)
-        start, _ = _sample_crop(volumes[index], crop, rng, min_fraction)
-        crops.append((index, start))
-    return crops
+class _Objective:
+    """Network input, loss and F1 counts of a batch, for either target type."""
+
+    def __init__(self, p: Mapping[str, Any], num_offsets: int, class_weights: list[float] | None,
+                 device: torch.device) -> None:
+        self.p, self.num_offsets, self.device = p, num_offsets, device
+        self.semantic = p["target"] == "semantic"
+        self.class_weights = None if class_weights is None else torch.tensor(class_weights, device=device)
+        self.aff_loss = None if self.semantic else build_loss(p["loss"], **p["loss_params"])
+
+    def inputs(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        x = batch["features"]
+        if generator is not None:
+            a = self.p["augment"]
+            x = feature_noise(x, a["feature_noise"], a["channel_dropout"], generator)
+        if self.p["input_raw"]:
+            x = torch.cat([x, batch["raw"]], dim=1)
+        return x
+
+    def loss(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        output = output.float()
+        if self.semantic:
+            return weighted_cross_entropy(output, batch["semantic"], self.class_weights, batch["mask"])
+        aff_logits, lsd_pred = split_output(output, self.num_offsets)
+        return affinity_lsd_loss(
+            aff_logits, batch["affinities"], lsd_pred, batch.get("lsds"), batch["weights"], batch["mask"],
+            lsd_weight=self.p["lsd_weight"], affinity_loss=self.aff_loss,
+        )
+
+    def f1_counts(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """(TP, FP, FN) over masked elements: affinities > 0.5 pooled over channels, or per class."""
+        mask = batch["mask"] > 0
+        if self.semantic:
+            pred = output.argmax(1, keepdim=True)
+            truth = batch["semantic"].unsqueeze(1)
+            counts = []
+            for c in range(output.shape[1]):
+                p_c, t_c = (pred == c) & mask, (truth == c) & mask
+                counts.append([int((p_c & t_c).sum()), int((p_c & ~t_c).sum()), int((~p_c & t_c).sum())])
+            return np.array(counts, dtype=np.int64)
+        pred = (output[:, : self.num_offsets] > 0) & mask
+        truth = (batch["affinities"] > 0.5) & mask
+        return np.array([[int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())]])
 
 
-def _to_device(samples: Sequence[Mapping[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Stack samples into a batch; float16 features become float32 only on the device."""
-    batch = {}
-    for key in samples[0]:
-        array = np.stack([s[key] for s in samples])
-        tensor = torch.from_numpy(array).to(device, non_blocking=True)
-        if key in ("weights", "mask"):
-            tensor = tensor.unsqueeze(1)
-        batch[key] = tensor.float()
-    return batch
+def _f1(counts: np.ndarray) -> float:
+    """Mean over rows (classes) with any positives of 2 TP / (2 TP + FP + FN)."""
+    scores = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts if 2 * tp + fp + fn > 0]
+    return float(np.mean(scores)) if scores else float("nan")
 
 
-def _batch_loss(
-    model: UNet3D,
-    batch: Mapping[str, torch.Tensor],
-    num_offsets: int,
-    aff_loss: AffinityLoss,
-    lsd_weight: float,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
-) -> torch.Tensor:
-    with autocast():
-        output = model(batch["features"])
-    aff_logits, lsd_pred = split_output(output.float(), num_offsets)
-    return affinity_lsd_loss(
-        aff_logits,
-        batch["affinities"],
-        lsd_pred,
-        batch.get("lsds"),
-        batch["weights"],
-        batch["mask"],
-        lsd_weight=lsd_weight,
-        affinity_loss=aff_loss,
-    )
-
-
-def _validation_loss(
-    model: UNet3D,
-    volumes: Sequence[_Volume],
-    crops: Sequence[tuple[int, tuple[int, ...]]],
-    crop: Sequence[int],
-    params: Mapping[str, Any],
-    device: torch.device,
-) -> float | None:
-    """Mean over the fixed validation crops of the per-crop loss (model in eval mode)."""
-    if not crops:
-        return None
+def _validate(
+    model: UNet3D, sampler: CropSampler | None, crops: Sequence[tuple[int, tuple[int, ...]]],
+    objective: _Objective, device: torch.device, autocast: str,
+) -> tuple[float | None, float | None, dict[str, np.ndarray] | None]:
+    """(mean per-crop loss, F1, first crop's output on CPU) on the fixed validation crops, in eval mode."""
+    if sampler is None or not crops:
+        return None, None, None
     was_training = model.training
     model.eval()
-    num_offsets = len(volumes[0].offsets)
-    aff_loss = build_loss(params["loss"], **params["loss_params"])
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        return autocast_context(device, params["autocast"])
-
-    losses = []
+    losses, counts, first = [], None, None
     with torch.no_grad():
         for index, start in crops:
-            batch = _to_device([volumes[index].read(start, crop)], device)
-            loss = _batch_loss(model, batch, num_offsets, aff_loss, params["lsd_weight"], autocast)
-            losses.append(float(loss))
+            batch = to_device(sampler.batch_of([(index, start)]), device)
+            with autocast_context(device, autocast):
+                output = model(objective.inputs(batch))
+            losses.append(float(objective.loss(output, batch)))
+            c = objective.f1_counts(output.float(), batch)
+            counts = c if counts is None else counts + c
+            if first is None:
+                first = {"output": output.float().cpu().numpy()[0], "start": np.asarray(start), "index": np.asarray(index)}
     model.train(was_training)
-    return float(np.mean(losses))
+    return float(np.mean(losses)), _f1(counts), first
 
 
 def evaluate(
@@ -435,28 +377,23 @@ def evaluate(
 ) -> float | None:
     """Validation loss of ``model`` on the fixed validation crops that :func:`train` uses.
 
-    With the same ``params`` (seed, crop_shape, validation_crops, loss, lsd_weight,
-    min_mask_fraction) this reproduces the ``val_loss`` that :func:`train` logged for
-    the same model.
-
-    Args:
-        model: The model (switched to eval mode for the evaluation, then restored).
-        volumes: (features_path, targets_path) pairs.
-        params: Train parameters (see :data:`DEFAULT_TRAIN_PARAMS`).
-        device: Where to run.
+    With the same ``params`` this reproduces the ``val_loss`` that :func:`train` logged.
 
     Returns:
         The mean per-crop loss, or None when there are no crops.
     """
     p = resolve_train_params(params)
     dev = resolve_device(device)
-    opened = _open_volumes(volumes, p["crop_shape"], p["lsds"], "evaluate")
+    opened = _open_all(volumes, p, "evaluate")
     if not opened:
         return None
-    _check_consistent(opened)
-    crops = _validation_crops(opened, p["validation_crops"], p["crop_shape"], p["seed"], p["min_mask_fraction"])
+    check_consistent(opened)
+    sampler = CropSampler(opened, p["crop_shape"], 1, p["seed"], p["min_mask_fraction"], None,
+                          lsds=p["lsds"], raw=p["input_raw"], target=p["target"])
+    class_weights = _num_classes(opened, p)[1] if p["target"] == "semantic" else None
+    objective = _Objective(p, len(opened[0].offsets), class_weights, dev)
     model.to(dev)
-    return _validation_loss(model, opened, crops, p["crop_shape"], p, dev)
+    return _validate(model, sampler, sampler.fixed_crops(p["validation_crops"]), objective, dev, p["autocast"])[0]
 
 
 # --------------------------------------------------------------------------- outputs
@@ -468,6 +405,10 @@ def build_model_config(
     lsds: bool,
     feature_signature: Mapping[str, Any] | None = None,
     train_params: Mapping[str, Any] | None = None,
+    *,
+    input_raw: bool = False,
+    target: str = "affinities",
+    num_classes: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """The contents of ``model_config.json`` (what :func:`dinopipe.predict.load_model` reads).
@@ -478,20 +419,33 @@ def build_model_config(
         lsds: Whether the last 10 output channels are LSDs (through a sigmoid).
         feature_signature: Signature of the features the model was trained on.
         train_params: The resolved train parameters.
+        input_raw: Whether the raw image on the label grid is the last input channel
+            (``raw_source`` says where it comes from).
+        target: "affinities" or "semantic" (then ``num_classes`` class logits).
+        num_classes: Number of classes for semantic targets.
         **extra: Further JSON-serialisable entries (e.g. the volume paths).
     """
-    expected = output_channels(len(offsets), lsds)
-    if unet.out_channels != expected:
-        raise ValueError(
-            f"UNet has {unet.out_channels} output channels but {len(offsets)} offsets "
-            f"{'with' if lsds else 'without'} LSDs need {expected}"
-        )
+    if target == "affinities":
+        expected = output_channels(len(offsets), lsds)
+        if unet.out_channels != expected:
+            raise ValueError(
+                f"UNet has {unet.out_channels} output channels but {len(offsets)} offsets "
+                f"{'with' if lsds else 'without'} LSDs need {expected}"
+            )
+    elif unet.out_channels != num_classes:
+        raise ValueError(f"UNet has {unet.out_channels} output channels but there are {num_classes} classes")
+    feature_channels = unet.in_channels - int(input_raw)
     return {
         "unet": unet.to_dict(),
         "in_channels": unet.in_channels,
+        "feature_channels": feature_channels,
+        "input_raw": bool(input_raw),
+        "raw_source": RAW_SOURCE if input_raw else None,
+        "target": target,
+        "num_classes": num_classes,
         "offsets": [[int(o) for o in off] for off in offsets],
-        "lsds": lsds,
-        "lsd_channels": NUM_LSD_CHANNELS if lsds else 0,
+        "lsds": bool(lsds) and target == "affinities",
+        "lsd_channels": NUM_LSD_CHANNELS if lsds and target == "affinities" else 0,
         "lsd_activation": "sigmoid",
         "feature_signature": dict(feature_signature) if feature_signature is not None else None,
         "train_params": dict(train_params) if train_params is not None else None,
@@ -501,25 +455,66 @@ def build_model_config(
 
 
 def save_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, step: int = 0
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, step: int = 0,
+    **extra: Any,
 ) -> None:
-    """Write ``{"model", "optimizer", "step"}`` state dicts atomically (model tensors on CPU)."""
+    """Write ``{"model", "optimizer", "step", **extra}`` atomically (model tensors on CPU)."""
     state = {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "step": int(step),
+        **extra,
     }
     with atomic_output(path) as tmp:
         torch.save(state, tmp)
 
 
-def _write_curve(path: Path, rows: Sequence[tuple[int, float | None, float | None]]) -> None:
+Row = tuple[int, float | None, float | None, float | None, float | None]
+"""(step, train_loss, val_loss, val_f1, lr)."""
+CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_f1", "lr")
+
+
+def _write_curve(path: Path, rows: Sequence[Row]) -> None:
     def fmt(value: float | None) -> str:
         return "" if value is None else f"{value:.8g}"
 
-    lines = ["step\ttrain_loss\tval_loss"] + [f"{s}\t{fmt(t)}\t{fmt(v)}" for s, t, v in rows]
+    lines = ["\t".join(CURVE_COLUMNS)] + [f"{r[0]}\t" + "\t".join(fmt(v) for v in r[1:]) for r in rows]
     with atomic_output(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+def read_curve(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a ``loss_curve.tsv`` as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def plot_curve(path: str | Path, rows: Sequence[Row]) -> None:
+    """Loss curve PNG (train loss, its running mean, validation loss; validation F1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r[0] for r in rows if r[1] is not None])
+    train_loss = np.array([r[1] for r in rows if r[1] is not None], dtype=float)
+    val = [(r[0], r[2], r[3]) for r in rows if r[2] is not None]
+    fig, (ax, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
+    if len(steps):
+        ax.plot(steps, train_loss, color="C0", alpha=0.3, lw=0.8, label="train (per step)")
+        window = max(1, len(steps) // 20)
+        smooth = np.convolve(train_loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color="C0", label=f"train (mean of {window})")
+    if val:
+        ax.plot([v[0] for v in val], [v[1] for v in val], "o-", color="C1", label="validation")
+        ax_f1.plot([v[0] for v in val], [v[2] for v in val], "o-", color="C2")
+    ax.set(xlabel="step", ylabel="loss", title="loss")
+    ax.legend()
+    ax_f1.set(xlabel="step", ylabel="F1", title="validation F1", ylim=(0, 1))
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def _lr_factor(params: Mapping[str, Any]) -> Callable[[int], float]:
@@ -547,6 +542,59 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _resume_signature(model_config: Mapping[str, Any], p: Mapping[str, Any], volumes: Mapping[str, Any]) -> dict:
+    return {
+        "unet": model_config["unet"],
+        "offsets": model_config["offsets"],
+        "train_params": {k: v for k, v in p.items() if k not in RESUME_FREE_KEYS},
+        "volumes": volumes,
+    }
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.SeedSequence([seed, 2, step]).generate_state(1, np.uint64)[0] >> 1))
+    return generator
+
+
+class _Images:
+    """TensorBoard image slices of the first validation crop: raw, labels, predicted affinities."""
+
+    def __init__(self, volumes: Sequence[Volume]) -> None:
+        self.volumes = volumes
+
+    def log(self, writer: Any, first: Mapping[str, np.ndarray] | None, crop: Sequence[int], step: int,
+            num_offsets: int, semantic: bool) -> None:
+        if writer is None or first is None:
+            return
+        volume = self.volumes[int(first["index"])]
+        start = [int(s) for s in first["start"]]
+        z = start[0] + crop[0] // 2
+        plane = [z, *start[1:]], [1, *crop[1:]]
+        if "raw" in volume.arrays:
+            writer.add_image("val/raw", volume.read("raw", *plane).result()[0], step, dataformats="HW")
+        if "labels" in volume.arrays:
+            labels = volume.read("labels", *plane).result()[0].astype(np.uint64)
+            colours = np.stack([(labels * k) % 251 for k in (97, 57, 31)]).astype(np.float32) / 250
+            colours[:, labels == 0] = 0
+            writer.add_image("val/labels", colours, step, dataformats="CHW")
+        out = first["output"][:, crop[0] // 2]
+        if semantic:
+            classes = out.argmax(0)
+            writer.add_image("val/predicted_classes", classes / max(1, out.shape[0] - 1), step, dataformats="HW")
+        else:
+            affs = 1 / (1 + np.exp(-out[: min(3, num_offsets)]))
+            if affs.shape[0] < 3:
+                affs = np.concatenate([affs, np.repeat(affs[-1:], 3 - affs.shape[0], 0)])
+            writer.add_image("val/predicted_affinities", affs, step, dataformats="CHW")
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -555,151 +603,264 @@ def train(
     validate_volumes: Sequence[tuple[str, str]],
     out_dir: str | Path,
     params: Mapping[str, Any],
+    *,
+    state_dir: str | Path | None = None,
+    stop_after_step: int | None = None,
 ) -> dict[str, Any]:
-    """Train a :class:`UNet3D` from features to affinities (+ LSDs).
+    """Train a :class:`UNet3D` from features to affinities (+ LSDs) or semantic classes.
 
-    Each step draws ``batch_size`` crops of ``crop_shape`` label voxels: a volume with
-    probability proportional to its size, then a uniformly random position, redrawn
-    (up to :data:`MAX_CROP_TRIES` times) while less than ``min_mask_fraction`` of the
-    crop's mask is set. The loss is the boundary-weighted, masked affinity loss plus
-    ``lsd_weight`` times the masked LSD MSE (:func:`dinopipe.losses.affinity_lsd_loss`);
-    the model's LSD channels go through a sigmoid. Optimiser: AdamW with gradient
-    clipping and a cosine or constant learning rate.
+    Each step draws ``batch_size`` crops of ``crop_shape`` label voxels from the train
+    volumes where their masks have labels (:class:`dinopipe.loader.CropSampler`),
+    augments them (:mod:`dinopipe.augment`) and prepares them in ``loader_workers``
+    threads, ``prefetch`` batches ahead. The loss is the boundary-weighted, masked
+    affinity loss plus ``lsd_weight`` times the masked LSD MSE, or the class-weighted
+    cross-entropy. AdamW, warm-up plus cosine or constant learning rate, gradient
+    clipping, bf16/fp16 autocast on CUDA.
 
     Validation uses a fixed, seeded set of ``validation_crops`` crops from
-    ``validate_volumes`` only, before training (step 0), every ``validate_every``
-    steps and at the last step. Without validate volumes a warning is logged and no
-    validation is done (``val_loss`` stays empty, ``best_val_loss`` is None).
-
-    On CPU, runs with the same seed and thread count give identical results.
+    ``validate_volumes`` only (never from train volumes), before training (step 0),
+    every ``validate_every`` steps and at the last step: loss and F1. Training stops
+    early after ``early_stopping_patience`` validations without an improvement of more
+    than ``early_stopping_min_delta``. Without validate volumes a warning is logged
+    and no validation is done.
 
     Args:
         train_volumes: (features_path, targets_path) pairs to train on.
         validate_volumes: (features_path, targets_path) pairs to validate on.
-        out_dir: Folder for ``checkpoint.pt``, ``model_config.json`` and ``loss_curve.tsv``.
+        out_dir: Folder for ``checkpoint.pt``, ``model_config.json``, ``loss_curve.tsv``,
+            ``loss_curve.png`` and ``tensorboard/``.
         params: The ``train:`` config section; see :data:`DEFAULT_TRAIN_PARAMS`.
+        state_dir: Resumable state (default ``out_dir/state``).
+        stop_after_step: Testing hook: raise :class:`TrainingInterrupted` after this step,
+            as if the job were killed there (state written only at validations).
 
     Returns:
-        Summary: ``steps``, ``final_train_loss``, ``best_val_loss``, ``best_val_step``,
-        ``final_val_loss``, ``seconds``, ``device``.
+        Summary: ``steps``, ``start_step``, ``stopped_early``, ``final_train_loss``,
+        ``best_val_loss``, ``best_val_step``, ``final_val_loss``, ``seconds``,
+        ``data_wait_fraction``, ``device``.
 
     Raises:
-        ValueError: Unknown or invalid params, no train volumes, a crop larger than a
-            volume, or volumes that disagree on feature channels or offsets.
+        ValueError: Invalid params, no train volumes, a crop larger than a volume,
+            volumes that disagree on feature channels or offsets, or a train volume
+            that is also a validate volume.
     """
     p = resolve_train_params(params)
     if not train_volumes:
         raise ValueError("train() needs at least one train volume, got none")
+    both = sorted({str(f) for f, _ in train_volumes} & {str(f) for f, _ in validate_volumes})
+    if both:
+        raise ValueError(f"volumes {both} are both train and validate volumes; a volume must be on one side only")
     device = resolve_device(p["device"])
     crop = p["crop_shape"]
     out = Path(out_dir)
+    state = Path(state_dir) if state_dir is not None else out / "state"
     out.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
 
     with _torch_threads(p["num_threads"]):
-        train_vols = _open_volumes(train_volumes, crop, p["lsds"], "train")
-        val_vols = _open_volumes(validate_volumes, crop, p["lsds"], "validate")
-        _check_consistent(train_vols + val_vols)
+        train_vols = _open_all(train_volumes, p, "train")
+        val_vols = _open_all(validate_volumes, p, "validate", extra=("labels", "raw") if p["tensorboard"] else ())
+        check_consistent(train_vols + val_vols)
         first = train_vols[0]
         offsets, num_offsets = first.offsets, len(first.offsets)
+        num_classes, class_weights = _num_classes(train_vols, p) if p["target"] == "semantic" else (None, None)
         if not val_vols:
             logger.warning("no validate volumes given: training without validation (val_loss stays empty)")
-
-        unet_config = UNetConfig.from_dict(
-            {**p["unet"], "in_channels": first.channels, "out_channels": output_channels(num_offsets, p["lsds"])}
+        in_ch, out_ch = target_channels(
+            p["target"], num_offsets=num_offsets, lsds=p["lsds"], num_classes=num_classes or 0,
+            input_raw=p["input_raw"], feature_channels=first.channels,
         )
-        write_json(
-            out / "model_config.json",
-            build_model_config(
-                unet_config,
-                offsets,
-                p["lsds"],
-                first.signature,
-                p,
-                train_volumes=[list(map(str, v)) for v in train_volumes],
-                validate_volumes=[list(map(str, v)) for v in validate_volumes],
-            ),
+        unet_config = UNetConfig.from_dict({**p["unet"], "in_channels": in_ch, "out_channels": out_ch})
+        volumes_used = {
+            "train_volumes": [list(map(str, v)) for v in train_volumes],
+            "validate_volumes": [list(map(str, v)) for v in validate_volumes],
+        }
+        model_config = build_model_config(
+            unet_config, offsets, p["lsds"], first.signature, p, input_raw=p["input_raw"], target=p["target"],
+            num_classes=num_classes, class_weights=class_weights, **volumes_used,
         )
         logger.info(
-            "training on %d volume(s) (%s), validating on %d, %d feature channels, offsets %s, device %s",
-            len(train_vols),
-            ", ".join(v.name for v in train_vols),
-            len(val_vols),
-            first.channels,
-            offsets,
-            device,
+            "training on %d volume(s) (%s), validating on %d, %d feature channels%s, offsets %s, device %s",
+            len(train_vols), ", ".join(v.name for v in train_vols), len(val_vols), first.channels,
+            " + raw" if p["input_raw"] else "", offsets, device,
         )
 
         torch.manual_seed(p["seed"])
-        rng = np.random.default_rng(p["seed"])
         model = UNet3D(unet_config).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=p["learning_rate"], weight_decay=p["weight_decay"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(p))
-        aff_loss = build_loss(p["loss"], **p["loss_params"])
-        sizes = np.array([np.prod(v.shape) for v in train_vols], dtype=np.float64)
-        volume_p = sizes / sizes.sum()
-        val_crops = _validation_crops(val_vols, p["validation_crops"], crop, p["seed"], p["min_mask_fraction"])
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and p["autocast"] == "fp16")
+        objective = _Objective(p, num_offsets, class_weights, device)
+        sampler = CropSampler(train_vols, crop, p["batch_size"], p["seed"], p["min_mask_fraction"], p["augment"],
+                              lsds=p["lsds"], raw=p["input_raw"], target=p["target"])
+        val_sampler = (
+            CropSampler(val_vols, crop, 1, p["seed"], p["min_mask_fraction"], None,
+                        lsds=p["lsds"], raw=p["input_raw"], target=p["target"]) if val_vols else None
+        )
+        val_crops = val_sampler.fixed_crops(p["validation_crops"]) if val_sampler else []
         if val_vols and not val_crops:
             logger.warning("validation_crops is 0: training without validation")
 
-        def autocast() -> contextlib.AbstractContextManager[Any]:
-            return autocast_context(device, p["autocast"])
-
-        rows: list[tuple[int, float | None, float | None]] = []
+        signature = _resume_signature(model_config, p, volumes_used)
+        rows: list[Row] = []
         best: tuple[float, int] | None = None
-        val_loss = _validation_loss(model, val_vols, val_crops, crop, p, device)
-        if val_loss is not None:
-            rows.append((0, None, val_loss))
-            best = (val_loss, 0)
-            logger.info("step 0: val_loss %.5f", val_loss)
+        bad_validations, stopped_early, start_step = 0, False, 0
+        latest = state / "latest.pt"
+        if p["resume"] and latest.is_file():
+            saved = torch.load(latest, map_location="cpu", weights_only=True)
+            differs = _differences(saved.get("signature", {}), signature)
+            if differs:
+                logger.warning("not resuming from %s: settings differ in %s; starting from step 0", latest, differs)
+            elif saved["step"] > p["steps"]:
+                logger.warning("not resuming from %s: it is at step %d, beyond steps=%d; starting from step 0",
+                               latest, saved["step"], p["steps"])
+            else:
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+                scaler.load_state_dict(saved["scaler"])
+                torch.set_rng_state(saved["torch_rng"])
+                if device.type == "cuda" and saved.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(saved["cuda_rng"], device)
+                start_step = int(saved["step"])
+                rows = [tuple(r) for r in saved["rows"]]  # type: ignore[misc]
+                best = tuple(saved["best"]) if saved["best"] is not None else None  # type: ignore[assignment]
+                bad_validations, stopped_early = int(saved["bad_validations"]), bool(saved["stopped_early"])
+                if stopped_early and p["steps"] > int(saved["steps_param"]):  # asked for more steps: train on
+                    stopped_early, bad_validations = False, 0
+                logger.info("resuming from %s at step %d of %d", latest, start_step, p["steps"])
+
+        writer = None
+        if p["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if start_step else None)
+        images = _Images(val_vols)
+
+        def save_state(step: int) -> None:
+            save_checkpoint(
+                latest, model, optimizer, step, scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                torch_rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                rows=[list(r) for r in rows], best=list(best) if best else None,
+                bad_validations=bad_validations, stopped_early=stopped_early, signature=signature,
+                steps_param=p["steps"],
+            )
+            _write_curve(state / "loss_curve.tsv", rows)
+
+        def validation(step: int) -> tuple[float | None, float | None]:
+            nonlocal best, bad_validations, stopped_early
+            val_loss, val_f1, first_crop = _validate(model, val_sampler, val_crops, objective, device, p["autocast"])
+            if val_loss is None:
+                return None, None
+            images.log(writer, first_crop, crop, step, num_offsets, p["target"] == "semantic")
+            if writer is not None:
+                writer.add_scalar("val/loss", val_loss, step)
+                writer.add_scalar("val/f1", val_f1, step)
+            if best is None or val_loss < best[0] - p["early_stopping_min_delta"]:
+                best = (val_loss, step)
+                bad_validations = 0
+                save_checkpoint(state / "best.pt", model, None, step, val_loss=val_loss)
+            else:
+                bad_validations += 1
+                patience = p["early_stopping_patience"]
+                if patience is not None and bad_validations >= patience:
+                    stopped_early = True
+            return val_loss, val_f1
+
+        if start_step == 0:
+            rows = []
+            val_loss, val_f1 = validation(0)
+            if val_loss is not None:
+                rows.append((0, None, val_loss, val_f1, None))
+                logger.info("step 0: val_loss %.5f val_f1 %.4f", val_loss, val_f1)
 
         started = time.perf_counter()
-        train_loss = float("nan")
+        train_loss = rows[-1][1] if rows and rows[-1][1] is not None else float("nan")
+        step_seconds = 0.0
         model.train()
-        progress = tqdm(range(1, p["steps"] + 1), desc="train", unit="step", disable=None)
-        for step in progress:
-            samples = []
-            for _ in range(p["batch_size"]):
-                volume = train_vols[int(rng.choice(len(train_vols), p=volume_p))]
-                start, mask = _sample_crop(volume, crop, rng, p["min_mask_fraction"])
-                samples.append(volume.read(start, crop, mask))
-            batch = _to_device(samples, device)
-            loss = _batch_loss(model, batch, num_offsets, aff_loss, p["lsd_weight"], autocast)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if p["grad_clip_norm"] is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), p["grad_clip_norm"])
-            optimizer.step()
-            scheduler.step()
-            train_loss = loss.item()
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"training diverged at step {step} (loss {train_loss}); lower learning_rate "
-                    f"(now {p['learning_rate']}) or check the inputs"
-                )
-            val_loss = None
-            checkpoint_step = step % p["validate_every"] == 0 or step == p["steps"]
-            if checkpoint_step:
-                val_loss = _validation_loss(model, val_vols, val_crops, crop, p, device)
-                if val_loss is not None:
-                    logger.info("step %d: train_loss %.5f val_loss %.5f", step, train_loss, val_loss)
-                    if best is None or val_loss < best[0]:
-                        best = (val_loss, step)
-            rows.append((step, train_loss, val_loss))
-            if step % 10 == 0 or checkpoint_step:
-                progress.set_postfix(loss=f"{train_loss:.4f}")
-            if checkpoint_step:
-                save_checkpoint(out / "checkpoint.pt", model, optimizer, step)
-                _write_curve(out / "loss_curve.tsv", rows)
-        progress.close()
+        progress = tqdm(total=p["steps"], initial=start_step, desc="train", unit="step", disable=None)
+        prefetcher = None
+        if start_step < p["steps"] and not stopped_early:
+            prefetcher = Prefetcher(sampler.batch, start_step + 1, p["steps"], p["loader_workers"], p["prefetch"])
+        try:
+            step = start_step
+            while prefetcher is not None and step < p["steps"] and not stopped_early:
+                step += 1
+                t0 = time.perf_counter()
+                batch = to_device(prefetcher.get(step), device)
+                lr = scheduler.get_last_lr()[0]
+                with autocast_context(device, p["autocast"]):
+                    output = model(objective.inputs(batch, _step_generator(p["seed"], step, device)))
+                loss = objective.loss(output, batch)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if p["grad_clip_norm"] is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), p["grad_clip_norm"])
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                train_loss = loss.item()
+                step_seconds += time.perf_counter() - t0
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(
+                        f"training diverged at step {step} (loss {train_loss}); lower learning_rate "
+                        f"(now {p['learning_rate']}) or check the inputs"
+                    )
+                if writer is not None:
+                    writer.add_scalar("train/loss", train_loss, step)
+                    writer.add_scalar("train/lr", lr, step)
+                val_loss = val_f1 = None
+                checkpoint_step = step % p["validate_every"] == 0 or step == p["steps"]
+                if checkpoint_step:
+                    val_loss, val_f1 = validation(step)
+                    if val_loss is not None:
+                        logger.info("step %d: train_loss %.5f val_loss %.5f val_f1 %.4f", step, train_loss,
+                                    val_loss, val_f1)
+                rows.append((step, train_loss, val_loss, val_f1, lr))
+                progress.update(1)
+                if step % 10 == 0 or checkpoint_step:
+                    progress.set_postfix(loss=f"{train_loss:.4f}")
+                if checkpoint_step or stopped_early:
+                    save_state(step)
+                if stopped_early:
+                    logger.info("early stopping at step %d: no improvement in %d validations (best %.5f at step %d)",
+                                step, bad_validations, *best)  # type: ignore[misc]
+                if stop_after_step is not None and step >= stop_after_step:
+                    raise TrainingInterrupted(f"stopped after step {step} (testing hook)")
+        finally:
+            progress.close()
+            if prefetcher is not None:
+                prefetcher.close()
+            if writer is not None:
+                writer.close()
 
-    seconds = time.perf_counter() - started
+        wait = prefetcher.wait_seconds if prefetcher is not None else 0.0
+        seconds = time.perf_counter() - started
+        final_step = rows[-1][0] if rows else start_step
+        if best is not None and (state / "best.pt").is_file():
+            best_state = torch.load(state / "best.pt", map_location="cpu", weights_only=True)
+            final = {"model": best_state["model"], "step": int(best_state["step"]), "val_loss": best[0]}
+        else:
+            final = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                     "step": int(final_step), "val_loss": None}
+        write_json(out / "model_config.json", {**model_config, "checkpoint_step": final["step"]})
+        with atomic_output(out / "checkpoint.pt") as tmp:
+            torch.save(final, tmp)
+        _write_curve(out / "loss_curve.tsv", rows)
+        plot_curve(out / "loss_curve.png", rows)
+
     summary = {
-        "steps": p["steps"],
+        "steps": int(final_step),
+        "start_step": start_step,
+        "stopped_early": stopped_early,
         "final_train_loss": train_loss,
         "best_val_loss": best[0] if best else None,
         "best_val_step": best[1] if best else None,
-        "final_val_loss": rows[-1][2],
+        "final_val_loss": next((r[2] for r in reversed(rows) if r[2] is not None), None),
         "seconds": seconds,
+        "data_wait_fraction": wait / step_seconds if step_seconds > 0 else 0.0,
         "device": str(device),
     }
     logger.info("training done in %.1f s: %s", seconds, summary)

@@ -14,7 +14,7 @@ import zarr
 
 from dinopipe.io import read_image, write_image
 from dinopipe.predict import load_model, predict_volume
-from dinopipe.train import DEFAULT_TRAIN_PARAMS, evaluate, resolve_train_params, train
+from dinopipe.train import DEFAULT_TRAIN_PARAMS, TrainingInterrupted, evaluate, resolve_train_params, train
 
 OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 VOXEL_SIZE = (8.0, 4.0, 4.0)
@@ -62,6 +62,8 @@ def make_fake_volume(
         features[:n] = 2.0 * affs - 1.0 + rng.normal(0, 0.2, size=affs.shape)
         features[n : n + 10] = 4.0 * (lsds - 0.5) + rng.normal(0, 0.2, size=lsds.shape)
 
+    semantic = (labels % 3).astype(np.uint8)
+
     features_path = tmp_path / "features" / f"{name}.zarr"
     targets_path = tmp_path / "targets" / f"{name}.zarr"
     features_path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def make_fake_volume(
         attrs={"signature": signature},
     )
     root = zarr.open_group(str(targets_path), mode="w", zarr_format=2)
-    root.attrs["dinopipe"] = {"offsets": offsets, "lsd_sigma": 80.0}
+    root.attrs["dinopipe"] = {"offsets": offsets, "lsd_sigma": 80.0, "num_classes": 3}
     for key, data, channel_axis in (
         ("labels", labels, False),
         ("affinities", affs, True),
@@ -84,6 +86,7 @@ def make_fake_volume(
         ("boundary_weights", weights, False),
         ("mask", mask, False),
         ("raw", rng.uniform(0, 1, size=shape).astype(np.float32), False),
+        ("semantic", semantic, False),
     ):
         write_image(targets_path / key, data, VOXEL_SIZE, TRANSLATION, channel_axis=channel_axis)
     return str(features_path), str(targets_path)
@@ -98,6 +101,7 @@ TINY = {
     "validation_crops": 2,
     "unet": {"levels": 1, "base_channels": 4},
     "num_threads": 2,
+    "tensorboard": False,
 }
 
 
@@ -114,52 +118,151 @@ def volumes(tmp_path_factory):
 
 def test_train_writes_outputs_and_the_loaded_model_reproduces(tmp_path, volumes):
     train_vol, val_vol = volumes
-    summary = train([train_vol], [val_vol], tmp_path / "model", TINY)
+    summary = train([train_vol], [val_vol], tmp_path / "model", {**TINY, "tensorboard": True})
     out = tmp_path / "model"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "loss_curve.tsv", "model_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt", "loss_curve.png", "loss_curve.tsv", "model_config.json", "state", "tensorboard"]
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["best.pt", "latest.pt", "loss_curve.tsv"]
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     rows = read_curve(out / "loss_curve.tsv")
-    assert list(rows[0]) == ["step", "train_loss", "val_loss"]
+    assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_f1", "lr"]
     assert [int(r["step"]) for r in rows] == list(range(21))
     assert rows[0]["train_loss"] == "" and rows[0]["val_loss"] != ""
     assert [int(r["step"]) for r in rows if r["val_loss"]] == [0, 10, 20]
+    assert all(0 <= float(r["val_f1"]) <= 1 for r in rows if r["val_loss"])
     assert all(float(r["train_loss"]) > 0 for r in rows[1:])
+    assert float(rows[1]["lr"]) == pytest.approx(TINY["learning_rate"])
 
     config = json.loads((out / "model_config.json").read_text())
-    assert config["in_channels"] == 16
-    assert config["offsets"] == OFFSETS
+    assert config["in_channels"] == 16 and config["input_raw"] is False and config["raw_source"] is None
+    assert config["offsets"] == OFFSETS and config["target"] == "affinities"
     assert config["unet"]["out_channels"] == 13 and config["unet"]["levels"] == 1
     assert config["feature_signature"]["model_id"] == "tiny-random"
     assert config["train_params"]["steps"] == 20
     assert config["train_params"]["weight_decay"] == DEFAULT_TRAIN_PARAMS["weight_decay"]
 
+    # checkpoint.pt: the best model (state dicts and plain values only)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert sorted(checkpoint) == ["model", "optimizer", "step"] and checkpoint["step"] == 20
+    assert sorted(checkpoint) == ["model", "step", "val_loss"]
+    assert checkpoint["step"] == summary["best_val_step"] == config["checkpoint_step"]
+    assert checkpoint["val_loss"] == summary["best_val_loss"]
 
-    assert summary["steps"] == 20
+    assert summary["steps"] == 20 and summary["start_step"] == 0 and not summary["stopped_early"]
     assert summary["final_train_loss"] == pytest.approx(float(rows[-1]["train_loss"]), rel=1e-6)
     assert summary["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows if r["val_loss"]))
-    assert summary["seconds"] > 0
+    assert 0 <= summary["data_wait_fraction"] <= 1
 
-    model, loaded_config = load_model(out)
+    model, _ = load_model(out)
     assert not model.training
-    assert evaluate(model, [val_vol], TINY) == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    assert evaluate(model, [val_vol], TINY) == pytest.approx(summary["best_val_loss"], rel=1e-6)
 
     predict_volume(train_vol[0], out, tmp_path / "pred.zarr", block_shape=(16, 32, 32), device="cpu")
     affs = read_image(tmp_path / "pred.zarr" / "affinities")
     assert affs.array.shape == (3, 32, 32, 32) and affs.geometry.voxel_size == VOXEL_SIZE
     assert zarr.open_group(str(tmp_path / "pred.zarr")).attrs["dinopipe"]["offsets"] == OFFSETS
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/loss", "val/f1"} <= set(events.Tags()["scalars"])
+    assert {"val/raw", "val/labels", "val/predicted_affinities"} <= set(events.Tags()["images"])
+
 
 def test_training_is_deterministic_on_cpu(tmp_path, volumes):
-    params = {**TINY, "steps": 4, "validate_every": 2}
+    params = {**TINY, "steps": 4, "validate_every": 2, "augment": {"feature_noise": 0.1, "channel_dropout": 0.1}}
     first = train([volumes[0]], [volumes[1]], tmp_path / "a", params)
-    second = train([volumes[0]], [volumes[1]], tmp_path / "b", params)
+    second = train([volumes[0]], [volumes[1]], tmp_path / "b", {**params, "loader_workers": 1, "prefetch": 1})
     assert (tmp_path / "a" / "loss_curve.tsv").read_text() == (tmp_path / "b" / "loss_curve.tsv").read_text()
     assert first["final_val_loss"] == second["final_val_loss"]
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _latest_model(out: Path) -> dict:
+    return torch.load(out / "state" / "latest.pt", weights_only=True)["model"]
+
+
+def test_an_interrupted_run_resumes_and_equals_the_uninterrupted_run(tmp_path, volumes, caplog):
+    params = {**TINY, "steps": 20, "validate_every": 5, "unet": {"levels": 1, "base_channels": 4, "dropout": 0.2},
+              "augment": {"feature_noise": 0.1, "channel_dropout": 0.1}}
+    whole = train([volumes[0]], [volumes[1]], tmp_path / "whole", params)
+    with pytest.raises(TrainingInterrupted):
+        train([volumes[0]], [volumes[1]], tmp_path / "cut", params, stop_after_step=13)
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # no output that looks complete
+    assert torch.load(tmp_path / "cut" / "state" / "latest.pt", weights_only=True)["step"] == 10
+    with caplog.at_level(logging.INFO, logger="dinopipe.train"):
+        resumed = train([volumes[0]], [volumes[1]], tmp_path / "cut", params)
+    assert "resuming from" in caplog.text and resumed["start_step"] == 10
+    assert resumed["steps"] == whole["steps"] == 20
+    assert (tmp_path / "cut" / "loss_curve.tsv").read_text() == (tmp_path / "whole" / "loss_curve.tsv").read_text()
+    a, b = _latest_model(tmp_path / "whole"), _latest_model(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # rerunning a finished run changes nothing
+    again = train([volumes[0]], [volumes[1]], tmp_path / "cut", params)
+    assert again["start_step"] == 20
+    assert (tmp_path / "cut" / "loss_curve.tsv").read_text() == (tmp_path / "whole" / "loss_curve.tsv").read_text()
+
+
+def test_more_steps_continue_the_curve(tmp_path, volumes):
+    params = {**TINY, "steps": 10, "validate_every": 5, "lr_schedule": "constant"}
+    train([volumes[0]], [volumes[1]], tmp_path / "m", params)
+    short = read_curve(tmp_path / "m" / "loss_curve.tsv")
+    more = train([volumes[0]], [volumes[1]], tmp_path / "m", {**params, "steps": 20})
+    assert more["start_step"] == 10 and more["steps"] == 20
+    rows = read_curve(tmp_path / "m" / "loss_curve.tsv")
+    assert [int(r["step"]) for r in rows] == list(range(21)) and rows[:11] == short
+    # with a constant schedule this is exactly the 20-step run
+    train([volumes[0]], [volumes[1]], tmp_path / "once", {**params, "steps": 20})
+    assert (tmp_path / "once" / "loss_curve.tsv").read_text() == (tmp_path / "m" / "loss_curve.tsv").read_text()
+
+
+def test_changed_settings_start_afresh(tmp_path, volumes, caplog):
+    params = {**TINY, "steps": 4, "validate_every": 2}
+    train([volumes[0]], [volumes[1]], tmp_path / "m", params)
+    with caplog.at_level(logging.WARNING, logger="dinopipe.train"):
+        summary = train([volumes[0]], [volumes[1]], tmp_path / "m", {**params, "learning_rate": 1e-3})
+    assert "settings differ in ['train_params.learning_rate']" in caplog.text
+    assert summary["start_step"] == 0
+    summary = train([volumes[0]], [volumes[1]], tmp_path / "m", {**params, "steps": 6, "resume": False})
+    assert summary["start_step"] == 0
+
+
+def test_early_stopping_keeps_the_best_model(tmp_path, volumes):
+    params = {**TINY, "steps": 30, "validate_every": 2, "early_stopping_patience": 2,
+              "early_stopping_min_delta": 100.0}  # nothing counts as an improvement
+    summary = train([volumes[0]], [volumes[1]], tmp_path / "m", params)
+    assert summary["stopped_early"] and summary["steps"] == 4
+    assert summary["best_val_step"] == 0
+    assert torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["step"] == 0
+    assert int(read_curve(tmp_path / "m" / "loss_curve.tsv")[-1]["step"]) == 4
+    again = train([volumes[0]], [volumes[1]], tmp_path / "m", params)  # a rerun stays stopped
+    assert again["stopped_early"] and again["steps"] == 4
+
+
+def test_raw_as_an_extra_input_channel(tmp_path, volumes):
+    train([volumes[0]], [volumes[1]], tmp_path / "m", {**TINY, "steps": 2, "input_raw": True})
+    config = json.loads((tmp_path / "m" / "model_config.json").read_text())
+    assert config["input_raw"] is True and config["in_channels"] == 17 and config["feature_channels"] == 16
+    assert "targets" in config["raw_source"] and "'raw'" in config["raw_source"]
+    model, _ = load_model(tmp_path / "m")
+    assert model.encoders[0][0].in_channels == 17
+
+
+def test_semantic_targets_with_class_weights(tmp_path, volumes):
+    params = {**TINY, "steps": 4, "validate_every": 2, "target": "semantic", "loss": "cross_entropy",
+              "class_weights": [0.5, 1.0, 2.0]}
+    summary = train([volumes[0]], [volumes[1]], tmp_path / "m", params)
+    config = json.loads((tmp_path / "m" / "model_config.json").read_text())
+    assert config["target"] == "semantic" and config["num_classes"] == 3 and config["unet"]["out_channels"] == 3
+    assert config["class_weights"] == [0.5, 1.0, 2.0]
+    assert summary["best_val_loss"] > 0
+    with pytest.raises(ValueError, match="'cross_entropy' for target 'semantic'"):
+        resolve_train_params({"target": "semantic"})
+    with pytest.raises(ValueError, match="needs target: semantic"):
+        resolve_train_params({"loss": "cross_entropy"})
 
 
 def test_without_validate_volumes_warns_and_leaves_val_empty(tmp_path, volumes, caplog):
@@ -170,6 +273,7 @@ def test_without_validate_volumes_warns_and_leaves_val_empty(tmp_path, volumes, 
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert all(r["val_loss"] == "" for r in rows)
     assert summary["best_val_loss"] is None
+    assert torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
 def test_bad_params_are_rejected(tmp_path, volumes):
@@ -185,16 +289,58 @@ def test_bad_params_are_rejected(tmp_path, volumes):
         resolve_train_params({"lr_schedule": "step"})
     with pytest.raises(ValueError, match="unknown loss"):
         resolve_train_params({"loss": "hinge"})
+    with pytest.raises(ValueError, match=r"unknown parameters \['alpha'\] for loss 'dice'"):
+        resolve_train_params({"loss": "dice", "loss_params": {"alpha": 0.3}})
     with pytest.raises(ValueError, match="device"):
         resolve_train_params({"device": "tpu"})
+    with pytest.raises(ValueError, match="autocast"):
+        resolve_train_params({"autocast": "fp8"})
+    assert resolve_train_params({"autocast": True})["autocast"] == "bf16"
+    with pytest.raises(ValueError, match=r"unknown train.augment parameters \['mirror'\]"):
+        resolve_train_params({"augment": {"mirror": True}})
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        resolve_train_params({"early_stopping_patience": 0})
     with pytest.raises(ValueError, match=r"volume train_a: crop_shape \[16, 64, 16\] is larger than the volume"):
         train([volumes[0]], [], tmp_path / "m", {**TINY, "crop_shape": [16, 64, 16]})
+    with pytest.raises(ValueError, match="both train and validate volumes"):
+        train([volumes[0]], [volumes[0]], tmp_path / "m", TINY)
 
 
 def test_inconsistent_offsets_are_rejected(tmp_path, volumes):
     other = make_fake_volume(tmp_path, "two_offsets", shape=(16, 16, 16), offsets=[[1, 0, 0], [0, 1, 0]], seed=3)
     with pytest.raises(ValueError, match="volume two_offsets has affinity offsets"):
         train([volumes[0]], [other], tmp_path / "m", TINY)
+
+
+def test_offsets_not_closed_under_augmentation_are_rejected(tmp_path):
+    vol = make_fake_volume(tmp_path, "aniso", shape=(16, 16, 16), offsets=[[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 3, 0]])
+    with pytest.raises(ValueError, match=r"affinity offset \[0, 3, 0\] becomes \[0, 0, 3\]"):
+        train([vol], [], tmp_path / "m", TINY)
+    train([vol], [], tmp_path / "m", {**TINY, "steps": 1, "augment": {"transpose": False, "rot90": False}})
+
+
+DEMO = {"seed": 0, "label_shape": [16, 48, 48], "label_voxel_size": [16, 16, 16], "raw_factor": [2, 2, 2]}
+
+
+@pytest.mark.slow
+def test_a_short_run_on_the_demo_lowers_the_validation_loss(tmp_path):
+    """Real demo volumes (synthetic EM, tiny ViT features, real targets): learning is real."""
+    from dinopipe.sheet import Volume
+    from dinopipe.stages import run_demo_data, run_features, run_targets
+
+    pairs = {}
+    for name in ("train_0", "validate_0"):
+        run_demo_data(name, tmp_path / f"{name}.zarr", **DEMO)
+        volume = Volume(name, str(tmp_path / f"{name}.zarr" / "raw"), str(tmp_path / f"{name}.zarr" / "labels"), "train")
+        run_features(volume, tmp_path / "features" / f"{name}.zarr", {"backbone": "tiny-vit", "planes": ["xy"]}, {})
+        run_targets(volume, tmp_path / "targets" / f"{name}.zarr", {}, {})
+        pairs[name] = (str(tmp_path / "features" / f"{name}.zarr"), str(tmp_path / "targets" / f"{name}.zarr"))
+    params = {**TINY, "steps": 60, "crop_shape": [16, 32, 32], "learning_rate": 3e-3, "validate_every": 20,
+              "validation_crops": 4, "unet": {"levels": 2, "base_channels": 8}}
+    summary = train([pairs["train_0"]], [pairs["validate_0"]], tmp_path / "m", params)
+    val = [float(r["val_loss"]) for r in read_curve(tmp_path / "m" / "loss_curve.tsv") if r["val_loss"]]
+    assert len(val) == 4
+    assert summary["best_val_loss"] < 0.8 * val[0], val
 
 
 @pytest.mark.slow

@@ -1,0 +1,445 @@
+"""Random training crops from cached feature and target volumes, read with tensorstore.
+
+Each volume's arrays are opened once (:func:`open_volume`); crops are read with
+``TensorStore.read()``, all arrays of a crop concurrently. A batch is a pure function of
+``(seed, step)`` (:meth:`CropSampler.batch`): its crops, their positions and their
+augmentations come from ``np.random.default_rng([seed, 0, step, item])``, so batches can
+be prepared in any order by any thread (:class:`Prefetcher`) and a resumed run draws
+exactly the batches an uninterrupted run would have.
+
+Crops are drawn where the mask has labels: a volume with probability proportional to its
+labelled voxels, then a labelled voxel (from a coarse per-block count of the mask, read
+once at opening), then a crop around it, redrawn while less than ``min_mask_fraction`` of
+the crop is labelled. Features stay float16 until :func:`to_device` moves them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+import torch
+import zarr
+
+from dinopipe.augment import (
+    apply_spatial,
+    check_offsets_closed,
+    transform_affinities,
+    transform_group,
+    transform_lsds,
+)
+from dinopipe.io import read_image
+from dinopipe.unet import NUM_LSD_CHANNELS
+
+logger = logging.getLogger(__name__)
+
+MAX_CROP_TRIES = 100
+"""Positions tried per crop before taking the best one seen (with a warning)."""
+COARSE_BLOCK = 8
+"""Edge (voxels) of the blocks in which the mask's labelled voxels are counted at opening."""
+TARGET_TYPES = ("affinities", "semantic")
+
+
+def open_array(path: str | Path) -> ts.TensorStore:
+    """Open one zarr v2 array read-only with tensorstore (once per volume and array)."""
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(Path(path).resolve())}}
+    return ts.open(spec, read=True).result()
+
+
+@dataclass
+class Volume:
+    """One volume's feature and target arrays, opened once.
+
+    Attributes:
+        name: Volume name (the feature store's name without ``.zarr``).
+        features_path, targets_path: Where the stores are.
+        arrays: ``features`` (C, z, y, x) float16 and the target arrays by name
+            (``affinities``, ``lsds``, ``boundary_weights``, ``mask``, ``raw``,
+            ``labels``, ``semantic`` as present and needed).
+        offsets: Affinity offsets (z, y, x) of the affinity channels.
+        signature: The features' signature (or None).
+        shape: Spatial shape (z, y, x) in voxels.
+        voxel_size: nm, (z, y, x).
+        attrs: The targets store's ``dinopipe`` root attributes.
+        coarse: Labelled-voxel counts of the mask per :data:`COARSE_BLOCK`³ block.
+    """
+
+    name: str
+    features_path: str
+    targets_path: str
+    arrays: dict[str, ts.TensorStore]
+    offsets: list[list[int]]
+    signature: Mapping[str, Any] | None
+    shape: tuple[int, int, int]
+    voxel_size: tuple[float, float, float]
+    attrs: dict[str, Any]
+    coarse: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
+    warned: bool = False
+
+    @property
+    def channels(self) -> int:
+        return int(self.arrays["features"].shape[0])
+
+    @property
+    def labelled(self) -> int:
+        return int(self.coarse.sum())
+
+    def read(self, key: str, start: Sequence[int], shape: Sequence[int]) -> ts.Future:
+        """Start reading ``shape`` voxels at ``start`` of array ``key`` (all channels)."""
+        array = self.arrays[key]
+        index = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, shape, strict=True))
+        if array.rank == 4:
+            index = (slice(None), *index)
+        return array[index].read()
+
+    def read_padded(self, key: str, start: Sequence[int], shape: Sequence[int], margin: int) -> np.ndarray:
+        """Read a crop grown by ``margin`` on every side, 0 outside the volume."""
+        lo = [int(s) - margin for s in start]
+        hi = [int(s) + int(n) + margin for s, n in zip(start, shape, strict=True)]
+        inner_lo = [max(a, 0) for a in lo]
+        inner_hi = [min(b, n) for b, n in zip(hi, self.shape, strict=True)]
+        data = self.read(key, inner_lo, [b - a for a, b in zip(inner_lo, inner_hi, strict=True)]).result()
+        if inner_lo == lo and inner_hi == hi:
+            return data
+        array = self.arrays[key]
+        out = np.zeros((*array.shape[:-3], *(b - a for a, b in zip(lo, hi, strict=True))), dtype=data.dtype)
+        place = tuple(slice(a - l, b - l) for a, b, l in zip(inner_lo, inner_hi, lo, strict=True))
+        out[(..., *place)] = data
+        return out
+
+
+def volume_name(features_path: str | Path) -> str:
+    name = Path(features_path).name
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+
+
+def open_volume(
+    features_path: str | Path,
+    targets_path: str | Path,
+    *,
+    lsds: bool = True,
+    raw: bool = False,
+    target: str = "affinities",
+    extra: Sequence[str] = (),
+) -> Volume:
+    """Open a volume's features and targets, check that they share the label grid.
+
+    Args:
+        features_path: Feature store (OME-NGFF image, (C, z, y, x) float16).
+        targets_path: Targets store (group of OME-NGFF images).
+        lsds: Open the LSDs.
+        raw: Open ``raw`` (the raw image on the label grid).
+        target: ``"affinities"`` or ``"semantic"`` (opens ``semantic`` instead).
+        extra: Further target images to open when present (e.g. ``"labels"`` and ``"raw"``
+            for image summaries).
+
+    Raises:
+        FileNotFoundError: A store or image is missing.
+        ValueError: Shapes, grids, channel counts or offsets that do not fit (named).
+    """
+    features_path, targets_path = str(features_path), str(targets_path)
+    name = volume_name(features_path)
+    features = read_image(features_path)
+    if not features.channel_axis:
+        raise ValueError(f"volume {name}: features {features_path} must be (C, z, y, x), got shape {features.array.shape}")
+    if not Path(targets_path).exists():
+        raise FileNotFoundError(f"volume {name}: no targets at {targets_path}")
+    attrs = dict(dict(zarr.open_group(targets_path, mode="r").attrs).get("dinopipe", {}))
+    offsets = [[int(o) for o in off] for off in attrs.get("offsets") or []]
+    if target == "affinities" and not offsets:
+        raise ValueError(f"volume {name}: targets {targets_path} have no 'offsets' in their 'dinopipe' attributes")
+    g = features.geometry
+
+    def target_image(key: str, channels: int | None) -> ts.TensorStore:
+        image = read_image(Path(targets_path) / key)
+        where = f"volume {name}: target {targets_path}/{key}"
+        if image.geometry.shape != g.shape:
+            raise ValueError(
+                f"{where} has spatial shape {image.geometry.shape} but features {features_path} have "
+                f"{g.shape}; both must be on the same label grid"
+            )
+        if not np.allclose(image.geometry.voxel_size, g.voxel_size) or not np.allclose(
+            image.geometry.translation, g.translation
+        ):
+            raise ValueError(
+                f"{where} has voxel size {image.geometry.voxel_size} nm / translation {image.geometry.translation} nm "
+                f"but features {features_path} have {g.voxel_size} / {g.translation}; both must be on the label grid"
+            )
+        actual = image.array.shape[0] if image.channel_axis else None
+        if actual != channels:
+            raise ValueError(f"{where} has shape {image.array.shape}; expected {channels} channels first")
+        return open_array(Path(image.path) / (image.scale or "s0"))
+
+    arrays = {"features": open_array(Path(features.path) / (features.scale or "s0"))}
+    wanted: dict[str, int | None] = {"mask": None}
+    if target == "affinities":
+        wanted.update({"affinities": len(offsets), "boundary_weights": None})
+        if lsds:
+            wanted["lsds"] = NUM_LSD_CHANNELS
+    else:
+        wanted["semantic"] = None
+    if raw:
+        wanted["raw"] = None
+    for key in extra:
+        if (Path(targets_path) / key).exists():
+            wanted.setdefault(key, None)
+    for key, channels in wanted.items():
+        arrays[key] = target_image(key, channels)
+    volume = Volume(
+        name=name, features_path=features_path, targets_path=targets_path, arrays=arrays, offsets=offsets,
+        signature=(features.attrs or {}).get("signature"), shape=g.shape, voxel_size=g.voxel_size, attrs=attrs,
+    )
+    volume.coarse = _coarse_mask(arrays["mask"], g.shape)
+    return volume
+
+
+def _coarse_mask(mask: ts.TensorStore, shape: Sequence[int]) -> np.ndarray:
+    """Labelled voxels per COARSE_BLOCK³ block, read in slabs (bounded memory)."""
+    b = COARSE_BLOCK
+    coarse = np.zeros([math.ceil(s / b) for s in shape], dtype=np.int64)
+    slab = b * max(1, 64 // b)
+    for z0 in range(0, shape[0], slab):
+        data = mask[z0 : min(z0 + slab, shape[0])].read().result() != 0
+        padded = np.zeros([math.ceil(data.shape[0] / b) * b, *(c * b for c in coarse.shape[1:])], dtype=bool)
+        padded[: data.shape[0], : shape[1], : shape[2]] = data
+        counts = padded.reshape(padded.shape[0] // b, b, coarse.shape[1], b, coarse.shape[2], b).sum((1, 3, 5))
+        coarse[z0 // b : z0 // b + counts.shape[0]] = counts
+    return coarse
+
+
+def check_consistent(volumes: Sequence[Volume]) -> None:
+    """Same feature channels and offsets in every volume, and compatible signatures."""
+    from dinopipe.features import check_compatible
+
+    first = volumes[0]
+    for v in volumes[1:]:
+        if v.channels != first.channels:
+            raise ValueError(
+                f"volume {v.name} has {v.channels} feature channels ({v.features_path}) but volume "
+                f"{first.name} has {first.channels} ({first.features_path})"
+            )
+        if v.offsets != first.offsets:
+            raise ValueError(
+                f"volume {v.name} has affinity offsets {v.offsets} ({v.targets_path}) but volume "
+                f"{first.name} has {first.offsets} ({first.targets_path})"
+            )
+        if first.signature is not None and v.signature is not None:
+            check_compatible(v.signature, first.signature, v.features_path, first.features_path)
+
+
+def sample_start(
+    volume: Volume, crop: Sequence[int], rng: np.random.Generator, min_fraction: float
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """A crop start around a random labelled voxel whose crop mask covers ``min_fraction``.
+
+    Returns:
+        The start (z, y, x) and the crop's mask (read anyway to check it).
+    """
+    b = COARSE_BLOCK
+    weights = volume.coarse.ravel().astype(np.float64)
+    total = weights.sum()
+    best: tuple[float, tuple[int, ...], np.ndarray] = (-1.0, (), np.empty(0))
+    for _ in range(MAX_CROP_TRIES):
+        if total > 0:
+            cell = np.unravel_index(int(rng.choice(weights.size, p=weights / total)), volume.coarse.shape)
+            centre = [int(c) * b + int(rng.integers(0, b)) for c in cell]
+            start = tuple(
+                int(np.clip(c - n // 2 + int(rng.integers(-(n // 4), n // 4 + 1)), 0, s - n))
+                for c, n, s in zip(centre, crop, volume.shape, strict=True)
+            )
+        else:
+            start = tuple(int(rng.integers(0, s - n + 1)) for s, n in zip(volume.shape, crop, strict=True))
+        mask = volume.read("mask", start, crop).result()
+        fraction = float(np.count_nonzero(mask)) / mask.size
+        if fraction >= min_fraction:
+            return start, mask
+        if fraction > best[0]:
+            best = (fraction, start, mask)
+    if not volume.warned:
+        logger.warning(
+            "volume %s: no crop with >= %.0f%% of its mask set in %d tries; using the best found (%.1f%%)",
+            volume.name, 100 * min_fraction, MAX_CROP_TRIES, 100 * best[0],
+        )
+        volume.warned = True
+    return best[1], best[2]
+
+
+class CropSampler:
+    """Batches of (augmented) crops; ``batch(step)`` depends only on ``(seed, step)``.
+
+    Args:
+        volumes: Opened volumes (train volumes for training, validate volumes for validation).
+        crop: Crop shape (z, y, x) in label voxels.
+        batch_size: Crops per batch.
+        seed: Base seed.
+        min_fraction: Minimum labelled fraction of a crop's mask.
+        augment: Resolved ``train.augment`` params, or None for no augmentation.
+        lsds, raw, target: What to read (see :func:`open_volume`).
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[Volume],
+        crop: Sequence[int],
+        batch_size: int,
+        seed: int,
+        min_fraction: float,
+        augment: Mapping[str, Any] | None = None,
+        *,
+        lsds: bool = True,
+        raw: bool = False,
+        target: str = "affinities",
+    ) -> None:
+        self.volumes = list(volumes)
+        self.crop = [int(c) for c in crop]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.min_fraction = float(min_fraction)
+        self.lsds, self.raw, self.target = lsds, raw, target
+        labelled = np.array([max(v.labelled, 1) for v in self.volumes], dtype=np.float64)
+        self.volume_p = labelled / labelled.sum()
+        first = self.volumes[0]
+        self.offsets = first.offsets
+        self.group = [np.eye(3, dtype=np.int64)]
+        if augment is not None:
+            self.group = transform_group(augment, first.voxel_size, self.crop)
+            for v in self.volumes[1:]:
+                if len(transform_group(augment, v.voxel_size, self.crop)) != len(self.group):
+                    raise ValueError(
+                        f"volume {v.name} has voxel size {v.voxel_size} nm but volume {first.name} has "
+                        f"{first.voxel_size} nm: they allow different axis exchanges"
+                    )
+            if target == "affinities":
+                check_offsets_closed(self.offsets, self.group)
+        augmenting = len(self.group) > 1
+        self.margin = max((abs(v) for o in self.offsets for v in o), default=0) if augmenting else 0
+
+    def read_crop(
+        self, volume: Volume, start: Sequence[int], mask: np.ndarray | None = None, matrix: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Read one crop (all arrays concurrently) and apply ``matrix`` (signed permutation)."""
+        crop = self.crop
+        pending = {"features": volume.read("features", start, crop)}
+        if self.target == "affinities":
+            keys = ["boundary_weights", *(["lsds"] if self.lsds else [])]
+        else:
+            keys = ["semantic"]
+        if self.raw:
+            keys.append("raw")
+        if mask is None:
+            keys.append("mask")
+        for key in keys:
+            pending[key] = volume.read(key, start, crop)
+        out = {}
+        if self.target == "affinities":
+            out["affinities"] = volume.read_padded("affinities", start, crop, self.margin)
+        out.update({key: future.result() for key, future in pending.items()})
+        if mask is not None:
+            out["mask"] = mask
+        if "boundary_weights" in out:
+            out["weights"] = out.pop("boundary_weights")
+        if matrix is None:
+            matrix = np.eye(3, dtype=np.int64)
+        if self.target == "affinities":
+            out["affinities"] = transform_affinities(out["affinities"], self.offsets, matrix, self.margin)
+        for key in list(out):
+            if key == "affinities":
+                continue
+            out[key] = transform_lsds(out[key], matrix) if key == "lsds" else apply_spatial(out[key], matrix)
+        return out
+
+    def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        volume = self.volumes[int(rng.choice(len(self.volumes), p=self.volume_p))]
+        start, mask = sample_start(volume, self.crop, rng, self.min_fraction)
+        matrix = self.group[int(rng.integers(len(self.group)))]
+        return self.read_crop(volume, start, mask, matrix)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of training step ``step`` (1-based), stacked; features float16."""
+        samples = [self.sample(np.random.default_rng([self.seed, 0, int(step), i])) for i in range(self.batch_size)]
+        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+
+    def batch_of(self, crops: Sequence[tuple[int, Sequence[int]]]) -> dict[str, np.ndarray]:
+        """A stacked batch of given (volume index, start) crops, not augmented."""
+        samples = [self.read_crop(self.volumes[i], start) for i, start in crops]
+        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+
+    def fixed_crops(self, count: int, stream: int = 1) -> list[tuple[int, tuple[int, ...]]]:
+        """A fixed, seeded set of (volume index, start) crops, round-robin over the volumes."""
+        crops = []
+        rng = np.random.default_rng([self.seed, stream])
+        for i in range(count):
+            index = i % len(self.volumes)
+            start, _ = sample_start(self.volumes[index], self.crop, rng, self.min_fraction)
+            crops.append((index, start))
+        return crops
+
+
+class Prefetcher:
+    """Prepare ``make(step)`` for the next steps in background threads, hand them out in order.
+
+    Attributes:
+        wait_seconds: Total time :meth:`get` spent waiting for a batch that was not ready.
+    """
+
+    def __init__(self, make: Callable[[int], Any], first: int, last: int, workers: int = 2, depth: int = 4) -> None:
+        self.make, self.next_submit, self.last = make, first, last
+        self.depth = max(1, depth)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="dinopipe-loader")
+        self.pending: dict[int, Future[Any]] = {}
+        self.lock = threading.Lock()
+        self.wait_seconds = 0.0
+        self._fill(first)
+
+    def _fill(self, step: int) -> None:
+        while self.next_submit <= self.last and self.next_submit < step + self.depth:
+            self.pending[self.next_submit] = self.pool.submit(self.make, self.next_submit)
+            self.next_submit += 1
+
+    def get(self, step: int) -> Any:
+        """The result for ``step`` (steps must be asked for in increasing order)."""
+        future = self.pending.pop(step, None)
+        if future is None:
+            future = self.pool.submit(self.make, step)
+        self._fill(step + 1)
+        t0 = time.perf_counter()
+        result = future.result()
+        self.wait_seconds += time.perf_counter() - t0
+        return result
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def to_device(batch: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a stacked batch to ``device``; features become float32 only there.
+
+    ``weights``, ``mask`` and ``raw`` gain a channel axis; ``semantic`` becomes int64.
+    """
+    out = {}
+    for key, array in batch.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if device.type == "cuda":
+            tensor = tensor.pin_memory()
+        tensor = tensor.to(device, non_blocking=True)
+        if key in ("weights", "mask", "raw"):
+            tensor = tensor.unsqueeze(1)
+        out[key] = tensor.long() if key == "semantic" else tensor.float()
+    return out
