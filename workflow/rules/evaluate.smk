@@ -19,9 +19,16 @@ rule evaluate:
 
 rule evaluation_summary:
     input:
-        expand("results/evaluation/{volume}.json", volume=SCORED),
+        evaluations=expand("results/evaluation/{volume}.json", volume=SCORED),
+        # the report's figures, so that a plain `snakemake` makes everything `--report` shows
+        figures=expand("results/report/{volume}.png", volume=PREDICT),
+        loss_curve="results/report/loss_curve.png",
     output:
-        "results/evaluation/summary.tsv",
+        report(
+            "results/evaluation/summary.tsv",
+            caption="../report/summary.rst",
+            category="Evaluation",
+        ),
     log:
         "logs/evaluation_summary.log",
     params:
@@ -31,3 +38,48 @@ rule evaluation_summary:
         "../envs/dinopipe.yaml"
     script:
         "../scripts/evaluation_summary.py"
+
+
+rule report_slices:
+    input:
+        predictions="results/predictions/{volume}.zarr",
+        segmentation="results/segmentations/{volume}.zarr",
+        sources=volume_inputs,
+    output:
+        report(
+            "results/report/{volume}.png",
+            caption="../report/slices.rst",
+            category="Predictions",
+            labels={"volume": "{volume}", "figure": "raw | affinities | segmentation"},
+        ),
+    log:
+        "logs/report_slices/{volume}.log",
+    params:
+        volume=volume_record,
+        data=config["data"],
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../envs/dinopipe.yaml"
+    script:
+        "../scripts/report_slices.py"
+
+
+rule loss_curve_plot:
+    input:
+        "results/model/loss_curve.tsv",
+    output:
+        report(
+            "results/report/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Training",
+            labels={"figure": "loss curve"},
+        ),
+    log:
+        "logs/loss_curve_plot.log",
+    localrule: True
+    conda:
+        "../envs/dinopipe.yaml"
+    script:
+        "../scripts/loss_curve_plot.py"

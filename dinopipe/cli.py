@@ -1,0 +1,151 @@
+"""``dinopipe``: predict and segment one volume from a trained checkpoint, outside Snakemake.
+
+The same library calls as the workflow's rules (:func:`dinopipe.stages.run_predict`,
+:func:`dinopipe.stages.run_segment`), with the ``predict``, ``segment``, ``features``
+and ``data`` sections taken from a workflow config file (``--config``, validated against
+the workflow's schema when it is present) and command-line overrides on top.
+
+Examples::
+
+    dinopipe run --checkpoint results/model --features results/features/vol.zarr --out out/vol
+    dinopipe run --checkpoint results/model --raw data/vol.zarr/raw --config config/config.yaml --out out/vol
+    dinopipe segment --predictions out/vol/predictions.zarr --out out/vol/seg.zarr --method agglomeration
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("dinopipe")
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_sections(config_path: str | None) -> dict[str, dict[str, Any]]:
+    """The predict/segment/features/data sections of a workflow config (with the schema's defaults)."""
+    import yaml
+
+    config: dict[str, Any] = {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        config = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(config, dict):
+            raise ValueError(f"--config {path}: expected a mapping of config sections")
+    config.setdefault("volumes", "")
+    if SCHEMA.is_file():  # in a source checkout: validate and fill in defaults as the workflow does
+        from snakemake.utils import validate
+
+        validate(config, str(SCHEMA))
+    return {k: dict(config.get(k) or {}) for k in ("predict", "segment", "features", "data")}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinopipe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def predict_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", required=True, help="training output folder (model_config.json, checkpoint.pt)")
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--features", help="cached feature image (C, z, y, x), e.g. results/features/VOL.zarr")
+        src.add_argument("--raw", help="raw OME-NGFF multiscale group: compute features per block (needs the "
+                                       "model's features config, from --config)")
+        p.add_argument("--name", default=None, help="volume name for messages (default: from the path)")
+        p.add_argument("--block-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="core block, label voxels")
+        p.add_argument("--device", help="auto, cpu or cuda")
+        p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                       help="with --raw: output voxel size in nm (default: the model's training voxel size)")
+
+    def segment_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--method", choices=["mutex_watershed", "agglomeration", "threshold_components"])
+        p.add_argument("--min-size", type=int, help="remove segments smaller than this (voxels)")
+
+    run = sub.add_parser("run", help="predict and segment one volume")
+    predict_args(run)
+    segment_args(run)
+    run.add_argument("--out", required=True, help="output folder: predictions.zarr and segmentation.zarr")
+    run.add_argument("--config", help="workflow config file (predict/segment/features/data sections)")
+
+    pred = sub.add_parser("predict", help="predict affinities (and LSDs) of one volume")
+    predict_args(pred)
+    pred.add_argument("--out", required=True, help="output prediction store (.zarr)")
+    pred.add_argument("--config", help="workflow config file")
+
+    seg = sub.add_parser("segment", help="segment a prediction store")
+    seg.add_argument("--predictions", required=True, help="prediction store (.zarr) with an affinities image")
+    segment_args(seg)
+    seg.add_argument("--out", required=True, help="output segmentation image (.zarr)")
+    seg.add_argument("--config", help="workflow config file")
+    return parser
+
+
+def _predict(args: argparse.Namespace, sections: dict[str, dict[str, Any]], out: Path) -> None:
+    from dinopipe.sheet import Volume
+    from dinopipe.stages import run_predict
+
+    params = dict(sections["predict"])
+    if args.block_shape:
+        params["block_shape"] = list(args.block_shape)
+    if args.device:
+        params["device"] = args.device
+    image = args.raw or args.features
+    name = args.name or Path(str(image).split(".zarr")[0]).name
+    volume = Volume(name=name, raw=args.raw, labels=None, role="predict") if args.raw else None
+    params["source"] = "raw" if args.raw else "features"
+    data = dict(sections["data"])
+    if args.voxel_size:
+        data["output_voxel_size"] = list(args.voxel_size)
+    elif args.raw and data.get("output_voxel_size") is None:  # the grid the model was trained on
+        import json
+
+        sig = json.loads((Path(args.checkpoint) / "model_config.json").read_text()).get("feature_signature") or {}
+        if sig.get("voxel_size"):
+            data["output_voxel_size"] = sig["voxel_size"]
+            logger.info("predicting on the model's training voxel size %s nm", sig["voxel_size"])
+    run_predict(args.features, args.checkpoint, out, params, volume=volume, features=sections["features"],
+                data=data)
+
+
+def _segment(args: argparse.Namespace, sections: dict[str, dict[str, Any]], predictions: Path, out: Path) -> None:
+    from dinopipe.stages import run_segment
+
+    params = dict(sections["segment"])
+    if args.method:
+        params["method"] = args.method
+    if args.min_size is not None:
+        params["min_size"] = args.min_size
+    attrs = run_segment(predictions, out, params)
+    logger.info("%s: %d segments (%s)", out, attrs["segments"], attrs["method"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dinopipe`` command. Returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sections = load_sections(args.config)
+        if args.command == "run":
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            _predict(args, sections, out / "predictions.zarr")
+            _segment(args, sections, out / "predictions.zarr", out / "segmentation.zarr")
+        elif args.command == "predict":
+            _predict(args, sections, Path(args.out))
+        else:
+            _segment(args, sections, Path(args.predictions), Path(args.out))
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

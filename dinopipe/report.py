@@ -1,0 +1,184 @@
+"""Figures for the Snakemake report: example slices per predicted volume and the loss curve.
+
+Pillow only (no plotting library): images are composed from arrays and lines drawn on
+a canvas, so the report needs nothing beyond the pipeline's own dependencies.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dinopipe import io
+
+logger = logging.getLogger(__name__)
+
+_PANEL = 256  # minimum panel side in pixels (small volumes are upscaled, nearest neighbour)
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(a, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+
+
+def label_colours(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A fixed random RGB colour per label id (0 black), (y, x, 3) uint8."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(40, 256, size=(len(ids), 3), dtype=np.uint8)
+    palette[ids == 0] = 0
+    return palette[inverse.reshape(labels.shape)]
+
+
+def slice_panels(raw: np.ndarray, affinities: np.ndarray, labels: np.ndarray | None, alpha: float = 0.45) -> Image.Image:
+    """Raw | predicted affinities | segmentation overlay, side by side, for one (y, x) slice.
+
+    Args:
+        raw: (y, x) floats in [0, 1].
+        affinities: (c, y, x) floats in [0, 1]; the first three channels (z, y, x
+            neighbours) are shown as RGB, or their mean when fewer.
+        labels: (y, x) integer labels or None (panel omitted).
+        alpha: Opacity of the label colours over the raw.
+    """
+    grey = np.repeat(_to_uint8(raw)[..., None], 3, axis=-1)
+    if affinities.shape[0] >= 3:
+        aff = _to_uint8(np.moveaxis(affinities[:3], 0, -1))
+    else:
+        aff = np.repeat(_to_uint8(affinities.mean(axis=0))[..., None], 3, axis=-1)
+    panels = [grey, aff]
+    if labels is not None:
+        colours = label_colours(labels).astype(np.float32)
+        overlay = np.where(labels[..., None] > 0, (1 - alpha) * grey + alpha * colours, grey)
+        panels.append(np.clip(overlay, 0, 255).astype(np.uint8))
+    h, w = raw.shape
+    scale = max(1, math.ceil(_PANEL / max(h, w)))
+    gap = 4
+    canvas = Image.new("RGB", (len(panels) * (w * scale + gap) - gap, h * scale), "white")
+    for i, p in enumerate(panels):
+        img = Image.fromarray(p).resize((w * scale, h * scale), Image.NEAREST)
+        canvas.paste(img, (i * (w * scale + gap), 0))
+    return canvas
+
+
+def write_slices(
+    raw: np.ndarray, predictions_path: str | os.PathLike[str], segmentation_path: str | os.PathLike[str] | None,
+    out_png: str | os.PathLike[str], z: int | None = None,
+) -> int:
+    """Write the example slice figure of one volume (the middle z slice by default).
+
+    Args:
+        raw: (z, y, x) raw in [0, 1] on the label grid, or a callable ``z -> (y, x)``.
+        predictions_path: Prediction store (``affinities`` image inside).
+        segmentation_path: Segmentation image, or None.
+        out_png: Output PNG (written atomically).
+        z: Slice index; default the middle one.
+
+    Returns:
+        The slice index shown.
+    """
+    affs = io.read_image(Path(predictions_path) / "affinities")
+    depth = affs.geometry.shape[0]
+    z = depth // 2 if z is None else int(z)
+    if not 0 <= z < depth:
+        raise ValueError(f"slice z={z} outside the volume's {depth} slices ({predictions_path})")
+    raw_slice = raw(z) if callable(raw) else np.asarray(raw[z])
+    aff_slice = np.asarray(affs.array[:, z])
+    labels = np.asarray(io.read_image(segmentation_path).array[z]) if segmentation_path else None
+    figure = slice_panels(raw_slice, aff_slice, labels)
+    with io.atomic_output(out_png) as tmp:
+        figure.save(tmp, format="PNG")
+    return z
+
+
+def raw_slice_reader(volume: object, data: dict | None, grid: io.Geometry) -> object:
+    """A callable ``z -> (y, x)`` raw slice on ``grid`` (0..1), read from the volume's raw."""
+    from dinopipe.predict import RawOnGridReader
+    from dinopipe.sources import open_sources
+
+    src = open_sources(volume, **{k: (data or {}).get(k) for k in
+                                  ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")})
+    reader = RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)
+    if src.grid.shape != grid.shape:
+        raise ValueError(f"volume {volume.name!r}: output grid {src.grid.shape} differs from the prediction's {grid.shape}")  # type: ignore[attr-defined]
+
+    def read(z: int) -> np.ndarray:
+        return reader.read((slice(z, z + 1), slice(0, grid.shape[1]), slice(0, grid.shape[2])))[0, 0]
+
+    return read
+
+
+def read_loss_curve(path: str | os.PathLike[str]) -> dict[str, list[tuple[float, float]]]:
+    """Read ``loss_curve.tsv`` (columns step, and any ``*_loss`` columns; empty cells skipped)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or "step" not in rows[0]:
+        raise ValueError(f"{path}: expected a TSV with a 'step' column and loss columns")
+    series: dict[str, list[tuple[float, float]]] = {}
+    for key in rows[0]:
+        if key == "step" or not key.endswith("loss"):
+            continue
+        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        series[key] = [(s, v) for s, v in pts if math.isfinite(v)]
+    return series
+
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+
+
+def plot_loss_curve(curve_tsv: str | os.PathLike[str], out_png: str | os.PathLike[str],
+                    size: Sequence[int] = (720, 400)) -> None:
+    """Plot the training and validation loss against the step into a PNG (written atomically)."""
+    series = read_loss_curve(curve_tsv)
+    width, height = int(size[0]), int(size[1])
+    left, right, top, bottom = 70, 20, 30, 45
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    points = [p for pts in series.values() for p in pts]
+    if points:
+        steps = [p[0] for p in points]
+        values = [p[1] for p in points]
+        x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+        y0, y1 = min(values), max(values)
+        if y1 - y0 < 1e-12:
+            y0, y1 = y0 - 0.5, y1 + 0.5
+
+        def xy(step: float, value: float) -> tuple[float, float]:
+            return (left + (step - x0) / (x1 - x0) * (width - left - right),
+                    top + (y1 - value) / (y1 - y0) * (height - top - bottom))
+
+        draw.rectangle([left, top, width - right, height - bottom], outline="black")
+        for frac in (0.0, 0.5, 1.0):
+            v = y0 + frac * (y1 - y0)
+            _, py = xy(x0, v)
+            draw.text((5, py - 6), f"{v:.4g}", fill="black")
+            s = x0 + frac * (x1 - x0)
+            px, _ = xy(s, y0)
+            draw.text((px - 10, height - bottom + 5), f"{s:.0f}", fill="black")
+        draw.text((width // 2 - 15, height - 18), "step", fill="black")
+        for i, (name, pts) in enumerate(series.items()):
+            colour = _COLOURS[i % len(_COLOURS)]
+            xys = [xy(s, v) for s, v in pts]
+            if len(xys) > 1:
+                draw.line(xys, fill=colour, width=2)
+            for px, py in xys if len(xys) < 50 else []:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+            draw.text((left + 10 + 120 * i, 8), name, fill=colour)
+    else:
+        draw.text((20, height // 2), f"no loss values in {curve_tsv}", fill="black")
+    with io.atomic_output(out_png) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def run_report_slices(
+    volume: object, predictions_path: str | os.PathLike[str], segmentation_path: str | os.PathLike[str] | None,
+    out_png: str | os.PathLike[str], data: dict | None = None,
+) -> int:
+    """The report figure of one volume, with raw read from the volume's sources (see :func:`write_slices`)."""
+    grid = io.read_image(Path(predictions_path) / "affinities").geometry
+    return write_slices(raw_slice_reader(volume, data, grid), predictions_path, segmentation_path, out_png)

@@ -1,0 +1,156 @@
+"""One tiny real workflow run, then: the HTML report opened in headless Chromium, every Zarr
+output validated as OME-NGFF by an independent reader, and the `dinopipe` CLI on the demo."""
+
+from __future__ import annotations
+
+import html.parser
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from dinopipe import io
+from test_workflow import VOLUMES, snakemake, tiny_config, write_project
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+LABEL_VOXEL = (16.0, 16.0, 16.0)  # the tiny demo's label grid: 16 nm voxels, corner at 0
+LABEL_TRANSLATION = (8.0, 8.0, 8.0)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("project")
+    write_project(directory, tiny_config())
+    snakemake(directory)
+    return directory
+
+
+class _Tables(html.parser.HTMLParser):
+    """Collect the cells of rendered <table class="... dinopipe-summary ..."> elements (not script text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[str]] = []
+        self._in: bool = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table" and "dinopipe-summary" in (dict(attrs).get("class") or ""):
+            self._in = True
+            self.tables.append([])
+        elif self._in and tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._in = False
+        elif tag in ("td", "th") and self._cell is not None:
+            self.tables[-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium)")
+def test_report_shows_summary_table_in_headless_chromium(project):
+    snakemake(project, "--report", "report.html")
+    report = project / "report.html"
+    assert report.stat().st_size > 0
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+             "--virtual-time-budget=10000", "--dump-dom", report.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parser = _Tables()
+    parser.feed(proc.stdout)
+    assert parser.tables, "no rendered summary table in the report's DOM"
+    cells = parser.tables[0]
+    assert {"volume", "voi_split", "voi_merge", "adapted_rand_error"} <= set(cells)
+    assert "predict_0" in cells
+    # The figures are in the report too (embedded as data URIs).
+    text = report.read_text()
+    for name in ("predict_0.png", "loss_curve.png", "summary.tsv"):
+        assert name in text
+
+
+def test_report_figures(project):
+    from PIL import Image
+
+    for name in ("predict_0", "loss_curve"):
+        with Image.open(project / "results" / "report" / f"{name}.png") as img:
+            assert img.format == "PNG" and min(img.size) >= 200
+            assert len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 10  # not blank
+
+
+def _validate(group_path: Path, channel_axis: bool) -> None:
+    from ome_zarr_models.v04 import Image
+
+    image = Image.from_zarr(zarr.open_group(str(group_path), mode="r"))
+    ms = image.attributes.multiscales[0]
+    scale, translation = ms.datasets[0].coordinateTransformations
+    spatial = 1 if channel_axis else 0
+    assert [a.name for a in ms.axes] == (["c"] if channel_axis else []) + ["z", "y", "x"]
+    assert all(a.unit == "nanometer" for a in ms.axes[spatial:])
+    assert tuple(scale.scale[spatial:]) == LABEL_VOXEL, group_path
+    assert tuple(translation.translation[spatial:]) == LABEL_TRANSLATION, group_path
+
+
+def test_every_zarr_output_is_valid_ome_ngff(project):
+    results = project / "results"
+    for name in VOLUMES:
+        _validate(results / "features" / f"{name}.zarr", channel_axis=True)
+        for image, channels in (("labels", False), ("affinities", True), ("lsds", True),
+                                ("boundary_weights", False), ("mask", False), ("raw", False)):
+            _validate(results / "targets" / f"{name}.zarr" / image, channel_axis=channels)
+    for name in ("predict_0",):
+        _validate(results / "predictions" / f"{name}.zarr" / "affinities", channel_axis=True)
+        _validate(results / "predictions" / f"{name}.zarr" / "lsds", channel_axis=True)
+        _validate(results / "segmentations" / f"{name}.zarr", channel_axis=False)
+        seg = io.read_image(results / "segmentations" / f"{name}.zarr")
+        assert seg.array.dtype == np.uint64
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).parent / "dinopipe"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dinopipe.cli"]
+
+
+def test_cli_runs_on_the_demo(project, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = [*_cli(), "run", "--checkpoint", "results/model", "--config", "config/config.yaml"]
+    proc = subprocess.run([*base, "--features", "results/features/predict_0.zarr", "--out", str(tmp_path / "a"),
+                           "--block-shape", "8", "16", "16"], cwd=project, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Same library calls as the rules: the CLI's prediction equals the workflow's (other blocks, same result).
+    ours = io.read_image(tmp_path / "a" / "predictions.zarr" / "affinities").read()
+    rule = io.read_image(project / "results" / "predictions" / "predict_0.zarr" / "affinities").read()
+    np.testing.assert_allclose(ours, rule, atol=1e-5)
+    seg = io.read_image(tmp_path / "a" / "segmentation.zarr")
+    assert seg.array.dtype == np.uint64 and seg.geometry.shape == tuple(rule.shape[1:])
+    # End to end from raw, on the model's training grid; and segment alone with waterz.
+    proc = subprocess.run([*base, "--raw", "resources/demo/predict_0.zarr/raw", "--out", str(tmp_path / "b")],
+                          cwd=project, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert io.read_image(tmp_path / "b" / "segmentation.zarr").geometry.voxel_size == LABEL_VOXEL
+    proc = subprocess.run([*_cli(), "segment", "--predictions", str(tmp_path / "a" / "predictions.zarr"),
+                           "--out", str(tmp_path / "c.zarr"), "--method", "agglomeration"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A mismatching checkpoint is a clear error, exit status 2.
+    proc = subprocess.run([*_cli(), "predict", "--checkpoint", str(tmp_path), "--features",
+                           "results/features/predict_0.zarr", "--out", str(tmp_path / "d.zarr")],
+                          cwd=project, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "no model_config.json in model folder" in proc.stderr
