@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dinopipe.io import Geometry, Image, open_source, source_levels
+from dinopipe.io import Geometry, Image, open_source, source_levels, source_store
 from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,29 @@ class Sources:
         return {"raw": describe(self.raw), "labels": describe(self.labels),
                 "roi_nm": [list(b) for b in self.volume.roi] if self.volume.roi else None,
                 "grid": self.grid.to_dict()}
+
+
+def check_paths(volume: Volume, generated: Sequence[str] = ()) -> None:
+    """Raise if the file or folder holding a volume's raw or labels does not exist
+    (cheap: one ``stat`` each; run when the workflow is parsed).
+
+    Args:
+        volume: The sheet row.
+        generated: Path prefixes that a workflow rule creates (skipped).
+    """
+    from pathlib import Path
+
+    for what, path in (("raw", volume.raw), ("labels", volume.labels)):
+        if not path:
+            continue
+        store = source_store(path)
+        if any(store.startswith(prefix) for prefix in generated):
+            continue
+        if not Path(store).exists():
+            raise FileNotFoundError(
+                f"volume {volume.name!r}: {what} not found: {path} ({store} does not exist; expected an OME-NGFF "
+                f"group, a Zarr/N5 array or 'file.h5:/dataset')"
+            )
 
 
 def choose_scale(

@@ -4,6 +4,7 @@ from snakemake.utils import validate
 
 from dinopipe.io import source_store
 from dinopipe.sheet import by_role, read_sheet
+from dinopipe.sources import check_paths
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -13,6 +14,9 @@ VALIDATE = [v.name for v in by_role(VOLUMES.values(), "validate")]
 PREDICT = [v.name for v in by_role(VOLUMES.values(), *config["predict"]["roles"])]
 LABELLED = [v for v in VOLUMES if VOLUMES[v].labels]
 SCORED = [v for v in PREDICT if VOLUMES[v].labels]
+
+for _volume in VOLUMES.values():
+    check_paths(_volume, generated=["resources/demo/"])
 
 if not TRAIN:
     raise ValueError(f"{config['volumes']}: no volume has role 'train'")
