@@ -436,15 +436,20 @@ def check_feature_signatures(features_paths: Sequence[str | Path], features: Map
 def run_train(
     train_volumes: Sequence[tuple[str, str]], validate_volumes: Sequence[tuple[str, str]],
     out_dir: str | Path, params: Mapping[str, Any], features: Mapping[str, Any], *, threads: int | None = None,
+    state_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Check the cached features' signatures, then train (see :func:`dinopipe.train.train`)."""
+    """Check the cached features' signatures, then train (see :func:`dinopipe.train.train`).
+
+    ``state_dir`` holds the resumable state (default ``out_dir/state``); a rerun continues
+    from it.
+    """
     from dinopipe.train import train
 
     check_feature_signatures([f for f, _ in [*train_volumes, *validate_volumes]], features)
     params = dict(params)
     if threads and params.get("num_threads") is None:
         params["num_threads"] = int(threads)
-    return train(train_volumes, validate_volumes, out_dir, params)
+    return train(train_volumes, validate_volumes, out_dir, params, state_dir=state_dir)
 
 
 def run_predict(

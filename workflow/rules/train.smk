@@ -8,6 +8,7 @@ rule train:
         checkpoint="results/model/checkpoint.pt",
         model_config="results/model/model_config.json",
         curve="results/model/loss_curve.tsv",
+        curve_png="results/model/loss_curve.png",
     log:
         "logs/train.log",
     benchmark:
@@ -15,6 +16,9 @@ rule train:
     params:
         train=config["train"],
         features=config["features"],
+        # Resumable state (latest.pt: model, optimiser, scheduler, RNG, step) deliberately
+        # outside the outputs, which Snakemake deletes before rerunning the job.
+        state_dir="results/model/state",
     threads: 2
     resources:
         mem_mb=16000,

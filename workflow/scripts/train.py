@@ -14,4 +14,5 @@ with logged(snakemake.log[0]):  # noqa: F821
         snakemake.params.train,  # noqa: F821
         snakemake.params.features,  # noqa: F821
         threads=snakemake.threads,  # noqa: F821
+        state_dir=snakemake.params.state_dir,  # noqa: F821
     )

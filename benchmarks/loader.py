@@ -1,0 +1,192 @@
+"""Benchmark of the training crop loader (dinopipe.loader) on a cached 384-channel volume.
+
+Run from the repository root: ``.venv/bin/python benchmarks/loader.py`` (a few minutes on 2
+cores; needs ~8 GB of free disk under the temporary folder). Prints human-readable lines and,
+as the last line, one JSON object.
+
+Volume: 128^3 label voxels of 384-channel float16 features (Gaussian noise, which compresses
+about as badly as real DINOv3 features) plus the training targets, written once per feature
+chunking that is compared. Figures:
+
+* ``loader_vs_raw_read``: useful bytes/s of random 64^3 crops delivered by the loader
+  (features + targets, augmented, stacked, as the training step receives them, from
+  ``loader_workers`` threads) divided by the bytes/s of reading the same number of bytes as
+  contiguous crop-sized reads at random offsets of a raw file on the same disk. Both files
+  were just written, so both are read from the page cache: the ratio measures the loader's own
+  overhead (read amplification at chunk borders, decompression, copies), not the disk. It is
+  reported for each chunking; the headline figure uses the recommended one.
+* ``data_wait_fraction``: share of the training-step time that ``dinopipe.train.train``
+  spends waiting for a batch (small UNet, 64^3 crops, CPU, recommended chunking), the first
+  step included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinopipe import io  # noqa: E402
+from dinopipe.loader import CropSampler, Prefetcher, open_volume  # noqa: E402
+from dinopipe.train import train  # noqa: E402
+
+SHAPE = (128, 128, 128)
+CHANNELS = 384
+CROP = (64, 64, 64)
+VOXEL = (8.0, 8.0, 8.0)
+OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 0], [0, 3, 0], [0, 0, 3]]
+# (name, spatial chunk edge, compressed with the io default zstd/bitshuffle)
+CHUNKINGS = [("64^3 zstd (current default)", 64, True), ("32^3 zstd", 32, True),
+             ("16^3 zstd", 16, True), ("32^3 uncompressed", 32, False), ("16^3 uncompressed", 16, False)]
+
+
+def write_features(path: Path, data_slabs, chunk: int, compressed: bool) -> None:
+    saved = io._COMPRESSOR
+    if not compressed:
+        io._COMPRESSOR = None  # only in this benchmark: the io module has no switch for it
+    try:
+        arr = io.create_image(path, (CHANNELS, *SHAPE), np.float16, VOXEL, (0.0, 0.0, 0.0), channel_axis=True,
+                              chunks=(CHANNELS, chunk, chunk, chunk))
+    finally:
+        io._COMPRESSOR = saved
+    for z0, slab in data_slabs():
+        arr[:, z0 : z0 + slab.shape[1]] = slab
+
+
+def slabs(seed: int, step: int = 16):
+    def gen():
+        rng = np.random.default_rng(seed)
+        for z0 in range(0, SHAPE[0], step):
+            yield z0, rng.standard_normal((CHANNELS, step, *SHAPE[1:]), dtype=np.float32).astype(np.float16)
+
+    return gen
+
+
+def write_targets(path: Path) -> None:
+    rng = np.random.default_rng(1)
+    labels = (rng.integers(1, 50, size=(16, 16, 16)).repeat(8, 0).repeat(8, 1).repeat(8, 2)).astype(np.uint64)
+    from dinopipe.targets import compute_affinities
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.attrs["dinopipe"] = {"offsets": OFFSETS}
+    for key, data, ch in (
+        ("labels", labels, False),
+        ("affinities", compute_affinities(labels, OFFSETS), True),
+        ("lsds", rng.uniform(0, 1, size=(10, *SHAPE)).astype(np.float16), True),
+        ("boundary_weights", np.ones(SHAPE, np.float32), False),
+        ("mask", np.ones(SHAPE, np.uint8), False),
+        ("raw", rng.uniform(0, 1, size=SHAPE).astype(np.float32), False),
+    ):
+        io.write_image(path / key, data, VOXEL, (0.0, 0.0, 0.0), channel_axis=ch)
+
+
+def loader_rate(features: Path, targets: Path, crops: int, workers: int) -> tuple[float, float]:
+    """(useful bytes/s, feature bytes per crop) of the loader's training batches."""
+    volume = open_volume(features, targets)
+    sampler = CropSampler([volume], CROP, 1, seed=0, min_fraction=0.0,
+                          augment={"flip": True, "rot90": True, "transpose": True})
+    sampler.batch(1)  # warm up (thread pools, first reads)
+    total = 0
+    t0 = time.perf_counter()
+    with Prefetcher(sampler.batch, 2, crops + 1, workers=workers, depth=2 * workers) as prefetcher:
+        for step in range(2, crops + 2):
+            batch = prefetcher.get(step)
+            total += sum(a.nbytes for a in batch.values())
+    seconds = time.perf_counter() - t0
+    return total / seconds, CHANNELS * int(np.prod(CROP)) * 2
+
+
+def raw_rate(path: Path, crop_bytes: int, crops: int) -> float:
+    """bytes/s of ``crops`` contiguous reads of ``crop_bytes`` at random offsets of ``path``."""
+    size = path.stat().st_size
+    buffer = bytearray(crop_bytes)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        for _ in range(crops):
+            f.seek(int(rng.integers(0, size - crop_bytes)))
+            f.readinto(buffer)
+    return crops * crop_bytes / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--crops", type=int, default=24, help="crops per loader measurement")
+    parser.add_argument("--steps", type=int, default=8, help="training steps for the wait fraction")
+    parser.add_argument("--workers", type=int, default=2, help="loader threads")
+    parser.add_argument("--dir", default=None, help="folder for the stores (default: a temporary one)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        print(f"volume {SHAPE} x {CHANNELS} channels float16 ({CHANNELS * np.prod(SHAPE) * 2 / 2**30:.2f} GiB), "
+              f"crops {CROP}, {args.crops} crops per measurement, {args.workers} loader threads, "
+              f"{os.cpu_count()} CPUs")
+        targets = root / "targets.zarr"
+        write_targets(targets)
+        raw = root / "features.raw"
+        with open(raw, "wb") as f:
+            for _, slab in slabs(0)():
+                f.write(slab.tobytes())
+        results = {}
+        for name, chunk, compressed in CHUNKINGS:
+            features = root / f"features_{chunk}_{int(compressed)}.zarr"
+            t0 = time.perf_counter()
+            write_features(features, slabs(0), chunk, compressed)
+            write_s = time.perf_counter() - t0
+            rate, crop_bytes = loader_rate(features, targets, args.crops, args.workers)
+            base = raw_rate(raw, crop_bytes, args.crops)
+            size = io.directory_size(features)
+            results[name] = {"chunk": chunk, "compressed": compressed, "loader_bytes_per_s": rate,
+                             "raw_bytes_per_s": base, "ratio": rate / base, "store_gib": size / 2**30,
+                             "write_s": write_s}
+            print(f"{name:28s} loader {rate / 2**20:7.0f} MiB/s  raw file {base / 2**20:7.0f} MiB/s  "
+                  f"ratio {rate / base:5.2f}  store {size / 2**30:5.2f} GiB  written in {write_s:5.1f} s")
+            if name != "16^3 uncompressed":
+                import shutil
+
+                shutil.rmtree(features)
+        best = max(results, key=lambda k: results[k]["ratio"])
+        chunk = results[best]["chunk"]
+        features = root / f"features_{chunk}_{int(results[best]['compressed'])}.zarr"
+        if not features.exists():
+            write_features(features, slabs(0), chunk, results[best]["compressed"])
+        summary = train([(str(features), str(targets))], [], root / "model", {
+            "steps": args.steps, "batch_size": 1, "crop_shape": list(CROP), "validate_every": args.steps,
+            "unet": {"levels": 2, "base_channels": 8}, "num_threads": 2, "tensorboard": False,
+            "loader_workers": args.workers, "prefetch": 2,
+        })
+        wait = summary["data_wait_fraction"]
+        step_s = summary["seconds"] / args.steps
+        print(f"training with {best}: {step_s:.2f} s per step, waiting for data {100 * wait:.1f} % of step time")
+        print(f"recommended feature chunks: (C, {chunk}, {chunk}, {chunk}), "
+              f"{'zstd' if results[best]['compressed'] else 'uncompressed'}")
+    print(json.dumps({
+        "benchmark": "loader",
+        "loader_vs_raw_read": round(results[best]["ratio"], 3),
+        "loader_vs_raw_read_current_chunks": round(results["64^3 zstd (current default)"]["ratio"], 3),
+        "data_wait_fraction": round(wait, 4),
+        "recommended_chunks": [CHANNELS, chunk, chunk, chunk],
+        "recommended_compressed": results[best]["compressed"],
+        "per_chunking": {k: {"ratio": round(v["ratio"], 3), "loader_mib_s": round(v["loader_bytes_per_s"] / 2**20, 1),
+                             "raw_mib_s": round(v["raw_bytes_per_s"] / 2**20, 1),
+                             "store_gib": round(v["store_gib"], 3)} for k, v in results.items()},
+        "seconds_per_step": round(step_s, 3),
+        "goals": {"loader_vs_raw_read": ">= 0.5", "data_wait_fraction": "<= 0.1"},
+    }))
+
+
+if __name__ == "__main__":
+    main()
