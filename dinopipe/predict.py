@@ -115,7 +115,7 @@ class FeatureReader:
         self.channels = int(image.array.shape[0])
 
     def read(self, window: Sequence[slice]) -> np.ndarray:
-        return np.asarray(self.array[(slice(None), *window)], dtype=np.float32)
+        return np.asarray(self.array[(slice(None), *window)])  # stored dtype; float32 after padding
 
 
 class RawFeatureReader:
@@ -187,18 +187,30 @@ class RawOnGridReader:
         return resample_to_grid(scaled, sub_raw, sub_out)[None].astype(np.float32)
 
 
+def _reflect_index(lo: int, hi: int, start: int, n: int) -> np.ndarray:
+    """Indices into a read part [start, start + n) for positions lo..hi-1, mirrored at its faces
+    (numpy's "reflect": the edge voxel is not repeated; repeated for pads longer than the part)."""
+    pos = np.arange(lo, hi) - start
+    if n == 1:
+        return np.zeros_like(pos)
+    period = 2 * (n - 1)
+    m = np.mod(pos, period)
+    return np.where(m >= n, period - m, m)
+
+
 def _read_block(readers: Sequence[Any], shape: Sequence[int], start: Sequence[int], block: Sequence[int],
                 halo: int) -> np.ndarray:
-    """Read (C, block + 2 halo) around ``start`` from every reader (channels concatenated);
-    outside the volume, reflect at its faces."""
+    """Read (C, block + 2 halo) float32 around ``start`` from every reader (channels
+    concatenated); outside the volume, reflect at its faces."""
     lo = [s - halo for s in start]
     hi = [s + b + halo for s, b in zip(start, block, strict=True)]
     src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, shape, strict=True))
-    data = np.concatenate([r.read(src) for r in readers], axis=0) if len(readers) > 1 else readers[0].read(src)
-    pad = [(0, 0)] + [(s.start - a, b - s.stop) for s, a, b in zip(src, lo, hi, strict=True)]
-    if any(p for pair in pad for p in pair):
-        data = np.pad(data, pad, mode="reflect")  # numpy repeats the reflection for pads > size
-    return data
+    parts = [r.read(src) for r in readers]
+    data = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    for axis, (s, a, b) in enumerate(zip(src, lo, hi, strict=True)):
+        if s.start != a or s.stop != b:  # np.take with a reflect map: much cheaper than np.pad(mode="reflect")
+            data = np.take(data, _reflect_index(a, b, s.start, s.stop - s.start), axis=1 + axis)
+    return np.ascontiguousarray(data, dtype=np.float32)
 
 
 def _empty_image(path: Path, channels: int, grid: Geometry, chunks: Sequence[int], attrs: Mapping[str, Any]) -> Any:

@@ -1,0 +1,138 @@
+"""Blockwise prediction: overhead over the bare network, and memory as the volume grows.
+
+A UNet of the demo's kind (2 levels, 16 base channels, 6 affinities + 10 LSDs) on 384
+feature channels (ViT-S/16 width), blocks of 16 x 48 x 48 label voxels plus the
+receptive-field halo (24 voxels per side). Volumes of 1, 4 and 8 blocks (cached float16
+features in Zarr) are predicted, each in a fresh child process. Prints:
+
+* blockwise prediction wall time / the model's forward time alone over exactly the same
+  blocks (inputs already in memory), on the 8-block volume (goal <= 1.25);
+* peak RSS of each child (whole process: interpreter, torch, model, one block) for 1x,
+  4x and 8x the block count, and 8x / 1x (goal: flat, <= 1.1).
+
+Run: .venv/bin/python benchmarks/predict.py
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHANNELS = 384
+BLOCK = (16, 48, 48)
+GRIDS = {"1x": (1, 1, 1), "4x": (1, 2, 2), "8x": (2, 2, 2)}
+OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 0], [0, 3, 0], [0, 0, 3]]
+
+
+def setup(root: Path) -> None:
+    """Write the model folder and the three feature volumes (chunk by chunk)."""
+    import numpy as np
+    import torch
+
+    from dinopipe.io import create_image, write_json
+    from dinopipe.train import build_model_config, save_checkpoint
+    from dinopipe.unet import UNet3D, UNetConfig, output_channels
+
+    torch.manual_seed(0)
+    config = UNetConfig(in_channels=CHANNELS, out_channels=output_channels(len(OFFSETS), True), levels=2,
+                        base_channels=16)
+    (root / "model").mkdir()
+    save_checkpoint(root / "model" / "checkpoint.pt", UNet3D(config).eval(), None, step=0)
+    write_json(root / "model" / "model_config.json", build_model_config(config, OFFSETS, True, None))
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(CHANNELS, *BLOCK)).astype(np.float16)
+    for name, grid in GRIDS.items():
+        shape = tuple(b * g for b, g in zip(BLOCK, grid))
+        arr = create_image(root / f"{name}.zarr", (CHANNELS, *shape), np.float16, (16, 16, 16), (8, 8, 8),
+                           channel_axis=True, chunks=(CHANNELS, *BLOCK))
+        for z in range(grid[0]):
+            for y in range(grid[1]):
+                for x in range(grid[2]):
+                    arr[:, z * BLOCK[0] : (z + 1) * BLOCK[0], y * BLOCK[1] : (y + 1) * BLOCK[1],
+                        x * BLOCK[2] : (x + 1) * BLOCK[2]] = block
+
+
+def child(root: Path, name: str, bare: bool) -> None:
+    """Predict one volume in this fresh process (and, with ``bare``, time the forward passes alone)."""
+    import numpy as np
+    import torch
+
+    from dinopipe.io import read_image
+    from dinopipe.predict import FeatureReader, _block_starts, _read_block, _round_up, load_model, predict_volume
+    from dinopipe.unet import receptive_field_halo
+
+    torch.set_num_threads(2)
+    stats = predict_volume(root / f"{name}.zarr", root / "model", root / f"pred_{name}.zarr", block_shape=BLOCK,
+                           device="cpu")
+    result = {"name": name, "blocks": stats["blocks"], "wall_s": stats["total_s"],
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "read_s": stats["read_s"], "forward_s": stats["forward_s"], "write_s": stats["write_s"]}
+    if bare:
+        model, _ = load_model(root / "model")
+        features = read_image(root / f"{name}.zarr")
+        halo = _round_up(receptive_field_halo(model.config), model.config.divisor)
+        reader = FeatureReader(features)
+        inputs = [torch.from_numpy(_read_block([reader], features.geometry.shape, s, BLOCK, halo))[None].float()
+                  for s in _block_starts(features.geometry.shape, BLOCK)]
+        with torch.no_grad():
+            model(inputs[0])  # warm-up, as the pipeline's first block also pays it
+            t = time.perf_counter()
+            for x in inputs:
+                model(x)
+            result["bare_forward_s"] = time.perf_counter() - t
+        result["bare_blocks"] = len(inputs)
+        del inputs
+        np.asarray(0)
+    print(json.dumps(result))
+
+
+def _run_child(root: Path, name: str, bare: bool) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", str(root), name, str(int(bare))],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    print(f"blockwise prediction benchmark on {platform.processor() or platform.machine()}, "
+          f"{CHANNELS} feature channels, blocks {BLOCK} + halo")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        setup(root)
+        runs = {}
+        for name in GRIDS:
+            runs[name] = _run_child(root, name, bare=False)
+            r = runs[name]
+            print(f"{name}: {r['blocks']} blocks, wall {r['wall_s']:.1f}s (read {r['read_s']:.1f}, network "
+                  f"{r['forward_s']:.1f}, write {r['write_s']:.1f}), peak RSS {r['peak_rss_mb']:.0f} MB")
+        # Timing on the 8-block volume, in its own fresh process: pipeline first, then bare forwards.
+        timing = _run_child(root, "8x", bare=True)
+    ratio = timing["wall_s"] / timing["bare_forward_s"]
+    growth = runs["8x"]["peak_rss_mb"] / runs["1x"]["peak_rss_mb"]
+    print(f"time: blockwise {timing['wall_s']:.2f}s / forward alone {timing['bare_forward_s']:.2f}s over the same "
+          f"{timing['bare_blocks']} blocks = {ratio:.3f} (goal <= 1.25)")
+    print(f"peak RSS: 1x {runs['1x']['peak_rss_mb']:.0f} MB, 4x {runs['4x']['peak_rss_mb']:.0f} MB, "
+          f"8x {runs['8x']['peak_rss_mb']:.0f} MB; 8x / 1x = {growth:.3f} (goal <= 1.1)")
+    print(json.dumps({
+        "benchmark": "predict",
+        "time_ratio": round(ratio, 4),
+        "peak_rss_mb_1x": round(runs["1x"]["peak_rss_mb"], 1),
+        "peak_rss_mb_4x": round(runs["4x"]["peak_rss_mb"], 1),
+        "peak_rss_mb_8x": round(runs["8x"]["peak_rss_mb"], 1),
+        "rss_growth_8x_vs_1x": round(growth, 4),
+        "blockwise_s": round(timing["wall_s"], 2),
+        "forward_only_s": round(timing["bare_forward_s"], 2),
+        "goals": {"time_ratio": "<= 1.25", "rss_growth_8x_vs_1x": "<= 1.1"},
+    }))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1")
+    else:
+        main()
