@@ -78,13 +78,13 @@ def child(root: Path, name: str, bare: bool) -> None:
         features = read_image(root / f"{name}.zarr")
         halo = _round_up(receptive_field_halo(model.config), model.config.divisor)
         reader = FeatureReader(features)
-        inputs = [torch.from_numpy(_read_block([reader], features.geometry.shape, s, BLOCK, halo))[None].float()
-                  for s in _block_starts(features.geometry.shape, BLOCK)]
+        inputs = [torch.from_numpy(_read_block([reader], features.geometry.shape, s, BLOCK, halo))[None]
+                  for s in _block_starts(features.geometry.shape, BLOCK)]  # float16, as stored
         with torch.no_grad():
-            model(inputs[0])  # warm-up, as the pipeline's first block also pays it
+            model(inputs[0].float())  # warm-up
             t = time.perf_counter()
             for x in inputs:
-                model(x)
+                model(x.float())
             result["bare_forward_s"] = time.perf_counter() - t
         result["bare_blocks"] = len(inputs)
         del inputs

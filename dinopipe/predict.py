@@ -84,6 +84,11 @@ def load_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[UNet3D, dict[str
     config = json.loads(config_path.read_text())
     if not isinstance(config, dict) or "unet" not in config or "offsets" not in config:
         raise ValueError(f"{config_path}: expected a dict with 'unet' and 'offsets' entries")
+    if config.get("target", "affinities") != "affinities":
+        raise ValueError(
+            f"{config_path}: the model predicts {config.get('target')!r} targets; prediction and "
+            "segmentation need an affinity model (target 'affinities')"
+        )
     model = UNet3D(UNetConfig.from_dict(config["unet"]))
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "model" not in state:
@@ -113,9 +118,14 @@ class FeatureReader:
     def __init__(self, image: Any) -> None:
         self.array = image.array
         self.channels = int(image.array.shape[0])
+        self.dtype = np.dtype(image.array.dtype) if np.dtype(image.array.dtype).itemsize <= 4 else np.dtype(np.float32)
 
     def read(self, window: Sequence[slice]) -> np.ndarray:
-        return np.asarray(self.array[(slice(None), *window)])  # stored dtype; float32 after padding
+        return np.asarray(self.array[(slice(None), *window)], dtype=self.dtype)
+
+    def read_into(self, window: Sequence[slice], out: np.ndarray) -> None:
+        """Read ``window`` into ``out`` (one zarr read: reading slab by slab decodes chunks twice)."""
+        out[...] = self.array[(slice(None), *window)]
 
 
 class RawFeatureReader:
@@ -140,6 +150,7 @@ class RawFeatureReader:
         self.backbone, self.params, self.halo = backbone, params, int(halo)
         self.intensity, self.volume, self.upsampler = intensity, volume, upsampler
         self.channels = int(backbone.channels)
+        self.dtype = np.dtype(np.float32)
         unit = backbone.patch_size * np.asarray(raw_geom.voxel_size) / np.asarray(grid.voxel_size)
         self.align = [int(round(u)) if abs(u - round(u)) < 1e-6 and u >= 1 else 1 for u in unit]
         self.image_size: dict[str, Any] = {}
@@ -161,6 +172,9 @@ class RawFeatureReader:
         inner = tuple(slice(w.start - g.start, w.stop - g.start) for w, g in zip(window, grown, strict=True))
         return feats[(slice(None), *inner)]
 
+    def read_into(self, window: Sequence[slice], out: np.ndarray) -> None:
+        out[...] = self.read(window)
+
 
 class RawOnGridReader:
     """One channel: raw scaled to 0..1 by the volume's percentile range, area-averaged onto the label grid.
@@ -170,6 +184,7 @@ class RawOnGridReader:
     """
 
     channels = 1
+    dtype = np.dtype(np.float32)
 
     def __init__(self, raw: Any, raw_geom: Geometry, grid: Geometry) -> None:
         from dinopipe.features import intensity_range
@@ -186,6 +201,9 @@ class RawOnGridReader:
         scaled = np.clip((np.asarray(self.raw[raw_win], dtype=np.float32) - self.lo) / (self.hi - self.lo), 0, 1)
         return resample_to_grid(scaled, sub_raw, sub_out)[None].astype(np.float32)
 
+    def read_into(self, window: Sequence[slice], out: np.ndarray) -> None:
+        out[...] = self.read(window)
+
 
 def _reflect_index(lo: int, hi: int, start: int, n: int) -> np.ndarray:
     """Indices into a read part [start, start + n) for positions lo..hi-1, mirrored at its faces
@@ -200,17 +218,41 @@ def _reflect_index(lo: int, hi: int, start: int, n: int) -> np.ndarray:
 
 def _read_block(readers: Sequence[Any], shape: Sequence[int], start: Sequence[int], block: Sequence[int],
                 halo: int) -> np.ndarray:
-    """Read (C, block + 2 halo) float32 around ``start`` from every reader (channels
-    concatenated); outside the volume, reflect at its faces."""
+    """Read (C, block + 2 halo) around ``start`` from every reader (channels concatenated,
+    in the readers' dtype); outside the volume, reflect at its faces.
+
+    The padded block is allocated once; each reader fills its channels of the in-volume
+    part, then the margins are mirrored in place axis by axis (reflection is separable).
+    Memory is one padded block plus the in-volume read, wherever the block lies.
+    """
     lo = [s - halo for s in start]
     hi = [s + b + halo for s, b in zip(start, block, strict=True)]
     src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, shape, strict=True))
-    parts = [r.read(src) for r in readers]
-    data = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-    for axis, (s, a, b) in enumerate(zip(src, lo, hi, strict=True)):
-        if s.start != a or s.stop != b:  # np.take with a reflect map: much cheaper than np.pad(mode="reflect")
-            data = np.take(data, _reflect_index(a, b, s.start, s.stop - s.start), axis=1 + axis)
-    return np.ascontiguousarray(data, dtype=np.float32)
+    inner = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo, strict=True))
+    dtype = np.result_type(*[r.dtype for r in readers])
+    out = np.empty((sum(r.channels for r in readers), *(b - a for a, b in zip(lo, hi, strict=True))), dtype=dtype)
+    c = 0
+    for r in readers:
+        r.read_into(src, out[c : c + r.channels][(slice(None), *inner)])
+        c += r.channels
+    for axis, (s, a) in enumerate(zip(src, lo, strict=True)):
+        n, size = s.stop - s.start, out.shape[1 + axis]
+        b0, e0 = s.start - a, s.stop - a  # the valid part along this axis
+        p0, p1 = b0, size - e0
+
+        def at(sl: slice | int) -> tuple[slice | int, ...]:
+            return (slice(None),) * (1 + axis) + (sl,)
+
+        if max(p0, p1) <= n - 1:  # one reflection: reversed slices (fast on every axis)
+            if p0:
+                out[at(slice(0, b0))] = out[at(slice(2 * b0, b0, -1))]
+            if p1:
+                out[at(slice(e0, size))] = out[at(slice(e0 - 2, e0 - 2 - p1 if e0 - 2 - p1 >= 0 else None, -1))]
+        else:  # pads longer than the volume: repeated reflection, position by position
+            index = _reflect_index(a, a + size, s.start, n) + b0
+            for i in [*range(0, b0), *range(e0, size)]:
+                out[at(i)] = out[at(int(index[i]))]
+    return out
 
 
 def _empty_image(path: Path, channels: int, grid: Geometry, chunks: Sequence[int], attrs: Mapping[str, Any]) -> Any:
@@ -271,8 +313,9 @@ def predict_blocks(
     """Predict affinities (and LSDs) on ``grid`` block by block; write the output store atomically.
 
     Args:
-        readers: Objects with ``channels`` and ``read(window) -> (C, z, y, x) float32``
-            for in-volume windows of ``grid``; their channels are concatenated in order.
+        readers: Objects with ``channels``, ``dtype`` and ``read_into(window, out)`` filling
+            ``out`` (C, z, y, x) for in-volume windows of ``grid`` (see :class:`FeatureReader`);
+            their channels are concatenated in order.
         grid: The label grid (shape, voxel size and translation of the outputs).
         model, config: From :func:`load_model`.
         out_path: Output store.
@@ -317,9 +360,11 @@ def predict_blocks(
             for first in range(0, len(starts), batch_size):
                 batch_starts = starts[first : first + batch_size]
                 t0 = time.perf_counter()
-                inputs = np.stack([_read_block(readers, shape, s, block, halo) for s in batch_starts])
+                blocks = [_read_block(readers, shape, s, block, halo) for s in batch_starts]
+                inputs = blocks[0][None] if len(blocks) == 1 else np.stack(blocks)
+                del blocks
                 t1 = time.perf_counter()
-                x = torch.from_numpy(inputs).to(dev).float()
+                x = torch.from_numpy(inputs).to(dev).float()  # float16 features: converted by torch (fast)
                 with torch.no_grad(), autocast_context(dev, autocast):
                     output = model(x)
                 aff_logits, lsd = split_output(output.float(), num_offsets)
