@@ -134,17 +134,24 @@ def _open(
     return image
 
 
-def check_finite(raw: Image, volume: str, slab_voxels: int = 2**24) -> None:
-    """Raise if a floating-point raw image holds NaN or infinite values (read in z-slabs)."""
+def check_finite(raw: Image, volume: str, grid: Geometry | None = None, slab_voxels: int = 2**24) -> None:
+    """Raise if a floating-point raw image holds NaN or infinite values under ``grid``
+    (default: anywhere), read in z-slabs."""
     if not np.issubdtype(raw.array.dtype, np.floating):
         return
-    shape = raw.array.shape
-    step = max(1, slab_voxels // max(1, shape[1] * shape[2]))
-    for z in range(0, shape[0], step):
-        slab = np.asarray(raw.array[z : z + step])
+    if grid is None:
+        window = tuple(slice(0, n) for n in raw.array.shape)
+    else:
+        from dinopipe.features import raw_window
+
+        window, _ = raw_window(raw.geometry, grid)
+    (z0, z1), ys, xs = ((window[0].start, window[0].stop), window[1], window[2])
+    step = max(1, slab_voxels // max(1, (ys.stop - ys.start) * (xs.stop - xs.start)))
+    for z in range(z0, z1, step):
+        slab = np.asarray(raw.array[z : min(z + step, z1), ys, xs])
         bad = ~np.isfinite(slab)
         if bad.any():
-            first = np.argwhere(bad)[0] + (z, 0, 0)
+            first = np.argwhere(bad)[0] + (z, ys.start, xs.start)
             raise ValueError(
                 f"volume {volume!r}: raw {raw.path} holds {int(bad.sum())}+ NaN or infinite values (first at voxel "
                 f"{first.tolist()}); raw must be finite"
@@ -231,7 +238,7 @@ def open_sources(
             f"volume {volume.name!r}: roi {_roi_text(volume.roi)} nm lies outside the data ({extents}); "
             f"no output voxel remains"
         )
-    check_finite(raw, volume.name)
+    check_finite(raw, volume.name, grid)
     logger.info("volume %s: raw %s (%s, scale %s) %s, output grid %s", volume.name, volume.raw, raw.format,
                 raw.scale, rg, grid)
     return Sources(volume, raw, labels, grid, window)  # type: ignore[arg-type]

@@ -235,12 +235,15 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
 
 
 def _raw_on_grid(src: Any, resample: Any) -> np.ndarray:
-    from dinopipe.features import intensity_range
+    """Raw scaled to 0..1 by the volume's percentiles (as the features are), area-averaged
+    onto the output grid; only the raw under the grid is read."""
+    from dinopipe.features import intensity_range, raw_window
 
-    raw = src.raw.read()
-    lo, hi = intensity_range(raw, "percentile", 0.5, 99.5)
+    lo, hi = intensity_range(src.raw.array, "percentile", 0.5, 99.5)
+    window, geom = raw_window(src.raw.geometry, src.grid)
+    raw = np.asarray(src.raw.array[window])
     scaled = np.clip((raw.astype(np.float32) - lo) / (hi - lo), 0, 1)
-    return resample(scaled, src.raw.geometry, src.grid).astype(np.float32)
+    return resample(scaled, geom, src.grid).astype(np.float32)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
