@@ -145,7 +145,7 @@ def check_ratio(raw_voxel_size: Sequence[float], out_voxel_size: Sequence[float]
         ratio = r / o
         if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
             raise ValueError(
-                f"volume {volume!r}: raw voxel size {r} nm vs label voxel size {o} nm on axis {axis} "
+                f"volume {volume!r}: raw voxel size {r} nm vs output (label) voxel size {o} nm on axis {axis} "
                 f"(ratio {ratio:.3g}) is outside the supported {RATIO_RANGE[0]}–{RATIO_RANGE[1]}"
             )
 
@@ -430,7 +430,10 @@ def extract_features(
         )
     if params.stride is not None and (params.stride < 1 or backbone.patch_size % params.stride):
         raise ValueError(f"features.stride {params.stride} must divide the patch size {backbone.patch_size}")
-    lo, hi = intensity or intensity_range(raw, params.intensity, params.low, params.high)
+    try:
+        lo, hi = intensity or intensity_range(raw, params.intensity, params.low, params.high)
+    except ValueError as exc:
+        raise ValueError(f"volume {volume!r}: {exc}") from exc
     acc = np.zeros((backbone.channels, *out_geom.shape), dtype=np.float32)
     acc_t = torch.from_numpy(acc)  # shares memory: planes add into it in place
     timings: dict[str, Any] = {}
@@ -537,7 +540,10 @@ def extract_features_blockwise(
         Info as :func:`extract_features` returns, with timings summed over blocks.
     """
     halo3 = np.broadcast_to(np.asarray(halo, dtype=int), (3,))
-    lo, hi = intensity_range(raw, params.intensity, params.low, params.high)
+    try:
+        lo, hi = intensity_range(raw, params.intensity, params.low, params.high)
+    except ValueError as exc:
+        raise ValueError(f"volume {volume!r}: {exc}") from exc
     info: dict[str, Any] = {"intensity_range": [lo, hi], "timings": {}, "blocks": 0}
     # Align every grown block's start to the whole volume's patch grid (in output voxels,
     # where one patch of raw voxels is a whole number of them) so tokens sit where they

@@ -94,7 +94,7 @@ JOB_CASES: dict[str, tuple[tuple[str, ...], str, str]] = {
                    r"volume 'no_overlap': raw and labels do not overlap: raw data/far_labels.zarr/raw covers "
                    r"\[0:128, 0:256, 0:256\] nm, labels data/far_labels.zarr/labels cover \[10000:10128"),
     "bad_ratio": (("data/coarse_labels.zarr/raw", "data/coarse_labels.zarr/labels", "train", "", ""), "features",
-                  r"volume 'bad_ratio': raw voxel size 8.0 nm vs label voxel size 160.0 nm on axis z "
+                  r"volume 'bad_ratio': raw voxel size 8.0 nm vs output \(label\) voxel size 160.0 nm on axis z "
                   r"\(ratio 0.05\) is outside the supported 0.1–16"),
     "roi_outside": (("data/good.zarr/raw", "data/good.zarr/labels", "train", "5000:6000,0:100,0:100", ""),
                     "features", r"volume 'roi_outside': roi 5000:6000,0:100,0:100 nm lies outside the data "
