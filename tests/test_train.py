@@ -374,6 +374,8 @@ def test_training_learns_a_learnable_problem(tmp_path):
         "validate_every": 50,
         "validation_crops": 4,
         "unet": {"levels": 1, "base_channels": 8},
+        # the fake features encode the un-augmented affinities channel by channel: not augmentation-invariant
+        "augment": {"flip": False, "rot90": False, "transpose": False},
     }
     summary = train([train_vol], [val_vol], tmp_path / "m", params)
     rows = read_curve(tmp_path / "m" / "loss_curve.tsv")
