@@ -129,6 +129,7 @@ def run_features(
         "sources": src.provenance(),
     }
     g = src.grid
+    chunks = io.default_chunks((backbone.channels, *g.shape), channel_axis=True, spatial=io.FEATURE_CHUNK)
     with io.atomic_output(out_path) as tmp, tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
         if blocking is None:
             # raw is small next to the feature accumulator: read it once rather than
@@ -139,10 +140,11 @@ def run_features(
             )
             t1 = time.perf_counter()
             io.write_image(tmp, feats.astype(np.float16), g.voxel_size, g.translation, channel_axis=True,
-                           name=f"{volume.name} DINOv3 features")
+                           name=f"{volume.name} DINOv3 features", chunks=chunks, compress=False)
         else:
             out = io.create_image(tmp, (backbone.channels, *g.shape), np.float16, g.voxel_size, g.translation,
-                                  channel_axis=True, name=f"{volume.name} DINOv3 features")
+                                  channel_axis=True, name=f"{volume.name} DINOv3 features", chunks=chunks,
+                                  compress=False)
             logger.info("volume %s: blockwise features, blocks of %s voxels, halo %d", volume.name, blocking,
                         params.block_halo)
 
