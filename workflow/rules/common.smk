@@ -38,4 +38,7 @@ def all_outputs():
     return [
         *expand("results/metadata/{volume}.json", volume=sorted(VOLUMES)),
         "results/evaluation/summary.tsv",
+        # the report's figures, so that a plain `snakemake` makes everything `--report` shows
+        *expand("results/report/{volume}.png", volume=PREDICT),
+        "results/report/loss_curve.png",
     ]

@@ -20,9 +20,6 @@ rule evaluate:
 rule evaluation_summary:
     input:
         evaluations=expand("results/evaluation/{volume}.json", volume=SCORED),
-        # the report's figures, so that a plain `snakemake` makes everything `--report` shows
-        figures=expand("results/report/{volume}.png", volume=PREDICT),
-        loss_curve="results/report/loss_curve.png",
     output:
         report(
             "results/evaluation/summary.tsv",
