@@ -293,6 +293,8 @@ def run_metadata(
             "signature": feats.attrs.get("signature") if feats.attrs else None,
             "raw": feats.attrs.get("raw") if feats.attrs else None,
             "timings": feats.attrs.get("timings") if feats.attrs else None,
+            "peak_rss_mb": feats.attrs.get("peak_rss_mb") if feats.attrs else None,
+            "blocks": feats.attrs.get("blocks") if feats.attrs else None,
             "bytes": io.directory_size(features_path),
         },
     }

@@ -68,6 +68,8 @@ def test_targets_and_metadata(demo, tmp_path):
     assert meta["targets"]["arrays"]["lsds"] == {"shape": [10, 8, 32, 32], "dtype": "float16"}
     assert meta["labels"]["n_ids"] == len(np.unique(io.read_image(tmp_path / "t.zarr" / "labels").read())) - 1
     assert meta["features"]["bytes"] > 0
+    assert meta["features"]["peak_rss_mb"] > 0 and meta["features"]["blocks"]["count"] == 1
+    assert set(meta["features"]["timings"]["planes"]["xy"]) >= {"prepare_s", "backbone_s", "resample_s"}
 
 
 def test_targets_need_labels(demo, tmp_path):
