@@ -1,0 +1,135 @@
+"""Benchmark: how long `snakemake -n` takes on large volume sheets.
+
+Run from the repository root: ``.venv/bin/python benchmarks/dag.py`` (a few minutes on 2 cores).
+Prints human-readable lines and, as the last line, one JSON object.
+
+For each size (1,000 and 10,000 volumes) a project is generated in a temporary directory: the
+demo configuration and a sheet of demo volumes (every 10th volume train, every 10th validate,
+the rest predict, all labelled, so about 7 jobs per volume: demo_data, features, targets,
+metadata, predict, segment, evaluate, report). Then, timed as wall clock of the whole command
+(interpreter start, parsing, DAG, the printed plan; output to a file):
+
+* ``snakemake -n`` exactly as a user types it (so with workflow/profiles/default);
+* ``snakemake --list-rules``: parsing only (Snakefile, common.smk, config validation, reading
+  and checking the sheet), to tell the sheet from the DAG.
+
+Goals: at most 10 ms per volume at both sizes, and the 10x sheet at most ~10x the time.
+``--profile`` additionally runs the 1,000-volume dry run under cProfile and prints where the
+time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile")]
+GOAL_MS_PER_VOLUME = 10.0
+GOAL_SCALING = 10.0
+
+
+def write_project(directory: Path, n_volumes: int) -> None:
+    """The demo configuration with a sheet of ``n_volumes`` demo volumes."""
+    (directory / "config").mkdir(parents=True)
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    (directory / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = ["name\traw\tlabels\trole\troi"]
+    for i in range(n_volumes):
+        role = ("train", "validate", *["predict"] * 8)[i % 10]
+        name = f"vol_{i:05d}"
+        rows.append(f"{name}\tresources/demo/{name}.zarr/raw\tresources/demo/{name}.zarr/labels\t{role}\t")
+    (directory / "config" / "volumes.tsv").write_text("\n".join(rows) + "\n")
+
+
+def timed(directory: Path, *args: str, timeout: float) -> tuple[float, str]:
+    """Wall-clock seconds of one snakemake command in ``directory`` and its output."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([*SNAKEMAKE, "--directory", str(directory), *args], capture_output=True,
+                          text=True, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout + proc.stderr
+
+
+def job_count(output: str) -> int:
+    for line in output.split("Job stats:")[-1].splitlines():
+        if line.startswith("total"):
+            return int(line.split()[1])
+    return 0
+
+
+def profile_dry_run(directory: Path, top: int = 25) -> str:
+    """cProfile of an in-process dry run: the functions with the most cumulative time."""
+    from snakemake.cli import main
+
+    profiler = cProfile.Profile()
+    argv = ["--snakefile", str(ROOT / "workflow" / "Snakefile"), "--directory", str(directory), "-n", "--quiet", "all"]
+    profiler.enable()
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 10000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--timeout", type=float, default=480, help="seconds allowed for one dry run")
+    parser.add_argument("--profile", action="store_true", help="also profile the small dry run")
+    args = parser.parse_args()
+
+    print(f"snakemake -n on generated sheets; {platform.node()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="dag-benchmark-") as tmp:
+        for n in args.sizes:
+            directory = Path(tmp) / f"sheet_{n}"
+            write_project(directory, n)
+            parse_s, _ = timed(directory, "--list-rules", timeout=args.timeout)
+            dry_s, out = timed(directory, "-n", timeout=args.timeout)
+            jobs = job_count(out)
+            results[n] = {"dry_run_s": dry_s, "parse_s": parse_s, "jobs": jobs}
+            print(f"{n:>6} volumes, {jobs} jobs: snakemake -n {dry_s:7.1f} s = {1000 * dry_s / n:6.2f} ms/volume "
+                  f"({1000 * dry_s / jobs:.2f} ms/job); parsing and the sheet alone {parse_s:.1f} s")
+        if args.profile:
+            print(profile_dry_run(Path(tmp) / f"sheet_{args.sizes[0]}"))
+    small, large = args.sizes
+    ms_small = 1000 * results[small]["dry_run_s"] / small
+    ms_large = 1000 * results[large]["dry_run_s"] / large
+    scaling = results[large]["dry_run_s"] / results[small]["dry_run_s"]
+    print(f"{large // small}x the volumes took {scaling:.1f}x the time "
+          f"(goals: <= {GOAL_MS_PER_VOLUME:g} ms/volume, <= {GOAL_SCALING:g}x)")
+    print(json.dumps({
+        "benchmark": "dag",
+        f"ms_per_volume_{small}": round(ms_small, 2),
+        f"ms_per_volume_{large}": round(ms_large, 2),
+        "scaling_10x": round(scaling, 2),
+        "goals": {f"ms_per_volume_{small}": f"<= {GOAL_MS_PER_VOLUME:g}",
+                  f"ms_per_volume_{large}": f"<= {GOAL_MS_PER_VOLUME:g}",
+                  "scaling_10x": f"<= {GOAL_SCALING:g}"},
+        "jobs": {str(n): r["jobs"] for n, r in results.items()},
+        "parse_s": {str(n): round(r["parse_s"], 2) for n, r in results.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()

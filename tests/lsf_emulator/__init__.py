@@ -1,0 +1,1 @@
+"""An emulated LSF for testing cluster profiles: see lsf.py."""
