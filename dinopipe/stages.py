@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 
 from dinopipe import __version__, io
+from dinopipe.cluster import allotted_cpus
 from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)
@@ -114,8 +115,7 @@ def run_features(
     )
     from dinopipe.sources import open_sources
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    torch.set_num_threads(allotted_cpus(threads))
     params = FeatureParams.from_config(features)
     t0 = time.perf_counter()
     src = open_sources(volume, **_source_args(data))
@@ -454,8 +454,8 @@ def run_train(
 
     check_feature_signatures([f for f, _ in [*train_volumes, *validate_volumes]], features)
     params = dict(params)
-    if threads and params.get("num_threads") is None:
-        params["num_threads"] = int(threads)
+    if params.get("num_threads") is None:
+        params["num_threads"] = allotted_cpus(threads)
     return train(train_volumes, validate_volumes, out_dir, params, state_dir=state_dir)
 
 
@@ -474,8 +474,7 @@ def run_predict(
 
     from dinopipe.predict import predict_from_raw, predict_volume
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    torch.set_num_threads(allotted_cpus(threads))
     common = {
         "block_shape": tuple(params.get("block_shape", (32, 64, 64))),
         "device": params.get("device", "auto"),
