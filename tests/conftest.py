@@ -16,3 +16,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not present at {SHARED_DATA} (only CI and developers have ../shared/data)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    """The tiny demo workflow run once to the end with real Snakemake (shared by the
+    workflow tests; they read it, or rerun jobs whose outputs are deterministic)."""
+    from test_workflow import snakemake, tiny_config, write_project
+
+    directory = tmp_path_factory.mktemp("project")
+    write_project(directory, tiny_config())
+    snakemake(directory)
+    return directory

@@ -66,14 +66,6 @@ def jobs_in(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("project")
-    write_project(directory, tiny_config())
-    snakemake(directory)
-    return directory
-
-
 def test_full_dag_produces_every_output(project):
     for name, role in VOLUMES.items():
         feats = io.read_image(project / "results" / "features" / f"{name}.zarr")

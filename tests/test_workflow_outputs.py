@@ -15,21 +15,13 @@ import pytest
 import zarr
 
 from dinopipe import io
-from test_workflow import VOLUMES, snakemake, tiny_config, write_project
+from test_workflow import VOLUMES, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")
 LABEL_VOXEL = (16.0, 16.0, 16.0)  # the tiny demo's label grid: 16 nm voxels, corner at 0
 LABEL_TRANSLATION = (8.0, 8.0, 8.0)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("project")
-    write_project(directory, tiny_config())
-    snakemake(directory)
-    return directory
 
 
 class _Tables(html.parser.HTMLParser):
