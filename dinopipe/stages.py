@@ -140,11 +140,12 @@ def run_features(
             )
             t1 = time.perf_counter()
             io.write_image(tmp, feats.astype(np.float16), g.voxel_size, g.translation, channel_axis=True,
-                           name=f"{volume.name} DINOv3 features", chunks=chunks, compress=False)
+                           name=f"{volume.name} DINOv3 features", chunks=chunks, compress=False,
+                           order=io.FEATURE_ORDER)
         else:
             out = io.create_image(tmp, (backbone.channels, *g.shape), np.float16, g.voxel_size, g.translation,
                                   channel_axis=True, name=f"{volume.name} DINOv3 features", chunks=chunks,
-                                  compress=False)
+                                  compress=False, order=io.FEATURE_ORDER)
             logger.info("volume %s: blockwise features, blocks of %s voxels, halo %d", volume.name, blocking,
                         params.block_halo)
 
