@@ -153,6 +153,21 @@ def apply_spatial(array: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def apply_spatial_torch(tensor: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
+    """:func:`apply_spatial` for a torch tensor (any device): same values, new memory.
+
+    Used for features, which the loader hands over untransformed so that the flip and
+    transpose copies of a 384-channel crop happen on the device, not in the loader.
+    """
+    if np.array_equal(matrix, np.eye(3, dtype=np.asarray(matrix).dtype)):
+        return tensor
+    lead = tensor.ndim - 3
+    perm, signs = _perm_and_signs(np.asarray(matrix))
+    out = tensor.permute(*range(lead), *(lead + p for p in perm))
+    flips = [lead + i for i in range(3) if signs[i] < 0]
+    return torch.flip(out, flips) if flips else out.contiguous()
+
+
 def check_offsets_closed(offsets: Sequence[Sequence[int]], group: Sequence[np.ndarray]) -> None:
     """Every transformed offset (or its negative) must be an offset of the set.
 

@@ -357,7 +357,9 @@ def _validate(
     losses, counts, first = [], None, None
     with torch.no_grad():
         for index, start in crops:
-            batch = to_device(sampler.batch_of([(index, start)]), device)
+            host = sampler.batch_of([(index, start)])
+            batch = to_device(host, device)
+            sampler.recycle(host)
             with autocast_context(device, autocast):
                 output = model(objective.inputs(batch))
             losses.append(float(objective.loss(output, batch)))
@@ -788,7 +790,9 @@ def train(
             while prefetcher is not None and step < p["steps"] and not stopped_early:
                 step += 1
                 t0 = time.perf_counter()
-                batch = to_device(prefetcher.get(step), device)
+                host = prefetcher.get(step)
+                batch = to_device(host, device)
+                sampler.recycle(host)
                 lr = scheduler.get_last_lr()[0]
                 with autocast_context(device, p["autocast"]):
                     output = model(objective.inputs(batch, _step_generator(p["seed"], step, device)))

@@ -94,3 +94,62 @@ def test_loaded_augmented_affinities_equal_affinities_of_augmented_labels(tmp_pa
         np.testing.assert_array_equal(crop["affinities"], expected)
         sl = tuple(slice(s, s + 8) for s in start)
         np.testing.assert_array_equal(crop["features"], apply_spatial(features[(slice(None), *sl)], matrix))
+
+
+def test_apply_spatial_torch_equals_apply_spatial_for_every_transform():
+    from dinopipe.augment import apply_spatial_torch
+
+    torch = pytest.importorskip("torch")
+    array = np.random.default_rng(0).normal(size=(2, 3, 4, 4, 4)).astype(np.float32)
+    group = transform_group({"flip": True, "rot90": True, "transpose": True}, (8, 8, 8), (4, 4, 4))
+    assert len(group) == 48
+    for matrix in group:
+        np.testing.assert_array_equal(apply_spatial_torch(torch.from_numpy(array), matrix).numpy(),
+                                      apply_spatial(array, matrix))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_batch_features_transformed_on_device_equal_the_cpu_crop(tmp_path, order):
+    """Features read into the (reused) batch buffer and transformed by to_device equal the
+    crop read and transformed on the CPU, for both chunk orders, over many augmentations."""
+    torch = pytest.importorskip("torch")
+    fpath, tpath, _, features = write_volume(tmp_path)
+    if order == "F":
+        import shutil
+
+        shutil.rmtree(fpath)
+        write_image(fpath, features, (8, 8, 8), (0, 0, 0), channel_axis=True, chunks=(5, 8, 8, 8), order="F")
+    volume = open_volume(fpath, tpath)
+    assert loader.chunk_order(volume.arrays["features"]) == order
+    augment = {"flip": True, "rot90": True, "transpose": True}
+    sampler = CropSampler([volume], (8, 8, 8), 2, 3, 0.1, augment)
+    seen = set()
+    buffers = set()
+    for step in range(1, 13):
+        host = sampler.batch(step)
+        buffers.add(id(host["features"]))
+        assert host["features"].shape == (2, 5, 8, 8, 8) and host["features"].dtype == np.float16
+        assert host["transforms"].shape == (2, 3, 3)
+        batch = to_device(host, torch.device("cpu"))
+        sampler.recycle(host)
+        host["features"][...] = 0  # the device copy must not share the recycled buffer
+        for i in range(2):
+            expected = sampler.sample(np.random.default_rng([3, 0, step, i]))
+            np.testing.assert_array_equal(batch["features"][i].numpy(), expected["features"].astype(np.float32))
+            np.testing.assert_array_equal(batch["affinities"][i].numpy(), expected["affinities"].astype(np.float32))
+            seen.add(host["transforms"][i].tobytes())
+        assert batch["features"].is_contiguous()
+    assert len(seen) > 10  # many different augmentations were checked
+    assert len(buffers) == 1  # one buffer, reused for every batch
+
+
+def test_buffer_pool_reuses_only_matching_layouts():
+    pool = loader.BufferPool(keep=2)
+    a = pool.take((1, 3, 4, 4, 4), "F")
+    assert a.shape == (1, 3, 4, 4, 4) and a.strides[1] == 2  # channels fastest
+    pool.give(a)
+    assert pool.take((1, 3, 4, 4, 4), "C") is not a
+    assert pool.take((1, 3, 4, 4, 4), "F") is a
+    pool.give(a)
+    pool.give(a)
+    assert len(pool.free) == 1
