@@ -22,6 +22,7 @@ A tab-separated file with a header row. Columns:
 from __future__ import annotations
 
 import csv
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -183,3 +184,23 @@ def read_sheet(path: str | Path) -> list[Volume]:
 def by_role(volumes: Sequence[Volume], *roles: str) -> list[Volume]:
     """The volumes whose role is one of ``roles``."""
     return [v for v in volumes if v.role in roles]
+
+
+def lookup(volumes: Mapping[str, Volume], name: str, sheet: str | Path, *, shown: int = 5) -> Volume:
+    """The sheet row named ``name`` (e.g. a Snakemake ``{volume}`` wildcard).
+
+    Raises:
+        ValueError: ``name`` is not in the sheet; the message names the volume, the sheet
+            (config key ``volumes``), the closest names and the first ``shown`` names.
+    """
+    volume = volumes.get(name)
+    if volume is not None:
+        return volume
+    close = difflib.get_close_matches(name, list(volumes), n=3)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    first = sorted(volumes)[:shown]
+    more = f", ... ({len(volumes)} in all)" if len(volumes) > shown else ""
+    raise ValueError(
+        f"volume {name!r} is not in the volume sheet {sheet} (config key 'volumes'); {hint}"
+        f"known volumes: {', '.join(first)}{more}"
+    )

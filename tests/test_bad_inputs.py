@@ -170,6 +170,20 @@ def test_missing_path_fails_when_the_workflow_is_parsed(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("target", ["results/features/good_0.zarr", "results/metadata/nosuchvolume.json",
+                                    "results/evaluation/nosuchvolume.json"])
+def test_unknown_volume_as_target(tmp_path, target):
+    write_project(tmp_path, [GOOD, ("good_1", *GOOD[1:])])
+    name = Path(target).stem.removesuffix(".zarr")
+    out = failed(snakemake(tmp_path, "-n", target, check=False))
+    message = (rf"volume '{name}' is not in the volume sheet config/volumes.tsv \(config key 'volumes'\); "
+               + (r"did you mean 'good_1', 'good'\? " if name == "good_0" else "")
+               + r"known volumes: good, good_1\n")
+    assert re.search(message, out), out[-2000:]
+    assert "KeyError" not in out
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize(
     "header, rows, message",
     [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dinopipe.sheet import by_role, parse_roi, read_sheet
+from dinopipe.sheet import Volume, by_role, lookup, parse_roi, read_sheet
 
 HEADER = "name\traw\tlabels\trole\troi\n"
 
@@ -87,3 +87,16 @@ def test_bad_geometry_columns(tmp_path, row, message):
 def test_duplicate_column(tmp_path):
     with pytest.raises(ValueError, match=r"column\(s\) \['raw'\] appear more than once"):
         read_sheet(_sheet(tmp_path, "name\traw\traw\trole\na\tr\tr\ttrain\n"))
+
+
+def test_lookup_names_the_unknown_volume_the_sheet_and_known_names():
+    volumes = {f"vol_{i:03d}": Volume(f"vol_{i:03d}", "r.zarr/raw", None, "predict") for i in range(12)}
+    assert lookup(volumes, "vol_003", "config/volumes.tsv") is volumes["vol_003"]
+    with pytest.raises(ValueError) as err:
+        lookup(volumes, "vol_3", "config/volumes.tsv")
+    message = str(err.value)
+    assert message.startswith("volume 'vol_3' is not in the volume sheet config/volumes.tsv (config key 'volumes'); ")
+    assert "did you mean 'vol_003'" in message
+    assert message.endswith("known volumes: vol_000, vol_001, vol_002, vol_003, vol_004, ... (12 in all)")
+    with pytest.raises(ValueError, match=r"'zzz' is not .*; known volumes: vol_000, .*\(12 in all\)$"):
+        lookup(volumes, "zzz", "s.tsv")

@@ -2,7 +2,7 @@
 
 One full run (module-scoped) feeds the three ways users drive the workflow:
 the complete DAG to summary.tsv, a dry run after changing the LSD sigma, and forcing
-one volume's features.
+one volume's features; and a dry run choosing the report's figures.
 """
 
 from __future__ import annotations
@@ -128,3 +128,17 @@ def test_forcing_one_volume_recomputes_exactly_that_job(project):
     own_benchmark = project / "results" / "benchmarks" / "features" / "train_1.tsv"
     assert changed and all(str(p).startswith(str(target)) or p == own_benchmark for p in changed)
     assert np.array_equal(io.read_image(target).read(), first)  # deterministic on CPU
+
+
+def test_report_figures_only_for_the_first_volume_figures_predicted_volumes(tmp_path):
+    config = tiny_config()
+    config["report"] = {"volume_figures": 2}
+    write_project(tmp_path, config)
+    rows = [f"extra_{i}\tresources/demo/extra_{i}.zarr/raw\t\tpredict\t" for i in range(3)]
+    with (tmp_path / "config" / "volumes.tsv").open("a") as sheet:
+        sheet.write("\n".join(rows) + "\n")
+    out = snakemake(tmp_path, "-n").stdout
+    jobs = jobs_in(out)
+    # every predicted volume is predicted and segmented, labelled or not; two get a figure
+    assert jobs["predict"] == jobs["segment"] == 4 and jobs["evaluate"] == 1
+    assert set(re.findall(r"output: results/report/(\w+)\.png", out)) == {"predict_0", "extra_0", "loss_curve"}

@@ -3,7 +3,7 @@
 from snakemake.utils import validate
 
 from dinopipe.io import source_store
-from dinopipe.sheet import by_role, read_sheet
+from dinopipe.sheet import by_role, lookup, read_sheet
 from dinopipe.sources import check_paths
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -14,6 +14,8 @@ VALIDATE = [v.name for v in by_role(VOLUMES.values(), "validate")]
 PREDICT = [v.name for v in by_role(VOLUMES.values(), *config["predict"]["roles"])]
 LABELLED = [v for v in VOLUMES if VOLUMES[v].labels]
 SCORED = [v for v in PREDICT if VOLUMES[v].labels]
+# predicted volumes with a figure in the report (the first report.volume_figures; null: all)
+FIGURES = PREDICT[: config["report"]["volume_figures"]]
 
 for _volume in VOLUMES.values():
     check_paths(_volume, generated=["resources/demo/"])
@@ -24,24 +26,36 @@ if not TRAIN:
 # Any name the sheet allows (dinopipe.sheet), except the literal results/report/loss_curve.png.
 # Not the alternation of all sheet names: Snakemake inlines the constraint into every path
 # pattern, which made `snakemake -n` quadratic in the number of volumes (benchmarks/dag.py).
+# A well-formed name that is not in the sheet is caught by sheet_row in the input functions.
 wildcard_constraints:
     volume=r"(?!loss_curve\.png$)[A-Za-z0-9][A-Za-z0-9_.-]*",
 
+def sheet_row(wildcards):
+    """The sheet row of the {volume} wildcard; a clear error naming the sheet for a target
+    such as results/features/nosuchvolume.zarr."""
+    return lookup(VOLUMES, wildcards.volume, config["volumes"])
+
 def volume_record(wildcards):
     """The sheet row of a volume as a dict (a param, so a changed row reruns its jobs)."""
-    return VOLUMES[wildcards.volume].to_record()
+    return sheet_row(wildcards).to_record()
 
 def volume_inputs(wildcards):
     """The files or folders holding a volume's raw and labels (`a.zarr/raw` -> `a.zarr`,
     `b.n5/raw/s0` -> `b.n5`, `c.h5:/stack` -> `c.h5`): real data, or what demo_data writes."""
-    v = VOLUMES[wildcards.volume]
+    v = sheet_row(wildcards)
     return sorted({source_store(p) for p in (v.raw, v.labels) if p})
+
+def volume_targets(wildcards):
+    """A labelled volume's targets store; nothing for an unlabelled one."""
+    return ["results/targets/{volume}.zarr"] if sheet_row(wildcards).labels else []
 
 def all_outputs():
     return [
         *expand("results/metadata/{volume}.json", volume=sorted(VOLUMES)),
+        # every predicted volume's segmentation, labelled or not (not only those with a figure)
+        *expand("results/segmentations/{volume}.zarr", volume=PREDICT),
         "results/evaluation/summary.tsv",
         # the report's figures, so that a plain `snakemake` makes everything `--report` shows
-        *expand("results/report/{volume}.png", volume=PREDICT),
+        *expand("results/report/{volume}.png", volume=FIGURES),
         "results/report/loss_curve.png",
     ]

@@ -1,9 +1,7 @@
 rule metadata:
     input:
         features="results/features/{volume}.zarr",
-        targets=lambda w: (
-            ["results/targets/{volume}.zarr"] if VOLUMES[w.volume].labels else []
-        ),
+        targets=volume_targets,
     output:
         "results/metadata/{volume}.json",
     log:
