@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from dinopipe.io import read_image, write_image, write_json
-from dinopipe.predict import load_model, predict_volume
+from dinopipe.io import FEATURE_ORDER, read_image, write_image, write_json
+from dinopipe.predict import FeatureReader, _block_starts, _BlockStager, load_model, predict_blocks, predict_volume
 from dinopipe.train import build_model_config, save_checkpoint
 from dinopipe.unet import UNet3D, UNetConfig, output_channels
 
@@ -19,10 +21,12 @@ VOXEL_SIZE = (8.0, 4.0, 4.0)
 TRANSLATION = (40.0, -6.0, 2.0)
 
 
-def make_features(path: Path, shape: tuple[int, int, int], channels: int, seed: int = 0) -> str:
-    """A random (C, z, y, x) float16 feature image with a signature."""
+def make_features(path: Path, shape: tuple[int, int, int], channels: int, seed: int = 0, **layout: Any) -> str:
+    """A random (C, z, y, x) float16 feature image with a signature (``layout``: chunks,
+    compress, order for :func:`write_image`)."""
     data = np.random.default_rng(seed).normal(size=(channels, *shape)).astype(np.float16)
-    write_image(path, data, VOXEL_SIZE, TRANSLATION, channel_axis=True, attrs={"signature": {"model_id": "tiny"}})
+    write_image(path, data, VOXEL_SIZE, TRANSLATION, channel_axis=True, attrs={"signature": {"model_id": "tiny"}},
+                **layout)
     return str(path)
 
 
@@ -67,6 +71,74 @@ def test_blockwise_equals_whole_volume(tmp_path, levels, norm):
     attrs = zarr.open_group(str(tmp_path / "blocks.zarr")).attrs["dinopipe"]
     assert attrs["offsets"] == OFFSETS
     assert attrs["block_shape"] == [8, 12, 16]
+
+
+def test_channel_fastest_feature_chunks_predict_the_same(tmp_path):
+    """Features stored as the features stage stores them (uncompressed, order "F", several
+    chunks per block) give the same prediction as compressed C-ordered ones."""
+    shape = (20, 26, 30)
+    plain = make_features(tmp_path / "c.zarr", shape, channels=5)
+    stage_like = make_features(tmp_path / "f.zarr", shape, channels=5, chunks=(5, 8, 8, 8), compress=False,
+                               order=FEATURE_ORDER)
+    assert zarr.open_array(str(tmp_path / "f.zarr" / "s0")).metadata.order == "F"
+    model_dir = make_model_dir(tmp_path / "model", channels=5, levels=1, norm="batch")
+    predict_volume(plain, model_dir, tmp_path / "a.zarr", block_shape=(64, 64, 64), device="cpu")
+    predict_volume(stage_like, model_dir, tmp_path / "b.zarr", block_shape=(8, 12, 16), device="cpu", batch_size=2)
+    for name in ("affinities", "lsds"):
+        np.testing.assert_allclose(read_image(tmp_path / "a.zarr" / name).read(),
+                                   read_image(tmp_path / "b.zarr" / name).read(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("convert_on_host", [True, False])
+def test_staged_batches_equal_padded_blocks(tmp_path, convert_on_host):
+    """The background reader's batches (either conversion path, last batch partial) are
+    the reflect-padded blocks of the volume, float32, channels first (x: the halo is
+    longer than the volume, so reflection repeats)."""
+    shape, block, halo = (12, 14, 3), (8, 8, 8), 4
+    features = read_image(make_features(tmp_path / "f.zarr", shape, channels=3, chunks=(3, 8, 8, 8),
+                                        compress=False, order=FEATURE_ORDER))
+    reader = FeatureReader(features)
+    dense = features.read()
+    starts = list(_block_starts(shape, block))
+    assert len(starts) == 4
+    seen = []
+    with _BlockStager([reader], shape, block, halo, 3, torch.device("cpu"), convert_on_host=convert_on_host) as stager:
+        for batch in stager:
+            x = stager.to_device()
+            assert x.dtype == torch.float32 and x.is_contiguous() and x.shape == (len(batch), 3, 16, 16, 16)
+            for i, start in enumerate(batch):
+                window = tuple(slice(s - halo, s + b + halo) for s, b in zip(start, block, strict=True))
+                lo = [max(-w.start, 0) for w in window]
+                hi = [max(w.stop - n, 0) for w, n in zip(window, shape, strict=True)]
+                inside = dense[(slice(None), *(slice(max(w.start, 0), min(w.stop, n))
+                                               for w, n in zip(window, shape, strict=True)))]
+                expected = np.pad(inside, [(0, 0), *zip(lo, hi, strict=True)], mode="reflect")
+                np.testing.assert_array_equal(x[i].numpy(), expected.astype(np.float32))
+                seen.append(start)
+    assert seen == starts
+    assert stager.read_s > 0
+
+
+def test_reader_errors_reach_the_caller_and_leave_no_output(tmp_path):
+    features = make_features(tmp_path / "features.zarr", (24, 8, 8), channels=3)
+    model_dir = make_model_dir(tmp_path / "model", channels=3, levels=1, norm=None)
+    model, config = load_model(model_dir)
+    image = read_image(features)
+
+    class Failing(FeatureReader):
+        calls = 0
+
+        def read_into(self, window, out):
+            Failing.calls += 1
+            if Failing.calls == 2:
+                raise ValueError("broken chunk in block 2")
+            super().read_into(window, out)
+
+    with pytest.raises(ValueError, match="broken chunk in block 2"):
+        predict_blocks([Failing(image)], image.geometry, model, config, tmp_path / "p.zarr", block_shape=(8, 8, 8),
+                       device="cpu")
+    assert not (tmp_path / "p.zarr").exists()
+    assert not any(t.name == "predict-reader" for t in threading.enumerate())
 
 
 def test_block_shape_is_rounded_to_the_pooling_grid(tmp_path):
