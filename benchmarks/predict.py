@@ -5,7 +5,7 @@ feature channels (ViT-S/16 width), blocks of 16 x 48 x 48 label voxels plus the
 receptive-field halo (24 voxels per side), on the CPU with 2 torch threads. Volumes of
 1, 4 and 8 blocks of cached float16 features are written exactly as the features stage
 writes them (``dinopipe.stages.run_features``: uncompressed chunks of all channels x
-32^3 voxels, element order ``dinopipe.io.FEATURE_ORDER``) and predicted with
+``dinopipe.io.FEATURE_CHUNK``^3 voxels, element order ``dinopipe.io.FEATURE_ORDER``) and predicted with
 ``predict_volume``, each in a fresh child process. Prints:
 
 * time: ``predict_volume``'s own total (``total_s``: reading, mirroring halos, staging,
