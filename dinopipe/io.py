@@ -550,6 +550,33 @@ def _hdf5_array(file: Path, dataset: str, where: str) -> SourceArray:
     return SourceArray(ds.shape, ds.dtype, read, where, close=handle.close)
 
 
+#: tensorstore context for reading immutable local stores: chunk files are memory-mapped,
+#: so reading a chunk is one copy out of the page cache (the loader and predict read this way).
+MEMMAP_CONTEXT = {"file_io_mode": {"mode": "memmap"}}
+
+
+def open_tensorstore(path: str | os.PathLike[str], zarr_format: int = 2) -> ts.TensorStore:
+    """Open a local Zarr v2 or v3 array read-only with tensorstore, memory-mapped.
+
+    Raises:
+        ValueError: tensorstore cannot open it (not an array, unsupported codec, ...).
+    """
+    spec = {
+        "driver": "zarr" if zarr_format == 2 else "zarr3",
+        "kvstore": {"driver": "file", "path": str(Path(path).resolve())},
+        "context": MEMMAP_CONTEXT,
+    }
+    return ts.open(spec, read=True).result()
+
+
+def read_into(store: ts.TensorStore, index: tuple[Any, ...], out: np.ndarray) -> Any:
+    """Start copying ``store[index]`` into ``out`` (a writable numpy array or view of that
+    shape, any strides: a layout matching the chunks copies in long runs); returns the
+    write future."""
+    source = store[index].translate_to[(0,) * store.rank]
+    return ts.array(out, copy=False, write=True).write(source)
+
+
 def split_hdf5(path: str) -> tuple[Path, str] | None:
     """``file.h5:/dataset`` -> (file.h5, "/dataset"); None when ``path`` is not HDF5."""
     lower = path.lower()

@@ -47,7 +47,7 @@ from dinopipe.augment import (
     transform_group,
     transform_lsds,
 )
-from dinopipe.io import read_image
+from dinopipe.io import open_tensorstore, read_image, read_into
 from dinopipe.unet import NUM_LSD_CHANNELS
 
 logger = logging.getLogger(__name__)
@@ -59,15 +59,9 @@ COARSE_BLOCK = 8
 TARGET_TYPES = ("affinities", "semantic")
 
 
-#: tensorstore context of the loader's stores: chunk files are memory-mapped, so reading a
-#: chunk is one copy out of the page cache (the cache stores are immutable once written).
-CONTEXT = {"file_io_mode": {"mode": "memmap"}}
-
-
 def open_array(path: str | Path) -> ts.TensorStore:
-    """Open one zarr v2 array read-only with tensorstore (once per volume and array)."""
-    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(Path(path).resolve())}, "context": CONTEXT}
-    return ts.open(spec, read=True).result()
+    """Open one zarr v2 array read-only, memory-mapped (once per volume and array)."""
+    return open_tensorstore(path)
 
 
 def chunk_order(array: ts.TensorStore) -> str:
@@ -166,10 +160,7 @@ class Volume:
         (a writable numpy view of the crop's shape, any strides)."""
         index = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, out.shape[-3:], strict=True))
         array = self.arrays[key]
-        if array.rank == 4:
-            index = (slice(None), *index)
-        source = array[index].translate_to[(0,) * array.rank]
-        return ts.array(out, copy=False, write=True).write(source)
+        return read_into(array, (slice(None), *index) if array.rank == 4 else index, out)
 
     def read_padded(self, key: str, start: Sequence[int], shape: Sequence[int], margin: int) -> np.ndarray:
         """Read a crop grown by ``margin`` on every side, 0 outside the volume."""
@@ -392,6 +383,8 @@ class CropSampler:
                 check_offsets_closed(self.offsets, self.group)
         augmenting = len(self.group) > 1
         self.pool = BufferPool()
+        # layout of the feature batch buffers: channel-fastest when every store's chunks are
+        self.feature_order = "F" if all(chunk_order(v.arrays["features"]) == "F" for v in self.volumes) else "C"
         self.margin = max((abs(v) for o in self.offsets for v in o), default=0) if augmenting else 0
 
     def read_crop(
@@ -451,8 +444,7 @@ class CropSampler:
 
     def _assemble(self, plans: Sequence[tuple[Volume, Sequence[int], np.ndarray | None, np.ndarray]]
                   ) -> dict[str, np.ndarray]:
-        orders = {chunk_order(v.arrays["features"]) for v, *_ in plans}
-        features = self.pool.take((len(plans), plans[0][0].channels, *self.crop), "F" if orders == {"F"} else "C")
+        features = self.pool.take((len(plans), plans[0][0].channels, *self.crop), self.feature_order)
         samples = [self.read_crop(v, start, mask, matrix, features_out=features[i])
                    for i, (v, start, mask, matrix) in enumerate(plans)]
         batch = {key: np.stack([s[key] for s in samples]) for key in samples[0]}

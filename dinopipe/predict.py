@@ -55,13 +55,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
 import torch
 import zarr
 from tqdm import tqdm
 
 from dinopipe.features import check_compatible
-from dinopipe.io import Geometry, atomic_output, create_image, read_image
+from dinopipe.io import Geometry, atomic_output, create_image, open_tensorstore, read_image, read_into
 from dinopipe.train import autocast_context, resolve_device
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, receptive_field_halo, split_output
 
@@ -151,13 +150,8 @@ def _open_tensorstore(image: Any) -> Any | None:
     path = Path(image.path) / image.scale if image.scale else Path(image.path)
     if zarr_format not in (2, 3) or not path.is_dir():
         return None
-    spec = {
-        "driver": "zarr" if zarr_format == 2 else "zarr3",
-        "kvstore": {"driver": "file", "path": str(path.resolve())},
-        "context": {"file_io_mode": {"mode": "memmap"}},
-    }
     try:
-        return ts.open(spec, read=True).result()
+        return open_tensorstore(path, zarr_format)
     except ValueError as exc:  # tensorstore's error for what it cannot open; zarr-python reads it
         logger.info("reading %s with zarr-python (tensorstore: %s)", path, exc)
         return None
@@ -186,8 +180,7 @@ class FeatureReader:
         if self.store is None or not np.can_cast(self.array.dtype, out.dtype, "safe"):
             out[...] = self.array[(slice(None), *window)]
             return
-        source = self.store[(slice(None), *window)].translate_to[0, 0, 0, 0]
-        ts.array(out, copy=False, write=True).write(source).result()
+        read_into(self.store, (slice(None), *window), out).result()
 
 
 class RawFeatureReader:
