@@ -96,7 +96,8 @@ class BufferPool:
 
     def take(self, shape: Sequence[int], order: str) -> np.ndarray:
         shape = tuple(int(v) for v in shape)
-        layout = empty_features((1, *shape[1:]), order).strides[1:]
+        c, z, y, x = shape[1:]  # byte strides (c, z, y, x) of one float16 item, as empty_features lays it out
+        layout = (2, 2 * c, 2 * c * z, 2 * c * z * y) if order == "F" else (2 * z * y * x, 2 * y * x, 2 * x, 2)
         with self.lock:
             for i, buf in enumerate(self.free):
                 if buf.shape == shape and buf.strides[1:] == layout:
@@ -398,10 +399,11 @@ class CropSampler:
         """
         crop = self.crop
         pending: dict[str, Any] = {}
+        into = None
         if features_out is None:
             pending["features"] = volume.read("features", start, crop)
         else:
-            pending["_features"] = volume.read_into("features", start, features_out)
+            into = volume.read_into("features", start, features_out)
         if self.target == "affinities":
             keys = ["boundary_weights", *(["lsds"] if self.lsds else [])]
         else:
@@ -416,7 +418,8 @@ class CropSampler:
         if self.target == "affinities":
             out["affinities"] = volume.read_padded("affinities", start, crop, self.margin)
         out.update({key: future.result() for key, future in pending.items()})
-        out.pop("_features", None)
+        if into is not None:
+            into.result()
         if mask is not None:
             out["mask"] = mask
         if "boundary_weights" in out:
