@@ -178,6 +178,13 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
+def new_store_id() -> str:
+    """A fresh identity for a store being written (its ``store_id`` attribute): it
+    changes whenever the store is rewritten, so whatever was derived from the old content
+    (a training run to resume) can tell (see :meth:`dinopipe.loader.Volume.identity`)."""
+    return uuid.uuid4().hex
+
+
 def glob_escape(name: str) -> str:
     """``name`` with glob metacharacters escaped."""
     import glob

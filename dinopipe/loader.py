@@ -124,8 +124,10 @@ class Volume:
         signature: The features' signature (or None).
         shape: Spatial shape (z, y, x) in voxels.
         voxel_size: nm, (z, y, x).
-        attrs: The targets store's ``dinopipe`` root attributes.
+        attrs: The targets store's ``dinopipe`` root attributes (``store_id`` among them).
         coarse: Labelled-voxel counts of the mask per :data:`COARSE_BLOCK`³ block.
+        features_id: The feature store's ``store_id`` attribute (None for stores
+            written before ids existed).
     """
 
     name: str
@@ -139,6 +141,7 @@ class Volume:
     attrs: dict[str, Any]
     coarse: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
     warned: bool = False
+    features_id: str | None = None
 
     @property
     def channels(self) -> int:
@@ -147,6 +150,18 @@ class Volume:
     @property
     def labelled(self) -> int:
         return int(self.coarse.sum())
+
+    def identity(self) -> dict[str, Any]:
+        """What this volume's inputs hold, for the resume fingerprint: the stores' paths,
+        the features' signature, the targets' parameters (their attributes without
+        timings) and each store's id, written anew whenever the store is rewritten."""
+        return {
+            "features": self.features_path,
+            "targets": self.targets_path,
+            "features_id": self.features_id,
+            "features_signature": dict(self.signature) if self.signature is not None else None,
+            "targets_attrs": {k: v for k, v in self.attrs.items() if k != "timings"},
+        }
 
     def read(self, key: str, start: Sequence[int], shape: Sequence[int]) -> ts.Future:
         """Start reading ``shape`` voxels at ``start`` of array ``key`` (all channels)."""
@@ -259,6 +274,7 @@ def open_volume(
     volume = Volume(
         name=name, features_path=features_path, targets_path=targets_path, arrays=arrays, offsets=offsets,
         signature=(features.attrs or {}).get("signature"), shape=g.shape, voxel_size=g.voxel_size, attrs=attrs,
+        features_id=(features.attrs or {}).get("store_id"),
     )
     volume.coarse = _coarse_mask(arrays["mask"], g.shape)
     return volume

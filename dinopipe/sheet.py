@@ -47,7 +47,8 @@ class Volume:
         name: Unique name (letters, digits, '_', '.', '-').
         raw: Path of the raw image group.
         labels: Path of the label image group, or None.
-        role: "train", "validate" or "predict".
+        role: "train", "validate" or "predict"; None in a job that does not use it
+            (features and targets are computed alike for every role).
         roi: ((z0, z1), (y0, y1), (x0, x1)) in nm, or None for everything.
         voxel_size: nm per voxel (z, y, x) of a plain raw array, else None.
         offset: Corner of raw voxel (0, 0, 0) in nm (z, y, x) for a plain array, else None.
@@ -58,7 +59,7 @@ class Volume:
     name: str
     raw: str
     labels: str | None
-    role: str
+    role: str | None
     roi: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] | None = None
     voxel_size: tuple[float, float, float] | None = None
     offset: tuple[float, float, float] | None = None
@@ -82,7 +83,7 @@ class Volume:
         roi = record.get("roi")
         geometry = {c: tuple(float(v) for v in record[c]) for c in GEOMETRY_COLUMNS if record.get(c) is not None}
         return cls(
-            name=record["name"], raw=record["raw"], labels=record.get("labels") or None, role=record["role"],
+            name=record["name"], raw=record["raw"], labels=record.get("labels") or None, role=record.get("role"),
             roi=tuple(tuple(float(v) for v in b) for b in roi) if roi else None,  # type: ignore[arg-type]
             **geometry,  # type: ignore[arg-type]
         )

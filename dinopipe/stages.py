@@ -125,6 +125,7 @@ def run_features(
     blocking = params.blocking(backbone.channels, src.grid.shape)
     attrs: dict[str, Any] = {
         "volume": volume.name,
+        "store_id": io.new_store_id(),
         "raw": {"path": volume.raw, "scale": src.raw.scale, **src.raw.geometry.to_dict()},
         "sources": src.provenance(),
     }
@@ -231,7 +232,7 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         io.write_image(tmp / "raw", raw, g.voxel_size, g.translation)
         timings["write_s"] = time.perf_counter() - t
         attrs = {"volume": volume.name, **params, "grid": g.to_dict(), "sources": src.provenance(),
-                 "timings": timings}
+                 "timings": timings, "store_id": io.new_store_id()}
         root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
     logger.info("targets %s: %s, %.1fs", volume.name, labels.shape, sum(timings.values()))
     return attrs
@@ -296,6 +297,7 @@ def run_metadata(
             "timings": feats.attrs.get("timings") if feats.attrs else None,
             "peak_rss_mb": feats.attrs.get("peak_rss_mb") if feats.attrs else None,
             "blocks": feats.attrs.get("blocks") if feats.attrs else None,
+            "store_id": feats.attrs.get("store_id") if feats.attrs else None,
             "bytes": io.directory_size(features_path),
         },
     }
@@ -309,7 +311,8 @@ def run_metadata(
             "path": str(targets_path),
             "arrays": {k: {"shape": list(root[k]["s0"].shape), "dtype": str(root[k]["s0"].dtype)} for k in root.group_keys()},
             "parameters": {k: v for k, v in dict(root.attrs["dinopipe"]).items()
-                           if k not in ("timings", "grid", "sources")},
+                           if k not in ("timings", "grid", "sources", "store_id")},
+            "store_id": dict(root.attrs["dinopipe"]).get("store_id"),
             "timings": dict(root.attrs["dinopipe"]).get("timings"),
             "bytes": io.directory_size(targets_path),
         }

@@ -32,10 +32,14 @@ Snakemake output, which Snakemake would delete before rerunning the job):
   signature; written at every validation.
 * ``best.pt``: the best model so far; ``loss_curve.tsv``: the curve so far.
 
-A rerun with the same settings (or with only ``steps``, the validation cadence,
-early stopping, threads, device or loader settings changed) continues from
-``latest.pt``. Batches depend only on ``(seed, step)``, so on CPU a resumed run is
-bitwise the run that was not interrupted. TensorBoard logs go to ``out_dir/tensorboard``.
+A rerun continues from ``latest.pt`` only into the same run: the state records a
+fingerprint of everything the run depends on (:func:`_resume_signature`: every
+result-changing train key, the architecture and offsets, and per input volume its paths,
+the features' signature, the targets' parameters and the identity of both stores, which
+changes whenever a store is rewritten). Only ``steps`` and the runtime-only keys
+(:data:`dinopipe.config.RESUME_FREE`) may differ; any other difference starts afresh
+from step 0 with a warning naming what differs. Batches depend only on ``(seed, step)``,
+so on CPU a resumed run is bitwise the run that was not interrupted. TensorBoard logs go to ``out_dir/tensorboard``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from tqdm import tqdm
 
 from dinopipe import __version__
 from dinopipe.augment import feature_noise, resolve_augment_params
+from dinopipe.config import RESUME_FREE
 from dinopipe.io import atomic_output, write_json
 from dinopipe.loader import (
     TARGET_TYPES,
@@ -106,11 +111,6 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
 
 LR_SCHEDULES = ("constant", "cosine")
 AUTOCAST = ("bf16", "fp16", "none")
-RESUME_FREE_KEYS = (
-    "steps", "validate_every", "early_stopping_patience", "early_stopping_min_delta", "device", "num_threads",
-    "loader_workers", "prefetch", "resume", "tensorboard",
-)
-"""Train params that may change between an interrupted run and its continuation."""
 RAW_SOURCE = (
     "targets store image 'raw' (results/targets/{volume}.zarr/raw): the raw image scaled to 0..1 by "
     "the volume's 0.5-99.5 percentile range and area-averaged onto the label grid; appended as the last input channel"
@@ -544,12 +544,19 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _resume_signature(model_config: Mapping[str, Any], p: Mapping[str, Any], volumes: Mapping[str, Any]) -> dict:
+def _resume_signature(model_config: Mapping[str, Any], p: Mapping[str, Any], train_vols: Sequence[Volume],
+                      val_vols: Sequence[Volume]) -> dict:
+    """Everything a training run depends on, to resume only into the same run: the model,
+    the result-changing train params (all but :data:`dinopipe.config.RESUME_FREE`) and,
+    per volume, what its inputs hold (:meth:`dinopipe.loader.Volume.identity`)."""
     return {
         "unet": model_config["unet"],
         "offsets": model_config["offsets"],
-        "train_params": {k: v for k, v in p.items() if k not in RESUME_FREE_KEYS},
-        "volumes": volumes,
+        "train_params": {k: v for k, v in p.items() if k not in RESUME_FREE},
+        "inputs": {
+            **{f"train {v.name}": v.identity() for v in train_vols},
+            **{f"validate {v.name}": v.identity() for v in val_vols},
+        },
     }
 
 
@@ -703,7 +710,7 @@ def train(
         if val_vols and not val_crops:
             logger.warning("validation_crops is 0: training without validation")
 
-        signature = _resume_signature(model_config, p, volumes_used)
+        signature = _resume_signature(model_config, p, train_vols, val_vols)
         rows: list[Row] = []
         best: tuple[float, int] | None = None
         bad_validations, stopped_early, start_step = 0, False, 0

@@ -60,7 +60,7 @@ OOM_JOB, SUSPENDED_JOB = "rule_targets:volume=predict_0", "rule_features:volume=
 # files that legitimately differ between two runs: timings and what embeds them
 VOLATILE_FILES = re.compile(r"(^benchmarks/|/\.zattrs$|/zarr\.json$|^metadata/|/events\.out\.tfevents)")
 EVENT_FILE = re.compile(r"(events\.out\.tfevents)\..*")  # TensorBoard names carry time, host and pid
-VOLATILE_KEY = re.compile(r"(_s|_utc|_time)$|^peak_|^(timings|bytes|host|platform|pid|created)$")  # measurements
+VOLATILE_KEY = re.compile(r"(_s|_utc|_time)$|^peak_|^(timings|bytes|host|platform|pid|created|store_id)$")  # measurements
 
 
 def profile_copy(name: str, directory: Path) -> Path:

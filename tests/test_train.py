@@ -230,6 +230,83 @@ def test_changed_settings_start_afresh(tmp_path, volumes, caplog):
     assert summary["start_step"] == 0
 
 
+def _restamp(path: str, **changes) -> None:
+    """Rewrite a store's ``dinopipe`` attributes as a rerun of its stage would (new values,
+    new ``store_id``)."""
+    group = zarr.open_group(path, mode="a")
+    group.attrs["dinopipe"] = {**dict(group.attrs.get("dinopipe", {})), **changes}
+
+
+@pytest.fixture
+def stamped(tmp_path, volumes):
+    """A copy of the module's volumes whose stores carry ids, as the stages write them."""
+    import shutil
+
+    copies = []
+    for features, targets in volumes:
+        pair = []
+        for kind, path in (("features", features), ("targets", targets)):
+            dest = tmp_path / "inputs" / kind / Path(path).name
+            shutil.copytree(path, dest)
+            _restamp(str(dest), store_id=f"{kind}-{Path(path).name}-1")
+            pair.append(str(dest))
+        copies.append(tuple(pair))
+    return copies
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "checkpoint.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("change", ["targets", "features", "sheet", "rewritten store"])
+def test_changed_inputs_retrain_from_step_0(tmp_path, stamped, caplog, change):
+    """The stale-model bug: after the inputs changed, a rerun must not resume the old run."""
+    params = {**TINY, "steps": 4, "validate_every": 2}
+    (train_f, train_t), (val_f, val_t) = stamped
+    train([(train_f, train_t)], [(val_f, val_t)], tmp_path / "m", params)
+    before = _weights(tmp_path / "m")
+    train_set, val_set = [(train_f, train_t)], [(val_f, val_t)]
+    if change == "targets":  # e.g. targets.lsd_sigma_nm 64 -> 48
+        affinities = zarr.open_array(f"{train_t}/affinities/s0", mode="r+")
+        affinities[...] = 1 - affinities[...]
+        _restamp(train_t, lsd_sigma=48.0, store_id="targets-2")
+        expected = "inputs.train train_a.targets_attrs.lsd_sigma"
+    elif change == "features":  # e.g. another stride
+        signature = dict(read_image(train_f).attrs["signature"])
+        features = zarr.open_array(f"{train_f}/s0", mode="r+")
+        features[...] = -features[...]
+        for path in (train_f, val_f):  # every volume's features are recomputed alike
+            _restamp(path, signature={**signature, "stride": 8}, store_id=f"features-2-{path}")
+        expected = "inputs.train train_a.features_signature.stride"
+    elif change == "sheet":  # the validate volume becomes a second train volume
+        train_set, val_set = [(train_f, train_t), (val_f, val_t)], []
+        expected = "inputs.train val_a"
+    else:  # same settings, but the store was written again (e.g. raw rewritten in place)
+        _restamp(train_f, store_id="features-2")
+        expected = "inputs.train train_a.features_id"
+    with caplog.at_level(logging.WARNING, logger="dinopipe.train"):
+        again = train(train_set, val_set, tmp_path / "m", params)
+    assert again["start_step"] == 0 and again["steps"] == 4
+    assert "not resuming" in caplog.text and expected in caplog.text
+    after = _weights(tmp_path / "m")
+    train(train_set, val_set, tmp_path / "fresh", params)
+    fresh = _weights(tmp_path / "fresh")
+    assert all(torch.equal(after[k], fresh[k]) for k in after)  # what a first run on these inputs gives
+    if change != "rewritten store":  # the content changed, and so does the model
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unchanged_inputs_with_more_steps_continue_bitwise(tmp_path, stamped):
+    params = {**TINY, "steps": 4, "validate_every": 2, "lr_schedule": "constant"}
+    train([stamped[0]], [stamped[1]], tmp_path / "m", params)
+    more = train([stamped[0]], [stamped[1]], tmp_path / "m", {**params, "steps": 8, "num_threads": 1,
+                                                               "loader_workers": 1, "prefetch": 1})
+    assert more["start_step"] == 4
+    train([stamped[0]], [stamped[1]], tmp_path / "once", {**params, "steps": 8})
+    a, b = _weights(tmp_path / "m"), _weights(tmp_path / "once")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_early_stopping_keeps_the_best_model(tmp_path, volumes):
     params = {**TINY, "steps": 30, "validate_every": 2, "early_stopping_patience": 2,
               "early_stopping_min_delta": 100.0}  # nothing counts as an improvement

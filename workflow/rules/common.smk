@@ -2,6 +2,7 @@
 
 from snakemake.utils import validate
 
+from dinopipe.config import result_params, volume_params
 from dinopipe.io import source_store
 from dinopipe.sheet import by_role, lookup, read_sheet
 from dinopipe.sources import check_paths
@@ -30,14 +31,38 @@ if not TRAIN:
 wildcard_constraints:
     volume=r"(?!loss_curve\.png$)[A-Za-z0-9][A-Za-z0-9_.-]*",
 
+# What each job needs, whatever the site: rules declare threads, memory (MB, multiplied by the
+# attempt number on retries), walltime and GPUs; profiles/ add only site settings (project,
+# queues), so a per-run --set-resources changes one value without dropping the others.
+# Locally threads are capped at --cores and unlisted resources (gpu, bookkeeping) are unlimited.
+GPU = {
+    "gpu": 1,  # SLURM: sbatch --gpus=1
+    "lsf_extra": '-gpu "num=1"',  # LSF: the plugin has no GPU resource; appended to bsub
+}
+
+def per_attempt(mb):
+    """mem_mb growing with the attempt: mb, 2 mb, 3 mb on Snakemake's retries."""
+    return lambda wildcards, attempt: mb * attempt
+
 def sheet_row(wildcards):
     """The sheet row of the {volume} wildcard; a clear error naming the sheet for a target
     such as results/features/nosuchvolume.zarr."""
     return lookup(VOLUMES, wildcards.volume, config["volumes"])
 
 def volume_record(wildcards):
-    """The sheet row of a volume as a dict (a param, so a changed row reruns its jobs)."""
-    return sheet_row(wildcards).to_record()
+    """The sheet row of a volume without its role, canonical (a param: a changed row reruns
+    its jobs; a changed role alone reruns none of the per-volume stages that ignore it)."""
+    return volume_params(sheet_row(wildcards).to_record())
+
+def volume_record_with_role(wildcards):
+    """The sheet row of a volume with its role (for jobs that record it)."""
+    return volume_params(sheet_row(wildcards).to_record(), role=True)
+
+def settings(section):
+    """The result-changing keys of a config section, canonical (dinopipe.config): a rule's
+    params rerun its jobs only when a value that can change their outputs changes; the job
+    reads the runtime-only keys (batch sizes, devices, threads...) from the config."""
+    return result_params(config, section)
 
 def volume_inputs(wildcards):
     """The files or folders holding a volume's raw and labels (`a.zarr/raw` -> `a.zarr`,

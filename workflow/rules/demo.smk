@@ -4,10 +4,11 @@ rule demo_data:
     log:
         "logs/demo_data/{demo}.log",
     params:
-        demo=config["demo"],
+        demo=settings("demo"),
+    threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=per_attempt(2000),  # MB x attempt: synthetic demo volumes only
+        runtime="15m",
     conda:
         "../envs/dinopipe.yaml"
     script:

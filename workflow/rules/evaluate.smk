@@ -7,10 +7,11 @@ rule evaluate:
     log:
         "logs/evaluate/{volume}.log",
     params:
-        evaluate=config["evaluate"],
+        evaluate=settings("evaluate"),
+    threads: 1
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=per_attempt(16000),  # MB x attempt: two label volumes, contingency table
+        runtime="1h",
     conda:
         "../envs/dinopipe.yaml"
     script:
@@ -53,10 +54,11 @@ rule report_slices:
         "logs/report_slices/{volume}.log",
     params:
         volume=volume_record,
-        data=config["data"],
+        data=settings("data"),
+    threads: 1
     resources:
-        mem_mb=4000,
-        runtime=10,
+        mem_mb=per_attempt(4000),  # MB x attempt: a few slices
+        runtime="15m",
     conda:
         "../envs/dinopipe.yaml"
     script:

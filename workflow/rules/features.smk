@@ -9,12 +9,13 @@ rule features:
         "results/benchmarks/features/{volume}.tsv"
     params:
         volume=volume_record,
-        features=config["features"],
-        data=config["data"],
-    threads: 2
+        features=settings("features"),
+        data=settings("data"),
+    threads: 8
     resources:
-        mem_mb=16000,
-        runtime=120,
+        mem_mb=per_attempt(32000),  # MB x attempt: C x voxels float32 accumulator, model
+        runtime="4h",
+        **GPU,
     conda:
         "../envs/dinopipe.yaml"
     script:

@@ -7,10 +7,12 @@ rule metadata:
     log:
         "logs/metadata/{volume}.log",
     params:
-        volume=volume_record,
+        volume=volume_record_with_role,
+    threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=per_attempt(8000),  # MB x attempt: np.unique over the uint64 labels
+        runtime="15m",
+        bookkeeping=1,  # one of the 4 places of a bookkeeping group job (profiles/lsf)
     conda:
         "../envs/dinopipe.yaml"
     script:

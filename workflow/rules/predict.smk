@@ -14,13 +14,15 @@ rule predict:
         "results/benchmarks/predict/{volume}.tsv"
     params:
         volume=volume_record,
-        predict=config["predict"],
-        features=config["features"],
-        data=config["data"],
-    threads: 2
+        predict=settings("predict"),
+        # the features section matters only when features are computed here, from raw
+        features=settings("features") if config["predict"]["source"] == "raw" else {},
+        data=settings("data"),
+    threads: 8
     resources:
-        mem_mb=16000,
-        runtime=120,
+        mem_mb=per_attempt(32000),  # MB x attempt: a few blocks of features and predictions
+        runtime="4h",
+        **GPU,
     conda:
         "../envs/dinopipe.yaml"
     script:

@@ -8,11 +8,11 @@ rule segment:
     benchmark:
         "results/benchmarks/segment/{volume}.tsv"
     params:
-        segment=config["segment"],
+        segment=settings("segment"),
     threads: 1
     resources:
-        mem_mb=16000,
-        runtime=60,
+        mem_mb=per_attempt(64000),  # MB x attempt: affinities plus the watershed's edge lists
+        runtime="4h",
     conda:
         "../envs/dinopipe.yaml"
     script:

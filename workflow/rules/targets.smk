@@ -9,12 +9,12 @@ rule targets:
         "results/benchmarks/targets/{volume}.tsv"
     params:
         volume=volume_record,
-        targets=config["targets"],
-        data=config["data"],
-    threads: 1
+        targets=settings("targets"),
+        data=settings("data"),
+    threads: 4
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=per_attempt(32000),  # MB x attempt: labels, affinities, LSDs, weights in memory
+        runtime="4h",
     conda:
         "../envs/dinopipe.yaml"
     script:

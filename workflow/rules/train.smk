@@ -14,15 +14,19 @@ rule train:
     benchmark:
         "results/benchmarks/train.tsv"
     params:
-        train=config["train"],
-        features=config["features"],
+        train=settings("train"),
+        features=settings("features"),
+        # which volume is on which side: Snakemake compares the set of input files only, so
+        # moving a volume from train to validate would otherwise rerun nothing
+        roles={"train": TRAIN, "validate": VALIDATE},
         # Resumable state (latest.pt: model, optimiser, scheduler, RNG, step) deliberately
         # outside the outputs, which Snakemake deletes before rerunning the job.
         state_dir="results/model/state",
-    threads: 2
+    threads: 8
     resources:
-        mem_mb=16000,
-        runtime=720,
+        mem_mb=per_attempt(64000),  # MB x attempt: crops in flight, model, optimiser
+        runtime="24h",
+        **GPU,
     conda:
         "../envs/dinopipe.yaml"
     script:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from dinopipe.config import job_settings
 from dinopipe.logs import logged
 from dinopipe.stages import run_predict, volume_from_dict
 
@@ -10,9 +11,9 @@ with logged(snakemake.log[0]):  # noqa: F821
         snakemake.input.features[0] if snakemake.input.features else None,  # noqa: F821
         Path(snakemake.input.checkpoint).parent,  # noqa: F821
         snakemake.output[0],  # noqa: F821
-        snakemake.params.predict,  # noqa: F821
+        job_settings(snakemake.params.predict, snakemake.config, "predict"),  # noqa: F821
         threads=snakemake.threads,  # noqa: F821
         volume=volume_from_dict(snakemake.params.volume),  # noqa: F821
-        features=snakemake.params.features,  # noqa: F821
+        features=job_settings(snakemake.params.features, snakemake.config, "features"),  # noqa: F821
         data=snakemake.params.data,  # noqa: F821
     )

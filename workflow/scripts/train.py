@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from dinopipe.config import job_settings
 from dinopipe.logs import logged
 from dinopipe.stages import run_train
 
@@ -11,7 +12,7 @@ with logged(snakemake.log[0]):  # noqa: F821
         list(zip(inp.train_features, inp.train_targets)),
         list(zip(inp.validate_features, inp.validate_targets)),
         Path(snakemake.output.checkpoint).parent,  # noqa: F821
-        snakemake.params.train,  # noqa: F821
+        job_settings(snakemake.params.train, snakemake.config, "train"),  # noqa: F821
         snakemake.params.features,  # noqa: F821
         threads=snakemake.threads,  # noqa: F821
         state_dir=snakemake.params.state_dir,  # noqa: F821

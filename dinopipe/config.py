@@ -1,0 +1,104 @@
+"""Which config keys change results: the one classification behind rule params, reruns and resuming.
+
+Every key of the configuration (``workflow/schemas/config.schema.yaml``) is one of:
+
+* **result-changing**: another value can change an output. Rules carry these as params, so
+  Snakemake reruns exactly the jobs whose result-changing settings changed, and training
+  resumes only when they are unchanged (except ``train.steps``, see :data:`RESUME_FREE`).
+* **runtime-only** (:data:`RUNTIME_KEYS`): how fast or where a job runs, never what it
+  writes — the outputs are identical whatever the value (bitwise on CPU; tested in
+  ``tests/test_rerun.py``). Jobs read them from the config, outside the params, so changing
+  them reruns nothing. A key that switches between two computations with different
+  results (``features.max_memory_mb`` chooses blockwise extraction, which differs from the
+  whole-volume extraction for ViTs; ``segment.max_voxels`` chooses blockwise segmentation)
+  is result-changing even if it reads like a memory setting, and so is ``predict.batch_size``:
+  torch's CPU convolutions pick another kernel for two blocks at once than for one, and the
+  affinities differ in the last bits (``features.batch_size`` is bitwise invariant).
+* **selection** (:data:`SELECTION_KEYS`): which jobs exist (``predict.roles``,
+  ``report.volume_figures``), not what a job computes; never a param.
+
+Params are canonical (:func:`canonical`): mappings with sorted keys, so moving a key to
+another line of the config file reruns nothing (Snakemake compares the ``repr`` of params).
+Settings a job does not use are left out of its params: the other segment methods'
+parameters, the features section of a prediction from cached features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: Per config section, the keys that never change an output (bitwise on CPU).
+RUNTIME_KEYS: Mapping[str, frozenset[str]] = {
+    "features": frozenset({"batch_size", "device"}),
+    "train": frozenset({"device", "num_threads", "loader_workers", "prefetch", "resume", "tensorboard"}),
+    "predict": frozenset({"device"}),
+}
+
+#: Per config section, the keys that choose which jobs run rather than what a job computes.
+SELECTION_KEYS: Mapping[str, frozenset[str]] = {
+    "predict": frozenset({"roles"}),
+    "report": frozenset({"volume_figures"}),
+}
+
+#: Train keys that may differ between an interrupted run and its continuation: the
+#: runtime-only ones, and ``steps`` (raising it continues the same run).
+RESUME_FREE: frozenset[str] = RUNTIME_KEYS["train"] | {"steps"}
+
+#: The parameters of each segmentation method (``segment`` config keys); the keys of the
+#: other methods are not params of the segment job. ``tests/test_config.py`` checks this
+#: against the signatures of :data:`dinopipe.segment.METHODS`.
+SEGMENT_METHOD_KEYS: Mapping[str, frozenset[str]] = {
+    "mutex_watershed": frozenset({"bias_short", "bias_long"}),
+    "agglomeration": frozenset({"threshold", "fragments_low", "fragments_high"}),
+    "threshold_components": frozenset({"threshold"}),
+}
+
+
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted (recursively) and tuples as lists, so
+    that two configs that differ only in key order give equal ``repr``."""
+    if isinstance(value, Mapping):
+        return {str(k): canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
+def _segment_unused(section: Mapping[str, Any]) -> set[str]:
+    method = section.get("method", "mutex_watershed")
+    own = SEGMENT_METHOD_KEYS.get(method, frozenset())
+    return set().union(*SEGMENT_METHOD_KEYS.values()) - own
+
+
+def result_params(config: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """The result-changing keys of one config section, canonical: what a rule carries as
+    params so that Snakemake reruns its jobs exactly when their results may change.
+
+    Args:
+        config: The whole configuration (schema defaults filled in).
+        section: A top-level section name, e.g. ``"features"``.
+    """
+    values = config.get(section) or {}
+    drop = set(RUNTIME_KEYS.get(section, ())) | set(SELECTION_KEYS.get(section, ()))
+    if section == "segment":
+        drop |= _segment_unused(values)
+    return canonical({k: v for k, v in values.items() if k not in drop})
+
+
+def runtime_settings(config: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """The runtime-only keys of one config section (read by the job, never params)."""
+    values = config.get(section) or {}
+    return {k: v for k, v in values.items() if k in RUNTIME_KEYS.get(section, ())}
+
+
+def job_settings(params: Mapping[str, Any], config: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """What a job runs with: its result-changing params plus the section's runtime-only
+    keys from the config (``snakemake.params.<section>`` and ``snakemake.config``)."""
+    return {**params, **runtime_settings(config, section)}
+
+
+def volume_params(record: Mapping[str, Any], *, role: bool = False) -> dict[str, Any]:
+    """A sheet row as a canonical param; without the role unless the job uses it (the
+    role decides what a volume is used for, not what its features or targets hold)."""
+    return canonical({k: v for k, v in record.items() if role or k != "role"})
