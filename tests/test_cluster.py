@@ -56,6 +56,7 @@ EXPECTED = {
     "bookkeeping": (CPU_QUEUE, 0, 15, 4, 32000),
 }
 LOCAL_RULES = {"evaluation_summary", "all"}
+SLURM_ACCOUNT = "myproject"  # the account of docs/cluster.md's per-run SLURM command
 OOM_JOB, SUSPENDED_JOB = "rule_targets:volume=predict_0", "rule_features:volume=predict_0"
 # files that legitimately differ between two runs: timings and what embeds them
 VOLATILE_FILES = re.compile(r"(^benchmarks/|/\.zattrs$|/zarr\.json$|^metadata/|/events\.out\.tfevents)")
@@ -376,12 +377,23 @@ def run_lsf(base: Path) -> dict:
     return {"dir": directory, "state": state, "jobs": lsf.all_jobs(state), "log": proc.stdout + proc.stderr}
 
 
+def slurm_site_per_run() -> list[str]:
+    """docs/cluster.md's per-run SLURM site settings (--default-resources ... --set-resources ...)."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    (inline,) = re.findall(r"`(--default-resources slurm_account=[^`]+)`", text)
+    return shlex.split(inline)
+
+
 def run_slurm(cluster: dict, base: Path) -> dict:
-    """Features, targets and the grouped metadata of one volume through profiles/slurm."""
+    """Features, targets and the grouped metadata of one volume through profiles/slurm as it
+    is in the repository (placeholders and all), with the site given per run as the docs show."""
     directory = base / "slurm"
     write_project(directory, tiny_config())
+    profile = base / "profile-slurm-as-shipped"
+    profile.mkdir()
+    shutil.copy(ROOT / "profiles" / "slurm" / "config.yaml", profile / "config.yaml")
     env = {**cluster["env"], "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cluster_snakemake(directory, profile_copy("slurm", base), "results/metadata/predict_0.json",
+    cluster_snakemake(directory, profile, "results/metadata/predict_0.json", *slurm_site_per_run(),
                       "--slurm-status-command", "squeue",  # no accounting database on this cluster
                       "--slurm-init-seconds-before-status-checks", "1", env=env)
     return {"dir": directory, "jobs": [j for j in slurm_jobs(env) if j.get("WorkDir") == str(directory)]}
@@ -460,6 +472,11 @@ def test_lsf_job_killed_for_memory_is_resubmitted_with_more_memory(lsf_run):
         (1, "EXIT", 32000), (2, "DONE", 64000)]
     assert tries[0]["term"].startswith("TERM_MEMLIMIT") and tries[0]["exit_code"] == lsf.MEMLIMIT_EXIT
     assert "TERM_MEMLIMIT" in Path(tries[0]["output"]).read_text()  # what the user finds in the LSF log
+    # Snakemake's error for the killed job points at that LSF log (docs/cluster.md, "Watch")
+    error = re.search(r"Error in rule targets:.*?(?=\n\S|\Z)", lsf_run["log"], re.S)
+    assert error and f"LSF-job '{tries[0]['jobid']}' failed" in error.group(0), lsf_run["log"][-3000:]
+    assert re.search(r"log: logs/targets/predict_0\.log, \S*/\.snakemake/lsf_logs/rule_targets/volume=predict_0/",
+                     error.group(0)), error.group(0)
     assert (lsf_run["dir"] / "results" / "targets" / "predict_0.zarr").is_dir()
     assert sum(OOM_JOB in j["name"] for j in lsf_run["jobs"]) == 2
 
@@ -497,7 +514,7 @@ def test_slurm_profile_on_a_one_node_cluster(runs):
             slots, mem_mb = 1, mem_mb // 4
         got = (job["Partition"], bool(re.search(r"gpu:1$", job.get("TresPerJob", ""))), slurm_minutes(job["TimeLimit"]),
                int(job["NumCPUs"]), job["MinMemoryNode"], job["Account"], job["JobState"])
-        want = (queue, bool(gpus), walltime, slots, f"{mem_mb}M", PROJECT, "COMPLETED")
+        want = (queue, bool(gpus), walltime, slots, f"{mem_mb}M", SLURM_ACCOUNT, "COMPLETED")
         assert got == want, rule
     for rel in ("features/predict_0.zarr", "targets/predict_0.zarr"):
         assert_same_results(runs["slurm"]["dir"], runs["local"], only=rel)
