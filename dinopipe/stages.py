@@ -207,13 +207,25 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         timings[key] = time.perf_counter() - t
         return result
 
-    labels = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]).astype(np.uint64))
+    where = f"volume {volume.name!r}: labels {volume.labels}"
+    native = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]))
+    # negative ids listed in unlabelled_ids become 0 here (mask 0 there); any other negative id
+    # is an error, not 2**64 - 1 (one big object) as a plain cast would make it
+    labels = tg.label_ids(native, params["unlabelled_ids"], where)
     if not labels.any():
-        raise ValueError(f"volume {volume.name!r}: labels {volume.labels} are all zero inside the processed region")
+        raise ValueError(f"{where} are all zero inside the processed region")
     vs = src.grid.voxel_size
+    mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"], vs)
+    del native
+    if not mask.any():
+        raise ValueError(
+            f"{where}: the mask is all zero (no annotated voxel) inside the processed region: every label id "
+            f"is in targets.unlabelled_ids {list(params['unlabelled_ids'])}"
+            + (f" or eroded away by targets.mask_erosion_nm {params['mask_erosion_nm']}" if params["mask_erosion_nm"]
+               else "")
+        )
     affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
     lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs)
-    mask = timed("mask_s", tg.compute_mask, labels, params["unlabelled_ids"], params["mask_erosion_nm"], vs)
     weights = timed(
         "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
         params["boundary_weight_max"], params["boundary_sigma_nm"], mask,
