@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -596,8 +597,21 @@ def signature(backbone: Backbone, params: FeatureParams, raw_geom: Geometry, out
         },
         "raw_voxel_size": list(raw_geom.voxel_size),
         "voxel_size": list(out_geom.voxel_size),
+        # how the token grid reached the image grid: None (bilinear) or the guided upsampler's
+        # spec and the SHA-256 of its file
+        "upsampler": params.upsampler,
+        "upsampler_sha256": _file_sha256(params.upsampler.rsplit(":", 1)[0]) if params.upsampler else None,
         "dinopipe_version": __version__,
     }
+
+
+def _file_sha256(path: str) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def expected_signature(params: FeatureParams) -> dict[str, Any]:
@@ -610,6 +624,7 @@ def expected_signature(params: FeatureParams) -> dict[str, Any]:
         "normalisation.low": params.low,
         "normalisation.high": params.high,
         "max_slice_size": params.max_slice_size,
+        "upsampler": params.upsampler,
         "dinopipe_version": __version__,
     }
     if params.stride is not None:
@@ -630,6 +645,8 @@ MODEL_KEYS = (
     "planes",
     "stride",
     "max_slice_size",
+    "upsampler",
+    "upsampler_sha256",
     "voxel_size",
     "normalisation.intensity",
     "normalisation.low",

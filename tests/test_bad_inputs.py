@@ -191,8 +191,11 @@ def test_unknown_volume_as_target(tmp_path, target):
         (["name", "raw", "labels", "role", "colour"], [GOOD[:4] + ("red",)],
          r"volumes.tsv: unknown column\(s\) \['colour'\]; allowed: \['name', 'raw', 'labels', 'role', 'roi', "
          r"'voxel_size', 'offset', 'labels_voxel_size', 'labels_offset'\]"),
+        (HEADER, [("loss_curve", *GOOD[1:])],
+         r"volumes.tsv line 2: volume name 'loss_curve' is reserved \(results/report/loss_curve.png is another "
+         r"output\)"),
     ],
-    ids=["duplicate_name", "unknown_column"],
+    ids=["duplicate_name", "unknown_column", "reserved_name"],
 )
 def test_bad_sheet_fails_when_the_workflow_is_parsed(tmp_path, header, rows, message):
     write_project(tmp_path, [])
@@ -278,3 +281,21 @@ def test_checkpoint_with_the_wrong_channel_count(computed):
     assert re.search(r"features results/features/good.zarr have 32 channels but the model in results/model "
                      r"expects 7", out), out[-3000:]
     assert not (computed / "results" / "predictions" / "good.zarr").exists() and not leftovers(computed)
+
+
+def test_sheet_without_train_volumes_blocks_only_training(tmp_path):
+    """Per-volume preprocessing needs no train volume; training (and `snakemake`) names the sheet."""
+    write_project(tmp_path, [("good", *GOOD[1:3], "predict", "", "")])
+    snakemake(tmp_path, "-n", "results/features/good.zarr", "results/targets/good.zarr")
+    out = failed(snakemake(tmp_path, "-n", check=False))
+    assert "config/volumes.tsv: no volume has role 'train'; training needs at least one" in out, out[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_sheet_with_a_byte_order_mark(tmp_path):
+    """A sheet saved by a spreadsheet program (UTF-8 with BOM, CRLF) reads as any other."""
+    write_project(tmp_path, [GOOD])
+    sheet = tmp_path / "config" / "volumes.tsv"
+    sheet.write_bytes(b"\xef\xbb\xbf" + sheet.read_bytes().replace(b"\n", b"\r\n"))
+    out = snakemake(tmp_path, "-n", "results/features/good.zarr").stdout
+    assert "features" in out

@@ -20,8 +20,6 @@ FIGURES = PREDICT[: config["report"]["volume_figures"]]
 for _volume in VOLUMES.values():
     check_paths(_volume, generated=["resources/demo/"])
 
-if not TRAIN:
-    raise ValueError(f"{config['volumes']}: no volume has role 'train'")
 
 # Any name the sheet allows (dinopipe.sheet), except the literal results/report/loss_curve.png.
 # Not the alternation of all sheet names: Snakemake inlines the constraint into every path
@@ -44,6 +42,13 @@ def volume_inputs(wildcards):
     `b.n5/raw/s0` -> `b.n5`, `c.h5:/stack` -> `c.h5`): real data, or what demo_data writes."""
     v = sheet_row(wildcards)
     return sorted({source_store(p) for p in (v.raw, v.labels) if p})
+
+def train_volumes(wildcards):
+    """The train volumes: an error only for jobs that need them (training and what needs the
+    model), so `snakemake results/features/x.zarr` works with a sheet without train volumes."""
+    if not TRAIN:
+        raise ValueError(f"{config['volumes']}: no volume has role 'train'; training needs at least one")
+    return TRAIN
 
 def volume_targets(wildcards):
     """A labelled volume's targets store; nothing for an unlabelled one."""
