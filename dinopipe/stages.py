@@ -41,6 +41,7 @@ def _source_args(data: Mapping[str, Any]) -> dict[str, Any]:
         "min_raw_voxel_size": data.get("min_raw_voxel_size"),
         "label_voxel_size": data.get("label_voxel_size"),
         "output_voxel_size": data.get("output_voxel_size"),
+        "missing_chunks": data.get("missing_chunks", "error"),
     }
 
 
@@ -80,7 +81,7 @@ def _add_scale(group_path: Path, raw: np.ndarray, factor: Sequence[int], rvs: np
     coarse = view.reshape(shape[0], f[0], shape[1], f[1], shape[2], f[2]).mean(axis=(1, 3, 5))
     group = zarr.open_group(str(group_path), mode="a")
     group.create_array("s1", data=np.rint(coarse).astype(raw.dtype), chunks=io.default_chunks(shape, False),
-                       chunk_key_encoding={"name": "v2", "separator": "/"})
+                       chunk_key_encoding={"name": "v2", "separator": "/"}, config={"write_empty_chunks": True})
     ms = group.attrs["multiscales"]
     cvs = (rvs * np.asarray(f)).tolist()
     ms[0]["datasets"].append({
