@@ -38,14 +38,12 @@ import torch.nn.functional as F
 from dinopipe import __version__
 from dinopipe.backbone import IMAGENET_MEAN, IMAGENET_STD, TINY_BACKBONES, Backbone
 from dinopipe.io import Geometry
+from dinopipe.sources import RATIO_RANGE, check_ratio  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 #: Plane name -> (slicing axis, in-plane axes) in (z, y, x) axis numbers.
 PLANES: dict[str, tuple[int, tuple[int, int]]] = {"xy": (0, (1, 2)), "xz": (1, (0, 2)), "yz": (2, (0, 1))}
-
-#: Allowed raw:output voxel-size ratio per axis (raw voxel size / output voxel size).
-RATIO_RANGE = (0.1, 16.0)
 
 #: A guided upsampler: (tokens (B, C, h, w), images (B, 3, H, W)) -> (B, C, H', W').
 Upsampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,17 +136,6 @@ class PlaneTimings:
     resample_s: float = 0.0
     slices: int = 0
     image_size: tuple[int, int] = (0, 0)
-
-
-def check_ratio(raw_voxel_size: Sequence[float], out_voxel_size: Sequence[float], volume: str) -> None:
-    """Raise if a raw:output voxel-size ratio is outside :data:`RATIO_RANGE` on any axis."""
-    for axis, r, o in zip("zyx", raw_voxel_size, out_voxel_size):
-        ratio = r / o
-        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
-            raise ValueError(
-                f"volume {volume!r}: raw voxel size {r} nm vs output (label) voxel size {o} nm on axis {axis} "
-                f"(ratio {ratio:.3g}) is outside the supported {RATIO_RANGE[0]}–{RATIO_RANGE[1]}"
-            )
 
 
 def intensity_range(raw: np.ndarray, method: str, low: float, high: float) -> tuple[float, float]:

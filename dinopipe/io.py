@@ -27,6 +27,7 @@ looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -145,17 +146,64 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+#: Free space (bytes) below which a failed write is reported as a full disk, whatever the
+#: writer raised (torch.save says "unexpected pos", zarr may wrap the OSError).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _write_fault(exc: BaseException, final: Path, tmp: Path, what: str | None, expected_bytes: int | None) -> OSError | None:
+    """A readable error for a write that failed for lack of space or an I/O error (None
+    for any other failure): names the output, what it is and the space involved."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = None
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < NEARLY_FULL_BYTES)
+    if not full and code not in (errno.EIO, errno.EROFS):
+        return None
+    try:
+        written = directory_size(tmp) if tmp.exists() else 0
+    except OSError:
+        written = 0
+    label = f"{what} ({final})" if what else str(final)
+    if full:
+        need = (f"about {_bytes(expected_bytes)} needed for the whole output" if expected_bytes
+                else "the whole output needs more")
+        message = (f"{label}: no space left on the device holding {final.parent} ({_bytes(written)} written before "
+                   f"the failure, {_bytes(free) if free is not None else 'unknown'} free, {need}); nothing was left "
+                   f"at {final}. Free space or point the workflow at a larger disk, then rerun. ({type(exc).__name__}: "
+                   f"{exc})")
+        return OSError(errno.ENOSPC, message)
+    return OSError(code, f"{label}: I/O error while writing under {final.parent} ({type(exc).__name__}: {exc}); "
+                         f"nothing was left at {final}")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_output(
+    path: str | os.PathLike[str], *, what: str | None = None, expected_bytes: int | None = None
+) -> Iterator[Path]:
     """Yield a temporary path to write into; move it to ``path`` only on success.
 
     An existing output at ``path`` is replaced. On any exception the temporary
     output is removed and ``path`` is left as it was, so a failed or killed job
     never leaves an output that looks complete (a SIGKILL leaves only a hidden
-    ``.NAME.tmp-*`` sibling, which the next write of ``path`` removes).
+    ``.NAME.tmp-*`` sibling, which the next write of ``path`` removes). A full disk
+    (ENOSPC, a quota, or any failure with less than :data:`NEARLY_FULL_BYTES` free) or an
+    I/O error becomes an ``OSError`` naming the output, ``what`` and the space involved.
 
     Args:
         path: Final path of the output (a directory store or a file).
+        what: What the output is, for error messages (e.g. "features of volume 'v'").
+        expected_bytes: Roughly how large the output will be, for error messages.
     """
     final = Path(path)
     try:
@@ -171,13 +219,19 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = _tmp_sibling(final)
     try:
         yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"nothing was written for {final}")
+        _remove(final)
+        os.replace(tmp, final)
+    except Exception as exc:
+        fault = _write_fault(exc, final, tmp, what, expected_bytes)
+        _remove(tmp)
+        if fault is not None:
+            raise fault from exc
+        raise
     except BaseException:
         _remove(tmp)
         raise
-    if not tmp.exists():
-        raise RuntimeError(f"nothing was written for {final}")
-    _remove(final)
-    os.replace(tmp, final)
 
 
 def glob_escape(name: str) -> str:
@@ -470,7 +524,12 @@ class SourceArray:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return self._reader(self._normalize(key if isinstance(key, tuple) else (key,)))
+        index = self._normalize(key if isinstance(key, tuple) else (key,))
+        try:
+            return self._reader(index)
+        except (OSError, ValueError) as exc:  # a truncated or corrupt chunk, an unreadable file
+            kind = OSError if isinstance(exc, OSError) else ValueError
+            raise kind(f"{self.where}: cannot read {_index_text(index)} ({exc})") from exc
 
     def _normalize(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
         """numpy's semantics made explicit: ``...`` expanded, slices clipped to the shape,
@@ -507,6 +566,11 @@ class SourceArray:
 
     def __repr__(self) -> str:
         return f"SourceArray({self.where}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _index_text(index: tuple[Any, ...]) -> str:
+    parts = [f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k) for k in index]
+    return "[" + ", ".join(parts) + "]"
 
 
 def _tensorstore_array(spec: dict[str, Any], where: str, transpose: bool = False) -> SourceArray:
@@ -607,9 +671,36 @@ def source_store(path: str) -> str:
     return path.rstrip("/")
 
 
+#: Per-path results of :func:`_group_attrs` while :func:`metadata_cache` is active.
+_ATTRS_CACHE: dict[str, tuple[dict[str, Any], str]] | None = None
+
+
+@contextlib.contextmanager
+def metadata_cache() -> Iterator[None]:
+    """Within this block, each Zarr/N5 node's attributes are read once (the workflow's
+    start-up checks look at every store several times); outside it nothing is cached, so
+    a store rewritten later is always read afresh."""
+    global _ATTRS_CACHE
+    previous, _ATTRS_CACHE = _ATTRS_CACHE, {} if _ATTRS_CACHE is None else _ATTRS_CACHE
+    try:
+        yield
+    finally:
+        _ATTRS_CACHE = previous
+
+
 def _group_attrs(p: Path) -> tuple[dict[str, Any], str]:
     """Attributes and kind of a Zarr v2/v3 or N5 node: kind is one of "zarr-array",
     "zarr-group", "zarr3-array", "zarr3-group", "n5-array", "n5-group"."""
+    if _ATTRS_CACHE is None:
+        return _read_group_attrs(p)
+    key = str(p)
+    if key not in _ATTRS_CACHE:
+        _ATTRS_CACHE[key] = _read_group_attrs(p)
+    attrs, kind = _ATTRS_CACHE[key]
+    return dict(attrs), kind
+
+
+def _read_group_attrs(p: Path) -> tuple[dict[str, Any], str]:
     if not p.exists():
         raise FileNotFoundError(f"no such file or folder: {p}")
     if (p / "zarr.json").is_file():
@@ -662,12 +753,43 @@ def source_levels(path: str) -> tuple[str, list[tuple[str | None, tuple[float, .
     return f"ome-ngff {version}", [(name, vs) for name, vs, _ in ngff_levels(ms, path)]
 
 
+def _metadata_array(p: Path, where: str) -> SourceArray:
+    """Shape and dtype of a Zarr v2/v3 or N5 array from its metadata file alone (a few hundred
+    bytes of JSON; tensorstore is not opened); reading it raises."""
+    try:
+        if (p / ".zarray").is_file():
+            meta = json.loads((p / ".zarray").read_text())
+            shape, dtype = meta["shape"], np.dtype(meta["dtype"])
+        elif (p / "zarr.json").is_file():
+            meta = json.loads((p / "zarr.json").read_text())
+            if meta.get("node_type") != "array":
+                raise ValueError("a Zarr v3 group, not an array")
+            shape, dtype = meta["shape"], np.dtype(meta["data_type"])
+        elif (p / "attributes.json").is_file():
+            meta = json.loads((p / "attributes.json").read_text())
+            shape, dtype = meta["dimensions"][::-1], np.dtype(meta["dataType"])
+        else:
+            raise ValueError("no .zarray, zarr.json or attributes.json")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot read the array's metadata ({exc})") from exc
+
+    return _unreadable(shape, dtype, where)
+
+
+def _unreadable(shape: Sequence[int], dtype: Any, where: str) -> SourceArray:
+    def read(key: tuple[Any, ...]) -> np.ndarray:
+        raise RuntimeError(f"{where} was opened for its metadata only")
+
+    return SourceArray(shape, dtype, read, where)
+
+
 def open_source(
     path: str,
     scale: str | None = None,
     *,
     voxel_size: Sequence[float] | None = None,
     offset: Sequence[float] | None = None,
+    metadata_only: bool = False,
 ) -> Image:
     """Open an input volume for reading (lazily, through tensorstore or h5py).
 
@@ -678,6 +800,8 @@ def open_source(
         voxel_size: For plain arrays (required): nm per voxel, (z, y, x).
         offset: For plain arrays: physical position (nm) of the *corner* of voxel
             (0, 0, 0), i.e. where the array begins; default (0, 0, 0).
+        metadata_only: Read shape and dtype from the metadata files only (the workflow's
+            start-up checks): cheap, but the array cannot be read.
 
     Returns:
         The image; ``array`` is a :class:`SourceArray`.
@@ -704,7 +828,10 @@ def open_source(
         if not sub.exists():
             raise FileNotFoundError(f"{path}: scale {chosen!r} is listed in 'multiscales' but {sub} does not exist")
         driver = "zarr3" if kind.startswith("zarr3") else "zarr"
-        array = _tensorstore_array({"driver": driver, "kvstore": {"driver": "file", "path": str(sub)}}, str(sub))
+        if metadata_only:
+            array = _metadata_array(sub, str(sub))
+        else:
+            array = _tensorstore_array({"driver": driver, "kvstore": {"driver": "file", "path": str(sub)}}, str(sub))
         if array.ndim != len(ms.get("axes") or SPATIAL_AXES):
             raise ValueError(f"{sub}: array has {array.ndim} axes but 'multiscales' lists {len(ms['axes'])}")
         return Image(array, Geometry(array.shape[-3:], vs, trans), path, chosen,  # type: ignore[arg-type]
@@ -717,6 +844,11 @@ def open_source(
         if not dataset.strip("/"):
             raise ValueError(f"{path}: name the HDF5 dataset as '{file}:/dataset'")
         array = _hdf5_array(file, dataset, path)
+        if metadata_only:
+            array._close()
+            array = _unreadable(array.shape, array.dtype, path)
+    elif metadata_only:
+        array = _metadata_array(Path(path), path)
     else:
         array, _ = _plain_array(Path(path), _group_attrs(Path(path))[1])
     if len(voxel_size) != 3 or (offset is not None and len(offset) != 3):

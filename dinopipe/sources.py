@@ -25,6 +25,9 @@ from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)
 
+#: Allowed raw:output voxel-size ratio per axis (raw voxel size / output voxel size).
+RATIO_RANGE = (0.1, 16.0)
+
 
 @dataclass
 class Sources:
@@ -49,6 +52,17 @@ class Sources:
         return {"raw": describe(self.raw), "labels": describe(self.labels),
                 "roi_nm": [list(b) for b in self.volume.roi] if self.volume.roi else None,
                 "grid": self.grid.to_dict()}
+
+
+def check_ratio(raw_voxel_size: Sequence[float], out_voxel_size: Sequence[float], volume: str) -> None:
+    """Raise if a raw:output voxel-size ratio is outside :data:`RATIO_RANGE` on any axis."""
+    for axis, r, o in zip("zyx", raw_voxel_size, out_voxel_size):
+        ratio = r / o
+        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
+            raise ValueError(
+                f"volume {volume!r}: raw voxel size {r} nm vs output (label) voxel size {o} nm on axis {axis} "
+                f"(ratio {ratio:.3g}) is outside the supported {RATIO_RANGE[0]}–{RATIO_RANGE[1]}"
+            )
 
 
 def check_paths(volume: Volume, generated: Sequence[str] = ()) -> None:
@@ -131,7 +145,7 @@ def check_chunks(image: Image, what: str, volume: str, policy: str = "error") ->
 def _open(
     path: str, what: str, volume: str, voxel_size: Sequence[float] | None, offset: Sequence[float] | None,
     default_voxel_size: Sequence[float] | None = None, default_offset: Sequence[float] | None = None,
-    **choose: object,
+    metadata_only: bool = False, **choose: object,
 ) -> Image:
     prefix = f"volume {volume!r}: {what}"
     try:
@@ -156,11 +170,13 @@ def _open(
         levels = [(None, tuple(float(v) for v in voxel_size))]
     scale = choose_scale(path, levels, what=prefix, **choose)  # type: ignore[arg-type]
     try:
-        image = open_source(path, scale, voxel_size=voxel_size, offset=offset)
+        image = open_source(path, scale, voxel_size=voxel_size, offset=offset, metadata_only=metadata_only)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{prefix}: {exc}") from exc
     except ValueError as exc:
         raise ValueError(f"{prefix}: {exc}") from exc
+    if hasattr(image.array, "where"):  # read errors (a truncated chunk, ...) name the volume
+        image.array.where = f"{prefix} {image.array.where}"
     if image.array.ndim != 3:
         where = f"{path}/{scale}" if scale else path
         raise ValueError(f"{prefix} {where} must be 3D (z, y, x), got shape {image.array.shape}")
@@ -238,6 +254,7 @@ def open_sources(
     label_voxel_size: Sequence[float] | None = None,
     output_voxel_size: Sequence[float] | None = None,
     missing_chunks: str = "error",
+    metadata_only: bool = False,
 ) -> Sources:
     """Open raw and labels of ``volume`` and compute its output grid.
 
@@ -250,10 +267,13 @@ def open_sources(
         missing_chunks: ``data.missing_chunks``: whether chunks that are not stored are an
             error (``"error"``) or read as the fill value (``"fill_labels"``: in labels only;
             ``"fill"``); see :func:`check_chunks`.
+        metadata_only: Open the arrays from their metadata files alone and skip the
+            checks that list chunks or read data (the workflow's start-up checks, see
+            :mod:`dinopipe.checks`): everything else (formats, scales, dtypes, geometry,
+            overlap, ROI, grid) is checked the same way.
     """
-    from dinopipe.features import check_ratio
-
-    raw = _open(volume.raw, "raw", volume.name, volume.voxel_size, volume.offset, min_voxel_size=min_raw_voxel_size)
+    raw = _open(volume.raw, "raw", volume.name, volume.voxel_size, volume.offset, metadata_only=metadata_only,
+                min_voxel_size=min_raw_voxel_size)
     if not np.issubdtype(raw.array.dtype, np.number) or np.issubdtype(raw.array.dtype, np.complexfloating):
         raise ValueError(f"volume {volume.name!r}: raw {volume.raw} has dtype {raw.array.dtype}; expected integers "
                          f"or floats")
@@ -264,7 +284,7 @@ def open_sources(
     extents = f"raw {volume.raw} covers {_extent(rg)}"
     if volume.labels:
         labels = _open(volume.labels, "labels", volume.name, volume.labels_voxel_size, volume.labels_offset,
-                       volume.voxel_size, volume.offset, exact=label_voxel_size)
+                       volume.voxel_size, volume.offset, metadata_only=metadata_only, exact=label_voxel_size)
         if not np.issubdtype(labels.array.dtype, np.integer):
             raise ValueError(
                 f"volume {volume.name!r}: labels {volume.labels} must be integer (instance ids), got "
@@ -300,10 +320,13 @@ def open_sources(
             f"volume {volume.name!r}: roi {_roi_text(volume.roi)} nm lies outside the data ({extents}); "
             f"no output voxel remains"
         )
-    check_chunks(raw, "raw", volume.name, missing_chunks)
-    if labels is not None:
-        check_chunks(labels, "labels", volume.name, missing_chunks)
-    check_finite(raw, volume.name, grid)
+    if missing_chunks not in MISSING_CHUNKS:
+        raise ValueError(f"data.missing_chunks must be one of {list(MISSING_CHUNKS)}, got {missing_chunks!r}")
+    if not metadata_only:
+        check_chunks(raw, "raw", volume.name, missing_chunks)
+        if labels is not None:
+            check_chunks(labels, "labels", volume.name, missing_chunks)
+        check_finite(raw, volume.name, grid)
     logger.info("volume %s: raw %s (%s, scale %s) %s, output grid %s", volume.name, volume.raw, raw.format,
                 raw.scale, rg, grid)
     return Sources(volume, raw, labels, grid, window)  # type: ignore[arg-type]

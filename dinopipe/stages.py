@@ -131,7 +131,9 @@ def run_features(
     }
     g = src.grid
     chunks = io.default_chunks((backbone.channels, *g.shape), channel_axis=True, spatial=io.FEATURE_CHUNK)
-    with io.atomic_output(out_path) as tmp, tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
+    size = backbone.channels * int(np.prod(g.shape)) * np.dtype(np.float16).itemsize
+    with io.atomic_output(out_path, what=f"features of volume {volume.name!r}", expected_bytes=size) as tmp, \
+            tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
         if blocking is None:
             # raw is small next to the feature accumulator: read it once rather than
             # decompressing chunks again for every batch of xz / yz slices
@@ -234,7 +236,9 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
     raw = timed("raw_s", lambda: _raw_on_grid(src, resample_to_grid))
     t = time.perf_counter()
     g = src.grid
-    with io.atomic_output(out_path) as tmp:
+    # uncompressed size: labels, affinities, LSDs, weights, mask, raw
+    size = int(np.prod(g.shape)) * (8 + len(params["offsets"]) + 2 * 10 + 4 + 1 + 4)
+    with io.atomic_output(out_path, what=f"targets of volume {volume.name!r}", expected_bytes=size) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         io.write_image(tmp / "labels", labels, g.voxel_size, g.translation)
         io.write_image(tmp / "affinities", affs.astype(np.uint8), g.voxel_size, g.translation, channel_axis=True)

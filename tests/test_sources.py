@@ -245,3 +245,35 @@ def h5py_file(path):
     import h5py
 
     return h5py.File(path, "w")
+
+
+def test_metadata_only_opening_agrees_with_the_real_one(tmp_path):
+    """The start-up checks open every format from its metadata files: same shape, dtype and
+    geometry as a real open, and no data can be read."""
+    import h5py
+
+    data = np.random.default_rng(0).integers(0, 255, (6, 10, 12)).astype(np.uint16)
+    write_n5(tmp_path / "a.n5", "raw", data)
+    write_ngff_v05(tmp_path / "v3.zarr", [data], [(8, 8, 8)], [(4, 4, 4)])
+    io.write_image(tmp_path / "v2.zarr", data, (8, 8, 8), (4, 4, 4))
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["raw"] = data
+    for path, vs in ((str(tmp_path / "a.n5" / "raw"), (8, 8, 8)), (str(tmp_path / "v3.zarr"), None),
+                     (str(tmp_path / "v2.zarr"), None), (str(tmp_path / "v2.zarr" / "s0"), (8, 8, 8)),
+                     (f"{tmp_path / 'a.h5'}:/raw", (8, 8, 8))):
+        real = io.open_source(path, voxel_size=vs)
+        meta = io.open_source(path, voxel_size=vs, metadata_only=True)
+        assert (meta.array.shape, meta.array.dtype, meta.geometry, meta.format) == (
+            real.array.shape, real.array.dtype, real.geometry, real.format), path
+        assert meta.array.shape == (6, 10, 12) and meta.array.dtype == np.uint16
+        with pytest.raises(RuntimeError, match="metadata only"):
+            meta.array[0]
+
+
+def test_a_truncated_chunk_names_the_volume(tmp_path):
+    io.write_image(tmp_path / "r.zarr", _raw_data(), (8, 8, 8), (4, 4, 4), chunks=(4, 4, 4))
+    chunk = tmp_path / "r.zarr" / "s0" / "1" / "0" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:10])  # an interrupted copy
+    src = open_sources(Volume("v", str(tmp_path / "r.zarr"), None, "predict"))
+    with pytest.raises(ValueError, match=r"volume 'v': raw .*r.zarr/s0: cannot read \[0:8, 0:8, 0:8\]"):
+        src.raw.read()

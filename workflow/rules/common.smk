@@ -4,7 +4,7 @@ from snakemake.utils import validate
 
 from dinopipe.io import source_store
 from dinopipe.sheet import by_role, lookup, read_sheet
-from dinopipe.sources import check_paths
+from dinopipe.checks import check_workflow
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -17,8 +17,8 @@ SCORED = [v for v in PREDICT if VOLUMES[v].labels]
 # predicted volumes with a figure in the report (the first report.volume_figures; null: all)
 FIGURES = PREDICT[: config["report"]["volume_figures"]]
 
-for _volume in VOLUMES.values():
-    check_paths(_volume, generated=["resources/demo/"])
+# paths, stores' metadata (formats, scales, dtypes, grids) and config combinations, before any job
+check_workflow(config, VOLUMES.values(), generated=["resources/demo/"])
 
 
 # Any name the sheet allows (dinopipe.sheet), except the literal results/report/loss_curve.png.
