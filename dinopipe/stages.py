@@ -386,7 +386,7 @@ def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapp
     t = time.perf_counter()
     attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": config["min_size"],
                              "blockwise": blockwise}
-    with io.atomic_output(out_path) as tmp:
+    with io.atomic_output(out_path, what=f"segmentation of {predictions_path}", expected_bytes=8 * voxels) as tmp:
         if blockwise:
             logger.info("segmenting %s blockwise (%d voxels, max_voxels %d): blocks of %s", predictions_path,
                         voxels, int(config["max_voxels"]), block)

@@ -87,6 +87,9 @@ def write_inputs(data: Path) -> None:
     io.write_image(data / "holes.zarr" / "raw", _raw(), (8, 8, 8), (4, 4, 4), chunks=(8, 16, 16))
     io.write_image(data / "holes.zarr" / "labels", _labels(), (16, 16, 16), (8, 8, 8))
     (data / "holes.zarr" / "raw" / "s0" / "1" / "0" / "1").unlink()  # an incomplete copy
+    sparse = np.full((8, 16, 16), 9, np.uint32)  # 9 is in unlabelled_ids: 32 annotated voxels only
+    sparse[:, :2, :2] = 1
+    image("sparse.zarr", _raw(), sparse)
     plain_labels = zarr.open_array(str(data / "plain_labels.zarr"), mode="w", zarr_format=2, shape=(8, 16, 16),
                                    dtype="u4")
     plain_labels[...] = _labels()  # at 16 nm, but the sheet does not say so
@@ -404,3 +407,18 @@ def test_sheet_with_a_byte_order_mark(tmp_path):
     sheet.write_bytes(b"\xef\xbb\xbf" + sheet.read_bytes().replace(b"\n", b"\r\n"))
     out = snakemake(tmp_path, "-n", "results/features/good.zarr").stdout
     assert "features" in out
+
+
+def test_nearly_empty_mask_is_refused_before_training(tmp_path):
+    """A validate volume with 32 annotated voxels: its targets are made, but training refuses
+    it by name instead of training "successfully" on nothing (loss 0, F1 nan)."""
+    config = catalogue_config()
+    config["targets"]["unlabelled_ids"] = [9]
+    write_project(tmp_path, [GOOD, ("sparse", "data/sparse.zarr/raw", "data/sparse.zarr/labels", "validate", "", "")],
+                  config)
+    out = failed(snakemake(tmp_path, "results/model/checkpoint.pt", check=False))
+    assert re.search(r"validate volume\(s\) with an empty or nearly empty mask \(sparse: 32 labelled voxel\(s\) in "
+                     r"results/targets/sparse.zarr/mask\); a crop of \[8, 16, 16\] voxels needs at least 205", out), \
+        out[-3000:]
+    assert re.search(r"Error in rule train", out)
+    assert not (tmp_path / "results" / "model" / "checkpoint.pt").exists() and not leftovers(tmp_path)
