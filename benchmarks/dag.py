@@ -62,7 +62,8 @@ def write_project(directory: Path, n_volumes: int) -> None:
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     (directory / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     data = directory / "data"
-    run_demo_data("shared", data / "shared.zarr", seed=0, label_shape=(8, 16, 16), label_voxel_size=(16, 16, 16),
+    # as large as the demo's train.crop_shape (24, 32, 32): the start-up checks refuse smaller train volumes
+    run_demo_data("shared", data / "shared.zarr", seed=0, label_shape=(24, 32, 32), label_voxel_size=(16, 16, 16),
                   raw_factor=(2, 2, 2))
     rows = ["name\traw\tlabels\trole\troi"]
     for i in range(n_volumes):

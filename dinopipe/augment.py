@@ -29,10 +29,12 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: the workflow's start-up checks use the group only
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +161,8 @@ def apply_spatial_torch(tensor: torch.Tensor, matrix: np.ndarray) -> torch.Tenso
     Used for features, which the loader hands over untransformed so that the flip and
     transpose copies of a 384-channel crop happen on the device, not in the loader.
     """
+    import torch
+
     if np.array_equal(matrix, np.eye(3, dtype=np.asarray(matrix).dtype)):
         return tensor
     lead = tensor.ndim - 3
@@ -275,6 +279,8 @@ def feature_noise(
         dropout: Per-crop, per-channel probability of zeroing a channel; 0 for none.
         generator: Seeded generator on the features' device.
     """
+    import torch
+
     if noise > 0:
         features = features + noise * torch.randn(
             features.shape, generator=generator, device=features.device, dtype=features.dtype

@@ -27,23 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from dinopipe.backbone_spec import TINY_BACKBONES, patch_size_of  # noqa: F401 (TINY_BACKBONES re-exported)
 
-#: Built-in tiny configurations: (architecture, transformers config kwargs).
-TINY_BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
-    "tiny-vit": (
-        "vit",
-        {
-            "patch_size": 16,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_register_tokens": 4,
-        },
-    ),
-    "tiny-convnext": ("convnext", {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}),
-}
+logger = logging.getLogger(__name__)
 
 #: ImageNet statistics the DINOv3 models were trained with (RGB).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -184,12 +170,12 @@ def load_backbone(name: str, revision: str | None = None, *, seed: int = 0, devi
     model_type = getattr(model.config, "model_type", "")
     if model_type == "dinov3_vit":
         arch = "vit"
-        patch = int(model.config.patch_size)
+        patch = patch_size_of(model_type, model.config.to_dict())
         channels = int(model.config.hidden_size)
         prefix = 1 + int(getattr(model.config, "num_register_tokens", 0))
     elif model_type == "dinov3_convnext":
         arch = "convnext"
-        patch = 4 * 2 ** (len(model.config.hidden_sizes) - 1)
+        patch = patch_size_of(model_type, model.config.to_dict())
         channels = int(model.config.hidden_sizes[-1])
         prefix = 0
     else:

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,14 +38,12 @@ import torch.nn.functional as F
 from dinopipe import __version__
 from dinopipe.backbone import IMAGENET_MEAN, IMAGENET_STD, TINY_BACKBONES, Backbone
 from dinopipe.io import Geometry
+from dinopipe.sources import RATIO_RANGE, check_ratio  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 #: Plane name -> (slicing axis, in-plane axes) in (z, y, x) axis numbers.
 PLANES: dict[str, tuple[int, tuple[int, int]]] = {"xy": (0, (1, 2)), "xz": (1, (0, 2)), "yz": (2, (0, 1))}
-
-#: Allowed raw:output voxel-size ratio per axis (raw voxel size / output voxel size).
-RATIO_RANGE = (0.1, 16.0)
 
 #: A guided upsampler: (tokens (B, C, h, w), images (B, 3, H, W)) -> (B, C, H', W').
 Upsampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -137,17 +136,6 @@ class PlaneTimings:
     resample_s: float = 0.0
     slices: int = 0
     image_size: tuple[int, int] = (0, 0)
-
-
-def check_ratio(raw_voxel_size: Sequence[float], out_voxel_size: Sequence[float], volume: str) -> None:
-    """Raise if a raw:output voxel-size ratio is outside :data:`RATIO_RANGE` on any axis."""
-    for axis, r, o in zip("zyx", raw_voxel_size, out_voxel_size):
-        ratio = r / o
-        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
-            raise ValueError(
-                f"volume {volume!r}: raw voxel size {r} nm vs output (label) voxel size {o} nm on axis {axis} "
-                f"(ratio {ratio:.3g}) is outside the supported {RATIO_RANGE[0]}–{RATIO_RANGE[1]}"
-            )
 
 
 def intensity_range(raw: np.ndarray, method: str, low: float, high: float) -> tuple[float, float]:
@@ -596,8 +584,21 @@ def signature(backbone: Backbone, params: FeatureParams, raw_geom: Geometry, out
         },
         "raw_voxel_size": list(raw_geom.voxel_size),
         "voxel_size": list(out_geom.voxel_size),
+        # how the token grid reached the image grid: None (bilinear) or the guided upsampler's
+        # spec and the SHA-256 of its file
+        "upsampler": params.upsampler,
+        "upsampler_sha256": _file_sha256(params.upsampler.rsplit(":", 1)[0]) if params.upsampler else None,
         "dinopipe_version": __version__,
     }
+
+
+def _file_sha256(path: str) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def expected_signature(params: FeatureParams) -> dict[str, Any]:
@@ -610,6 +611,7 @@ def expected_signature(params: FeatureParams) -> dict[str, Any]:
         "normalisation.low": params.low,
         "normalisation.high": params.high,
         "max_slice_size": params.max_slice_size,
+        "upsampler": params.upsampler,
         "dinopipe_version": __version__,
     }
     if params.stride is not None:
@@ -630,6 +632,8 @@ MODEL_KEYS = (
     "planes",
     "stride",
     "max_slice_size",
+    "upsampler",
+    "upsampler_sha256",
     "voxel_size",
     "normalisation.intensity",
     "normalisation.low",

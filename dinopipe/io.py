@@ -27,8 +27,11 @@ looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -143,17 +146,64 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+#: Free space (bytes) below which a failed write is reported as a full disk, whatever the
+#: writer raised (torch.save says "unexpected pos", zarr may wrap the OSError).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _write_fault(exc: BaseException, final: Path, tmp: Path, what: str | None, expected_bytes: int | None) -> OSError | None:
+    """A readable error for a write that failed for lack of space or an I/O error (None
+    for any other failure): names the output, what it is and the space involved."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = None
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < NEARLY_FULL_BYTES)
+    if not full and code not in (errno.EIO, errno.EROFS):
+        return None
+    try:
+        written = directory_size(tmp) if tmp.exists() else 0
+    except OSError:
+        written = 0
+    label = f"{what} ({final})" if what else str(final)
+    if full:
+        need = (f"about {_bytes(expected_bytes)} needed for the whole output" if expected_bytes
+                else "the whole output needs more")
+        message = (f"{label}: no space left on the device holding {final.parent} ({_bytes(written)} written before "
+                   f"the failure, {_bytes(free) if free is not None else 'unknown'} free, {need}); nothing was left "
+                   f"at {final}. Free space or point the workflow at a larger disk, then rerun. ({type(exc).__name__}: "
+                   f"{exc})")
+        return OSError(errno.ENOSPC, message)
+    return OSError(code, f"{label}: I/O error while writing under {final.parent} ({type(exc).__name__}: {exc}); "
+                         f"nothing was left at {final}")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_output(
+    path: str | os.PathLike[str], *, what: str | None = None, expected_bytes: int | None = None
+) -> Iterator[Path]:
     """Yield a temporary path to write into; move it to ``path`` only on success.
 
     An existing output at ``path`` is replaced. On any exception the temporary
     output is removed and ``path`` is left as it was, so a failed or killed job
     never leaves an output that looks complete (a SIGKILL leaves only a hidden
-    ``.NAME.tmp-*`` sibling, which the next write of ``path`` removes).
+    ``.NAME.tmp-*`` sibling, which the next write of ``path`` removes). A full disk
+    (ENOSPC, a quota, or any failure with less than :data:`NEARLY_FULL_BYTES` free) or an
+    I/O error becomes an ``OSError`` naming the output, ``what`` and the space involved.
 
     Args:
         path: Final path of the output (a directory store or a file).
+        what: What the output is, for error messages (e.g. "features of volume 'v'").
+        expected_bytes: Roughly how large the output will be, for error messages.
     """
     final = Path(path)
     try:
@@ -169,13 +219,19 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = _tmp_sibling(final)
     try:
         yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"nothing was written for {final}")
+        _remove(final)
+        os.replace(tmp, final)
+    except Exception as exc:
+        fault = _write_fault(exc, final, tmp, what, expected_bytes)
+        _remove(tmp)
+        if fault is not None:
+            raise fault from exc
+        raise
     except BaseException:
         _remove(tmp)
         raise
-    if not tmp.exists():
-        raise RuntimeError(f"nothing was written for {final}")
-    _remove(final)
-    os.replace(tmp, final)
 
 
 def new_store_id() -> str:
@@ -300,6 +356,9 @@ def create_image(
         chunk_key_encoding={"name": "v2", "separator": "/"},
         fill_value=0,
         order=order,
+        # every chunk stored, even all-zero ones: a missing chunk then always means an
+        # incomplete store (see count_chunks)
+        config={"write_empty_chunks": True},
     )
 
 
@@ -472,7 +531,12 @@ class SourceArray:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return self._reader(self._normalize(key if isinstance(key, tuple) else (key,)))
+        index = self._normalize(key if isinstance(key, tuple) else (key,))
+        try:
+            return self._reader(index)
+        except (OSError, ValueError) as exc:  # a truncated or corrupt chunk, an unreadable file
+            kind = OSError if isinstance(exc, OSError) else ValueError
+            raise kind(f"{self.where}: cannot read {_index_text(index)} ({exc})") from exc
 
     def _normalize(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
         """numpy's semantics made explicit: ``...`` expanded, slices clipped to the shape,
@@ -509,6 +573,11 @@ class SourceArray:
 
     def __repr__(self) -> str:
         return f"SourceArray({self.where}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _index_text(index: tuple[Any, ...]) -> str:
+    parts = [f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k) for k in index]
+    return "[" + ", ".join(parts) + "]"
 
 
 def _tensorstore_array(spec: dict[str, Any], where: str, transpose: bool = False) -> SourceArray:
@@ -609,9 +678,36 @@ def source_store(path: str) -> str:
     return path.rstrip("/")
 
 
+#: Per-path results of :func:`_group_attrs` while :func:`metadata_cache` is active.
+_ATTRS_CACHE: dict[str, tuple[dict[str, Any], str]] | None = None
+
+
+@contextlib.contextmanager
+def metadata_cache() -> Iterator[None]:
+    """Within this block, each Zarr/N5 node's attributes are read once (the workflow's
+    start-up checks look at every store several times); outside it nothing is cached, so
+    a store rewritten later is always read afresh."""
+    global _ATTRS_CACHE
+    previous, _ATTRS_CACHE = _ATTRS_CACHE, {} if _ATTRS_CACHE is None else _ATTRS_CACHE
+    try:
+        yield
+    finally:
+        _ATTRS_CACHE = previous
+
+
 def _group_attrs(p: Path) -> tuple[dict[str, Any], str]:
     """Attributes and kind of a Zarr v2/v3 or N5 node: kind is one of "zarr-array",
     "zarr-group", "zarr3-array", "zarr3-group", "n5-array", "n5-group"."""
+    if _ATTRS_CACHE is None:
+        return _read_group_attrs(p)
+    key = str(p)
+    if key not in _ATTRS_CACHE:
+        _ATTRS_CACHE[key] = _read_group_attrs(p)
+    attrs, kind = _ATTRS_CACHE[key]
+    return dict(attrs), kind
+
+
+def _read_group_attrs(p: Path) -> tuple[dict[str, Any], str]:
     if not p.exists():
         raise FileNotFoundError(f"no such file or folder: {p}")
     if (p / "zarr.json").is_file():
@@ -664,12 +760,43 @@ def source_levels(path: str) -> tuple[str, list[tuple[str | None, tuple[float, .
     return f"ome-ngff {version}", [(name, vs) for name, vs, _ in ngff_levels(ms, path)]
 
 
+def _metadata_array(p: Path, where: str) -> SourceArray:
+    """Shape and dtype of a Zarr v2/v3 or N5 array from its metadata file alone (a few hundred
+    bytes of JSON; tensorstore is not opened); reading it raises."""
+    try:
+        if (p / ".zarray").is_file():
+            meta = json.loads((p / ".zarray").read_text())
+            shape, dtype = meta["shape"], np.dtype(meta["dtype"])
+        elif (p / "zarr.json").is_file():
+            meta = json.loads((p / "zarr.json").read_text())
+            if meta.get("node_type") != "array":
+                raise ValueError("a Zarr v3 group, not an array")
+            shape, dtype = meta["shape"], np.dtype(meta["data_type"])
+        elif (p / "attributes.json").is_file():
+            meta = json.loads((p / "attributes.json").read_text())
+            shape, dtype = meta["dimensions"][::-1], np.dtype(meta["dataType"])
+        else:
+            raise ValueError("no .zarray, zarr.json or attributes.json")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot read the array's metadata ({exc})") from exc
+
+    return _unreadable(shape, dtype, where)
+
+
+def _unreadable(shape: Sequence[int], dtype: Any, where: str) -> SourceArray:
+    def read(key: tuple[Any, ...]) -> np.ndarray:
+        raise RuntimeError(f"{where} was opened for its metadata only")
+
+    return SourceArray(shape, dtype, read, where)
+
+
 def open_source(
     path: str,
     scale: str | None = None,
     *,
     voxel_size: Sequence[float] | None = None,
     offset: Sequence[float] | None = None,
+    metadata_only: bool = False,
 ) -> Image:
     """Open an input volume for reading (lazily, through tensorstore or h5py).
 
@@ -680,6 +807,8 @@ def open_source(
         voxel_size: For plain arrays (required): nm per voxel, (z, y, x).
         offset: For plain arrays: physical position (nm) of the *corner* of voxel
             (0, 0, 0), i.e. where the array begins; default (0, 0, 0).
+        metadata_only: Read shape and dtype from the metadata files only (the workflow's
+            start-up checks): cheap, but the array cannot be read.
 
     Returns:
         The image; ``array`` is a :class:`SourceArray`.
@@ -706,7 +835,10 @@ def open_source(
         if not sub.exists():
             raise FileNotFoundError(f"{path}: scale {chosen!r} is listed in 'multiscales' but {sub} does not exist")
         driver = "zarr3" if kind.startswith("zarr3") else "zarr"
-        array = _tensorstore_array({"driver": driver, "kvstore": {"driver": "file", "path": str(sub)}}, str(sub))
+        if metadata_only:
+            array = _metadata_array(sub, str(sub))
+        else:
+            array = _tensorstore_array({"driver": driver, "kvstore": {"driver": "file", "path": str(sub)}}, str(sub))
         if array.ndim != len(ms.get("axes") or SPATIAL_AXES):
             raise ValueError(f"{sub}: array has {array.ndim} axes but 'multiscales' lists {len(ms['axes'])}")
         return Image(array, Geometry(array.shape[-3:], vs, trans), path, chosen,  # type: ignore[arg-type]
@@ -719,6 +851,11 @@ def open_source(
         if not dataset.strip("/"):
             raise ValueError(f"{path}: name the HDF5 dataset as '{file}:/dataset'")
         array = _hdf5_array(file, dataset, path)
+        if metadata_only:
+            array._close()
+            array = _unreadable(array.shape, array.dtype, path)
+    elif metadata_only:
+        array = _metadata_array(Path(path), path)
     else:
         array, _ = _plain_array(Path(path), _group_attrs(Path(path))[1])
     if len(voxel_size) != 3 or (offset is not None and len(offset) != 3):
@@ -736,3 +873,120 @@ def directory_size(path: str | os.PathLike[str]) -> int:
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# --- stored chunks: an incomplete copy reads as the fill value ------------------------------
+
+#: Metadata files inside an array folder (not chunks).
+_METADATA_FILES = {".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json", "attributes.json"}
+
+
+@dataclass(frozen=True)
+class ChunkCount:
+    """How many of an array's chunks are stored.
+
+    Attributes:
+        expected: Chunks in the array's chunk grid (shards, for sharded Zarr v3).
+        present: Chunk files (or allocated HDF5 chunks) found.
+        missing: A few missing chunk keys as stored (e.g. ``"0.1.0"``, ``"c/0/1/0"``), or
+            chunk indices for HDF5; empty when none is missing or they were not listed.
+        fill_value: What a missing chunk reads as.
+    """
+
+    expected: int
+    present: int
+    missing: tuple[str, ...] = ()
+    fill_value: Any = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.present >= self.expected
+
+
+def _chunk_layout(p: Path) -> tuple[list[int], list[int], str, str, Any, bool]:
+    """(shape, chunk shape, separator, key prefix, fill value, reversed) of a Zarr v2/v3 or N5
+    array folder, from its metadata file alone."""
+    if (p / ".zarray").is_file():
+        meta = json.loads((p / ".zarray").read_text())
+        return meta["shape"], meta["chunks"], meta.get("dimension_separator") or ".", "", meta.get("fill_value"), False
+    if (p / "zarr.json").is_file():
+        meta = json.loads((p / "zarr.json").read_text())
+        encoding = meta.get("chunk_key_encoding") or {"name": "default"}
+        default = encoding.get("name", "default") == "default"
+        separator = (encoding.get("configuration") or {}).get("separator") or ("/" if default else ".")
+        chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        return meta["shape"], chunks, separator, "c" if default else "", meta.get("fill_value"), False
+    meta = json.loads((p / "attributes.json").read_text())
+    return meta["dimensions"], meta["blockSize"], "/", "", 0, True
+
+
+def count_chunks(path: str, scale: str | None = None, *, examples: int = 3) -> ChunkCount:
+    """Count an input array's stored chunks against its chunk grid, from the file listing
+    (no chunk is read): Zarr v2/v3 and N5 folders, HDF5 datasets (allocated chunks).
+
+    A chunk that is not stored reads as the fill value: legitimately so when the writer
+    skipped chunks equal to it (zarr-python 3 and tensorstore do by default), wrongly when
+    a copy is incomplete. Cost: one directory walk of the array folder (a 1024³ array in
+    64³ chunks: 4,096 names).
+
+    Args:
+        path: As in the sheet (OME-NGFF group, plain array or ``file.h5:/dataset``).
+        scale: The dataset inside an OME-NGFF group.
+        examples: How many missing keys to list when some are missing.
+    """
+    h5 = split_hdf5(path)
+    if h5 is not None:
+        import h5py
+
+        with h5py.File(h5[0], "r") as f:
+            ds = f[h5[1]]
+            fill = ds.fillvalue.item() if isinstance(ds.fillvalue, np.generic) else ds.fillvalue
+            if ds.chunks is None:  # contiguous: one block, allocated or not
+                stored = ds.id.get_storage_size() > 0 or ds.size == 0
+                return ChunkCount(1, int(stored), () if stored else ("contiguous data (never written)",), fill)
+            grid = [math.ceil(s / c) for s, c in zip(ds.shape, ds.chunks)]
+            expected, present = math.prod(grid), int(ds.id.get_num_chunks())
+            missing: list[str] = []
+            if present < expected:
+                stored = {tuple(int(o) // c for o, c in zip(ds.id.get_chunk_info(i).chunk_offset, ds.chunks))
+                          for i in range(present)}
+                for index in itertools.product(*(range(g) for g in grid)):
+                    if index not in stored:
+                        missing.append(str(list(index)))
+                        if len(missing) >= examples:
+                            break
+            return ChunkCount(expected, present, tuple(missing), fill)
+    p = Path(path) / scale if scale else Path(path)
+    shape, chunks, separator, prefix, fill, reverse = _chunk_layout(p)
+    grid = [math.ceil(int(s) / int(c)) if int(c) > 0 else 0 for s, c in zip(shape, chunks)]
+    expected = math.prod(grid) if grid else 1
+
+    def keys() -> Iterator[tuple[int, ...]]:
+        for root, _, files in os.walk(p):
+            rel_root = os.path.relpath(root, p)
+            for name in files:
+                if name in _METADATA_FILES or name.startswith("."):
+                    continue
+                rel = name if rel_root == "." else f"{rel_root}/{name}"
+                parts = rel.replace(os.sep, "/").split("/") if separator == "/" else rel.split(separator)
+                if prefix:
+                    if parts[0] != prefix:
+                        continue
+                    parts = parts[1:]
+                if len(parts) == len(grid) and all(q.isdigit() for q in parts):
+                    index = tuple(int(q) for q in (reversed(parts) if reverse else parts))
+                    if all(i < g for i, g in zip(index, grid[::-1] if reverse else grid)):
+                        yield index
+
+    present = sum(1 for _ in keys())
+    missing = []
+    if present < expected:
+        stored = set(keys())
+        dims = grid[::-1] if reverse else grid
+        for index in itertools.product(*(range(g) for g in dims)):
+            if index not in stored:
+                key = separator.join(str(i) for i in (reversed(index) if reverse else index))
+                missing.append(f"{prefix}{separator}{key}" if prefix else key)
+                if len(missing) >= examples:
+                    break
+    return ChunkCount(expected, present, tuple(missing), fill)

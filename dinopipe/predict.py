@@ -540,7 +540,8 @@ def predict_blocks(
     logger.info("predicting %s: %d blocks of %s + halo %d, device %s", shape, num_blocks, block, halo, dev)
     stats: dict[str, Any] = {"blocks": num_blocks, "block_shape": list(block), "halo": halo,
                              "read_s": 0.0, "wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
-    with atomic_output(out_path) as tmp:
+    size = (num_offsets + (NUM_LSD_CHANNELS if lsds else 0)) * math.prod(shape) * 4
+    with atomic_output(out_path, what=f"predictions {Path(out_path).name}", expected_bytes=size) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         aff_out = _empty_image(tmp / "affinities", num_offsets, grid, chunks, {"offsets": offsets})
         lsd_out = _empty_image(tmp / "lsds", NUM_LSD_CHANNELS, grid, chunks, {}) if lsds else None
@@ -609,7 +610,8 @@ def _raw_reader_for(volume: Any, data: Mapping[str, Any] | None, grid: Geometry,
 
 
 def _source_args(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: data.get(k) for k in ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")}
+    return {**{k: data.get(k) for k in ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")},
+            "missing_chunks": data.get("missing_chunks") or "error"}
 
 
 def predict_volume(

@@ -102,7 +102,8 @@ def raw_slice_reader(volume: object, data: dict | None, grid: io.Geometry) -> ob
     from dinopipe.sources import open_sources
 
     src = open_sources(volume, **{k: (data or {}).get(k) for k in
-                                  ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")})
+                                  ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")},
+                       missing_chunks=(data or {}).get("missing_chunks", "error"))
     reader = RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)
     if src.grid.shape != grid.shape:
         raise ValueError(f"volume {volume.name!r}: output grid {src.grid.shape} differs from the prediction's {grid.shape}")  # type: ignore[attr-defined]

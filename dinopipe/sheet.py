@@ -36,6 +36,9 @@ COLUMNS = ("name", "raw", "labels", "role", "roi", "voxel_size", "offset", "labe
 #: Optional geometry columns (plain arrays only); omitted from records when empty.
 GEOMETRY_COLUMNS = ("voxel_size", "offset", "labels_voxel_size", "labels_offset")
 REQUIRED = ("name", "raw", "role")
+#: Names that would collide with other outputs (``results/report/loss_curve.png`` is the
+#: loss curve, not a volume's figure).
+RESERVED_NAMES = ("loss_curve",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -130,7 +133,8 @@ def read_sheet(path: str | Path) -> list[Volume]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"volume sheet not found: {path}")
-    with path.open(newline="") as f:
+    # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name
+    with path.open(newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f, delimiter="\t") if r and not r[0].startswith("#")]
     if not rows:
         raise ValueError(f"{path}: the volume sheet is empty")
@@ -157,6 +161,9 @@ def read_sheet(path: str | Path) -> list[Volume]:
         name = rec["name"]
         if not _NAME.match(name):
             raise ValueError(f"{where}: volume name {name!r} may only contain letters, digits, '_', '.', '-'")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{where}: volume name {name!r} is reserved (results/report/{name}.png is another "
+                             f"output); choose another name")
         if name in seen:
             raise ValueError(f"{where}: duplicate volume name {name!r}")
         seen.add(name)

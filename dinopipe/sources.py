@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dinopipe.io import Geometry, Image, open_source, source_levels, source_store
+from dinopipe.io import Geometry, Image, count_chunks, open_source, source_levels, source_store
 from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)
+
+#: Allowed raw:output voxel-size ratio per axis (raw voxel size / output voxel size).
+RATIO_RANGE = (0.1, 16.0)
 
 
 @dataclass
@@ -49,6 +52,17 @@ class Sources:
         return {"raw": describe(self.raw), "labels": describe(self.labels),
                 "roi_nm": [list(b) for b in self.volume.roi] if self.volume.roi else None,
                 "grid": self.grid.to_dict()}
+
+
+def check_ratio(raw_voxel_size: Sequence[float], out_voxel_size: Sequence[float], volume: str) -> None:
+    """Raise if a raw:output voxel-size ratio is outside :data:`RATIO_RANGE` on any axis."""
+    for axis, r, o in zip("zyx", raw_voxel_size, out_voxel_size):
+        ratio = r / o
+        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
+            raise ValueError(
+                f"volume {volume!r}: raw voxel size {r} nm vs output (label) voxel size {o} nm on axis {axis} "
+                f"(ratio {ratio:.3g}) is outside the supported {RATIO_RANGE[0]}–{RATIO_RANGE[1]}"
+            )
 
 
 def check_paths(volume: Volume, generated: Sequence[str] = ()) -> None:
@@ -95,10 +109,43 @@ def choose_scale(
     return min(ok, key=lambda item: float(np.prod(item[1])))[0]
 
 
+#: Values of the config key ``data.missing_chunks``.
+MISSING_CHUNKS = ("error", "fill_labels", "fill")
+
+
+def check_chunks(image: Image, what: str, volume: str, policy: str = "error") -> None:
+    """Refuse an input array some of whose chunks are not stored (an incomplete copy reads
+    as holes of the fill value), unless ``policy`` (config key ``data.missing_chunks``)
+    declares the fill value meaningful: ``"fill"`` for raw and labels, ``"fill_labels"`` for
+    labels only (writers skip chunks equal to the fill value, typically background 0).
+    Lists chunk files only (:func:`dinopipe.io.count_chunks`); reads no data.
+
+    Raises:
+        ValueError: Naming the volume, the array, how many chunks are missing and the key.
+    """
+    if policy not in MISSING_CHUNKS:
+        raise ValueError(f"data.missing_chunks must be one of {list(MISSING_CHUNKS)}, got {policy!r}")
+    count = count_chunks(image.path, image.scale)
+    if count.complete:
+        return
+    where = f"{image.path}/{image.scale}" if image.scale else image.path
+    text = (f"volume {volume!r}: {what} {where}: {count.expected - count.present} of {count.expected} chunks are "
+            f"not stored (first missing: {', '.join(count.missing)}); they would read as the fill value "
+            f"{count.fill_value!r}")
+    if policy == "fill" or (policy == "fill_labels" and what == "labels"):
+        logger.warning("%s (data.missing_chunks: %s)", text, policy)
+        return
+    raise ValueError(
+        f"{text}, a hole in the data. An incomplete copy? Copy the store again; or, if the writer skipped chunks "
+        f"equal to the fill value (zarr-python 3 and tensorstore do), declare it meaningful with the config key "
+        f"data.missing_chunks: {'fill_labels' if what == 'labels' else 'fill'}"
+    )
+
+
 def _open(
     path: str, what: str, volume: str, voxel_size: Sequence[float] | None, offset: Sequence[float] | None,
     default_voxel_size: Sequence[float] | None = None, default_offset: Sequence[float] | None = None,
-    **choose: object,
+    metadata_only: bool = False, **choose: object,
 ) -> Image:
     prefix = f"volume {volume!r}: {what}"
     try:
@@ -123,15 +170,41 @@ def _open(
         levels = [(None, tuple(float(v) for v in voxel_size))]
     scale = choose_scale(path, levels, what=prefix, **choose)  # type: ignore[arg-type]
     try:
-        image = open_source(path, scale, voxel_size=voxel_size, offset=offset)
+        image = open_source(path, scale, voxel_size=voxel_size, offset=offset, metadata_only=metadata_only)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{prefix}: {exc}") from exc
     except ValueError as exc:
         raise ValueError(f"{prefix}: {exc}") from exc
+    if hasattr(image.array, "where"):  # read errors (a truncated chunk, ...) name the volume
+        image.array.where = f"{prefix} {image.array.where}"
     if image.array.ndim != 3:
         where = f"{path}/{scale}" if scale else path
         raise ValueError(f"{prefix} {where} must be 3D (z, y, x), got shape {image.array.shape}")
     return image
+
+
+def check_plain_labels_geometry(volume: Volume, raw: Image, labels: Image) -> None:
+    """A plain labels array without ``labels_voxel_size`` takes the raw's voxel size and
+    offset. That is only safe when it has the raw's shape; otherwise (labels at another
+    resolution, or a crop) the assumption must be stated in the sheet.
+
+    Raises:
+        ValueError: The shapes differ and the sheet gives no ``labels_voxel_size``.
+    """
+    if labels.format.startswith("ome-ngff") or volume.labels_voxel_size is not None:
+        return
+    if tuple(labels.geometry.shape) != tuple(raw.geometry.shape):
+        raise ValueError(
+            f"volume {volume.name!r}: labels {volume.labels} are a plain {labels.format} array without "
+            f"labels_voxel_size and their shape {list(labels.geometry.shape)} differs from the raw's "
+            f"{list(raw.geometry.shape)}: taking the raw's voxel size {list(raw.geometry.voxel_size)} nm would make "
+            f"them cover {_extent(labels.geometry)} of the raw's {_extent(raw.geometry)}. Give the sheet column "
+            f"'labels_voxel_size' (nm, 'z,y,x'; and 'labels_offset' if they do not begin where the raw does), "
+            f"even when it equals the raw's"
+        )
+    logger.warning("volume %s: plain labels %s have no labels_voxel_size; taking the raw's voxel size %s nm and "
+                   "offset (same shape %s)", volume.name, volume.labels, list(raw.geometry.voxel_size),
+                   list(raw.geometry.shape))
 
 
 def check_finite(raw: Image, volume: str, grid: Geometry | None = None, slab_voxels: int = 2**24) -> None:
@@ -180,6 +253,8 @@ def open_sources(
     min_raw_voxel_size: Sequence[float] | None = None,
     label_voxel_size: Sequence[float] | None = None,
     output_voxel_size: Sequence[float] | None = None,
+    missing_chunks: str = "error",
+    metadata_only: bool = False,
 ) -> Sources:
     """Open raw and labels of ``volume`` and compute its output grid.
 
@@ -189,10 +264,16 @@ def open_sources(
         label_voxel_size: Label scale to use (nm); None: the finest.
         output_voxel_size: Output voxel size (nm) for volumes without labels; None:
             the raw voxel size.
+        missing_chunks: ``data.missing_chunks``: whether chunks that are not stored are an
+            error (``"error"``) or read as the fill value (``"fill_labels"``: in labels only;
+            ``"fill"``); see :func:`check_chunks`.
+        metadata_only: Open the arrays from their metadata files alone and skip the
+            checks that list chunks or read data (the workflow's start-up checks, see
+            :mod:`dinopipe.checks`): everything else (formats, scales, dtypes, geometry,
+            overlap, ROI, grid) is checked the same way.
     """
-    from dinopipe.features import check_ratio
-
-    raw = _open(volume.raw, "raw", volume.name, volume.voxel_size, volume.offset, min_voxel_size=min_raw_voxel_size)
+    raw = _open(volume.raw, "raw", volume.name, volume.voxel_size, volume.offset, metadata_only=metadata_only,
+                min_voxel_size=min_raw_voxel_size)
     if not np.issubdtype(raw.array.dtype, np.number) or np.issubdtype(raw.array.dtype, np.complexfloating):
         raise ValueError(f"volume {volume.name!r}: raw {volume.raw} has dtype {raw.array.dtype}; expected integers "
                          f"or floats")
@@ -203,13 +284,14 @@ def open_sources(
     extents = f"raw {volume.raw} covers {_extent(rg)}"
     if volume.labels:
         labels = _open(volume.labels, "labels", volume.name, volume.labels_voxel_size, volume.labels_offset,
-                       volume.voxel_size, volume.offset, exact=label_voxel_size)
+                       volume.voxel_size, volume.offset, metadata_only=metadata_only, exact=label_voxel_size)
         if not np.issubdtype(labels.array.dtype, np.integer):
             raise ValueError(
                 f"volume {volume.name!r}: labels {volume.labels} must be integer (instance ids), got "
                 f"{labels.array.dtype}"
             )
         lg = labels.geometry
+        check_plain_labels_geometry(volume, raw, labels)
         check_ratio(rg.voxel_size, lg.voxel_size, volume.name)
         extents += f", labels {volume.labels} cover {_extent(lg)}"
         # label voxels whose whole extent lies inside the raw
@@ -238,7 +320,13 @@ def open_sources(
             f"volume {volume.name!r}: roi {_roi_text(volume.roi)} nm lies outside the data ({extents}); "
             f"no output voxel remains"
         )
-    check_finite(raw, volume.name, grid)
+    if missing_chunks not in MISSING_CHUNKS:
+        raise ValueError(f"data.missing_chunks must be one of {list(MISSING_CHUNKS)}, got {missing_chunks!r}")
+    if not metadata_only:
+        check_chunks(raw, "raw", volume.name, missing_chunks)
+        if labels is not None:
+            check_chunks(labels, "labels", volume.name, missing_chunks)
+        check_finite(raw, volume.name, grid)
     logger.info("volume %s: raw %s (%s, scale %s) %s, output grid %s", volume.name, volume.raw, raw.format,
                 raw.scale, rg, grid)
     return Sources(volume, raw, labels, grid, window)  # type: ignore[arg-type]

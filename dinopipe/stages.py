@@ -41,6 +41,7 @@ def _source_args(data: Mapping[str, Any]) -> dict[str, Any]:
         "min_raw_voxel_size": data.get("min_raw_voxel_size"),
         "label_voxel_size": data.get("label_voxel_size"),
         "output_voxel_size": data.get("output_voxel_size"),
+        "missing_chunks": data.get("missing_chunks", "error"),
     }
 
 
@@ -80,7 +81,7 @@ def _add_scale(group_path: Path, raw: np.ndarray, factor: Sequence[int], rvs: np
     coarse = view.reshape(shape[0], f[0], shape[1], f[1], shape[2], f[2]).mean(axis=(1, 3, 5))
     group = zarr.open_group(str(group_path), mode="a")
     group.create_array("s1", data=np.rint(coarse).astype(raw.dtype), chunks=io.default_chunks(shape, False),
-                       chunk_key_encoding={"name": "v2", "separator": "/"})
+                       chunk_key_encoding={"name": "v2", "separator": "/"}, config={"write_empty_chunks": True})
     ms = group.attrs["multiscales"]
     cvs = (rvs * np.asarray(f)).tolist()
     ms[0]["datasets"].append({
@@ -131,7 +132,9 @@ def run_features(
     }
     g = src.grid
     chunks = io.default_chunks((backbone.channels, *g.shape), channel_axis=True, spatial=io.FEATURE_CHUNK)
-    with io.atomic_output(out_path) as tmp, tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
+    size = backbone.channels * int(np.prod(g.shape)) * np.dtype(np.float16).itemsize
+    with io.atomic_output(out_path, what=f"features of volume {volume.name!r}", expected_bytes=size) as tmp, \
+            tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
         if blocking is None:
             # raw is small next to the feature accumulator: read it once rather than
             # decompressing chunks again for every batch of xz / yz slices
@@ -208,13 +211,25 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         timings[key] = time.perf_counter() - t
         return result
 
-    labels = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]).astype(np.uint64))
+    where = f"volume {volume.name!r}: labels {volume.labels}"
+    native = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]))
+    # negative ids listed in unlabelled_ids become 0 here (mask 0 there); any other negative id
+    # is an error, not 2**64 - 1 (one big object) as a plain cast would make it
+    labels = tg.label_ids(native, params["unlabelled_ids"], where)
     if not labels.any():
-        raise ValueError(f"volume {volume.name!r}: labels {volume.labels} are all zero inside the processed region")
+        raise ValueError(f"{where} are all zero inside the processed region")
     vs = src.grid.voxel_size
+    mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"], vs)
+    del native
+    if not mask.any():
+        raise ValueError(
+            f"{where}: the mask is all zero (no annotated voxel) inside the processed region: every label id "
+            f"is in targets.unlabelled_ids {list(params['unlabelled_ids'])}"
+            + (f" or eroded away by targets.mask_erosion_nm {params['mask_erosion_nm']}" if params["mask_erosion_nm"]
+               else "")
+        )
     affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
     lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs)
-    mask = timed("mask_s", tg.compute_mask, labels, params["unlabelled_ids"], params["mask_erosion_nm"], vs)
     weights = timed(
         "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
         params["boundary_weight_max"], params["boundary_sigma_nm"], mask,
@@ -222,7 +237,9 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
     raw = timed("raw_s", lambda: _raw_on_grid(src, resample_to_grid))
     t = time.perf_counter()
     g = src.grid
-    with io.atomic_output(out_path) as tmp:
+    # uncompressed size: labels, affinities, LSDs, weights, mask, raw
+    size = int(np.prod(g.shape)) * (8 + len(params["offsets"]) + 2 * 10 + 4 + 1 + 4)
+    with io.atomic_output(out_path, what=f"targets of volume {volume.name!r}", expected_bytes=size) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         io.write_image(tmp / "labels", labels, g.voxel_size, g.translation)
         io.write_image(tmp / "affinities", affs.astype(np.uint8), g.voxel_size, g.translation, channel_axis=True)
@@ -372,7 +389,7 @@ def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapp
     t = time.perf_counter()
     attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": config["min_size"],
                              "blockwise": blockwise}
-    with io.atomic_output(out_path) as tmp:
+    with io.atomic_output(out_path, what=f"segmentation of {predictions_path}", expected_bytes=8 * voxels) as tmp:
         if blockwise:
             logger.info("segmenting %s blockwise (%d voxels, max_voxels %d): blocks of %s", predictions_path,
                         voxels, int(config["max_voxels"]), block)

@@ -8,7 +8,9 @@ Label ids are kept in their own integer dtype (``uint64`` is typical) end to end
 casts a label volume to a narrower type. Where an algorithm needs small consecutive ids (the
 per-label bounding boxes of :func:`compute_lsds`), labels are relabelled losslessly with
 ``np.unique(..., return_inverse=True)`` and the original ids are only ever compared, never
-converted. Signed label volumes are accepted but must not contain negative ids.
+converted. Signed label volumes are accepted but must not contain negative ids, except ids
+listed as unlabelled: :func:`label_ids` maps those to 0 (and :func:`compute_mask` marks
+them unknown) before anything else sees the labels.
 
 Storage:
     The dtypes in which the targets are meant to be written to disk (the functions return the
@@ -99,8 +101,9 @@ _OFF_DIAGONAL = ((0, 1), (0, 2), (1, 2))
 # --------------------------------------------------------------------------------------------
 
 
-def _check_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
-    """Checks that ``labels`` is a 3D array of non-negative integer ids and returns it."""
+def _check_labels(labels: np.ndarray, name: str = "labels", allowed_negative: Sequence[int] = ()) -> np.ndarray:
+    """Checks that ``labels`` is a 3D array of non-negative integer ids (or negative ids in
+    ``allowed_negative``) and returns it."""
     if not isinstance(labels, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(labels).__name__}")
     if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
@@ -112,10 +115,41 @@ def _check_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
             f"{name} must be 3D (z, y, x), got shape {labels.shape} ({labels.ndim}D)"
         )
     if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
-        raise ValueError(
-            f"{name} contains negative ids (min {labels.min()}); label ids must be >= 0"
-        )
+        negative = np.unique(labels[labels < 0])
+        unlisted = negative[~np.isin(negative, np.asarray(list(allowed_negative), dtype=np.int64))]
+        if unlisted.size:
+            shown = ", ".join(str(int(v)) for v in unlisted[:5]) + (", ..." if unlisted.size > 5 else "")
+            raise ValueError(
+                f"{name} contains negative ids ({shown}); label ids must be >= 0, except ids listed in "
+                f"unlabelled_ids (config key targets.unlabelled_ids, e.g. [-1]), which mean 'not annotated'"
+            )
     return labels
+
+
+def label_ids(labels: np.ndarray, unlabelled_ids: Sequence[int] = (), name: str = "labels") -> np.ndarray:
+    """Instance labels as :data:`LABEL_DTYPE` (uint64), the dtype every target is computed from.
+
+    Negative ids listed in ``unlabelled_ids`` (e.g. -1 for "not annotated") become 0; compute
+    the mask from the original ``labels`` with :func:`compute_mask`, which marks them unknown.
+    Any other negative id is an error (a plain cast would turn -1 into 2**64 - 1, one big object).
+
+    Args:
+        labels: Instance labels, shape (z, y, x), any integer dtype.
+        unlabelled_ids: Ids meaning "not annotated"; only the negative ones matter here.
+        name: What ``labels`` are, for error messages (e.g. the volume and path).
+
+    Returns:
+        uint64 array of shape (z, y, x) (``labels`` itself when it is uint64 already).
+
+    Raises:
+        TypeError: ``labels`` is not an integer array.
+        ValueError: ``labels`` is not 3D or holds a negative id not in ``unlabelled_ids``.
+    """
+    negative = [int(v) for v in unlabelled_ids if int(v) < 0]
+    labels = _check_labels(labels, name, allowed_negative=negative)
+    if not np.issubdtype(labels.dtype, np.signedinteger) or not negative:
+        return labels.astype(LABEL_DTYPE, copy=False)
+    return np.where(labels < 0, 0, labels).astype(LABEL_DTYPE, copy=False)
 
 
 def _check_triple(
@@ -537,8 +571,10 @@ def compute_mask(
     unknown. Without unknown voxels, erosion changes nothing.
 
     Args:
-        labels: Instance labels, shape (z, y, x), non-negative integer dtype.
-        unlabelled_ids: Ids that mark unknown (not annotated) voxels.
+        labels: Instance labels, shape (z, y, x), integer dtype; negative ids only where
+            listed in ``unlabelled_ids`` (e.g. -1 in signed volumes).
+        unlabelled_ids: Ids that mark unknown (not annotated) voxels; negative ids are
+            ignored for unsigned labels, where they cannot occur.
         erosion_nm: Erosion radius in nm, >= 0.
         voxel_size_nm: Voxel size in nm, (z, y, x); only used for the erosion.
 
@@ -547,11 +583,15 @@ def compute_mask(
 
     Raises:
         TypeError: If ``labels`` is not an integer array.
-        ValueError: If ``labels`` is not 3D or has negative ids, if an id in
-            ``unlabelled_ids`` does not fit labels' dtype, or if ``erosion_nm`` or the voxel
-            size are out of range.
+        ValueError: If ``labels`` is not 3D or has negative ids not in ``unlabelled_ids``,
+            if an id in ``unlabelled_ids`` does not fit labels' dtype, or if ``erosion_nm``
+            or the voxel size are out of range.
     """
-    labels = _check_labels(labels)
+    negative = [v for v in unlabelled_ids if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v < 0]
+    if np.issubdtype(np.asarray(labels).dtype, np.unsignedinteger):
+        # negative ids cannot occur in unsigned labels (one config serves signed and unsigned volumes)
+        unlabelled_ids = [v for v in unlabelled_ids if not any(v is n for n in negative)]
+    labels = _check_labels(labels, allowed_negative=negative)
     voxel = _check_triple(voxel_size_nm, "voxel_size_nm")
     if not (math.isfinite(erosion_nm) and erosion_nm >= 0):
         raise ValueError(f"erosion_nm must be a finite number >= 0, got {erosion_nm!r}")

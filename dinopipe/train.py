@@ -275,7 +275,29 @@ def _open_all(
                 f"{list(volume.shape)} (z, y, x) ({volume.features_path}); use a smaller crop_shape"
             )
         opened.append(volume)
+    check_masks(opened, p["crop_shape"], p["min_mask_fraction"], role)
     return opened
+
+
+def check_masks(volumes: Sequence[Volume], crop: Sequence[int], min_fraction: float, role: str) -> None:
+    """Refuse volumes whose mask is empty or too small for one crop to reach ``min_fraction``.
+
+    A crop is accepted when at least ``min_fraction`` of its voxels are masked in (labelled),
+    so a volume needs ``ceil(min_fraction * prod(crop))`` (at least 1) labelled voxels, or no
+    crop can ever be drawn from it and training would learn nothing (loss 0, F1 nan).
+
+    Raises:
+        ValueError: Naming every such volume, its labelled voxel count and targets path.
+    """
+    need = max(1, math.ceil(min_fraction * math.prod(int(c) for c in crop)))
+    empty = [v for v in volumes if v.labelled < need]
+    if empty:
+        listed = "; ".join(f"{v.name}: {v.labelled} labelled voxel(s) in {v.targets_path}/mask" for v in empty)
+        raise ValueError(
+            f"{role} volume(s) with an empty or nearly empty mask ({listed}); a crop of {list(crop)} voxels needs "
+            f"at least {need} labelled voxels (train.min_mask_fraction {min_fraction}). Check targets.unlabelled_ids "
+            f"and targets.mask_erosion_nm, or remove these volumes from the {role} role"
+        )
 
 
 def _num_classes(volumes: Sequence[Volume], p: Mapping[str, Any]) -> tuple[int, list[float] | None]:

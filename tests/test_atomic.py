@@ -98,3 +98,64 @@ def test_sigkill_mid_write_then_rerun_gives_identical_outputs(tmp_path):
     sig = io.read_image(killed / TARGETS[0]).attrs["signature"]
     assert sig == io.read_image(reference / TARGETS[0]).attrs["signature"]
     assert "Nothing to be done" in snakemake(killed, "-n", *TARGETS).stdout
+
+
+# --- a full disk: a small tmpfs --------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs at tmp_path/disk (mounting needs root; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill the disk needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _no_trace(disk: Path, name: str) -> None:
+    assert not (disk / name).exists(), "a failed write left an output"
+    assert not list(disk.glob(".*.tmp-*")), "a failed write left its temporary output"
+
+
+def test_disk_full_while_writing_a_store(small_disk):
+    data = np.random.default_rng(0).random((64, 64, 64), dtype=np.float32)  # 1 MiB, incompressible
+    with pytest.raises(OSError) as err:
+        with io.atomic_output(small_disk / "x.zarr", what="features of volume 'v'", expected_bytes=data.nbytes) as tmp:
+            io.write_image(tmp, data, (8, 8, 8), (4, 4, 4), compress=False)
+    text = str(err.value)
+    assert err.value.errno == 28
+    assert f"features of volume 'v' ({small_disk / 'x.zarr'}): no space left on the device holding {small_disk}" in text
+    assert "about 1.0 MiB needed for the whole output" in text and "nothing was left at" in text
+    _no_trace(small_disk, "x.zarr")
+
+
+def test_disk_full_while_saving_a_checkpoint(small_disk):
+    """torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] . unexpected pos"."""
+    import torch
+
+    with pytest.raises(OSError, match=r"checkpoint.pt\): no space left on the device .*RuntimeError"):
+        with io.atomic_output(small_disk / "checkpoint.pt", what="the model") as tmp:
+            torch.save({"model": torch.randn(256, 1024)}, tmp)  # 1 MiB
+    _no_trace(small_disk, "checkpoint.pt")
+
+
+def test_disk_full_in_the_features_stage_names_the_volume(small_disk, tmp_path):
+    from dinopipe.sheet import Volume
+    from dinopipe.stages import run_demo_data, run_features
+
+    run_demo_data("v", tmp_path / "v.zarr", seed=0, label_shape=(8, 32, 32), label_voxel_size=(16, 16, 16),
+                  raw_factor=(2, 2, 2))
+    volume = Volume("v", str(tmp_path / "v.zarr" / "raw"), str(tmp_path / "v.zarr" / "labels"), "train")
+    out = small_disk / "features" / "v.zarr"
+    with pytest.raises(OSError, match=r"features of volume 'v' \(.*features/v.zarr\): no space left on the device "
+                                      r".*about 512.0 KiB needed"):  # 32 channels x 8 x 32 x 32 float16
+        run_features(volume, out, {"backbone": "tiny-vit", "planes": ["xy"]}, {})
+    _no_trace(small_disk / "features", "v.zarr")

@@ -178,9 +178,31 @@ def test_signature_round_trip_and_mismatch(vit):
         (FeatureParams(planes=["xy", "yz"], low=1.0), "normalisation.low"),
         (FeatureParams(planes=["xy", "yz"], backbone="tiny-convnext"), "model_id"),
         (FeatureParams(planes=["xy", "yz"], stride=8), "stride"),
+        (FeatureParams(planes=["xy", "yz"], upsampler="up.py:build"), "upsampler"),
     ]:
         with pytest.raises(ValueError, match=f"signature key '{key}'"):
             check_signature(sig, expected_signature(changed), "f.zarr")
+
+
+def test_upsampler_is_part_of_the_signature(vit, tmp_path):
+    """Features made with a guided upsampler are not interchangeable with bilinear ones (or
+    with another upsampler file): the spec and the file's hash are model keys."""
+    from dinopipe.features import check_compatible
+
+    (tmp_path / "up.py").write_text("def build(device):\n    return None\n")
+    spec = f"{tmp_path / 'up.py'}:build"
+    guided = signature(vit, FeatureParams(upsampler=spec), RAW, OUT, (0.0, 255.0), {"xy": [48, 64]})
+    plain = signature(vit, FeatureParams(), RAW, OUT, (0.0, 255.0), {"xy": [48, 64]})
+    assert plain["upsampler"] is None and guided["upsampler"] == spec and len(guided["upsampler_sha256"]) == 64
+    check_signature(guided, expected_signature(FeatureParams(upsampler=spec)), "g.zarr")
+    with pytest.raises(ValueError, match="signature key 'upsampler'"):
+        check_signature(guided, expected_signature(FeatureParams()), "g.zarr")
+    with pytest.raises(ValueError, match="signature key 'upsampler'"):
+        check_compatible(plain, guided, "p.zarr", "g.zarr")
+    (tmp_path / "up.py").write_text("def build(device):\n    return 1\n")  # same spec, other code
+    changed = signature(vit, FeatureParams(upsampler=spec), RAW, OUT, (0.0, 255.0), {"xy": [48, 64]})
+    with pytest.raises(ValueError, match="signature key 'upsampler_sha256'"):
+        check_compatible(changed, guided, "c.zarr", "g.zarr")
 
 
 def test_params_reject_unknown_and_bad_values():

@@ -19,6 +19,7 @@ def test_gala_zarr_and_hdf5_through_the_workflow(tmp_path, shared_data):
     gala = shared_data / "gala"
     config = tiny_config()
     config["data"] = {"min_raw_voxel_size": None, "label_voxel_size": [20, 20, 20], "output_voxel_size": [20, 20, 20]}
+    config["train"]["crop_shape"] = [8, 12, 12]  # fits the train volume's 9 x 15 x 15 grid (checked at start-up)
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [

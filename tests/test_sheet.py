@@ -35,11 +35,19 @@ def test_reads_rows(tmp_path):
         (HEADER + "a\tr\t\ttrain\t0:1,0:1\n", "roi '0:1,0:1'"),
         (HEADER + "a\t\t\ttrain\t\n", "column 'raw' is empty"),
         (HEADER, "no volumes"),
+        (HEADER + "loss_curve\tr\t\tpredict\t\n", "line 2: volume name 'loss_curve' is reserved"),
     ],
 )
 def test_bad_sheets(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         read_sheet(_sheet(tmp_path, text))
+
+
+def test_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    """Spreadsheet programs save UTF-8 with a BOM; it is not '\\ufeffname'."""
+    p = tmp_path / "volumes.tsv"
+    p.write_bytes(("\ufeff" + HEADER + "a\tr.zarr/raw\t\ttrain\t\r\n").encode("utf-8"))
+    assert [(v.name, v.raw, v.role) for v in read_sheet(p)] == [("a", "r.zarr/raw", "train")]
 
 
 def test_missing_sheet(tmp_path):

@@ -142,3 +142,138 @@ def test_raw_and_labels_not_overlapping(tmp_path):
     io.write_image(tmp_path / "l.zarr", np.ones((4, 4, 4), np.uint8), (8, 8, 8), (1004, 4, 4))
     with pytest.raises(ValueError, match=r"volume 'o': raw and labels do not overlap: raw .* covers \[0:32"):
         open_sources(Volume("o", str(tmp_path / "r.zarr"), str(tmp_path / "l.zarr"), "train"))
+
+
+# --- chunks that are not stored ----------------------------------------------------------
+
+
+def _raw_data(shape=(8, 8, 8)) -> np.ndarray:
+    return np.random.default_rng(0).integers(1, 255, shape).astype(np.uint8)
+
+
+def test_count_chunks_in_every_format(tmp_path):
+    """Chunk files are counted against the chunk grid from the listing alone; a deleted chunk
+    is found and named in the key form its format stores."""
+    import h5py
+    import zarr
+
+    data = _raw_data()
+    # Zarr v2, nested keys (as dinopipe writes): 2x2x2 chunks of 4^3
+    io.write_image(tmp_path / "v2.zarr", data, (8, 8, 8), (4, 4, 4), chunks=(4, 4, 4))
+    assert io.count_chunks(str(tmp_path / "v2.zarr"), "s0") == io.ChunkCount(8, 8, (), 0)
+    (tmp_path / "v2.zarr" / "s0" / "0" / "1" / "0").unlink()
+    count = io.count_chunks(str(tmp_path / "v2.zarr"), "s0")
+    assert (count.expected, count.present, count.missing) == (8, 7, ("0/1/0",))
+    # Zarr v2, dotted keys; a partial edge chunk counts as one chunk (grid 2 x 1 x 3)
+    flat = zarr.open_array(str(tmp_path / "dot.zarr"), mode="w", zarr_format=2, shape=(8, 4, 9), chunks=(4, 4, 4),
+                           dtype="u1")
+    flat[...] = 1
+    (tmp_path / "dot.zarr" / "1.0.2").unlink()
+    assert io.count_chunks(str(tmp_path / "dot.zarr")) == io.ChunkCount(6, 5, ("1.0.2",), 0)
+    # OME-NGFF 0.5 / Zarr v3 (default keys c/z/y/x; the fixture writes 4^3 chunks)
+    write_ngff_v05(tmp_path / "v3.zarr", [data], [(8, 8, 8)], [(4, 4, 4)])
+    (tmp_path / "v3.zarr" / "s0" / "c" / "1" / "1" / "1").unlink()
+    assert io.count_chunks(str(tmp_path / "v3.zarr"), "s0").missing == ("c/1/1/1",)
+    # N5: keys in x/y/z order, blocks of 4^3
+    write_n5(tmp_path / "a.n5", "raw", data)
+    (tmp_path / "a.n5" / "raw" / "1" / "0" / "0").unlink()  # x block 1, y 0, z 0
+    count = io.count_chunks(str(tmp_path / "a.n5" / "raw"))
+    assert (count.expected, count.present, count.missing) == (8, 7, ("1/0/0",))
+    # HDF5: chunks never written are not allocated
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        ds = f.create_dataset("raw", shape=(8, 8, 8), chunks=(4, 4, 4), dtype="u1")
+        ds[:4] = 1  # the 4 chunks of the first z half only
+        f["full"] = data
+        f.create_dataset("unwritten", shape=(8, 8, 8), dtype="u1")
+    count = io.count_chunks(f"{tmp_path / 'a.h5'}:/raw")
+    assert (count.expected, count.present, count.missing[0]) == (8, 4, "[1, 0, 0]")
+    assert io.count_chunks(f"{tmp_path / 'a.h5'}:/full").complete
+    assert not io.count_chunks(f"{tmp_path / 'a.h5'}:/unwritten").complete
+
+
+def test_dinopipe_stores_all_chunks_even_empty_ones(tmp_path):
+    io.write_image(tmp_path / "z.zarr", np.zeros((8, 8, 8), np.uint64), (8, 8, 8), (4, 4, 4), chunks=(4, 4, 4))
+    assert io.count_chunks(str(tmp_path / "z.zarr"), "s0").complete
+
+
+def test_missing_chunks_are_an_error_unless_declared(tmp_path, caplog):
+    io.write_image(tmp_path / "r.zarr", _raw_data(), (8, 8, 8), (4, 4, 4), chunks=(4, 4, 4))
+    labels = np.ones((4, 4, 4), np.uint32)
+    io.write_image(tmp_path / "l.zarr", labels, (16, 16, 16), (8, 8, 8), chunks=(2, 2, 2))
+    vol = Volume("v", str(tmp_path / "r.zarr"), str(tmp_path / "l.zarr"), "train")
+    open_sources(vol)  # complete
+    (tmp_path / "l.zarr" / "s0" / "1" / "1" / "1").unlink()
+    with pytest.raises(ValueError, match=r"volume 'v': labels .*l.zarr/s0: 1 of 8 chunks are not stored \(first "
+                                         r"missing: 1/1/1\); they would read as the fill value 0.*"
+                                         r"data.missing_chunks: fill_labels"):
+        open_sources(vol)
+    assert open_sources(vol, missing_chunks="fill_labels").labels is not None
+    assert "1 of 8 chunks are not stored" in caplog.text
+    (tmp_path / "r.zarr" / "s0" / "0" / "0" / "1").unlink()
+    with pytest.raises(ValueError, match=r"volume 'v': raw .*r.zarr/s0: 1 of 8 chunks .*missing_chunks: fill$"):
+        open_sources(vol, missing_chunks="fill_labels")
+    open_sources(vol, missing_chunks="fill")
+    with pytest.raises(ValueError, match=r"data.missing_chunks must be one of \['error', 'fill_labels', 'fill'\]"):
+        open_sources(vol, missing_chunks="zeros")
+
+
+def test_plain_labels_of_another_shape_need_their_voxel_size(tmp_path, caplog):
+    """Plain labels at half the raw's resolution, without labels_voxel_size, used to take the
+    raw's voxel size silently and cover 1/8 of it."""
+    raw = _raw_data((8, 8, 8))
+    with h5py_file(tmp_path / "v.h5") as f:
+        f["raw"] = raw
+        f["half"] = np.ones((4, 4, 4), np.uint32)
+        f["same"] = np.ones((8, 8, 8), np.uint32)
+    h5 = str(tmp_path / "v.h5")
+    vol = Volume("p", f"{h5}:/raw", f"{h5}:/half", "train", voxel_size=(8, 8, 8))
+    with pytest.raises(ValueError, match=r"volume 'p': labels .*v.h5:/half are a plain hdf5 array without "
+                                         r"labels_voxel_size and their shape \[4, 4, 4\] differs from the raw's "
+                                         r"\[8, 8, 8\]: taking the raw's voxel size \[8.0, 8.0, 8.0\] nm would make "
+                                         r"them cover \[0:32, 0:32, 0:32\] nm of the raw's \[0:64, 0:64, 0:64\] nm.*"
+                                         r"'labels_voxel_size'"):
+        open_sources(vol)
+    stated = Volume("p", vol.raw, vol.labels, "train", voxel_size=(8, 8, 8), labels_voxel_size=(16, 16, 16))
+    assert open_sources(stated).grid == Geometry((4, 4, 4), (16.0, 16.0, 16.0), (8.0, 8.0, 8.0))
+    # same shape: the raw's geometry is taken, and said so
+    same = open_sources(Volume("p", vol.raw, f"{h5}:/same", "train", voxel_size=(8, 8, 8)))
+    assert same.grid == Geometry((8, 8, 8), (8.0, 8.0, 8.0), (4.0, 4.0, 4.0))
+    assert "have no labels_voxel_size; taking the raw's voxel size [8.0, 8.0, 8.0] nm" in caplog.text
+
+
+def h5py_file(path):
+    import h5py
+
+    return h5py.File(path, "w")
+
+
+def test_metadata_only_opening_agrees_with_the_real_one(tmp_path):
+    """The start-up checks open every format from its metadata files: same shape, dtype and
+    geometry as a real open, and no data can be read."""
+    import h5py
+
+    data = np.random.default_rng(0).integers(0, 255, (6, 10, 12)).astype(np.uint16)
+    write_n5(tmp_path / "a.n5", "raw", data)
+    write_ngff_v05(tmp_path / "v3.zarr", [data], [(8, 8, 8)], [(4, 4, 4)])
+    io.write_image(tmp_path / "v2.zarr", data, (8, 8, 8), (4, 4, 4))
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["raw"] = data
+    for path, vs in ((str(tmp_path / "a.n5" / "raw"), (8, 8, 8)), (str(tmp_path / "v3.zarr"), None),
+                     (str(tmp_path / "v2.zarr"), None), (str(tmp_path / "v2.zarr" / "s0"), (8, 8, 8)),
+                     (f"{tmp_path / 'a.h5'}:/raw", (8, 8, 8))):
+        real = io.open_source(path, voxel_size=vs)
+        meta = io.open_source(path, voxel_size=vs, metadata_only=True)
+        assert (meta.array.shape, meta.array.dtype, meta.geometry, meta.format) == (
+            real.array.shape, real.array.dtype, real.geometry, real.format), path
+        assert meta.array.shape == (6, 10, 12) and meta.array.dtype == np.uint16
+        with pytest.raises(RuntimeError, match="metadata only"):
+            meta.array[0]
+
+
+def test_a_truncated_chunk_names_the_volume(tmp_path):
+    io.write_image(tmp_path / "r.zarr", _raw_data(), (8, 8, 8), (4, 4, 4), chunks=(4, 4, 4))
+    chunk = tmp_path / "r.zarr" / "s0" / "1" / "0" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:10])  # an interrupted copy
+    src = open_sources(Volume("v", str(tmp_path / "r.zarr"), None, "predict"))
+    with pytest.raises(ValueError, match=r"volume 'v': raw .*r.zarr/s0: cannot read \[0:8, 0:8, 0:8\]"):
+        src.raw.read()

@@ -88,6 +88,41 @@ def test_all_zero_labels_are_an_error(tmp_path):
     assert zarr.open_group(str(tmp_path / "r.zarr"), mode="r")  # inputs untouched
 
 
+def _signed_volume(tmp_path, labels):
+    io.write_image(tmp_path / "r.zarr", np.random.default_rng(0).integers(0, 255, (8, 8, 8)).astype(np.uint8),
+                   (8, 8, 8), (4, 4, 4))
+    io.write_image(tmp_path / "l.zarr", labels, (16, 16, 16), (8, 8, 8))
+    return Volume("s", str(tmp_path / "r.zarr"), str(tmp_path / "l.zarr"), "train")
+
+
+def test_signed_labels_minus_one_unlabelled(tmp_path):
+    labels = np.full((4, 4, 4), 3, np.int32)
+    labels[:, :, 2:] = 4
+    labels[:2] = -1  # not annotated
+    vol = _signed_volume(tmp_path, labels)
+    # not listed: refused, never cast to 2**64 - 1 (which made the unlabelled region one big cell)
+    with pytest.raises(ValueError, match=r"volume 's': labels .*l.zarr contains negative ids \(-1\).*"
+                                         r"targets.unlabelled_ids"):
+        run_targets(vol, tmp_path / "t.zarr", {}, {})
+    assert not (tmp_path / "t.zarr").exists()
+    run_targets(vol, tmp_path / "t.zarr", {"unlabelled_ids": [-1], "offsets": [[1, 0, 0], [0, 0, 1]]}, {})
+    stored = io.read_image(tmp_path / "t.zarr" / "labels").read()
+    assert stored.dtype == np.uint64 and stored.max() == 4 and (stored[:2] == 0).all()
+    mask = io.read_image(tmp_path / "t.zarr" / "mask").read()
+    np.testing.assert_array_equal(mask[:, 0, 0], [0, 0, 1, 1])
+    affs = io.read_image(tmp_path / "t.zarr" / "affinities").read()
+    assert not affs[:, :2].any()  # no object inside the unlabelled region
+    assert affs[1, 2, 0, 0] == 1 and affs[1, 2, 0, 1] == 0  # 3|3 joined, 3|4 cut
+
+
+def test_all_unlabelled_mask_is_an_error(tmp_path):
+    vol = _signed_volume(tmp_path, np.full((4, 4, 4), 5, np.uint32))
+    with pytest.raises(ValueError, match=r"volume 's': labels .*l.zarr: the mask is all zero .*"
+                                         r"targets.unlabelled_ids \[5\]"):
+        run_targets(vol, tmp_path / "t.zarr", {"unlabelled_ids": [5]}, {})
+    assert not (tmp_path / "t.zarr").exists()
+
+
 def test_features_on_real_multiresolution_data(shared_data, tmp_path):
     """gala: raw at 10 nm, labels at 20 nm (OME-NGFF pyramids); features land on the
     20 nm label grid of the ROI, with the raw read at 10 nm."""

@@ -18,6 +18,7 @@ from dinopipe.targets import (
     compute_lsds,
     compute_mask,
     compute_semantic_targets,
+    label_ids,
 )
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
@@ -379,9 +380,37 @@ def test_mask_erosion_anisotropic() -> None:
 def test_mask_bad_input() -> None:
     labels = np.ones((3, 3, 3), dtype=np.uint64)
     with pytest.raises(ValueError, match="unlabelled_ids"):
-        compute_mask(labels, unlabelled_ids=[-1])
+        compute_mask(labels, unlabelled_ids=[2**64])  # does not fit uint64
+    with pytest.raises(ValueError, match="unlabelled_ids"):
+        compute_mask(labels.astype(np.int8), unlabelled_ids=[300])
+    # -1 cannot occur in unsigned labels: ignored there (one config serves signed and unsigned volumes)
+    assert compute_mask(labels, unlabelled_ids=[-1]).all()
+    signed = np.ones((3, 3, 3), dtype=np.int32)
+    signed[0] = -1
+    signed[1, 0, 0] = -2
+    with pytest.raises(ValueError, match=r"negative ids \(-2\).*unlabelled_ids"):
+        compute_mask(signed, unlabelled_ids=[-1])
     with pytest.raises(ValueError, match="erosion_nm"):
         compute_mask(labels, erosion_nm=-1.0)
+
+
+def test_signed_labels_with_unlabelled_minus_one() -> None:
+    signed = np.array([[[-1, -1, 0, 5, 5, 7]]], dtype=np.int32)
+    mask = compute_mask(signed, unlabelled_ids=[-1])
+    np.testing.assert_array_equal(mask[0, 0], [0, 0, 1, 1, 1, 1])
+    ids = label_ids(signed, [-1])
+    assert ids.dtype == np.uint64
+    np.testing.assert_array_equal(ids[0, 0], [0, 0, 0, 5, 5, 7])  # never 2**64 - 1
+    # the unlabelled region is not an object: no affinity inside it
+    affs = compute_affinities(ids, [[0, 0, 1]])
+    np.testing.assert_array_equal(affs[0, 0, 0], [0, 0, 0, 1, 0, 0])
+    # unlisted negative ids are refused, naming what was read
+    with pytest.raises(ValueError, match=r"volume 'v': labels a.zarr contains negative ids \(-1\)"):
+        label_ids(signed, [], "volume 'v': labels a.zarr")
+    # unsigned and non-negative signed labels pass through unchanged
+    np.testing.assert_array_equal(label_ids(np.abs(signed), [-1])[0, 0], [1, 1, 0, 5, 5, 7])
+    big = np.array([[[BIG + 3]]], dtype=np.uint64)
+    assert label_ids(big, [-1])[0, 0, 0] == BIG + 3
 
 
 # --------------------------------------------------------------------------------------------

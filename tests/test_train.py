@@ -460,3 +460,19 @@ def test_training_learns_a_learnable_problem(tmp_path):
     assert len(val) == 4  # steps 0, 50, 100, 150
     assert val[-1] < 0.25 * val[0], val
     assert summary["best_val_loss"] < 0.25 * val[0]
+
+
+@pytest.mark.parametrize("masked_in", [0, 5])
+def test_empty_or_nearly_empty_mask_is_refused_before_training(tmp_path, masked_in):
+    good = make_fake_volume(tmp_path, "good")
+    bad = make_fake_volume(tmp_path, "empty", seed=1)
+    mask = np.zeros((32, 32, 32), np.uint8)
+    mask.flat[:masked_in] = 1
+    zarr.open_array(str(Path(bad[1]) / "mask" / "s0"), mode="r+")[...] = mask
+    # a 16^3 crop with min_mask_fraction 0.1 needs 410 labelled voxels
+    with pytest.raises(ValueError, match=rf"train volume\(s\) with an empty or nearly empty mask \(empty: "
+                                         rf"{masked_in} labelled voxel\(s\) in .*empty.zarr/mask\).*at least 410"):
+        train([good, bad], [], tmp_path / "m", TINY)
+    with pytest.raises(ValueError, match=r"validate volume\(s\) with an empty or nearly empty mask \(empty:"):
+        train([good], [bad], tmp_path / "m", TINY)
+    assert not (tmp_path / "m" / "checkpoint.pt").exists()

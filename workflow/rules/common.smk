@@ -5,7 +5,7 @@ from snakemake.utils import validate
 from dinopipe.config import result_params, volume_params
 from dinopipe.io import source_store
 from dinopipe.sheet import by_role, lookup, read_sheet
-from dinopipe.sources import check_paths
+from dinopipe.checks import check_workflow
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -18,11 +18,9 @@ SCORED = [v for v in PREDICT if VOLUMES[v].labels]
 # predicted volumes with a figure in the report (the first report.volume_figures; null: all)
 FIGURES = PREDICT[: config["report"]["volume_figures"]]
 
-for _volume in VOLUMES.values():
-    check_paths(_volume, generated=["resources/demo/"])
+# paths, stores' metadata (formats, scales, dtypes, grids) and config combinations, before any job
+check_workflow(config, VOLUMES.values(), generated=["resources/demo/"])
 
-if not TRAIN:
-    raise ValueError(f"{config['volumes']}: no volume has role 'train'")
 
 # Any name the sheet allows (dinopipe.sheet), except the literal results/report/loss_curve.png.
 # Not the alternation of all sheet names: Snakemake inlines the constraint into every path
@@ -69,6 +67,13 @@ def volume_inputs(wildcards):
     `b.n5/raw/s0` -> `b.n5`, `c.h5:/stack` -> `c.h5`): real data, or what demo_data writes."""
     v = sheet_row(wildcards)
     return sorted({source_store(p) for p in (v.raw, v.labels) if p})
+
+def train_volumes(wildcards):
+    """The train volumes: an error only for jobs that need them (training and what needs the
+    model), so `snakemake results/features/x.zarr` works with a sheet without train volumes."""
+    if not TRAIN:
+        raise ValueError(f"{config['volumes']}: no volume has role 'train'; training needs at least one")
+    return TRAIN
 
 def volume_targets(wildcards):
     """A labelled volume's targets store; nothing for an unlabelled one."""

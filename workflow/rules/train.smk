@@ -1,7 +1,7 @@
 rule train:
     input:
-        train_features=expand("results/features/{volume}.zarr", volume=TRAIN),
-        train_targets=expand("results/targets/{volume}.zarr", volume=TRAIN),
+        train_features=lambda w: expand("results/features/{volume}.zarr", volume=train_volumes(w)),
+        train_targets=lambda w: expand("results/targets/{volume}.zarr", volume=train_volumes(w)),
         validate_features=expand("results/features/{volume}.zarr", volume=VALIDATE),
         validate_targets=expand("results/targets/{volume}.zarr", volume=VALIDATE),
     output:

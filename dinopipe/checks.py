@@ -1,0 +1,193 @@
+"""Checks run when the workflow starts, before any job: everything that can be known from
+the configuration and the input stores' metadata, so that a bad combination fails in
+seconds rather than hours later in a job.
+
+:func:`check_workflow` is called once by ``workflow/rules/common.smk``. It reads only
+metadata files (``.zattrs`` / ``.zarray`` / ``zarr.json`` / ``attributes.json``, HDF5
+headers): no array data, no chunk listing, no torch. What needs data (NaN in the raw,
+all-zero labels, missing chunks, an empty mask) is checked by the jobs.
+
+Every problem found is reported at once, one line each, naming the volume or config key
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from dinopipe.io import Geometry
+from dinopipe.sheet import Volume
+
+logger = logging.getLogger(__name__)
+
+#: Device names the features, train and predict stages accept.
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_config(config: Mapping[str, Any]) -> list[str]:
+    """Problems in combinations of config values that the schema cannot express.
+
+    Checks: device names; ``features.low < features.high``; ``features.stride`` divides the
+    backbone's patch size (when that is known without loading the model: built-in tiny
+    models, local snapshots, hub ids in the local cache); affinity offsets (three integers,
+    not ``[0, 0, 0]``, no duplicates); ``train.crop_shape`` divisible by
+    ``2**train.unet.levels``.
+    """
+    from dinopipe.backbone_spec import known_patch_size
+
+    problems: list[str] = []
+    features = config.get("features") or {}
+    train = config.get("train") or {}
+    for key, section in (("features", features), ("train", train), ("predict", config.get("predict") or {})):
+        device = section.get("device", "auto")
+        if not isinstance(device, str) or not DEVICE.match(device):
+            problems.append(f"{key}.device is {device!r}; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    low, high = features.get("low", 0.5), features.get("high", 99.5)
+    if features.get("intensity", "percentile") == "percentile" and not low < high:
+        problems.append(f"features.low ({low}) must be below features.high ({high}): they are the percentiles "
+                        f"mapped to 0 and 1")
+    stride = features.get("stride")
+    if stride is not None:
+        backbone = str(features.get("backbone", "tiny-vit"))
+        patch = known_patch_size(backbone, features.get("revision"))
+        if patch is not None and (stride < 1 or patch % stride):
+            divisors = [d for d in range(1, patch + 1) if patch % d == 0]
+            problems.append(f"features.stride {stride} does not divide the patch size {patch} of backbone "
+                            f"{backbone!r}; allowed: {divisors} or null (the patch size)")
+    problems += _offset_problems((config.get("targets") or {}).get("offsets"))
+    crop, levels = train.get("crop_shape"), (train.get("unet") or {}).get("levels", 2)
+    if crop is not None and isinstance(levels, int) and levels >= 0:
+        divisor = 2**levels
+        if any(int(c) % divisor for c in crop):
+            problems.append(
+                f"train.crop_shape {list(crop)} is not divisible by 2**train.unet.levels = {divisor} on every axis "
+                f"(the UNet halves the crop {levels} times); use multiples of {divisor} or fewer levels"
+            )
+    return problems
+
+
+def _offset_problems(offsets: Any) -> list[str]:
+    if offsets is None:
+        return []
+    problems = []
+    seen: set[tuple[int, ...]] = set()
+    for o in offsets:
+        if not (isinstance(o, Sequence) and len(o) == 3 and all(isinstance(v, int) for v in o)):
+            problems.append(f"targets.offsets: {o!r} is not three integers (z, y, x) in voxels")
+            continue
+        key = tuple(o)
+        if key == (0, 0, 0):
+            problems.append("targets.offsets: [0, 0, 0] links a voxel to itself (its affinity is always 1); "
+                            "every offset needs a non-zero component")
+        elif key in seen:
+            problems.append(f"targets.offsets: {list(o)} is listed twice")
+        seen.add(key)
+    return problems
+
+
+def volume_grids(
+    volumes: Iterable[Volume], data: Mapping[str, Any], generated: Sequence[str] = ()
+) -> tuple[dict[str, Geometry], list[str]]:
+    """Each volume's output grid from its stores' metadata (no data read), and the problems
+    found on the way (missing paths, formats, scales, dtypes, geometry, overlap, ROI, as
+    :func:`dinopipe.sources.open_sources` finds them). Volumes whose data a rule generates
+    (paths under a ``generated`` prefix) are skipped."""
+    from dinopipe.io import metadata_cache, source_store
+    from dinopipe.sources import check_paths, open_sources
+
+    grids: dict[str, Geometry] = {}
+    problems: list[str] = []
+    args = {k: data.get(k) for k in ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")}
+    with metadata_cache():
+        for volume in volumes:
+            if any(source_store(p).startswith(tuple(generated)) for p in (volume.raw, volume.labels) if p):
+                continue
+            try:
+                check_paths(volume)
+                grids[volume.name] = open_sources(volume, **args, metadata_only=True).grid
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                problems.append(str(exc))
+    return grids, problems
+
+
+def check_grids(config: Mapping[str, Any], volumes: Sequence[Volume], grids: Mapping[str, Geometry]) -> list[str]:
+    """Problems between volumes and the config, from their output grids: a train or validate
+    volume smaller than ``train.crop_shape``; volumes whose grid voxel size differs from the
+    training volumes' (the model works at one voxel size; predicted volumes included); an
+    offset that the enabled augmentations do not map onto the offsets (up to sign)."""
+    from dinopipe.augment import resolve_augment_params, transform_group
+
+    problems: list[str] = []
+    train = config.get("train") or {}
+    crop = [int(c) for c in train.get("crop_shape") or ()]
+    roles = {"train", "validate", *((config.get("predict") or {}).get("roles") or ())}
+    known = [v for v in volumes if v.name in grids and v.role in roles]
+    training = [v for v in known if v.role in ("train", "validate")]
+    for v in training:
+        shape = grids[v.name].shape
+        if crop and any(c > s for c, s in zip(crop, shape)):
+            problems.append(f"volume {v.name!r} ({v.role}): its grid {list(shape)} (z, y, x voxels) is smaller than "
+                            f"train.crop_shape {crop}; use a smaller crop_shape or remove the volume from {v.role}")
+    reference = next((v for v in known if v.role == "train"), None)
+    if reference is not None:
+        vs = grids[reference.name].voxel_size
+        for v in known:
+            other = grids[v.name].voxel_size
+            if not np.allclose(other, vs):
+                problems.append(
+                    f"volume {v.name!r} ({v.role}): grid voxel size {list(other)} nm differs from train volume "
+                    f"{reference.name!r}'s {list(vs)} nm; one model works at one voxel size (choose the scales with "
+                    f"data.label_voxel_size / data.output_voxel_size, or resample the volume)"
+                )
+        offsets = (config.get("targets") or {}).get("offsets")
+        augment = train.get("augment")
+        if offsets and augment is not None and crop:
+            try:
+                group = transform_group(resolve_augment_params(augment), vs, crop)
+            except ValueError as exc:
+                return [*problems, str(exc)]
+            problems += _unmapped(offsets, group)
+    return problems
+
+
+def _unmapped(offsets: Sequence[Sequence[int]], group: Sequence[np.ndarray]) -> list[str]:
+    from dinopipe.augment import check_offsets_closed
+
+    try:
+        check_offsets_closed(offsets, group)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+def check_workflow(
+    config: Mapping[str, Any], volumes: Iterable[Volume], *, generated: Sequence[str] = (), shown: int = 20
+) -> None:
+    """Every check that needs no job: config combinations (:func:`check_config`), each
+    volume's stores and grid from metadata (:func:`volume_grids`), and volumes against the
+    config and each other (:func:`check_grids`).
+
+    Args:
+        config: The validated config (schema defaults filled in).
+        volumes: The sheet's rows.
+        generated: Path prefixes that a rule creates (their volumes are not opened).
+        shown: At most this many problems are listed (then their count).
+
+    Raises:
+        ValueError: Listing the problems found, one per line.
+    """
+    volumes = list(volumes)
+    problems = check_config(config)
+    grids, found = volume_grids(volumes, config.get("data") or {}, generated)
+    problems += found
+    problems += check_grids(config, volumes, grids)
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems[:shown])
+        if len(problems) > shown:
+            listed += f"\n  ... and {len(problems) - shown} more"
+        raise ValueError(f"{len(problems)} problem(s) found before running any job:\n{listed}")
