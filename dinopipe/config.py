@@ -30,6 +30,8 @@ from typing import Any
 
 #: Per config section, the keys that never change an output (bitwise on CPU).
 RUNTIME_KEYS: Mapping[str, frozenset[str]] = {
+    # a check's policy: an error, or a warning and the same output
+    "data": frozenset({"missing_chunks"}),
     "features": frozenset({"batch_size", "device"}),
     "train": frozenset({"device", "num_threads", "loader_workers", "prefetch", "resume", "tensorboard"}),
     "predict": frozenset({"device"}),

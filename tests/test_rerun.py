@@ -30,6 +30,7 @@ SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").r
 
 #: A different value for every runtime-only key (tests that the table is complete).
 RUNTIME_CHANGES: dict[str, dict[str, Any]] = {
+    "data": {"missing_chunks": "fill"},
     "features": {"batch_size": 3, "device": "cpu"},
     "train": {"device": "cpu", "num_threads": 1, "loader_workers": 1, "prefetch": 1, "resume": False,
               "tensorboard": False},

@@ -9,6 +9,6 @@ with logged(snakemake.log[0]):  # noqa: F821
         volume_from_dict(snakemake.params.volume),  # noqa: F821
         snakemake.output[0],  # noqa: F821
         job_settings(snakemake.params.features, snakemake.config, "features"),  # noqa: F821
-        snakemake.params.data,  # noqa: F821
+        job_settings(snakemake.params.data, snakemake.config, "data"),  # noqa: F821
         threads=snakemake.threads,  # noqa: F821
     )

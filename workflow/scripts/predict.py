@@ -15,5 +15,5 @@ with logged(snakemake.log[0]):  # noqa: F821
         threads=snakemake.threads,  # noqa: F821
         volume=volume_from_dict(snakemake.params.volume),  # noqa: F821
         features=job_settings(snakemake.params.features, snakemake.config, "features"),  # noqa: F821
-        data=snakemake.params.data,  # noqa: F821
+        data=job_settings(snakemake.params.data, snakemake.config, "data"),  # noqa: F821
     )
