@@ -39,7 +39,8 @@ the features' signature, the targets' parameters and the identity of both stores
 changes whenever a store is rewritten). Only ``steps`` and the runtime-only keys
 (:data:`dinopipe.config.RESUME_FREE`) may differ; any other difference starts afresh
 from step 0 with a warning naming what differs. Batches depend only on ``(seed, step)``,
-so on CPU a resumed run is bitwise the run that was not interrupted. TensorBoard logs go to ``out_dir/tensorboard``.
+so on CPU a resumed run is bitwise the run that was not interrupted. TensorBoard logs go
+to ``out_dir/tensorboard``.
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ def project(tmp_path_factory) -> Path:
     workflow tests; they read it, or rerun jobs whose outputs are deterministic)."""
     from test_workflow import snakemake, tiny_config, write_project
 
+    import os, shutil
+    if os.environ.get("REUSE_PROJECT"):
+        directory = tmp_path_factory.mktemp("project")
+        shutil.rmtree(directory); shutil.copytree(os.environ["REUSE_PROJECT"], directory, symlinks=True)
+        return directory
     directory = tmp_path_factory.mktemp("project")
     write_project(directory, tiny_config())
     snakemake(directory)

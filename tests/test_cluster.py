@@ -59,7 +59,8 @@ LOCAL_RULES = {"evaluation_summary", "all"}
 SLURM_ACCOUNT = "myproject"  # the account of docs/cluster.md's per-run SLURM command
 OOM_JOB, SUSPENDED_JOB = "rule_targets:volume=predict_0", "rule_features:volume=predict_0"
 # files that legitimately differ between two runs: timings and what embeds them
-VOLATILE_FILES = re.compile(r"(^benchmarks/|/\.zattrs$|/zarr\.json$|^metadata/|/events\.out\.tfevents)")
+# (the resumable state embeds the input stores' ids, new in every run; checkpoint.pt is compared)
+VOLATILE_FILES = re.compile(r"(^benchmarks/|/\.zattrs$|/zarr\.json$|^metadata/|/events\.out\.tfevents|^model/state/latest\.pt$)")
 EVENT_FILE = re.compile(r"(events\.out\.tfevents)\..*")  # TensorBoard names carry time, host and pid
 VOLATILE_KEY = re.compile(r"(_s|_utc|_time)$|^peak_|^(timings|bytes|host|platform|pid|created|store_id)$")  # measurements
 
