@@ -2,6 +2,7 @@ rule evaluate:
     input:
         segmentation="results/segmentations/{volume}.zarr",
         targets="results/targets/{volume}.zarr",
+        predictions="results/predictions/{volume}.zarr",
     output:
         "results/evaluation/{volume}.json",
     log:
@@ -20,6 +21,8 @@ rule evaluate:
 rule evaluation_summary:
     input:
         evaluations=expand("results/evaluation/{volume}.json", volume=SCORED),
+        tuned=tuned_segment_parameters,
+        unscored=unscored_segmentations,
     output:
         report(
             "results/evaluation/summary.tsv",
