@@ -108,8 +108,10 @@ def run_features(
     from dinopipe.backbone import load_backbone
     from dinopipe.features import (
         FeatureParams,
+        context_raw_window,
         extract_features,
         extract_features_blockwise,
+        intensity_range,
         load_upsampler,
         signature,
     )
@@ -133,10 +135,16 @@ def run_features(
     with io.atomic_output(out_path) as tmp, tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
         if blocking is None:
             # raw is small next to the feature accumulator: read it once rather than
-            # decompressing chunks again for every batch of xz / yz slices
+            # decompressing chunks again for every batch of xz / yz slices; only the raw under
+            # the grid plus the context (features.context_nm) around it, intensity range from the whole raw
+            window, sub_raw = context_raw_window(src.raw.geometry, g, params, backbone.patch_size)
+            try:
+                intensity = intensity_range(src.raw.array, params.intensity, params.low, params.high)
+            except ValueError as exc:
+                raise ValueError(f"volume {volume.name!r}: {exc}") from exc
             feats, info = extract_features(
-                src.raw.read(), src.raw.geometry, g, backbone, params, volume=volume.name, progress=bar.update,
-                upsampler=upsampler,
+                np.asarray(src.raw.array[window]), sub_raw, g, backbone, params, volume=volume.name,
+                progress=bar.update, upsampler=upsampler, intensity=intensity,
             )
             t1 = time.perf_counter()
             io.write_image(tmp, feats.astype(np.float16), g.voxel_size, g.translation, channel_axis=True,
