@@ -487,7 +487,8 @@ def run_summary(
     tuned: str | Path | None = None, unscored_segmentations: Sequence[str | Path] = (),
 ) -> None:
     """Collect per-volume evaluation JSONs into one TSV (one row per volume), figures rounded
-    to 4 significant digits so that the report's table stays narrow (columns: :data:`SUMMARY_COLUMNS`).
+    to 4 significant digits so that the report's table stays narrow (columns: :data:`SUMMARY_COLUMNS`,
+    ``warning`` and ``note`` only when a row has one).
 
     Volumes in ``unscored`` (predicted, but without labels) get a row with empty
     metrics and the note "no labels: not evaluated" (plus the method and sanity warnings of
@@ -520,8 +521,10 @@ def run_summary(
         if r.get("warning"):
             logger.warning("volume %s: %s", r["volume"], r["warning"])
     rows = [{k: v for k, v in r.items() if not isinstance(v, Mapping)} for r in rows]
+    # the optional text columns only when some row has one (the table must fit the report's page)
+    columns = [c for c in SUMMARY_COLUMNS if c not in ("warning", "note") or any(r.get(c) for r in rows)]
     with io.atomic_output(out_path) as tmp:
-        write_summary_tsv(rows, tmp, columns=SUMMARY_COLUMNS, significant=4)
+        write_summary_tsv(rows, tmp, columns=columns, significant=4)
 
 
 def run_tune_segment(

@@ -232,12 +232,17 @@ def test_blockwise_with_halo_hides_seams(vit, convnext):
     assert info["blocks"] == 8
     np.testing.assert_allclose(blocked, whole, atol=1e-5)
 
-    whole, _ = extract_features(raw, BIG_RAW, BIG_OUT, vit, params)
+    # the halo alone (no raw context beyond each grown block: features.context_nm 0)
+    bare = FeatureParams(context_nm=0)
+    whole, _ = extract_features(raw, BIG_RAW, BIG_OUT, vit, bare)
     scale = np.abs(whole).mean()
-    no_halo = np.abs(_blockwise(vit, raw, params, (16, 24, 32), halo=0)[0] - whole).mean() / scale
-    with_halo = np.abs(_blockwise(vit, raw, params, (16, 24, 32), halo=16)[0] - whole).mean() / scale
+    no_halo = np.abs(_blockwise(vit, raw, bare, (16, 24, 32), halo=0)[0] - whole).mean() / scale
+    with_halo = np.abs(_blockwise(vit, raw, bare, (16, 24, 32), halo=16)[0] - whole).mean() / scale
     assert with_halo < 0.01
     assert with_halo < no_halo / 10
+    # the default context (64 raw pixels) spans this volume's slices: every block's slices are whole
+    whole, _ = extract_features(raw, BIG_RAW, BIG_OUT, vit, params)
+    np.testing.assert_allclose(_blockwise(vit, raw, params, (16, 24, 32), halo=0)[0], whole, atol=1e-5)
 
 
 def test_blocking_choice():

@@ -110,7 +110,8 @@ def test_report_summary_table_fits_the_page_in_headless_chromium(project, tmp_pa
     text = report.read_text()
     # measure the rendered table from inside the page, once the report's scripts have run
     measured = tmp_path / "report.html"
-    measured.write_text(text.replace("</body>", _MEASURE + "</body>", 1) if "</body>" in text else text + _MEASURE)
+    head, body_end, tail = text.rpartition("</body>")  # the last one: the report embeds HTML in its scripts too
+    measured.write_text(head + _MEASURE + body_end + tail if body_end else text + _MEASURE)
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
             [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -229,3 +230,16 @@ def test_cli_runs_on_the_demo(project, tmp_path):
                            "results/features/predict_0.zarr", "--out", str(tmp_path / "d.zarr")],
                           cwd=project, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "no model_config.json in model folder" in proc.stderr
+
+
+def test_cli_segments_with_the_workflow_s_picked_parameters(project, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*_cli(), "segment", "--predictions", "results/predictions/predict_0.zarr",
+                           "--out", str(tmp_path / "seg.zarr"), "--config", "config/config.yaml",
+                           "--tuned", "results/tune/segment.json"],
+                          cwd=project, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = io.read_image(tmp_path / "seg.zarr")
+    rule = io.read_image(project / "results" / "segmentations" / "predict_0.zarr")
+    assert ours.attrs["tuned"] and ours.attrs["parameters"] == rule.attrs["parameters"]
+    assert np.array_equal(ours.read(), rule.read())
