@@ -482,9 +482,19 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
 )
 
 
+#: The report's front-page table (the prose column beside the workflow graph is about 500 px
+#: wide): key -> header; headers with spaces so that they wrap.
+BRIEF_COLUMNS: dict[str, str] = {
+    "volume": "volume", "role": "role", "voi_split": "VOI split", "voi_merge": "VOI merge", "voi_sum": "VOI sum",
+    "adapted_rand_error": "adapted Rand error", "affinity_bacc": "affinity bal. acc.", "warning": "warning",
+    "note": "note",
+}
+
+
 def run_summary(
     evaluation_jsons: Sequence[str | Path], out_path: str | Path, unscored: Sequence[str] = (),
     tuned: str | Path | None = None, unscored_segmentations: Sequence[str | Path] = (),
+    brief_path: str | Path | None = None,
 ) -> None:
     """Collect per-volume evaluation JSONs into one TSV (one row per volume), figures rounded
     to 4 significant digits so that the report's table stays narrow (columns: :data:`SUMMARY_COLUMNS`,
@@ -495,7 +505,8 @@ def run_summary(
     their segmentation from ``unscored_segmentations``, in the same order, when given).
     ``tuned`` (the tune_segment JSON) adds one row per validate volume (role
     ``validate``): its scores with the picked parameters and how its predicted affinities
-    score against the targets.
+    score against the targets. ``brief_path``: the same rows with the columns of
+    :data:`BRIEF_COLUMNS` only (human headers), narrow enough for the report's front page.
     """
     from dinopipe.evaluate import write_summary_tsv
 
@@ -525,6 +536,11 @@ def run_summary(
     columns = [c for c in SUMMARY_COLUMNS if c not in ("warning", "note") or any(r.get(c) for r in rows)]
     with io.atomic_output(out_path) as tmp:
         write_summary_tsv(rows, tmp, columns=columns, significant=4)
+    if brief_path is not None:
+        keys = [k for k in BRIEF_COLUMNS if k in columns]
+        with io.atomic_output(brief_path) as tmp:
+            write_summary_tsv([{BRIEF_COLUMNS[k]: r.get(k) for k in keys} for r in rows], tmp,
+                              columns=[BRIEF_COLUMNS[k] for k in keys], significant=4)
 
 
 def run_tune_segment(

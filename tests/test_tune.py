@@ -156,7 +156,13 @@ def test_tune_stage_writes_table_figure_choice_and_segment_uses_it(validate_volu
     ev = run_evaluate("p", tmp_path / "fixed.zarr", targets, tmp_path / "p.json", predictions_path=pred)
     assert ev["segment"] == "mutex_watershed bias_long=-0.5 bias_short=0.6 min_size=2"
     assert "everything merged" in ev["warning"] and ev["affinity_bacc"] == pytest.approx(1.0)
-    run_summary([tmp_path / "p.json"], tmp_path / "summary.tsv", tuned=tmp_path / "t.json")
+    run_summary([tmp_path / "p.json"], tmp_path / "summary.tsv", tuned=tmp_path / "t.json",
+                brief_path=tmp_path / "brief.tsv")
+    with open(tmp_path / "brief.tsv", newline="") as f:
+        brief = list(csv.DictReader(f, delimiter="\t"))
+    assert list(brief[0]) == ["volume", "role", "VOI split", "VOI merge", "VOI sum", "adapted Rand error",
+                              "affinity bal. acc.", "warning"]
+    assert brief[0]["VOI merge"] == "1" and "everything merged" in brief[0]["warning"]
     with open(tmp_path / "summary.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [(r["volume"], r["role"]) for r in rows] == [("p", "predict"), ("val", "validate")]

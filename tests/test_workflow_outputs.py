@@ -74,7 +74,8 @@ def test_report_shows_summary_table_in_headless_chromium(project):
     parser.feed(proc.stdout)
     assert parser.tables, "no rendered summary table in the report's DOM"
     cells = parser.tables[0]
-    assert {"volume", "role", "voi_split", "voi_merge", "adapted_rand_error", "affinity_bacc", "segment"} <= set(cells)
+    # the front page's narrow table (results/evaluation/summary_brief.tsv)
+    assert {"volume", "role", "VOI split", "VOI merge", "VOI sum", "adapted Rand error", "affinity bal. acc."} <= set(cells)
     assert "predict_0" in cells and "validate_0" in cells
     # figures rounded: no cell holds a number with more than 4 significant digits
     numbers = [c for c in cells if _is_float(c)]
@@ -92,10 +93,13 @@ def _is_float(text: str) -> bool:
 _MEASURE = """<script>
 window.addEventListener("load", () => setTimeout(() => {
   const out = document.createElement("pre"); out.id = "dinopipe-measure";
-  const tables = [...document.querySelectorAll("table.dinopipe-summary")];
+  const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right}; };
+  const graph = document.querySelector("canvas");
   out.textContent = JSON.stringify({viewport: document.documentElement.clientWidth,
-    tables: tables.map(t => { const r = t.getBoundingClientRect();
-      return {left: r.left, right: r.right, width: r.width, scroll: t.scrollWidth}; })});
+    graph: graph ? box(graph) : null,
+    tables: [...document.querySelectorAll("table.dinopipe-summary")].map(t => ({...box(t),
+      width: t.getBoundingClientRect().width, scroll: t.scrollWidth,
+      column: box(t.closest(".prose") || t.parentElement)}))});
   document.body.appendChild(out);
 }, 3000));
 </script>"""
@@ -126,10 +130,13 @@ def test_report_summary_table_fits_the_page_in_headless_chromium(project, tmp_pa
     result = json.loads(html.unescape(body[: body.index("</pre>")]))
     assert result["tables"], "no rendered summary table"
     for table in result["tables"]:
-        assert table["right"] <= result["viewport"] + 1 and table["scroll"] <= table["width"] + 1, (width, result)
+        # inside its text column, so not under the workflow graph beside it, and not clipped
+        assert table["right"] <= table["column"]["right"] + 1 and table["scroll"] <= table["width"] + 1, result
+        if result["graph"] and result["graph"]["left"] > table["left"]:
+            assert table["right"] <= result["graph"]["left"], (width, result)
     # The figures are in the report too (embedded as data URIs).
     text = report.read_text()
-    for name in ("predict_0.png", "loss_curve.png", "summary.tsv"):
+    for name in ("predict_0.png", "loss_curve.png", "summary.tsv", "segment.png", "segment.tsv"):
         assert name in text
 
 

@@ -24,11 +24,13 @@ rule evaluation_summary:
         tuned=tuned_segment_parameters,
         unscored=unscored_segmentations,
     output:
-        report(
+        summary=report(
             "results/evaluation/summary.tsv",
             caption="../report/summary.rst",
             category="Evaluation",
         ),
+        # the front page's narrow table (workflow.rst)
+        brief="results/evaluation/summary_brief.tsv",
     log:
         "logs/evaluation_summary.log",
     params:
