@@ -10,6 +10,8 @@ Examples::
     dinopipe run --checkpoint results/model --features results/features/vol.zarr --out out/vol
     dinopipe run --checkpoint results/model --raw data/vol.zarr/raw --config config/config.yaml --out out/vol
     dinopipe segment --predictions out/vol/predictions.zarr --out out/vol/seg.zarr --method agglomeration
+    dinopipe segment --predictions out/vol/predictions.zarr --out out/vol/seg.zarr --config config/config.yaml \
+        --tuned results/tune/segment.json      # the parameters the workflow picked on the validate volumes
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     def segment_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--method", choices=["mutex_watershed", "agglomeration", "threshold_components"])
         p.add_argument("--min-size", type=int, help="remove segments smaller than this (voxels)")
+        p.add_argument("--tuned", help="the workflow's picked segment parameters (results/tune/segment.json, "
+                                       "rule tune_segment): they replace the config's")
 
     run = sub.add_parser("run", help="predict and segment one volume")
     predict_args(run)
@@ -121,7 +125,7 @@ def _segment(args: argparse.Namespace, sections: dict[str, dict[str, Any]], pred
         params["method"] = args.method
     if args.min_size is not None:
         params["min_size"] = args.min_size
-    attrs = run_segment(predictions, out, params)
+    attrs = run_segment(predictions, out, params, tuned=args.tuned)
     logger.info("%s: %d segments (%s)", out, attrs["segments"], attrs["method"])
 
 

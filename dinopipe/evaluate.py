@@ -145,17 +145,110 @@ def evaluate_segmentation(
     }
 
 
-def write_summary_tsv(rows: Sequence[Mapping[str, object]], path: str | os.PathLike[str]) -> None:
+def confusion_counts(predicted: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel confusion counts of boolean predictions against boolean truth.
+
+    Args:
+        predicted: (C, ...) booleans (e.g. predicted affinity > 0.5), channels first.
+        truth: (C, ...) booleans of the same shape (e.g. target affinity == 1).
+        mask: Optional boolean array broadcastable to the spatial shape ``predicted.shape[1:]``:
+            only its True elements count.
+
+    Returns:
+        int64 array (C, 4): TP, FP, FN, TN per channel (positive = True).
+    """
+    if predicted.shape != truth.shape:
+        raise ValueError(f"predicted shape {predicted.shape} differs from truth shape {truth.shape}")
+    p = predicted.astype(bool).reshape(predicted.shape[0], -1)
+    t = truth.astype(bool).reshape(truth.shape[0], -1)
+    if mask is None:
+        m = np.ones(p.shape[1], dtype=bool)
+    else:
+        m = np.broadcast_to(np.asarray(mask, dtype=bool), predicted.shape[1:]).reshape(-1)
+    pm, tm = p & m, t & m
+    tp = np.count_nonzero(pm & tm, axis=1)
+    fp = np.count_nonzero(pm & ~t & m, axis=1)
+    fn = np.count_nonzero(~p & tm, axis=1)
+    tn = np.count_nonzero(~p & ~t & m, axis=1)
+    return np.stack([tp, fp, fn, tn], axis=1).astype(np.int64)
+
+
+def balanced_accuracy(counts: np.ndarray) -> np.ndarray:
+    """Balanced accuracy per row of (TP, FP, FN, TN) counts: the mean of the recall of
+    positives, TP / (TP + FN), and of negatives, TN / (TN + FP).
+
+    Unlike accuracy or F1 it is not dominated by the more frequent class: for affinities,
+    where most edges are positive (inside an object), predicting "same object" everywhere
+    scores 0.5, not the fraction of positive edges. A class absent from a row is left out
+    of that row's mean; a row with no counted element is NaN.
+    """
+    c = np.asarray(counts, dtype=np.float64).reshape(-1, 4)
+    tp, fp, fn, tn = c.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall_pos = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
+        recall_neg = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
+    both = np.stack([recall_pos, recall_neg])
+    out = np.full(len(c), np.nan)
+    have = ~np.isnan(both).all(axis=0)
+    out[have] = np.nanmean(both[:, have], axis=0)
+    return out
+
+
+def affinity_scores(
+    predicted: np.ndarray, target: np.ndarray, offsets: Sequence[Sequence[int]], mask: np.ndarray | None = None,
+    threshold: float = 0.5,
+) -> dict[str, object]:
+    """How predicted affinities score against target affinities, per offset.
+
+    Args:
+        predicted: (n_offsets, z, y, x) predicted affinities in [0, 1].
+        target: (n_offsets, z, y, x) target affinities (1: same object, 0: boundary).
+        offsets: One (dz, dy, dx) offset in voxels per channel (for the keys).
+        mask: Optional (z, y, x) mask; only voxels where it is non-zero count.
+        threshold: Predicted affinities above it count as "same object".
+
+    Returns:
+        ``affinity_balanced_accuracy`` (mean over offsets) and per offset ``"dz,dy,dx"``:
+        ``balanced_accuracy``, ``boundary_recall`` (boundary edges predicted as boundary,
+        TN / (TN + FP)), ``boundary_precision`` (TN / (TN + FN)) and ``boundary_fraction``
+        (the share of counted edges that are boundary).
+    """
+    if len(offsets) != predicted.shape[0]:
+        raise ValueError(f"{len(offsets)} offsets for {predicted.shape[0]} affinity channels")
+    counts = confusion_counts(predicted > threshold, target > 0.5, None if mask is None else mask > 0)
+    bacc = balanced_accuracy(counts)
+    per_offset: dict[str, dict[str, float]] = {}
+    for o, (tp, fp, fn, tn), b in zip(offsets, counts, bacc):
+        total = tp + fp + fn + tn
+        per_offset[",".join(str(int(v)) for v in o)] = {
+            "balanced_accuracy": float(b),
+            "boundary_recall": float(tn / (tn + fp)) if tn + fp else float("nan"),
+            "boundary_precision": float(tn / (tn + fn)) if tn + fn else float("nan"),
+            "boundary_fraction": float((tn + fp) / total) if total else float("nan"),
+        }
+    valid = bacc[~np.isnan(bacc)]
+    return {"affinity_balanced_accuracy": float(valid.mean()) if valid.size else float("nan"),
+            "per_offset": per_offset}
+
+
+def write_summary_tsv(
+    rows: Sequence[Mapping[str, object]], path: str | os.PathLike[str], columns: Sequence[str] | None = None,
+    significant: int | None = None,
+) -> None:
     """Write one line per volume of metrics to a tab-separated file.
 
-    Columns: ``volume`` first, then :data:`METRIC_KEYS` in that order, then any
-    other keys found in the rows, sorted by name. Rows are sorted by volume name;
-    missing values are written as empty cells; floats use ``repr`` (round-trip).
+    Columns: ``columns`` when given, else ``volume`` and :data:`METRIC_KEYS`; then any
+    other key found in the rows that is neither among them nor in :data:`METRIC_KEYS`,
+    sorted by name (metrics left out of ``columns`` stay out). Rows are sorted by volume
+    name; missing values are written as empty cells; floats use ``repr`` (round-trip), or
+    ``significant`` significant digits when given (e.g. 4 for a table people read).
 
     Args:
         rows: Mappings with a ``volume`` key (str) and metric values, e.g. the
             output of :func:`evaluate_segmentation` plus the volume name.
         path: Output file; its parent directory must exist.
+        columns: The leading columns (must include ``volume``).
+        significant: Significant digits of floats; None: full precision.
 
     Raises:
         ValueError: If a row has no ``volume`` or two rows share a volume name.
@@ -168,20 +261,23 @@ def write_summary_tsv(rows: Sequence[Mapping[str, object]], path: str | os.PathL
     duplicates = sorted({v for v in names if names.count(v) > 1})
     if duplicates:
         raise ValueError(f"volume name(s) {duplicates} appear in more than one row")
-    extra = sorted({str(k) for r in rows for k in r} - set(METRIC_KEYS) - {"volume"})
-    columns = ["volume", *METRIC_KEYS, *extra]
+    leading = list(columns) if columns is not None else ["volume", *METRIC_KEYS]
+    if "volume" not in leading:
+        raise ValueError(f"columns {leading} must include 'volume'")
+    extra = sorted({str(k) for r in rows for k in r} - set(METRIC_KEYS) - set(leading))
+    columns = [*leading, *extra]
     ordered = sorted(rows, key=lambda r: str(r["volume"]))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(columns)
         for r in ordered:
-            writer.writerow([_format(r.get(c)) for c in columns])
+            writer.writerow([_format(r.get(c), significant) for c in columns])
     logger.info("wrote %d rows of metrics to %s", len(ordered), path)
 
 
-def _format(value: object) -> str:
+def _format(value: object, significant: int | None = None) -> str:
     if value is None:
         return ""
     if isinstance(value, (float, np.floating)):
-        return repr(float(value))
+        return repr(float(value)) if significant is None else f"{float(value):.{significant}g}"
     return str(value)

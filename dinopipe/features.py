@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 #: Plane name -> (slicing axis, in-plane axes) in (z, y, x) axis numbers.
 PLANES: dict[str, tuple[int, tuple[int, int]]] = {"xy": (0, (1, 2)), "xz": (1, (0, 2)), "yz": (2, (0, 1))}
 
+#: Default in-plane context around the output grid, in backbone patches (``features.context_nm: null``).
+CONTEXT_PATCHES = 4
+
 #: A guided upsampler: (tokens (B, C, h, w), images (B, 3, H, W)) -> (B, C, H', W').
 Upsampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -74,6 +77,11 @@ class FeatureParams:
         max_memory_mb: Accumulator size (MB) above which blocks are used automatically.
         upsampler: A guided upsampler, ``"path/to/file.py:factory"`` (see
             :func:`load_upsampler`); None: the token grid is resampled bilinearly.
+        context_nm: In-plane raw context (nm) read around the output grid on every side
+            where the raw extends beyond it, so the backbone does not see padding at the
+            faces of a crop (labels covering part of the raw, an ROI, a block); None:
+            :data:`CONTEXT_PATCHES` patches of the backbone at the raw's in-plane voxel size
+            (e.g. 64 raw pixels for a ViT with 16-pixel patches); 0: none.
     """
 
     backbone: str = "tiny-vit"
@@ -92,6 +100,7 @@ class FeatureParams:
     block_halo: int = 16
     max_memory_mb: float = 8192.0
     upsampler: str | None = None
+    context_nm: float | None = None
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> FeatureParams:
@@ -113,8 +122,16 @@ class FeatureParams:
             raise ValueError(f"features.low/high must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}")
         if self.batch_size < 1:
             raise ValueError(f"features.batch_size must be >= 1, got {self.batch_size}")
+        if self.context_nm is not None and not self.context_nm >= 0:
+            raise ValueError(f"features.context_nm must be >= 0 nm or null, got {self.context_nm}")
         if self.block_shape is not None and (len(self.block_shape) != 3 or min(self.block_shape) < 1):
             raise ValueError(f"features.block_shape must be 3 positive voxel counts (z, y, x), got {self.block_shape}")
+
+    def context_pixels(self, patch_size: int, raw_voxel_nm: float) -> int:
+        """The in-plane context in raw pixels along an axis of ``raw_voxel_nm`` nm voxels."""
+        if self.context_nm is None:
+            return CONTEXT_PATCHES * int(patch_size)
+        return int(math.ceil(float(self.context_nm) / float(raw_voxel_nm) - 1e-9))
 
     def blocking(self, channels: int, shape: Sequence[int]) -> list[int] | None:
         """The block shape to use for an output grid of ``shape`` (None: whole volume)."""
@@ -217,12 +234,18 @@ class _Plane:
         rt, ot = np.asarray(raw_geom.translation), np.asarray(out_geom.translation)
         a, b, c = self.axis, self.b, self.c
         self.contributions = slice_weights(rt[a], rv[a], raw_geom.shape[a], ot[a], ov[a], out_geom.shape[a])
-        # in-plane raw extent: the raw voxels overlapping the output grid
+        # in-plane raw extent: the raw voxels overlapping the output grid, grown by the context
+        # where the raw extends beyond it, the start then moved down onto the patch grid of
+        # the raw array (so tokens sit where they sit for the whole array)
         self.crop: list[slice] = []
         begins = []
         for ax in (b, c):
             lo = int(np.floor((out_geom.begin_nm[ax] - raw_geom.begin_nm[ax]) / rv[ax] + 1e-6))
             hi = int(np.ceil((out_geom.end_nm[ax] - raw_geom.begin_nm[ax]) / rv[ax] - 1e-6))
+            context = params.context_pixels(backbone.patch_size, rv[ax])
+            if context:
+                lo = (lo - context) // backbone.patch_size * backbone.patch_size
+                hi += context
             lo, hi = max(lo, 0), min(hi, raw_geom.shape[ax])
             self.crop.append(slice(lo, hi))
             begins.append(raw_geom.begin_nm[ax] + lo * rv[ax])
@@ -458,11 +481,25 @@ def extract_features(
     return acc, info
 
 
-def raw_window(raw_geom: Geometry, out_geom: Geometry) -> tuple[tuple[slice, slice, slice], Geometry]:
-    """The raw voxels overlapping ``out_geom`` and their geometry."""
+def raw_window(
+    raw_geom: Geometry, out_geom: Geometry, context: Sequence[int] | None = None, align: int = 1,
+) -> tuple[tuple[slice, slice, slice], Geometry]:
+    """The raw voxels overlapping ``out_geom`` and their geometry.
+
+    Args:
+        raw_geom, out_geom: Raw and output geometry (nm).
+        context: Raw voxels (z, y, x) added on each side, clipped to the raw; the start is
+            then moved down to a multiple of ``align`` raw voxels (the backbone's patch grid
+            of the whole raw array).
+        align: See ``context``.
+    """
     rv = np.asarray(raw_geom.voxel_size)
     lo = np.floor((out_geom.begin_nm - raw_geom.begin_nm) / rv + 1e-6).astype(int)
     hi = np.ceil((out_geom.end_nm - raw_geom.begin_nm) / rv - 1e-6).astype(int)
+    if context is not None and any(context):
+        ctx = np.asarray(context, dtype=int)
+        lo = (lo - ctx) // int(align) * int(align)
+        hi = hi + ctx
     lo, hi = np.maximum(lo, 0), np.minimum(hi, raw_geom.shape)
     window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     geom = Geometry(
@@ -471,6 +508,16 @@ def raw_window(raw_geom: Geometry, out_geom: Geometry) -> tuple[tuple[slice, sli
         tuple(float(t + a * v) for t, a, v in zip(raw_geom.translation, lo, rv)),  # type: ignore[arg-type]
     )
     return window, geom  # type: ignore[return-value]
+
+
+def context_raw_window(
+    raw_geom: Geometry, out_geom: Geometry, params: FeatureParams, patch_size: int,
+) -> tuple[tuple[slice, slice, slice], Geometry]:
+    """The raw a feature computation of ``out_geom`` reads: the raw under it plus
+    ``params``' context (:meth:`FeatureParams.context_pixels`) on every side where the raw
+    extends, the start on the patch grid of the whole raw (see :func:`raw_window`)."""
+    context = [params.context_pixels(patch_size, v) for v in raw_geom.voxel_size]
+    return raw_window(raw_geom, out_geom, context, align=patch_size)
 
 
 def sub_geometry(geom: Geometry, window: Sequence[slice]) -> Geometry:
@@ -544,7 +591,7 @@ def extract_features_blockwise(
             for s, h, n, a in zip(core, halo3, out_geom.shape, align)
         )
         sub_out = sub_geometry(out_geom, grown)
-        window, sub_raw = raw_window(raw_geom, sub_out)
+        window, sub_raw = context_raw_window(raw_geom, sub_out, params, backbone.patch_size)
         feats, block_info = extract_features(
             np.asarray(raw[window]), sub_raw, sub_out, backbone, params, volume=volume,
             upsampler=upsampler, progress=progress, intensity=(lo, hi),
@@ -574,6 +621,7 @@ def signature(backbone: Backbone, params: FeatureParams, raw_geom: Geometry, out
         "stride": params.stride or backbone.patch_size,
         "image_size": {k: list(v) for k, v in image_size.items()},
         "max_slice_size": params.max_slice_size,
+        "context_nm": params.context_nm,
         "normalisation": {
             "intensity": params.intensity,
             "low": params.low,
@@ -612,6 +660,7 @@ def expected_signature(params: FeatureParams) -> dict[str, Any]:
         "normalisation.high": params.high,
         "max_slice_size": params.max_slice_size,
         "upsampler": params.upsampler,
+        "context_nm": params.context_nm,
         "dinopipe_version": __version__,
     }
     if params.stride is not None:

@@ -211,14 +211,14 @@ class RawFeatureReader:
         self.image_size: dict[str, Any] = {}
 
     def read(self, window: Sequence[slice]) -> np.ndarray:
-        from dinopipe.features import extract_features, raw_window, sub_geometry
+        from dinopipe.features import context_raw_window, extract_features, sub_geometry
 
         grown = tuple(
             slice(max((s.start - self.halo) // a * a, 0), min(s.stop + self.halo, n))
             for s, n, a in zip(window, self.grid.shape, self.align, strict=True)
         )
         sub_out = sub_geometry(self.grid, grown)
-        raw_win, sub_raw = raw_window(self.raw_geom, sub_out)
+        raw_win, sub_raw = context_raw_window(self.raw_geom, sub_out, self.params, self.backbone.patch_size)
         feats, info = extract_features(
             np.asarray(self.raw[raw_win]), sub_raw, sub_out, self.backbone, self.params, volume=self.volume,
             upsampler=self.upsampler, intensity=self.intensity,

@@ -353,6 +353,32 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def method_parameters(method: str) -> set[str]:
+    """The keyword parameters of a segmentation method of :data:`METHODS` (``min_size`` included).
+
+    Raises:
+        ValueError: If the method is unknown.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown segmentation method {method!r}; allowed: {sorted(METHODS)}")
+    return set(inspect.signature(METHODS[method]).parameters) - {"affinities", "offsets"}
+
+
+def sanity_warnings(n_segments: int, n_voxels: int) -> list[str]:
+    """Warnings about a segmentation that is almost certainly wrong, for the log and the report.
+
+    One segment (or none) for the whole volume means everything merged; more segments than
+    ``n_voxels / 100`` (objects of fewer than 100 voxels on average) means it shattered.
+    Either way the affinities or the segment parameters need a look.
+    """
+    out = []
+    if n_segments <= 1:
+        out.append(f"{n_segments} segment(s) for {n_voxels} voxels: everything merged")
+    if n_segments > n_voxels / 100:
+        out.append(f"{n_segments} segments for {n_voxels} voxels (more than voxels/100): over-segmented")
+    return out
+
+
 def segment(
     affinities: np.ndarray,
     offsets: Sequence[Sequence[int]],

@@ -109,8 +109,10 @@ def run_features(
     from dinopipe.backbone import load_backbone
     from dinopipe.features import (
         FeatureParams,
+        context_raw_window,
         extract_features,
         extract_features_blockwise,
+        intensity_range,
         load_upsampler,
         signature,
     )
@@ -137,10 +139,16 @@ def run_features(
             tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
         if blocking is None:
             # raw is small next to the feature accumulator: read it once rather than
-            # decompressing chunks again for every batch of xz / yz slices
+            # decompressing chunks again for every batch of xz / yz slices; only the raw under
+            # the grid plus the context (features.context_nm) around it, intensity range from the whole raw
+            window, sub_raw = context_raw_window(src.raw.geometry, g, params, backbone.patch_size)
+            try:
+                intensity = intensity_range(src.raw.array, params.intensity, params.low, params.high)
+            except ValueError as exc:
+                raise ValueError(f"volume {volume.name!r}: {exc}") from exc
             feats, info = extract_features(
-                src.raw.read(), src.raw.geometry, g, backbone, params, volume=volume.name, progress=bar.update,
-                upsampler=upsampler,
+                np.asarray(src.raw.array[window]), sub_raw, g, backbone, params, volume=volume.name,
+                progress=bar.update, upsampler=upsampler, intensity=intensity,
             )
             t1 = time.perf_counter()
             io.write_image(tmp, feats.astype(np.float16), g.voxel_size, g.translation, channel_axis=True,
@@ -359,7 +367,10 @@ DEFAULT_SEGMENT: dict[str, Any] = {
 }
 
 
-def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapping[str, Any]) -> dict[str, Any]:
+def run_segment(
+    predictions_path: str | Path, out_path: str | Path, params: Mapping[str, Any],
+    tuned: str | Path | None = None,
+) -> dict[str, Any]:
     """Segment predicted affinities and write uint64 labels as OME-NGFF.
 
     ``params`` is the ``segment`` config section: ``method``, ``min_size``, the
@@ -369,16 +380,21 @@ def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapp
     merged across block faces above ``merge_threshold``); ``block_shape`` null then means
     128 x 256 x 256. The default ``max_voxels`` (1e8, about 11 GB with 6 offsets, see
     :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB.
-    """
-    import inspect
 
-    from dinopipe.segment import METHODS, bytes_per_voxel, segment, segment_blockwise
+    ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
+    parameters replace the config's. A segmentation with one segment, or with more than one
+    segment per 100 voxels, logs a warning, also stored in the attrs (``warnings``).
+    """
+    from dinopipe.segment import METHODS, bytes_per_voxel, method_parameters, sanity_warnings, segment, segment_blockwise
+    from dinopipe.tune import read_choice
 
     config = {**DEFAULT_SEGMENT, **params}
     method = config["method"]
     if method not in METHODS:
         raise ValueError(f"segment.method {method!r} is unknown; allowed: {sorted(METHODS)}")
-    accepted = set(inspect.signature(METHODS[method]).parameters) - {"affinities", "offsets", "min_size"}
+    if tuned is not None:
+        config.update(read_choice(tuned, method))
+    accepted = method_parameters(method) - {"min_size"}
     method_params = {k: v for k, v in config.items() if k in accepted and v is not None}
     affs_img = io.read_image(Path(predictions_path) / "affinities")
     offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
@@ -388,7 +404,7 @@ def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapp
     block = [min(int(b), n) for b, n in zip(config["block_shape"] or (128, 256, 256), g.shape)]
     t = time.perf_counter()
     attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": config["min_size"],
-                             "blockwise": blockwise}
+                             "blockwise": blockwise, "tuned": tuned is not None}
     with io.atomic_output(out_path, what=f"segmentation of {predictions_path}", expected_bytes=8 * voxels) as tmp:
         if blockwise:
             logger.info("segmenting %s blockwise (%d voxels, max_voxels %d): blocks of %s", predictions_path,
@@ -406,41 +422,198 @@ def run_segment(predictions_path: str | Path, out_path: str | Path, params: Mapp
                              min_size=int(config["min_size"]), **method_params)
             n = int(labels.max())
             io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation")
-        attrs.update(segments=n, seconds=time.perf_counter() - t)
+        warnings = sanity_warnings(n, voxels)
+        for w in warnings:
+            logger.warning("segmentation %s: %s (method %s, %s)", out_path, w, method, method_params)
+        attrs.update(segments=n, seconds=time.perf_counter() - t, warnings=warnings)
         io.set_attrs(tmp, attrs)
-    logger.info("segmentation %s: %d segments in %.1fs", out_path, n, attrs["seconds"])
+    logger.info("segmentation %s: %d segments in %.1fs (%s %s)", out_path, n, attrs["seconds"], method, method_params)
     return attrs
+
+
+def describe_segmentation(method: str, parameters: Mapping[str, Any]) -> str:
+    """``method`` and its parameters as one short string for tables, e.g.
+    ``mutex_watershed bias_long=-0.5 bias_short=-0.3 min_size=10``."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return " ".join([method, *(f"{k}={fmt(v)}" for k, v in sorted(parameters.items()))])
+
+
+def prediction_scores(predictions_path: str | Path, targets_path: str | Path) -> dict[str, Any]:
+    """Predicted affinities against a volume's target affinities, within its mask, per offset
+    (:func:`dinopipe.evaluate.affinity_scores`: balanced accuracy, boundary recall/precision).
+
+    Raises:
+        ValueError: Predictions and targets with different offsets or grids (naming both paths).
+    """
+    from dinopipe.evaluate import affinity_scores
+
+    offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
+    target_offsets = zarr.open_group(str(targets_path), mode="r").attrs["dinopipe"]["offsets"]
+    if [list(o) for o in offsets] != [list(o) for o in target_offsets]:
+        raise ValueError(f"offsets of the predictions {predictions_path} ({offsets}) differ from those of the "
+                         f"targets {targets_path} ({target_offsets})")
+    pred = io.read_image(Path(predictions_path) / "affinities").read()
+    target = io.read_image(Path(targets_path) / "affinities").read()
+    mask = io.read_image(Path(targets_path) / "mask").read()
+    if pred.shape != target.shape:
+        raise ValueError(f"predicted affinities {predictions_path} {pred.shape} and target affinities "
+                         f"{targets_path} {target.shape} differ in shape")
+    return affinity_scores(pred, target, offsets, mask)
 
 
 def run_evaluate(
     volume: str, segmentation_path: str | Path, targets_path: str | Path, out_path: str | Path,
-    ignore_labels: Sequence[int] = (0,),
+    ignore_labels: Sequence[int] = (0,), predictions_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Score a segmentation against the volume's labels (VOI, adapted Rand) into a JSON."""
+    """Score a segmentation against the volume's labels (VOI, adapted Rand) into a JSON.
+
+    The JSON also records which method and parameters made the segmentation (``segment``),
+    its sanity warnings (``warning``) and, given ``predictions_path``, how the predicted
+    affinities score against the targets (``affinity_bacc``, ``affinities`` per offset).
+    """
     from dinopipe.evaluate import evaluate_segmentation
 
-    test = io.read_image(segmentation_path).read()
+    seg_img = io.read_image(segmentation_path)
+    test = seg_img.read()
     truth = io.read_image(Path(targets_path) / "labels").read()
     scores = evaluate_segmentation(truth, test, ignore_labels=tuple(ignore_labels))
-    result = {"volume": volume, **scores}
+    result: dict[str, Any] = {"volume": volume, **scores}
+    seg_attrs = seg_img.attrs or {}
+    if "method" in seg_attrs:
+        result["segment"] = describe_segmentation(
+            seg_attrs["method"], {**seg_attrs.get("parameters", {}), "min_size": seg_attrs.get("min_size", 0)})
+    if seg_attrs.get("warnings"):
+        result["warning"] = "; ".join(seg_attrs["warnings"])
+    if predictions_path is not None:
+        aff = prediction_scores(predictions_path, targets_path)
+        result["affinity_bacc"] = aff["affinity_balanced_accuracy"]
+        result["affinities"] = aff["per_offset"]
     io.write_json(out_path, result)
     return result
 
 
-def run_summary(evaluation_jsons: Sequence[str | Path], out_path: str | Path, unscored: Sequence[str] = ()) -> None:
-    """Collect per-volume evaluation JSONs into one TSV (one row per volume).
+#: Columns of summary.tsv, in order (any other scalar key of the rows follows, sorted); the
+#: per-volume JSONs hold the rest (Rand split/merge, adapted Rand precision/recall, per offset scores).
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "volume", "role", "voi_split", "voi_merge", "voi_sum", "adapted_rand_error", "n_truth_ids", "n_test_ids",
+    "affinity_bacc", "segment", "warning", "note",
+)
+
+
+#: The report's front-page table (the prose column beside the workflow graph is about 500 px
+#: wide): key -> header; headers with spaces so that they wrap.
+BRIEF_COLUMNS: dict[str, str] = {
+    "volume": "volume", "role": "role", "voi_split": "VOI split", "voi_merge": "VOI merge", "voi_sum": "VOI sum",
+    "adapted_rand_error": "adapted Rand error", "affinity_bacc": "affinity bal. acc.", "warning": "warning",
+    "note": "note",
+}
+
+
+def run_summary(
+    evaluation_jsons: Sequence[str | Path], out_path: str | Path, unscored: Sequence[str] = (),
+    tuned: str | Path | None = None, unscored_segmentations: Sequence[str | Path] = (),
+    brief_path: str | Path | None = None,
+) -> None:
+    """Collect per-volume evaluation JSONs into one TSV (one row per volume), figures rounded
+    to 4 significant digits so that the report's table stays narrow (columns: :data:`SUMMARY_COLUMNS`,
+    ``warning`` and ``note`` only when a row has one).
 
     Volumes in ``unscored`` (predicted, but without labels) get a row with empty
-    metrics and the note "no labels: not evaluated".
+    metrics and the note "no labels: not evaluated" (plus the method and sanity warnings of
+    their segmentation from ``unscored_segmentations``, in the same order, when given).
+    ``tuned`` (the tune_segment JSON) adds one row per validate volume (role
+    ``validate``): its scores with the picked parameters and how its predicted affinities
+    score against the targets. ``brief_path``: the same rows with the columns of
+    :data:`BRIEF_COLUMNS` only (human headers), narrow enough for the report's front page.
     """
     from dinopipe.evaluate import write_summary_tsv
 
-    rows = [json.loads(Path(p).read_text()) for p in evaluation_jsons]
-    for name in unscored:
+    rows = [{"role": "predict", **json.loads(Path(p).read_text())} for p in evaluation_jsons]
+    seg_paths = list(unscored_segmentations) or [None] * len(unscored)
+    for name, seg in zip(unscored, seg_paths):
         logger.warning("volume %s has no labels: not evaluated", name)
-        rows.append({"volume": name, "note": "no labels: not evaluated"})
+        row: dict[str, Any] = {"volume": name, "role": "predict", "note": "no labels: not evaluated"}
+        attrs = (io.read_image(seg).attrs or {}) if seg is not None else {}
+        if "method" in attrs:
+            row["segment"] = describe_segmentation(attrs["method"], {**attrs.get("parameters", {}),
+                                                                     "min_size": attrs.get("min_size", 0)})
+        if attrs.get("warnings"):
+            row["warning"] = "; ".join(attrs["warnings"])
+        rows.append(row)
+    if tuned is not None:
+        choice = json.loads(Path(tuned).read_text())
+        names = {r["volume"] for r in rows}
+        for v in choice.get("volumes", []):
+            if v["volume"] not in names:  # a validate volume also predicted has its own row already
+                rows.append({**v, "role": "validate"})
+    for r in rows:
+        if r.get("warning"):
+            logger.warning("volume %s: %s", r["volume"], r["warning"])
+    rows = [{k: v for k, v in r.items() if not isinstance(v, Mapping)} for r in rows]
+    # the optional text columns only when some row has one (the table must fit the report's page)
+    columns = [c for c in SUMMARY_COLUMNS if c not in ("warning", "note") or any(r.get(c) for r in rows)]
     with io.atomic_output(out_path) as tmp:
-        write_summary_tsv(rows, tmp)
+        write_summary_tsv(rows, tmp, columns=columns, significant=4)
+    if brief_path is not None:
+        keys = [k for k in BRIEF_COLUMNS if k in columns]
+        with io.atomic_output(brief_path) as tmp:
+            write_summary_tsv([{BRIEF_COLUMNS[k]: r.get(k) for k in keys} for r in rows], tmp,
+                              columns=[BRIEF_COLUMNS[k] for k in keys], significant=4)
+
+
+def run_tune_segment(
+    volumes: Sequence[tuple[str, str | Path, str | Path]], table_path: str | Path, choice_path: str | Path,
+    figure_path: str | Path, segment: Mapping[str, Any], ignore_labels: Sequence[int] = (0,),
+) -> dict[str, Any]:
+    """Pick the segment parameters on the validate volumes (:mod:`dinopipe.tune`).
+
+    Args:
+        volumes: ``(name, predictions store, targets store)`` per labelled validate volume.
+        table_path: TSV of every candidate's scores per volume (:func:`dinopipe.tune.write_table`).
+        choice_path: JSON of the picked parameters (read by :func:`run_segment`), with per
+            validate volume its scores at the pick and its predicted affinities' scores
+            against the targets (``affinity_bacc``, ``affinities`` per offset).
+        figure_path: PNG of the candidates' VOI (:func:`dinopipe.tune.plot`).
+        segment: The ``segment`` config section (``method``, fixed parameters, ``tune``, ``grid``).
+        ignore_labels: Truth ids left out of the scores (``evaluate.ignore_labels``).
+
+    Each volume is segmented in memory: a validate volume of more than ``segment.max_voxels``
+    voxels is an error naming it (give it an ROI).
+    """
+    from dinopipe import tune
+
+    config = {**DEFAULT_SEGMENT, **segment}
+    grid = tune.resolve_grid(config)
+    loaded, offsets, affinity = [], None, {}
+    for name, pred, targets in volumes:
+        img = io.read_image(Path(pred) / "affinities")
+        if int(np.prod(img.geometry.shape)) > int(config["max_voxels"]):
+            raise ValueError(f"validate volume {name!r}: {img.geometry.shape} voxels exceed segment.max_voxels "
+                             f"({config['max_voxels']}); tuning segments in memory: give it a smaller roi")
+        offsets = zarr.open_group(str(pred), mode="r").attrs["dinopipe"]["offsets"]
+        labels = io.read_image(Path(targets) / "labels").read()
+        loaded.append((name, img.read().astype(np.float32), labels))
+        affinity[name] = prediction_scores(pred, targets)
+    result = tune.tune_segmentation(loaded, offsets or [], config, grid, ignore_labels)
+    description = describe_segmentation(result.method, result.parameters)
+    per_volume = []
+    for r in result.best_rows():
+        a = affinity[r["volume"]]
+        per_volume.append({"volume": r["volume"], **{k: r[k] for k in tune.SCORE_COLUMNS if k != "n_segments"},
+                           "n_truth_ids": r["n_truth_ids"], "n_test_ids": r["n_segments"], "segment": description,
+                           "affinity_bacc": a["affinity_balanced_accuracy"], "affinities": a["per_offset"],
+                           **({"warning": r["warnings"]} if r["warnings"] else {})})
+        if r["warnings"]:
+            logger.warning("validate volume %s with the picked parameters: %s", r["volume"], r["warnings"])
+    with io.atomic_output(table_path) as tmp:
+        tune.write_table(result, tmp)
+    with io.atomic_output(figure_path) as tmp:
+        tune.plot(result, tmp)
+    with io.atomic_output(choice_path) as tmp:
+        tune.write_choice(result, tmp, {"segment": description, "volumes": per_volume})
+    return {"method": result.method, "parameters": result.parameters, "volumes": per_volume}
 
 
 def check_feature_signatures(features_paths: Sequence[str | Path], features: Mapping[str, Any]) -> None:

@@ -20,9 +20,15 @@ Outputs in ``out_dir``, written when training ends (a killed run leaves none of 
   tensors and plain values only: ``torch.load(..., weights_only=True)``.
 * ``model_config.json``: everything needed to rebuild the model and feed it (see
   :func:`build_model_config`), incl. ``input_raw`` and where the raw comes from.
-* ``loss_curve.tsv``: columns ``step``, ``train_loss``, ``val_loss``, ``val_f1``,
-  ``lr``. Row 0 holds the validation of the untrained model; validation columns are
-  empty on steps without validation. ``loss_curve.png`` plots it.
+* ``loss_curve.tsv``: columns ``step``, ``train_loss``, ``val_loss``, ``val_bacc``,
+  ``lr``, then ``val_bacc_<offset>`` per affinity offset (e.g. ``val_bacc_1_0_0``) or
+  ``val_bacc_class<c>`` per class. ``val_bacc`` is the balanced accuracy on the
+  validation crops (:func:`dinopipe.evaluate.balanced_accuracy`: the mean of the recalls
+  of same-object and of boundary edges, per offset, then averaged over offsets; for
+  classes, one class against the rest), so that the rare boundary edges count as much as
+  the many edges inside objects: predicting "same object" everywhere scores 0.5. Row 0
+  holds the validation of the untrained model; validation columns are empty on steps
+  without validation. ``loss_curve.png`` plots it.
 
 Resumable state in ``state_dir`` (default ``out_dir/state``; deliberately not a
 Snakemake output, which Snakemake would delete before rerunning the job):
@@ -61,6 +67,7 @@ from tqdm import tqdm
 from dinopipe import __version__
 from dinopipe.augment import feature_noise, resolve_augment_params
 from dinopipe.config import RESUME_FREE
+from dinopipe.evaluate import balanced_accuracy
 from dinopipe.io import atomic_output, write_json
 from dinopipe.loader import (
     TARGET_TYPES,
@@ -318,7 +325,7 @@ def _num_classes(volumes: Sequence[Volume], p: Mapping[str, Any]) -> tuple[int, 
 
 
 class _Objective:
-    """Network input, loss and F1 counts of a batch, for either target type."""
+    """Network input, loss and confusion counts of a batch, for either target type."""
 
     def __init__(self, p: Mapping[str, Any], num_offsets: int, class_weights: list[float] | None,
                  device: torch.device) -> None:
@@ -346,35 +353,33 @@ class _Objective:
             lsd_weight=self.p["lsd_weight"], affinity_loss=self.aff_loss,
         )
 
-    def f1_counts(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """(TP, FP, FN) over masked elements: affinities > 0.5 pooled over channels, or per class."""
+    def confusion(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """(TP, FP, FN, TN) over masked elements per channel: per offset, positive = affinity
+        (predicted > 0.5, target 1); or per class, that class against the rest."""
         mask = batch["mask"] > 0
+        if mask.dim() < output.dim():
+            mask = mask.unsqueeze(1)
         if self.semantic:
             pred = output.argmax(1, keepdim=True)
             truth = batch["semantic"].unsqueeze(1)
-            counts = []
-            for c in range(output.shape[1]):
-                p_c, t_c = (pred == c) & mask, (truth == c) & mask
-                counts.append([int((p_c & t_c).sum()), int((p_c & ~t_c).sum()), int((~p_c & t_c).sum())])
-            return np.array(counts, dtype=np.int64)
-        pred = (output[:, : self.num_offsets] > 0) & mask
-        truth = (batch["affinities"] > 0.5) & mask
-        return np.array([[int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())]])
-
-
-def _f1(counts: np.ndarray) -> float:
-    """Mean over rows (classes) with any positives of 2 TP / (2 TP + FP + FN)."""
-    scores = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts if 2 * tp + fp + fn > 0]
-    return float(np.mean(scores)) if scores else float("nan")
+            pairs = [(pred == c, truth == c) for c in range(output.shape[1])]
+        else:
+            pred = output[:, : self.num_offsets] > 0
+            truth = batch["affinities"] > 0.5
+            pairs = [(pred[:, k : k + 1], truth[:, k : k + 1]) for k in range(self.num_offsets)]
+        counts = [[int((p & t & mask).sum()), int((p & ~t & mask).sum()), int((~p & t & mask).sum()),
+                   int((~p & ~t & mask).sum())] for p, t in pairs]
+        return np.array(counts, dtype=np.int64)
 
 
 def _validate(
     model: UNet3D, sampler: CropSampler | None, crops: Sequence[tuple[int, tuple[int, ...]]],
     objective: _Objective, device: torch.device, autocast: str,
-) -> tuple[float | None, float | None, dict[str, np.ndarray] | None]:
-    """(mean per-crop loss, F1, first crop's output on CPU) on the fixed validation crops, in eval mode."""
+) -> tuple[float | None, float | None, tuple[float, ...] | None, dict[str, np.ndarray] | None]:
+    """(mean per-crop loss, balanced accuracy, per-channel balanced accuracy, first crop's output
+    on CPU) on the fixed validation crops, in eval mode."""
     if sampler is None or not crops:
-        return None, None, None
+        return None, None, None, None
     was_training = model.training
     model.eval()
     losses, counts, first = [], None, None
@@ -386,12 +391,15 @@ def _validate(
             with autocast_context(device, autocast):
                 output = model(objective.inputs(batch))
             losses.append(float(objective.loss(output, batch)))
-            c = objective.f1_counts(output.float(), batch)
+            c = objective.confusion(output.float(), batch)
             counts = c if counts is None else counts + c
             if first is None:
                 first = {"output": output.float().cpu().numpy()[0], "start": np.asarray(start), "index": np.asarray(index)}
     model.train(was_training)
-    return float(np.mean(losses)), _f1(counts), first
+    per_channel = balanced_accuracy(counts)
+    valid = per_channel[~np.isnan(per_channel)]
+    mean = float(valid.mean()) if valid.size else float("nan")
+    return float(np.mean(losses)), mean, tuple(float(v) for v in per_channel), first
 
 
 def evaluate(
@@ -494,16 +502,28 @@ def save_checkpoint(
         torch.save(state, tmp)
 
 
-Row = tuple[int, float | None, float | None, float | None, float | None]
-"""(step, train_loss, val_loss, val_f1, lr)."""
-CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_f1", "lr")
+Row = tuple[int, float | None, float | None, float | None, float | None, tuple[float, ...] | None]
+"""(step, train_loss, val_loss, val_bacc, lr, per-channel val_bacc)."""
+CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_bacc", "lr")
 
 
-def _write_curve(path: Path, rows: Sequence[Row]) -> None:
+def channel_names(offsets: Sequence[Sequence[int]], num_classes: int | None = None) -> list[str]:
+    """Names of the per-channel validation columns: ``1_0_0`` per offset (z, y, x), or ``class<c>``."""
+    if num_classes:
+        return [f"class{c}" for c in range(num_classes)]
+    return ["_".join(str(int(v)) for v in o) for o in offsets]
+
+
+def _write_curve(path: Path, rows: Sequence[Row], channels: Sequence[str] = ()) -> None:
     def fmt(value: float | None) -> str:
         return "" if value is None else f"{value:.8g}"
 
-    lines = ["\t".join(CURVE_COLUMNS)] + [f"{r[0]}\t" + "\t".join(fmt(v) for v in r[1:]) for r in rows]
+    def cells(r: Sequence[Any]) -> list[Any]:
+        per = r[5] if len(r) > 5 and r[5] is not None else [None] * len(channels)
+        return [*r[1:5], *per]
+
+    header = [*CURVE_COLUMNS, *(f"val_bacc_{c}" for c in channels)]
+    lines = ["\t".join(header)] + [f"{r[0]}\t" + "\t".join(fmt(v) for v in cells(r)) for r in rows]
     with atomic_output(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -515,7 +535,7 @@ def read_curve(path: str | Path) -> list[dict[str, str]]:
 
 
 def plot_curve(path: str | Path, rows: Sequence[Row]) -> None:
-    """Loss curve PNG (train loss, its running mean, validation loss; validation F1)."""
+    """Loss curve PNG (train loss, its running mean, validation loss; validation balanced accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,7 +555,9 @@ def plot_curve(path: str | Path, rows: Sequence[Row]) -> None:
         ax_f1.plot([v[0] for v in val], [v[2] for v in val], "o-", color="C2")
     ax.set(xlabel="step", ylabel="loss", title="loss")
     ax.legend()
-    ax_f1.set(xlabel="step", ylabel="F1", title="validation F1", ylim=(0, 1))
+    ax_f1.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax_f1.set(xlabel="step", ylabel="balanced accuracy", title="validation balanced accuracy (0.5: chance)",
+              ylim=(0, 1))
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -651,7 +673,8 @@ def train(
 
     Validation uses a fixed, seeded set of ``validation_crops`` crops from
     ``validate_volumes`` only (never from train volumes), before training (step 0),
-    every ``validate_every`` steps and at the last step: loss and F1. Training stops
+    every ``validate_every`` steps and at the last step: loss and balanced accuracy
+    (overall and per offset or class; see ``loss_curve.tsv`` above). Training stops
     early after ``early_stopping_patience`` validations without an improvement of more
     than ``early_stopping_min_delta``. Without validate volumes a warning is logged
     and no validation is done.
@@ -723,6 +746,7 @@ def train(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(p))
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and p["autocast"] == "fp16")
         objective = _Objective(p, num_offsets, class_weights, device)
+        channels = channel_names(offsets, num_classes)
         sampler = CropSampler(train_vols, crop, p["batch_size"], p["seed"], p["min_mask_fraction"], p["augment"],
                               lsds=p["lsds"], raw=p["input_raw"], target=p["target"])
         val_sampler = (
@@ -778,17 +802,23 @@ def train(
                 bad_validations=bad_validations, stopped_early=stopped_early, signature=signature,
                 steps_param=p["steps"],
             )
-            _write_curve(state / "loss_curve.tsv", rows)
+            _write_curve(state / "loss_curve.tsv", rows, channels)
 
-        def validation(step: int) -> tuple[float | None, float | None]:
+        def validation(step: int) -> tuple[float | None, float | None, tuple[float, ...] | None]:
             nonlocal best, bad_validations, stopped_early
-            val_loss, val_f1, first_crop = _validate(model, val_sampler, val_crops, objective, device, p["autocast"])
+            val_loss, val_bacc, per_channel, first_crop = _validate(model, val_sampler, val_crops, objective, device,
+                                                                    p["autocast"])
             if val_loss is None:
-                return None, None
+                return None, None, None
             images.log(writer, first_crop, crop, step, num_offsets, p["target"] == "semantic")
+            logger.info("step %d: validation balanced accuracy %.4f; per %s: %s", step, val_bacc,
+                        "class" if num_classes else "offset",
+                        ", ".join(f"{n} {v:.3f}" for n, v in zip(channels, per_channel or ())))
             if writer is not None:
                 writer.add_scalar("val/loss", val_loss, step)
-                writer.add_scalar("val/f1", val_f1, step)
+                writer.add_scalar("val/bacc", val_bacc, step)
+                for name, value in zip(channels, per_channel or ()):
+                    writer.add_scalar(f"val/bacc_{name}", value, step)
             if best is None or val_loss < best[0] - p["early_stopping_min_delta"]:
                 best = (val_loss, step)
                 bad_validations = 0
@@ -798,14 +828,14 @@ def train(
                 patience = p["early_stopping_patience"]
                 if patience is not None and bad_validations >= patience:
                     stopped_early = True
-            return val_loss, val_f1
+            return val_loss, val_bacc, per_channel
 
         if start_step == 0:
             rows = []
-            val_loss, val_f1 = validation(0)
+            val_loss, val_bacc, per_channel = validation(0)
             if val_loss is not None:
-                rows.append((0, None, val_loss, val_f1, None))
-                logger.info("step 0: val_loss %.5f val_f1 %.4f", val_loss, val_f1)
+                rows.append((0, None, val_loss, val_bacc, None, per_channel))
+                logger.info("step 0: val_loss %.5f val_bacc %.4f", val_loss, val_bacc)
 
         started = time.perf_counter()
         train_loss = rows[-1][1] if rows and rows[-1][1] is not None else float("nan")
@@ -845,14 +875,14 @@ def train(
                 if writer is not None:
                     writer.add_scalar("train/loss", train_loss, step)
                     writer.add_scalar("train/lr", lr, step)
-                val_loss = val_f1 = None
+                val_loss = val_bacc = per_channel = None
                 checkpoint_step = step % p["validate_every"] == 0 or step == p["steps"]
                 if checkpoint_step:
-                    val_loss, val_f1 = validation(step)
+                    val_loss, val_bacc, per_channel = validation(step)
                     if val_loss is not None:
-                        logger.info("step %d: train_loss %.5f val_loss %.5f val_f1 %.4f", step, train_loss,
-                                    val_loss, val_f1)
-                rows.append((step, train_loss, val_loss, val_f1, lr))
+                        logger.info("step %d: train_loss %.5f val_loss %.5f val_bacc %.4f", step, train_loss,
+                                    val_loss, val_bacc)
+                rows.append((step, train_loss, val_loss, val_bacc, lr, per_channel))
                 progress.update(1)
                 if step % 10 == 0 or checkpoint_step:
                     progress.set_postfix(loss=f"{train_loss:.4f}")
@@ -882,7 +912,7 @@ def train(
         write_json(out / "model_config.json", {**model_config, "checkpoint_step": final["step"]})
         with atomic_output(out / "checkpoint.pt") as tmp:
             torch.save(final, tmp)
-        _write_curve(out / "loss_curve.tsv", rows)
+        _write_curve(out / "loss_curve.tsv", rows, channels)
         plot_curve(out / "loss_curve.png", rows)
 
     summary = {

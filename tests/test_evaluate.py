@@ -141,3 +141,35 @@ def test_write_summary_tsv(tmp_path) -> None:
         write_summary_tsv([rows[1], rows[1]], tmp_path / "dup.tsv")
     with pytest.raises(ValueError, match="no 'volume' key"):
         write_summary_tsv([m_a], tmp_path / "novol.tsv")
+
+
+def test_confusion_counts_and_balanced_accuracy() -> None:
+    from dinopipe.evaluate import balanced_accuracy, confusion_counts
+
+    pred = np.array([[1, 1, 1, 1, 0, 0], [1, 0, 1, 0, 1, 0]], dtype=bool)
+    truth = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=bool)
+    counts = confusion_counts(pred, truth)
+    assert counts.tolist() == [[4, 0, 1, 1], [2, 1, 2, 1]]
+    # row 0: recall of positives 4/5, of negatives 1/1; row 1: 2/4 and 1/2
+    np.testing.assert_allclose(balanced_accuracy(counts), [(0.8 + 1) / 2, (0.5 + 0.5) / 2])
+    mask = np.array([1, 1, 1, 1, 0, 0], dtype=bool)
+    assert confusion_counts(pred, truth, mask).tolist() == [[4, 0, 0, 0], [1, 1, 1, 1]]
+    # a row with only positives: the recall of positives; an empty row: NaN
+    out = balanced_accuracy(np.array([[3, 0, 1, 0], [0, 0, 0, 0]]))
+    assert out[0] == 0.75 and np.isnan(out[1])
+
+
+def test_affinity_scores_a_constant_prediction_is_chance() -> None:
+    from dinopipe.evaluate import affinity_scores
+
+    target = np.ones((2, 4, 4, 4), dtype=np.uint8)
+    target[0, :, :, 1] = 0  # one plane of boundary edges in channel 0 (1 of 4 x positions)
+    scores = affinity_scores(np.full(target.shape, 0.9, np.float32), target, [[0, 0, 1], [1, 0, 0]])
+    # channel 0: all positives found, no boundary found -> 0.5; channel 1 has no boundary edge
+    x = scores["per_offset"]["0,0,1"]
+    assert (x["balanced_accuracy"], x["boundary_recall"], x["boundary_fraction"]) == (0.5, 0.0, 0.25)
+    assert np.isnan(scores["per_offset"]["0,0,1"]["boundary_precision"])  # no edge predicted as boundary
+    assert scores["per_offset"]["1,0,0"]["balanced_accuracy"] == 1.0
+    assert scores["affinity_balanced_accuracy"] == 0.75
+    right = affinity_scores(target.astype(np.float32), target, [[0, 0, 1], [1, 0, 0]])
+    assert right["per_offset"]["0,0,1"]["boundary_precision"] == 1.0 and right["affinity_balanced_accuracy"] == 1.0

@@ -179,6 +179,7 @@ def test_signature_round_trip_and_mismatch(vit):
         (FeatureParams(planes=["xy", "yz"], backbone="tiny-convnext"), "model_id"),
         (FeatureParams(planes=["xy", "yz"], stride=8), "stride"),
         (FeatureParams(planes=["xy", "yz"], upsampler="up.py:build"), "upsampler"),
+        (FeatureParams(planes=["xy", "yz"], context_nm=0), "context_nm"),
     ]:
         with pytest.raises(ValueError, match=f"signature key '{key}'"):
             check_signature(sig, expected_signature(changed), "f.zarr")
@@ -253,12 +254,17 @@ def test_blockwise_with_halo_hides_seams(vit, convnext):
     assert info["blocks"] == 8
     np.testing.assert_allclose(blocked, whole, atol=1e-5)
 
-    whole, _ = extract_features(raw, BIG_RAW, BIG_OUT, vit, params)
+    # the halo alone (no raw context beyond each grown block: features.context_nm 0)
+    bare = FeatureParams(context_nm=0)
+    whole, _ = extract_features(raw, BIG_RAW, BIG_OUT, vit, bare)
     scale = np.abs(whole).mean()
-    no_halo = np.abs(_blockwise(vit, raw, params, (16, 24, 32), halo=0)[0] - whole).mean() / scale
-    with_halo = np.abs(_blockwise(vit, raw, params, (16, 24, 32), halo=16)[0] - whole).mean() / scale
+    no_halo = np.abs(_blockwise(vit, raw, bare, (16, 24, 32), halo=0)[0] - whole).mean() / scale
+    with_halo = np.abs(_blockwise(vit, raw, bare, (16, 24, 32), halo=16)[0] - whole).mean() / scale
     assert with_halo < 0.01
     assert with_halo < no_halo / 10
+    # the default context (64 raw pixels) spans this volume's slices: every block's slices are whole
+    whole, _ = extract_features(raw, BIG_RAW, BIG_OUT, vit, params)
+    np.testing.assert_allclose(_blockwise(vit, raw, params, (16, 24, 32), halo=0)[0], whole, atol=1e-5)
 
 
 def test_blocking_choice():
@@ -304,3 +310,52 @@ def test_guided_upsampler_extension_point(vit, tmp_path):
         load_upsampler(f"{tmp_path / 'up.py'}:nope", vit.device)
     with pytest.raises(ValueError, match="path/to/file.py:factory"):
         load_upsampler(str(tmp_path / "up.py"), vit.device)
+
+
+# A raw wider in-plane than the default context, and a crop of its label lattice in the middle.
+CTX_RAW = Geometry((16, 256, 256), (8.0, 8.0, 8.0), (0.0, 0.0, 0.0))
+CTX_OUT = Geometry((8, 128, 128), (16.0, 16.0, 16.0), (4.0, 4.0, 4.0))
+CTX_CROP = (slice(2, 6), slice(56, 72), slice(60, 76))  # label voxels; raw pixels 112:144, 120:152 in-plane
+
+
+def _crop_and_whole(backbone, params):
+    from dinopipe.features import sub_geometry
+
+    raw = _raw(CTX_RAW.shape, seed=11)
+    whole, _ = extract_features(raw, CTX_RAW, CTX_OUT, backbone, params)
+    crop, _ = extract_features(raw, CTX_RAW, sub_geometry(CTX_OUT, CTX_CROP), backbone, params)
+    return crop, whole[(slice(None), *CTX_CROP)]
+
+
+@pytest.mark.slow
+def test_crop_features_see_context_and_match_the_whole_volume(vit, convnext):
+    """A crop's features, computed from the raw around it (features.context_nm), equal those
+    of the same region computed from the whole volume: exactly for ConvNeXt (its receptive
+    field fits in the context), within the blockwise tolerance for a ViT (global attention
+    within each slice); without context the crop's faces see padding and differ far more."""
+    context = FeatureParams(context_nm=512)  # 64 raw pixels on every side
+    crop, whole = _crop_and_whole(convnext, context)
+    np.testing.assert_allclose(crop, whole, atol=1e-5)
+    bare, _ = _crop_and_whole(convnext, FeatureParams(context_nm=0))
+    assert np.abs(bare - whole).max() > 100 * 1e-5
+
+    crop, whole = _crop_and_whole(vit, FeatureParams())  # default: 4 patches of 16 raw pixels
+    scale = np.abs(whole).mean()
+    with_context = np.abs(crop - whole).mean() / scale
+    without = np.abs(_crop_and_whole(vit, FeatureParams(context_nm=0))[0] - whole).mean() / scale
+    assert with_context < 0.01
+    assert with_context < without / 5
+
+
+def test_context_window_is_clipped_to_the_raw_and_on_the_patch_grid():
+    from dinopipe.features import context_raw_window, sub_geometry
+
+    params = FeatureParams(context_nm=100)  # 13 raw pixels of 8 nm
+    window, geom = context_raw_window(CTX_RAW, sub_geometry(CTX_OUT, CTX_CROP), params, 16)
+    # raw under the crop: z 4:12, y 112:144, x 120:152; grown by 13, start down to a multiple of 16
+    assert window == (slice(0, 16), slice(96, 157), slice(96, 165))
+    assert geom.shape == (16, 61, 69) and geom.translation == (0.0, 96 * 8.0, 96 * 8.0)
+    assert params.context_pixels(16, 8.0) == 13 and FeatureParams().context_pixels(16, 8.0) == 64
+    assert FeatureParams(context_nm=0).context_pixels(32, 4.0) == 0
+    with pytest.raises(ValueError, match="features.context_nm must be >= 0"):
+        FeatureParams.from_config({"context_nm": -1})

@@ -126,11 +126,15 @@ def test_train_writes_outputs_and_the_loaded_model_reproduces(tmp_path, volumes)
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     rows = read_curve(out / "loss_curve.tsv")
-    assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_f1", "lr"]
+    assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_bacc", "lr",
+                             *(f"val_bacc_{'_'.join(map(str, o))}" for o in OFFSETS)]
     assert [int(r["step"]) for r in rows] == list(range(21))
     assert rows[0]["train_loss"] == "" and rows[0]["val_loss"] != ""
     assert [int(r["step"]) for r in rows if r["val_loss"]] == [0, 10, 20]
-    assert all(0 <= float(r["val_f1"]) <= 1 for r in rows if r["val_loss"])
+    assert all(0 <= float(r["val_bacc"]) <= 1 for r in rows if r["val_loss"])
+    for r in rows:  # the overall balanced accuracy is the mean of the per-offset ones
+        per = [float(r[f"val_bacc_{'_'.join(map(str, o))}"]) for o in OFFSETS] if r["val_loss"] else []
+        assert (float(r["val_bacc"]) == pytest.approx(np.mean(per), rel=1e-6)) if per else r["val_bacc"] == ""
     assert all(float(r["train_loss"]) > 0 for r in rows[1:])
     assert float(rows[1]["lr"]) == pytest.approx(TINY["learning_rate"])
 
@@ -166,7 +170,7 @@ def test_train_writes_outputs_and_the_loaded_model_reproduces(tmp_path, volumes)
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert {"train/loss", "train/lr", "val/loss", "val/f1"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/loss", "val/bacc", "val/bacc_1_0_0"} <= set(events.Tags()["scalars"])
     assert {"val/raw", "val/labels", "val/predicted_affinities"} <= set(events.Tags()["images"])
 
 
@@ -476,3 +480,28 @@ def test_empty_or_nearly_empty_mask_is_refused_before_training(tmp_path, masked_
     with pytest.raises(ValueError, match=r"validate volume\(s\) with an empty or nearly empty mask \(empty:"):
         train([good], [bad], tmp_path / "m", TINY)
     assert not (tmp_path / "m" / "checkpoint.pt").exists()
+
+
+def test_validation_scores_boundary_edges_as_much_as_inside_edges():
+    """An output saying "same object" everywhere: F1 on the (mostly positive) edges would be
+    high, balanced accuracy is 0.5 on every offset; a perfect output scores 1."""
+    from dinopipe.evaluate import balanced_accuracy
+    from dinopipe.train import _Objective, resolve_train_params
+
+    labels = np.ones((1, 8, 8, 8), dtype=np.int64)
+    labels[..., 6:] = 2  # one boundary plane across x
+    affs = torch.ones((1, 3, 8, 8, 8))
+    affs[:, 2, :, :, 5] = 0  # x edges crossing the boundary
+    affs[:, 0, -1], affs[:, 1, :, -1], affs[:, 2, :, :, -1] = 0, 0, 0  # edges leaving the volume
+    batch = {"affinities": affs, "mask": torch.ones((1, 1, 8, 8, 8))}
+    objective = _Objective(resolve_train_params({}), 3, None, torch.device("cpu"))
+    always = torch.full((1, 3, 8, 8, 8), 5.0)  # logits > 0: affinity 1 everywhere
+    counts = objective.confusion(always, batch)
+    # x: 8*8*8 edges, 8*8 crossing the boundary + 8*8 leaving the volume are 0
+    assert counts[2].tolist() == [8 * 8 * 6, 8 * 8 * 2, 0, 0]
+    assert balanced_accuracy(counts).tolist() == [0.5, 0.5, 0.5]
+    perfect = (affs * 10 - 5)
+    assert balanced_accuracy(objective.confusion(perfect, batch)).tolist() == [1.0, 1.0, 1.0]
+    # masked-out voxels do not count
+    batch["mask"][..., 4:] = 0
+    assert objective.confusion(always, batch)[2].tolist() == [8 * 8 * 4, 0, 0, 0]

@@ -100,7 +100,9 @@ def test_full_dag_produces_every_output(project):
     evaluation = json.loads((project / "results" / "evaluation" / "predict_0.json").read_text())
     assert evaluation["voi_split"] >= 0 and 0 <= evaluation["adapted_rand_error"] <= 1
     summary = (project / "results" / "evaluation" / "summary.tsv").read_text().splitlines()
-    assert summary[0].startswith("volume\t") and summary[1].startswith("predict_0\t") and len(summary) == 2
+    # the predicted volume, then the validate volume the segment parameters were tuned on
+    assert summary[0].startswith("volume\trole\t") and len(summary) == 3
+    assert summary[1].startswith("predict_0\tpredict\t") and summary[2].startswith("validate_0\tvalidate\t")
     assert not list(project.rglob(".*.tmp-*")), "temporary outputs were left behind"
     # nothing left to do
     assert "Nothing to be done" in snakemake(project, "-n").stdout
@@ -114,7 +116,8 @@ def test_dry_run_after_lsd_sigma_change_reruns_targets_not_features(project):
     jobs = jobs_in(out)
     assert "features" not in jobs and "demo_data" not in jobs
     assert jobs["targets"] == 4 and jobs["metadata"] == 4 and jobs["train"] == 1
-    assert jobs["predict"] == jobs["segment"] == jobs["evaluate"] == 1
+    # validate_0 is predicted too: the segment parameters are tuned on it
+    assert jobs["segment"] == jobs["evaluate"] == jobs["tune_segment"] == 1 and jobs["predict"] == 2
     assert re.search(r"rule targets:.*?reason: [^\n]*[Pp]arams have changed", out, re.S)
 
 
@@ -140,5 +143,23 @@ def test_report_figures_only_for_the_first_volume_figures_predicted_volumes(tmp_
     out = snakemake(tmp_path, "-n").stdout
     jobs = jobs_in(out)
     # every predicted volume is predicted and segmented, labelled or not; two get a figure
-    assert jobs["predict"] == jobs["segment"] == 4 and jobs["evaluate"] == 1
+    assert jobs["segment"] == 4 and jobs["evaluate"] == 1 and jobs["predict"] == 5  # + validate_0, for tuning
     assert set(re.findall(r"output: results/report/(\w+)\.png", out)) == {"predict_0", "extra_0", "loss_curve"}
+
+
+@pytest.mark.parametrize("segment", [{"tune": False}, {"grid": {}}])
+def test_fixed_segment_parameters_skip_tuning(tmp_path, segment):
+    config = tiny_config()
+    config["segment"].update(segment)
+    write_project(tmp_path, config)
+    jobs = jobs_in(snakemake(tmp_path, "-n").stdout)
+    assert "tune_segment" not in jobs and jobs["predict"] == jobs["segment"] == 1
+
+
+def test_a_grid_key_of_another_method_is_an_error_at_start(tmp_path):
+    config = tiny_config()
+    config["segment"]["grid"] = {"threshold": [0.5]}  # a parameter of threshold_components, not mutex_watershed
+    write_project(tmp_path, config)
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "segment.grid: ['threshold'] are not parameters of method 'mutex_watershed'" in proc.stdout + proc.stderr

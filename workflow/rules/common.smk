@@ -1,11 +1,13 @@
 # Config validation, the volume sheet and input functions. Logic lives in dinopipe.
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from dinopipe.config import result_params, volume_params
 from dinopipe.io import source_store
 from dinopipe.sheet import by_role, lookup, read_sheet
 from dinopipe.checks import check_workflow
+from dinopipe.tune import resolve_grid
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -15,6 +17,13 @@ VALIDATE = [v.name for v in by_role(VOLUMES.values(), "validate")]
 PREDICT = [v.name for v in by_role(VOLUMES.values(), *config["predict"]["roles"])]
 LABELLED = [v for v in VOLUMES if VOLUMES[v].labels]
 SCORED = [v for v in PREDICT if VOLUMES[v].labels]
+# labelled validate volumes: the segment parameters are picked on them (rule tune_segment)
+TUNING = [v for v in VALIDATE if VOLUMES[v].labels]
+# tune unless segment.tune is false or segment.grid is {} (resolve_grid also checks the grid now)
+TUNE = bool(resolve_grid(config["segment"])) and bool(TUNING)
+if resolve_grid(config["segment"]) and not TUNING:
+    logger.warning("segment.tune: no labelled validate volume to tune on; segmenting with the fixed "
+                   "parameters of the segment section")
 # predicted volumes with a figure in the report (the first report.volume_figures; null: all)
 FIGURES = PREDICT[: config["report"]["volume_figures"]]
 
@@ -79,6 +88,14 @@ def volume_targets(wildcards):
     """A labelled volume's targets store; nothing for an unlabelled one."""
     return ["results/targets/{volume}.zarr"] if sheet_row(wildcards).labels else []
 
+def tuned_segment_parameters(wildcards):
+    """The tune_segment rule's picked parameters, when the segment parameters are tuned."""
+    return ["results/tune/segment.json"] if TUNE else []
+
+def unscored_segmentations(wildcards):
+    """Segmentations of predicted volumes without labels (their method and warnings go in the summary)."""
+    return expand("results/segmentations/{volume}.zarr", volume=[v for v in PREDICT if v not in SCORED])
+
 def all_outputs():
     return [
         *expand("results/metadata/{volume}.json", volume=sorted(VOLUMES)),
@@ -88,4 +105,6 @@ def all_outputs():
         # the report's figures, so that a plain `snakemake` makes everything `--report` shows
         *expand("results/report/{volume}.png", volume=FIGURES),
         "results/report/loss_curve.png",
+        # the tuning table and figure (the report shows them)
+        *(["results/tune/segment.tsv", "results/tune/segment.png"] if TUNE else []),
     ]

@@ -2,6 +2,7 @@ rule evaluate:
     input:
         segmentation="results/segmentations/{volume}.zarr",
         targets="results/targets/{volume}.zarr",
+        predictions="results/predictions/{volume}.zarr",
     output:
         "results/evaluation/{volume}.json",
     log:
@@ -21,12 +22,16 @@ rule evaluate:
 rule evaluation_summary:
     input:
         evaluations=expand("results/evaluation/{volume}.json", volume=SCORED),
+        tuned=tuned_segment_parameters,
+        unscored=unscored_segmentations,
     output:
-        report(
+        summary=report(
             "results/evaluation/summary.tsv",
             caption="../report/summary.rst",
             category="Evaluation",
         ),
+        # the front page's narrow table (workflow.rst)
+        brief="results/evaluation/summary_brief.tsv",
     log:
         "logs/evaluation_summary.log",
     params:

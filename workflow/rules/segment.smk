@@ -1,6 +1,7 @@
 rule segment:
     input:
-        "results/predictions/{volume}.zarr",
+        predictions="results/predictions/{volume}.zarr",
+        tuned=tuned_segment_parameters,
     output:
         directory("results/segmentations/{volume}.zarr"),
     log:

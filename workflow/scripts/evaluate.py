@@ -1,4 +1,4 @@
-"""Score one volume's segmentation against its labels."""
+"""Score one volume's segmentation (and predicted affinities) against its labels."""
 
 from dinopipe.logs import logged
 from dinopipe.stages import run_evaluate
@@ -10,4 +10,5 @@ with logged(snakemake.log[0]):  # noqa: F821
         snakemake.input.targets,  # noqa: F821
         snakemake.output[0],  # noqa: F821
         ignore_labels=snakemake.params.evaluate["ignore_labels"],  # noqa: F821
+        predictions_path=snakemake.input.predictions,  # noqa: F821
     )
