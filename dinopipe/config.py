@@ -47,16 +47,6 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 #: runtime-only ones, and ``steps`` (raising it continues the same run).
 RESUME_FREE: frozenset[str] = RUNTIME_KEYS["train"] | {"steps"}
 
-#: The parameters of each segmentation method (``segment`` config keys); the keys of the
-#: other methods are not params of the segment job. ``tests/test_config.py`` checks this
-#: against the signatures of :data:`dinopipe.segment.METHODS`.
-SEGMENT_METHOD_KEYS: Mapping[str, frozenset[str]] = {
-    "mutex_watershed": frozenset({"bias_short", "bias_long"}),
-    "agglomeration": frozenset({"threshold", "fragments_low", "fragments_high"}),
-    "threshold_components": frozenset({"threshold"}),
-}
-
-
 def canonical(value: Any) -> Any:
     """``value`` with every mapping's keys sorted (recursively) and tuples as lists, so
     that two configs that differ only in key order give equal ``repr``."""
@@ -68,9 +58,11 @@ def canonical(value: Any) -> Any:
 
 
 def _segment_unused(section: Mapping[str, Any]) -> set[str]:
-    method = section.get("method", "mutex_watershed")
-    own = SEGMENT_METHOD_KEYS.get(method, frozenset())
-    return set().union(*SEGMENT_METHOD_KEYS.values()) - own
+    """The ``segment`` keys that are parameters of a method other than the chosen one."""
+    from dinopipe.segment import METHODS, method_parameters  # mwatershed: only where needed
+
+    own = method_parameters(section.get("method", "mutex_watershed"))
+    return set().union(*(method_parameters(m) for m in METHODS)) - own
 
 
 def result_params(config: Mapping[str, Any], section: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from dinopipe import io
-from dinopipe.config import RESUME_FREE, RUNTIME_KEYS, SEGMENT_METHOD_KEYS, SELECTION_KEYS, canonical, result_params
+from dinopipe.config import RESUME_FREE, RUNTIME_KEYS, SELECTION_KEYS, canonical, result_params
 from dinopipe.sheet import read_sheet
 from dinopipe.stages import run_features, run_predict, run_train
 from test_workflow import ROOT, jobs_in, snakemake, tiny_config
@@ -64,18 +64,6 @@ def test_every_classified_key_exists_in_the_schema():
     for section, keys in RUNTIME_KEYS.items():
         assert set(RUNTIME_CHANGES[section]) == keys, section
     assert RESUME_FREE == RUNTIME_KEYS["train"] | {"steps"}
-
-
-def test_segment_method_keys_match_the_methods():
-    import inspect
-
-    from dinopipe.segment import METHODS
-
-    assert set(SEGMENT_METHOD_KEYS) == set(METHODS)
-    segment_keys = set(SCHEMA["properties"]["segment"]["properties"])
-    for method, function in METHODS.items():
-        own = set(inspect.signature(function).parameters) - {"affinities", "offsets", "min_size"}
-        assert SEGMENT_METHOD_KEYS[method] == own & segment_keys, method
 
 
 def test_result_params_are_canonical_and_leave_out_what_a_job_does_not_use():
