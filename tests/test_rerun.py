@@ -99,12 +99,13 @@ def test_key_order_and_unused_settings_rerun_nothing(project):
 
 
 RESULT_CHANGES = [
-    # (config change, rules that rerun with their counts; every other rule must not run)
+    # (config change, rules that rerun with their counts; every other rule must not run).
+    # Predictions: predict_0 and validate_0 (its prediction tunes the segment parameters).
     ({"features": {"low": 1.0}},
-     {"features": 4, "metadata": 4, "train": 1, "predict": 1, "segment": 1, "evaluate": 1}),
-    ({"train": {"learning_rate": 0.001}}, {"train": 1, "predict": 1, "segment": 1, "evaluate": 1}),
-    ({"segment": {"bias_short": -0.3}}, {"segment": 1, "evaluate": 1}),
-    ({"predict": {"block_shape": [8, 16, 16]}}, {"predict": 1, "segment": 1, "evaluate": 1}),
+     {"features": 4, "metadata": 4, "train": 1, "predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
+    ({"train": {"learning_rate": 0.001}}, {"train": 1, "predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
+    ({"segment": {"bias_short": -0.3}}, {"tune_segment": 1, "segment": 1, "evaluate": 1}),
+    ({"predict": {"block_shape": [8, 16, 16]}}, {"predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
 ]
 
 
@@ -201,7 +202,7 @@ def test_the_documented_command_recomputes_one_volume_downstream(project):
     out = snakemake(project, "-n", *command)
     jobs = jobs_in(out.stdout + out.stderr)
     assert {k: jobs.get(k) for k in ("features", "targets", "metadata", "train", "predict", "segment", "evaluate")} \
-        == {"features": 1, "targets": 1, "metadata": 1, "train": 1, "predict": 1, "segment": 1, "evaluate": 1}
+        == {"features": 1, "targets": 1, "metadata": 1, "train": 1, "predict": 2, "segment": 1, "evaluate": 1}
     assert re.search(r"output: results/features/train_1\.zarr", out.stdout)
     assert not re.search(r"output: results/features/(train_0|validate_0|predict_0)\.zarr", out.stdout)
 
