@@ -101,6 +101,11 @@ def test_full_dag_produces_every_output(project):
     assert evaluation["voi_split"] >= 0 and 0 <= evaluation["adapted_rand_error"] <= 1
     summary = (project / "results" / "evaluation" / "summary.tsv").read_text().splitlines()
     assert summary[0].startswith("volume\t") and summary[1].startswith("predict_0\t") and len(summary) == 2
+    # the classical baseline, tuned on the train volumes, is scored beside dinopipe
+    assert {"baseline_voi_sum", "voi_sum_vs_baseline"} <= set(summary[0].split("\t"))
+    assert evaluation["baseline_voi_sum"] >= 0
+    tuned = json.loads((project / "results" / "evaluation" / "baseline.json").read_text())
+    assert len(tuned["volumes"]) == 2 and tuned["parameters"]["sigma"] > 0
     assert not list(project.rglob(".*.tmp-*")), "temporary outputs were left behind"
     # nothing left to do
     assert "Nothing to be done" in snakemake(project, "-n").stdout

@@ -1,7 +1,26 @@
+rule baseline:
+    input:
+        targets=expand("results/targets/{volume}.zarr", volume=TRAIN),
+    output:
+        "results/evaluation/baseline.json",
+    log:
+        "logs/baseline.log",
+    params:
+        evaluate=config["evaluate"],
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../envs/dinopipe.yaml"
+    script:
+        "../scripts/baseline.py"
+
+
 rule evaluate:
     input:
         segmentation="results/segmentations/{volume}.zarr",
         targets="results/targets/{volume}.zarr",
+        baseline=["results/evaluation/baseline.json"] if config["evaluate"]["baseline"] else [],
     output:
         "results/evaluation/{volume}.json",
     log:
