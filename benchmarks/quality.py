@@ -20,9 +20,9 @@ weights offline) and its ``train`` section:
 * ``baseline``: watershed of the smoothed raw from h-maxima seeds
   (:mod:`dinopipe.baseline`), sigma and h tuned on the whole training volume.
 
-For every dinopipe arm the segment method and its parameters (mutex watershed biases,
-waterz agglomeration threshold) are picked by VOI sum on the held-back part, then applied
-to the test volume. Also printed per arm: how the predicted affinities score against the
+For every dinopipe arm the segment method and its parameters (waterz agglomeration threshold
+on distance-seeded or waterz fragments, the seed threshold, mutex watershed biases; 27
+settings) are picked by VOI sum on the held-back part, then applied to the test volume. Also printed per arm: how the predicted affinities score against the
 target affinities on the test volume per offset (balanced accuracy at 0.5 and ROC AUC;
 "positive" edges join two voxels of one object), since an F1 over all edges is dominated by
 the many positive edges.
@@ -63,8 +63,10 @@ ARMS = {
     "raw": {"input_raw": True, "input_features": False},
 }
 #: Segment parameters tried on the held-back part (min_size 10 voxels for all).
-SEGMENT_GRID: list[tuple[str, dict[str, float]]] = [
-    *[("agglomeration", {"threshold": t}) for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)],
+SEGMENT_GRID: list[tuple[str, dict[str, Any]]] = [
+    *[("agglomeration", {"threshold": t, "fragments": "distance", "seed_threshold": st})
+      for st in (0.5, 0.7, 0.9) for t in (0.4, 0.5, 0.6, 0.7, 0.8)],
+    *[("agglomeration", {"threshold": t, "fragments": "waterz"}) for t in (0.3, 0.5, 0.7)],
     *[("mutex_watershed", {"bias_short": s, "bias_long": b}) for s in (-0.3, -0.5, -0.7) for b in (-0.5, -0.7, -0.9)],
 ]
 METRICS = ("voi_split", "voi_merge", "voi_sum", "adapted_rand_error")

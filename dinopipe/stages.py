@@ -331,7 +331,8 @@ def run_metadata(
 
 #: Defaults of the ``segment`` config section (method parameters are picked by name).
 DEFAULT_SEGMENT: dict[str, Any] = {
-    "method": "mutex_watershed",
+    "method": "agglomeration",
+    "fragments": "distance",  # agglomeration's fragments (the function's own default is "waterz")
     "min_size": 0,
     "max_voxels": 100_000_000,
     "block_shape": None,
