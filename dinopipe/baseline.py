@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: Default grid of :func:`tune_baseline`: Gaussian sigma in voxels and seed height h in raw units (0..1).
 DEFAULT_GRID: dict[str, list[float]] = {
-    "sigma": [0.5, 1.0, 2.0, 3.0],
-    "h": [0.05, 0.1, 0.2, 0.3, 0.4],
+    "sigma": [0.5, 1.0, 2.0],
+    "h": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
 }
 MEMBRANES = ("dark", "bright")
 

@@ -125,7 +125,7 @@ def test_baseline_is_tuned_and_scored_beside_the_segmentation(tmp_path):
     labels = _two_cell_targets(tmp_path / "targets.zarr")
     tuned = run_baseline([tmp_path / "targets.zarr"], tmp_path / "baseline.json")
     assert set(tuned["parameters"]) == {"sigma", "h", "membrane"}
-    assert len(tuned["grid"]) == 20  # the default 4 x 5 grid
+    assert len(tuned["grid"]) == 21  # the default 3 x 7 grid
     assert json.loads((tmp_path / "baseline.json").read_text())["parameters"] == tuned["parameters"]
     # one segment for everything: H(truth | test) = 1 bit (two equal cells), no split
     one = np.ones(labels.shape, dtype=np.uint64)
