@@ -1,7 +1,7 @@
 """Segmentation quality on real EM: dinopipe against a classical watershed, on gala.
 
-Run from the repository root: ``.venv/bin/python benchmarks/quality.py`` (about 20-30 min on
-2 CPU cores). Prints human-readable lines and, as the last line, one JSON object
+Run from the repository root: ``.venv/bin/python benchmarks/quality.py`` (35 min measured on 2
+CPU cores shared with other jobs, ``--jobs 3``; features alone took 14 min of that under load). Prints human-readable lines and, as the last line, one JSON object
 ``{"benchmark": "quality", ..., "goals": {...}}``.
 
 Data: ``../shared/data/gala`` (Drosophila FIB-SEM, 10 nm, dense neuron labels; see its
