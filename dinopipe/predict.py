@@ -461,8 +461,18 @@ def _input_raw(config: Mapping[str, Any]) -> bool:
     return bool(config.get("input_raw", False))
 
 
+def _input_features(config: Mapping[str, Any]) -> bool:
+    """False for a model on the raw alone (``train.input_features: false``); older models: True."""
+    return bool(config.get("input_features", True))
+
+
 def _check_channels(model: UNet3D, config: Mapping[str, Any], feature_channels: int, where: str,
                     checkpoint_dir: str) -> None:
+    if not _input_features(config):  # a UNet on the raw alone
+        if model.config.in_channels != 1:
+            raise ValueError(f"the model in {checkpoint_dir} takes no features but has {model.config.in_channels} "
+                             "input channels (expected 1: the raw)")
+        return
     extra = 1 if _input_raw(config) else 0
     if feature_channels + extra != model.config.in_channels:
         raw_note = " (+1 raw channel: the model has input_raw)" if extra else ""
@@ -652,7 +662,7 @@ def predict_volume(
         raise ValueError(f"features {features_path} must be (C, z, y, x), got shape {features.array.shape}")
     _check_channels(model, config, int(features.array.shape[0]), features_path, checkpoint_dir)
     _check_signature((features.attrs or {}).get("signature"), config, features_path, checkpoint_dir)
-    readers: list[Any] = [FeatureReader(features)]
+    readers: list[Any] = [FeatureReader(features)] if _input_features(config) else []
     if _input_raw(config):
         readers.append(_raw_reader_for(volume, data, features.geometry, checkpoint_dir))
     return predict_blocks(
@@ -698,6 +708,12 @@ def predict_from_raw(
     model, config = load_model(checkpoint_dir)
     params = FeatureParams.from_config(features)
     src = open_sources(volume, **_source_args(data or {}))
+    if not _input_features(config):  # a UNet on the raw alone: no backbone needed
+        return predict_blocks(
+            [RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)], src.grid, model, config, out_path,
+            block_shape=block_shape, device=device, batch_size=batch_size, autocast=autocast,
+            attrs={"source": "raw", "volume": volume.name, "raw": volume.raw, "checkpoint": checkpoint_dir},
+        )
     backbone = load_backbone(params.backbone, params.revision, seed=params.seed, device=params.device)
     where = f"volume {volume.name!r} (features from raw with {params.backbone})"
     _check_channels(model, config, int(backbone.channels), where, checkpoint_dir)

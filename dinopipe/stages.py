@@ -359,7 +359,8 @@ def run_metadata(
 
 #: Defaults of the ``segment`` config section (method parameters are picked by name).
 DEFAULT_SEGMENT: dict[str, Any] = {
-    "method": "mutex_watershed",
+    "method": "agglomeration",
+    "fragments": "distance",  # agglomeration's fragments (the function's own default is "waterz")
     "min_size": 0,
     "max_voxels": 100_000_000,
     "block_shape": None,
@@ -463,16 +464,27 @@ def prediction_scores(predictions_path: str | Path, targets_path: str | Path) ->
     return affinity_scores(pred, target, offsets, mask)
 
 
+#: Scores of the classical baseline copied into a volume's evaluation (prefixed ``baseline_``).
+BASELINE_KEYS = ("voi_split", "voi_merge", "voi_sum", "adapted_rand_error")
+
+
 def run_evaluate(
     volume: str, segmentation_path: str | Path, targets_path: str | Path, out_path: str | Path,
     ignore_labels: Sequence[int] = (0,), predictions_path: str | Path | None = None,
+    baseline_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a segmentation against the volume's labels (VOI, adapted Rand) into a JSON.
 
     The JSON also records which method and parameters made the segmentation (``segment``),
     its sanity warnings (``warning``) and, given ``predictions_path``, how the predicted
     affinities score against the targets (``affinity_bacc``, ``affinities`` per offset).
+    With ``baseline_path`` (the JSON of :func:`run_baseline`), the classical baseline
+    (:func:`dinopipe.baseline.watershed_baseline` on the targets' ``raw`` with the tuned
+    parameters) is scored on the same volume too: keys ``baseline_voi_split``,
+    ``baseline_voi_merge``, ``baseline_voi_sum``, ``baseline_adapted_rand_error`` and
+    ``voi_sum_vs_baseline`` (dinopipe's VOI sum / the baseline's; below 1: dinopipe is better).
     """
+    from dinopipe.baseline import watershed_baseline
     from dinopipe.evaluate import evaluate_segmentation
 
     seg_img = io.read_image(segmentation_path)
@@ -490,6 +502,28 @@ def run_evaluate(
         aff = prediction_scores(predictions_path, targets_path)
         result["affinity_bacc"] = aff["affinity_balanced_accuracy"]
         result["affinities"] = aff["per_offset"]
+    if baseline_path is not None:
+        params = json.loads(Path(baseline_path).read_text())["parameters"]
+        raw = io.read_image(Path(targets_path) / "raw").read()
+        base = evaluate_segmentation(truth, watershed_baseline(raw, **params), ignore_labels=tuple(ignore_labels))
+        result.update({f"baseline_{k}": base[k] for k in BASELINE_KEYS})
+        result["voi_sum_vs_baseline"] = scores["voi_sum"] / base["voi_sum"] if base["voi_sum"] > 0 else None
+        logger.info("volume %s: VOI sum %.3f, classical baseline %.3f", volume, scores["voi_sum"], base["voi_sum"])
+    io.write_json(out_path, result)
+    return result
+
+
+def run_baseline(targets_paths: Sequence[str | Path], out_path: str | Path, ignore_labels: Sequence[int] = (0,)) -> dict[str, Any]:
+    """Tune the classical baseline (:func:`dinopipe.baseline.tune_baseline`, its default grid) on
+    labelled volumes' targets (``raw`` and ``labels``; the train volumes in the workflow) and
+    write ``{"parameters": {...}, "grid": [rows], "volumes": [...]}`` as JSON."""
+    from dinopipe.baseline import tune_baseline
+
+    if not targets_paths:
+        raise ValueError("the classical baseline is tuned on labelled volumes, but no targets were given")
+    volumes = [(io.read_image(Path(p) / "raw").read(), io.read_image(Path(p) / "labels").read()) for p in targets_paths]
+    params, rows = tune_baseline(volumes, ignore_labels=tuple(ignore_labels))
+    result = {"parameters": params, "grid": rows, "volumes": [str(p) for p in targets_paths]}
     io.write_json(out_path, result)
     return result
 

@@ -99,6 +99,7 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
     "lsd_weight": 1.0,  # λ of the LSD MSE term
     "class_weights": None,  # semantic: per-class weights; None: the targets' attrs, else 1
     "input_raw": False,  # append the raw image on the label grid as an input channel
+    "input_features": True,  # feed the cached features; False (with input_raw): a UNet on the raw alone
     "augment": {},  # dinopipe.augment.DEFAULT_AUGMENT_PARAMS
     "seed": 0,  # seeds model initialisation, crops, augmentation and validation crops
     "validate_every": 100,  # steps between validations (and resumable-state writes)
@@ -190,12 +191,15 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     if p["autocast"] is True or p["autocast"] is False:  # older configs: true means bf16
         p["autocast"] = "bf16" if p["autocast"] else "none"
     _require(p["autocast"] in AUTOCAST, "autocast", p["autocast"], f"one of {list(AUTOCAST)}")
-    for key in ("lsds", "input_raw", "resume", "tensorboard"):
+    for key in ("lsds", "input_raw", "input_features", "resume", "tensorboard"):
         _require(isinstance(p[key], bool), key, p[key], "true or false")
     _require(
         p["num_threads"] is None or (_is_int(p["num_threads"]) and p["num_threads"] >= 1),
         "num_threads", p["num_threads"], "a positive integer or null",
     )
+    if not p["input_features"] and not p["input_raw"]:
+        raise ValueError("train parameter 'input_features' is false but 'input_raw' is false too: the network "
+                         "would have no input; set input_raw: true for a UNet on the raw alone")
     _require(p["target"] in TARGET_TYPES, "target", p["target"], f"one of {list(TARGET_TYPES)}")
     _require(isinstance(p["loss_params"], Mapping), "loss_params", p["loss_params"], "a mapping")
     _require(isinstance(p["loss"], str), "loss", p["loss"], "a loss name")
@@ -335,6 +339,8 @@ class _Objective:
         self.aff_loss = None if self.semantic else build_loss(p["loss"], **p["loss_params"])
 
     def inputs(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        if not self.p["input_features"]:
+            return batch["raw"]
         x = batch["features"]
         if generator is not None:
             a = self.p["augment"]
@@ -440,6 +446,7 @@ def build_model_config(
     train_params: Mapping[str, Any] | None = None,
     *,
     input_raw: bool = False,
+    input_features: bool = True,
     target: str = "affinities",
     num_classes: int | None = None,
     **extra: Any,
@@ -454,6 +461,8 @@ def build_model_config(
         train_params: The resolved train parameters.
         input_raw: Whether the raw image on the label grid is the last input channel
             (``raw_source`` says where it comes from).
+        input_features: Whether the features are input channels; False with ``input_raw``:
+            the raw is the only input (``feature_channels`` 0).
         target: "affinities" or "semantic" (then ``num_classes`` class logits).
         num_classes: Number of classes for semantic targets.
         **extra: Further JSON-serialisable entries (e.g. the volume paths).
@@ -467,12 +476,13 @@ def build_model_config(
             )
     elif unet.out_channels != num_classes:
         raise ValueError(f"UNet has {unet.out_channels} output channels but there are {num_classes} classes")
-    feature_channels = unet.in_channels - int(input_raw)
+    feature_channels = unet.in_channels - int(input_raw) if input_features else 0
     return {
         "unet": unet.to_dict(),
         "in_channels": unet.in_channels,
         "feature_channels": feature_channels,
         "input_raw": bool(input_raw),
+        "input_features": bool(input_features),
         "raw_source": RAW_SOURCE if input_raw else None,
         "target": target,
         "num_classes": num_classes,
@@ -723,7 +733,7 @@ def train(
             logger.warning("no validate volumes given: training without validation (val_loss stays empty)")
         in_ch, out_ch = target_channels(
             p["target"], num_offsets=num_offsets, lsds=p["lsds"], num_classes=num_classes or 0,
-            input_raw=p["input_raw"], feature_channels=first.channels,
+            input_raw=p["input_raw"], feature_channels=first.channels if p["input_features"] else 0,
         )
         unet_config = UNetConfig.from_dict({**p["unet"], "in_channels": in_ch, "out_channels": out_ch})
         volumes_used = {
@@ -731,7 +741,8 @@ def train(
             "validate_volumes": [list(map(str, v)) for v in validate_volumes],
         }
         model_config = build_model_config(
-            unet_config, offsets, p["lsds"], first.signature, p, input_raw=p["input_raw"], target=p["target"],
+            unet_config, offsets, p["lsds"], first.signature, p, input_raw=p["input_raw"],
+            input_features=p["input_features"], target=p["target"],
             num_classes=num_classes, class_weights=class_weights, **volumes_used,
         )
         logger.info(

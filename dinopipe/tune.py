@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 #: (9, 7 and 5 segmentations per validate volume), around each method's neutral point.
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "mutex_watershed": {"bias_short": [-0.7, -0.5, -0.3], "bias_long": [-0.9, -0.7, -0.5]},
-    "agglomeration": {"threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]},
+    # the seed threshold follows the model's calibration (docs/quality.md: 3.2 vs 0.86 VOI)
+    "agglomeration": {"threshold": [0.2, 0.35, 0.5, 0.65, 0.8], "seed_threshold": [0.5, 0.7, 0.9]},
     "threshold_components": {"threshold": [0.3, 0.5, 0.7, 0.8, 0.9]},
 }
 

@@ -202,14 +202,17 @@ def demo_volume(tmp_path_factory):
     return volume, root, attrs["signature"]
 
 
-def _demo_model(path: Path, channels: int, signature: dict, input_raw: bool = False) -> Path:
+def _demo_model(path: Path, channels: int, signature: dict, input_raw: bool = False,
+                input_features: bool = True) -> Path:
     torch.manual_seed(1)
-    config = UNetConfig(in_channels=channels + int(input_raw), out_channels=output_channels(len(OFFSETS), True),
+    in_channels = (channels if input_features else 0) + int(input_raw)
+    config = UNetConfig(in_channels=in_channels, out_channels=output_channels(len(OFFSETS), True),
                         levels=1, base_channels=4, norm=None)
     path.mkdir(parents=True)
     save_checkpoint(path / "checkpoint.pt", UNet3D(config), None, step=0)
     write_json(path / "model_config.json",
-               build_model_config(config, OFFSETS, True, signature, input_raw=input_raw))
+               build_model_config(config, OFFSETS, True, signature, input_raw=input_raw,
+                                  input_features=input_features))
     return path
 
 
@@ -263,3 +266,30 @@ def test_input_raw_models_get_the_raw_channel(demo_volume, tmp_path):
     other = _demo_model(tmp_path / "model2", channels + 1, signature)
     with pytest.raises(ValueError, match=f"have {channels} channels but the model .* expects {channels + 1}"):
         predict_volume(root / "features.zarr", other, tmp_path / "q.zarr", device="cpu")
+
+
+def test_raw_only_models_read_no_features(demo_volume, tmp_path):
+    from dinopipe.predict import predict_from_raw
+
+    volume, root, signature = demo_volume
+    channels = int(read_image(root / "features.zarr").array.shape[0])
+    model_dir = _demo_model(tmp_path / "model", channels, signature, input_raw=True, input_features=False)
+    predict_volume(root / "features.zarr", model_dir, tmp_path / "cached.zarr", block_shape=(8, 16, 16),
+                   device="cpu", volume=volume, data={})
+    # from raw: no backbone is run, so a different backbone config changes nothing
+    predict_from_raw(volume, model_dir, tmp_path / "raw.zarr", {**FEATURE_CONFIG, "seed": 3}, {},
+                     block_shape=(8, 16, 16), device="cpu")
+    a = read_image(tmp_path / "cached.zarr" / "affinities").read()
+    np.testing.assert_array_equal(a, read_image(tmp_path / "raw.zarr" / "affinities").read())
+    # the output is the model on the raw alone: run it on the whole targets' raw, reflected at the
+    # faces by the halo (as prediction pads), and compare
+    from dinopipe.unet import receptive_field_halo
+
+    model, _ = load_model(model_dir)
+    halo = receptive_field_halo(model.config)
+    raw = read_image(root / "targets.zarr" / "raw").read()
+    pad = -(-halo // 2) * 2
+    padded = torch.from_numpy(np.pad(raw, pad, mode="reflect"))[None, None]
+    with torch.no_grad():
+        whole = torch.sigmoid(model(padded)[0, : len(OFFSETS)]).numpy()[:, pad:-pad, pad:-pad, pad:-pad]
+    np.testing.assert_allclose(a, whole, atol=1e-4)

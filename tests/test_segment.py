@@ -228,6 +228,34 @@ def test_agglomeration_thresholds() -> None:
         segment(aff, LONG, method="agglomeration", threshold=1.5)
 
 
+def test_distance_fragments_find_thin_boundaries() -> None:
+    from dinopipe.segment import agglomerate, distance_fragments
+
+    # two cells touching at x = 9 | 10 without membrane voxels: only the x edges across have a
+    # low affinity (0.2), every other edge 0.9; waterz convention: channel d at p is p <-> p - e_d
+    truth = np.ones((8, 12, 20), dtype=np.uint64)
+    truth[:, :, 10:] = 2
+    waterz_affs = np.full((3, *truth.shape), 0.9, dtype=np.float32)
+    waterz_affs[2, :, :, 10] = 0.2
+    fragments = distance_fragments(waterz_affs)
+    assert fragments.dtype == np.uint64 and fragments.min() >= 1
+    # the voxels on both sides of the boundary are boundary (their lowest edge is 0.2): no
+    # fragment holds voxels of both cells
+    pairs = np.unique(np.stack([fragments.ravel(), truth.ravel()]), axis=1)
+    assert len(np.unique(pairs[0])) == pairs.shape[1]
+    # the mean of the three channels (0.67 at x = 10) would not see this boundary at all
+    assert waterz_affs.mean(axis=0).min() > 0.5
+    ours = np.full((3, *truth.shape), 0.9, dtype=np.float32)  # ours: p <-> p + e_d at p
+    ours[2, :, :, 9] = 0.2
+    assert same_partition(agglomerate(ours, SHORT, threshold=0.5, fragments="distance"), truth)
+    with pytest.raises(ValueError, match="fragments"):
+        agglomerate(ours, SHORT, fragments="voronoi")
+    with pytest.raises(ValueError, match="seed_threshold"):
+        distance_fragments(waterz_affs, seed_threshold=1.0)
+    # no voxel above the threshold: one fragment
+    assert np.all(distance_fragments(np.zeros((3, 4, 4, 4), dtype=np.float32)) == 1)
+
+
 def test_agglomeration_without_waterz_says_how_to_install(monkeypatch) -> None:
     import sys
 

@@ -139,3 +139,40 @@ def test_features_on_real_multiresolution_data(shared_data, tmp_path):
     assert np.allclose(offset, np.round(offset)) and feats.geometry.translation == (100.0, 200.0, 400.0)
     assert attrs["raw"]["scale"] == "s0" and attrs["signature"]["raw_voxel_size"] == [10.0, 10.0, 10.0]
     assert np.isfinite(feats.read().astype(np.float32)).all()
+
+
+def _two_cell_targets(path) -> np.ndarray:
+    """A targets-like store (raw 0..1, labels) of two cells split by a dark wall; returns the labels."""
+    raw = np.ones((8, 12, 20), dtype=np.float32)
+    raw[:, :, 9:11] = 0.0
+    labels = np.ones(raw.shape, dtype=np.uint64)
+    labels[:, :, 11:] = 2
+    labels[:, :, 9:11] = 0
+    zarr.open_group(str(path), mode="w", zarr_format=2)
+    io.write_image(path / "raw", raw, [10.0] * 3, [5.0] * 3)
+    io.write_image(path / "labels", labels, [10.0] * 3, [5.0] * 3)
+    return labels
+
+
+def test_baseline_is_tuned_and_scored_beside_the_segmentation(tmp_path):
+    from dinopipe.stages import run_baseline, run_evaluate
+
+    labels = _two_cell_targets(tmp_path / "targets.zarr")
+    tuned = run_baseline([tmp_path / "targets.zarr"], tmp_path / "baseline.json")
+    assert set(tuned["parameters"]) == {"sigma", "h", "membrane"}
+    assert len(tuned["grid"]) == 21  # the default 3 x 7 grid
+    assert json.loads((tmp_path / "baseline.json").read_text())["parameters"] == tuned["parameters"]
+    # one segment for everything: H(truth | test) = 1 bit (two equal cells), no split
+    one = np.ones(labels.shape, dtype=np.uint64)
+    io.write_image(tmp_path / "seg.zarr", one, [10.0] * 3, [5.0] * 3)
+    result = run_evaluate("v", tmp_path / "seg.zarr", tmp_path / "targets.zarr", tmp_path / "v.json",
+                          baseline_path=tmp_path / "baseline.json")
+    assert result["voi_merge"] == pytest.approx(1.0) and result["voi_split"] == pytest.approx(0.0)
+    # the wall is unmistakable: the tuned baseline separates the two cells exactly
+    assert result["baseline_voi_sum"] == pytest.approx(0.0) and result["baseline_adapted_rand_error"] == pytest.approx(0.0)
+    assert result["voi_sum_vs_baseline"] is None  # nothing to divide by
+    # without a baseline, no baseline keys
+    plain = run_evaluate("v", tmp_path / "seg.zarr", tmp_path / "targets.zarr", tmp_path / "w.json")
+    assert not any(k.startswith("baseline") for k in plain)
+    with pytest.raises(ValueError, match="no targets"):
+        run_baseline([], tmp_path / "b.json")

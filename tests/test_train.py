@@ -332,6 +332,18 @@ def test_raw_as_an_extra_input_channel(tmp_path, volumes):
     assert model.encoders[0][0].in_channels == 17
 
 
+def test_unet_on_the_raw_alone(tmp_path, volumes):
+    train([volumes[0]], [volumes[1]], tmp_path / "m",
+          {**TINY, "steps": 2, "input_raw": True, "input_features": False})
+    config = json.loads((tmp_path / "m" / "model_config.json").read_text())
+    assert config["input_features"] is False and config["input_raw"] is True
+    assert config["in_channels"] == 1 and config["feature_channels"] == 0
+    model, _ = load_model(tmp_path / "m")
+    assert model.encoders[0][0].in_channels == 1
+    with pytest.raises(ValueError, match="input_features.*input_raw"):
+        train([volumes[0]], [volumes[1]], tmp_path / "n", {**TINY, "steps": 2, "input_features": False})
+
+
 def test_semantic_targets_with_class_weights(tmp_path, volumes):
     params = {**TINY, "steps": 4, "validate_every": 2, "target": "semantic", "loss": "cross_entropy",
               "class_weights": [0.5, 1.0, 2.0]}

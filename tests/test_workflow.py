@@ -103,6 +103,11 @@ def test_full_dag_produces_every_output(project):
     # the predicted volume, then the validate volume the segment parameters were tuned on
     assert summary[0].startswith("volume\trole\t") and len(summary) == 3
     assert summary[1].startswith("predict_0\tpredict\t") and summary[2].startswith("validate_0\tvalidate\t")
+    # the classical baseline, tuned on the train volumes, is scored beside dinopipe
+    assert {"baseline_voi_sum", "voi_sum_vs_baseline"} <= set(summary[0].split("\t"))
+    assert evaluation["baseline_voi_sum"] >= 0
+    tuned = json.loads((project / "results" / "evaluation" / "baseline.json").read_text())
+    assert len(tuned["volumes"]) == 2 and tuned["parameters"]["sigma"] > 0
     assert not list(project.rglob(".*.tmp-*")), "temporary outputs were left behind"
     # nothing left to do
     assert "Nothing to be done" in snakemake(project, "-n").stdout

@@ -1,8 +1,28 @@
+rule baseline:
+    input:
+        targets=expand("results/targets/{volume}.zarr", volume=TRAIN),
+    output:
+        "results/evaluation/baseline.json",
+    log:
+        "logs/baseline.log",
+    params:
+        evaluate=settings("evaluate"),
+    threads: 1
+    resources:
+        mem_mb=per_attempt(8000),  # MB x attempt: the train volumes' raw and labels, one watershed at a time
+        runtime="1h",
+    conda:
+        "../envs/dinopipe.yaml"
+    script:
+        "../scripts/baseline.py"
+
+
 rule evaluate:
     input:
         segmentation="results/segmentations/{volume}.zarr",
         targets="results/targets/{volume}.zarr",
         predictions="results/predictions/{volume}.zarr",
+        baseline=["results/evaluation/baseline.json"] if config["evaluate"]["baseline"] else [],
     output:
         "results/evaluation/{volume}.json",
     log:

@@ -11,4 +11,5 @@ with logged(snakemake.log[0]):  # noqa: F821
         snakemake.output[0],  # noqa: F821
         ignore_labels=snakemake.params.evaluate["ignore_labels"],  # noqa: F821
         predictions_path=snakemake.input.predictions,  # noqa: F821
+        baseline_path=snakemake.input.baseline[0] if snakemake.input.baseline else None,  # noqa: F821
     )
