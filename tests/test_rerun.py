@@ -93,7 +93,8 @@ def test_key_order_and_unused_settings_rerun_nothing(project):
 
     config = reverse(tiny_config())
     # parameters of a segment method the config does not choose
-    config["segment"].update({"threshold": 0.9, "fragments_low": 0.01, "fragments_high": 0.99})
+    assert config["segment"]["method"] == "agglomeration"
+    config["segment"].update({"bias_short": -0.9, "bias_long": -0.1})
     out = _dry_run(project, config, "reordered")
     assert "Nothing to be done" in out, out
 
@@ -104,7 +105,7 @@ RESULT_CHANGES = [
     ({"features": {"low": 1.0}},
      {"features": 4, "metadata": 4, "train": 1, "predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
     ({"train": {"learning_rate": 0.001}}, {"train": 1, "predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
-    ({"segment": {"bias_short": -0.3}}, {"tune_segment": 1, "segment": 1, "evaluate": 1}),
+    ({"segment": {"threshold": 0.4}}, {"tune_segment": 1, "segment": 1, "evaluate": 1}),
     ({"predict": {"block_shape": [8, 16, 16]}}, {"predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
 ]
 
