@@ -163,8 +163,9 @@ def test_fixed_segment_parameters_skip_tuning(tmp_path, segment):
 
 def test_a_grid_key_of_another_method_is_an_error_at_start(tmp_path):
     config = tiny_config()
-    config["segment"]["grid"] = {"threshold": [0.5]}  # a parameter of threshold_components, not mutex_watershed
+    assert config["segment"]["method"] == "agglomeration"
+    config["segment"]["grid"] = {"bias_short": [-0.5]}  # a parameter of mutex_watershed, not agglomeration
     write_project(tmp_path, config)
     proc = snakemake(tmp_path, "-n", check=False)
     assert proc.returncode != 0
-    assert "segment.grid: ['threshold'] are not parameters of method 'mutex_watershed'" in proc.stdout + proc.stderr
+    assert "segment.grid: ['bias_short'] are not parameters of method 'agglomeration'" in proc.stdout + proc.stderr

@@ -146,21 +146,23 @@ def test_segment_parameters_are_tuned_on_the_validate_volume(project):
     with open(results / "tune" / "segment.tsv", newline="") as f:
         table = list(csv.DictReader(f, delimiter="\t"))
     means = [r for r in table if r["volume"] == "mean"]
-    assert len(means) == 9  # the default mutex watershed grid: 3 bias_short x 3 bias_long
+    assert choice["method"] == "agglomeration"  # the demo's method
+    assert len(means) == 15  # its default grid: 5 thresholds x 3 seed thresholds
     picked = [r for r in means if r["picked"] == "yes"]
     assert len(picked) == 1 and float(picked[0]["voi_sum"]) == min(float(r["voi_sum"]) for r in means)
     params = choice["parameters"]
-    assert (float(picked[0]["bias_short"]), float(picked[0]["bias_long"])) == (params["bias_short"], params["bias_long"])
+    assert (float(picked[0]["threshold"]), float(picked[0]["seed_threshold"])) == (params["threshold"],
+                                                                                  params["seed_threshold"])
     # rescore the pick on the validate volume independently of the tuning code
     affs = io.read_image(results / "predictions" / "validate_0.zarr" / "affinities").read()
     offsets = zarr.open_group(str(results / "predictions" / "validate_0.zarr"), mode="r").attrs["dinopipe"]["offsets"]
     truth = io.read_image(results / "targets" / "validate_0.zarr" / "labels").read()
-    labels = segment(affs.astype(np.float32), offsets, method="mutex_watershed", **params)
+    labels = segment(affs.astype(np.float32), offsets, method="agglomeration", **params)
     voi = evaluate_segmentation(truth, labels)["voi_sum"]
     assert float(picked[0]["voi_sum"]) == pytest.approx(voi, rel=1e-3)
     # every predicted volume is segmented with the pick, and the summary says so
     seg = io.read_image(results / "segmentations" / "predict_0.zarr")
-    assert seg.attrs["tuned"] and seg.attrs["parameters"] == {k: params[k] for k in ("bias_short", "bias_long")}
+    assert seg.attrs["tuned"] and seg.attrs["parameters"] == {k: v for k, v in params.items() if k != "min_size"}
     with open(results / "evaluation" / "summary.tsv", newline="") as f:
         rows = {r["volume"]: r for r in csv.DictReader(f, delimiter="\t")}
     assert rows["predict_0"]["segment"] == rows["validate_0"]["segment"] == choice["segment"]
