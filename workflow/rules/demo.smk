@@ -8,7 +8,7 @@ rule demo_data:
     threads: 1
     resources:
         mem_mb=per_attempt(2000),  # MB x attempt: synthetic demo volumes only
-        runtime="15m",
+        runtime=15,  # minutes
     conda:
         "../envs/dinopipe.yaml"
     script:

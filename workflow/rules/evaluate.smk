@@ -10,7 +10,7 @@ rule baseline:
     threads: 1
     resources:
         mem_mb=per_attempt(8000),  # MB x attempt: the train volumes' raw and labels, one watershed at a time
-        runtime="1h",
+        runtime=60,  # minutes
     conda:
         "../envs/dinopipe.yaml"
     script:
@@ -32,7 +32,7 @@ rule evaluate:
     threads: 1
     resources:
         mem_mb=per_attempt(16000),  # MB x attempt: two label volumes, contingency table
-        runtime="1h",
+        runtime=60,  # minutes
     conda:
         "../envs/dinopipe.yaml"
     script:
@@ -83,7 +83,7 @@ rule report_slices:
     threads: 1
     resources:
         mem_mb=per_attempt(4000),  # MB x attempt: a few slices
-        runtime="15m",
+        runtime=15,  # minutes
     conda:
         "../envs/dinopipe.yaml"
     script:

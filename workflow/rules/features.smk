@@ -14,7 +14,7 @@ rule features:
     threads: 8
     resources:
         mem_mb=per_attempt(32000),  # MB x attempt: C x voxels float32 accumulator, model
-        runtime="4h",
+        runtime=240,  # minutes
         **GPU,
     conda:
         "../envs/dinopipe.yaml"

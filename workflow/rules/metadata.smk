@@ -11,7 +11,7 @@ rule metadata:
     threads: 1
     resources:
         mem_mb=per_attempt(8000),  # MB x attempt: np.unique over the uint64 labels
-        runtime="15m",
+        runtime=15,  # minutes
         bookkeeping=1,  # one of the 4 places of a bookkeeping group job (profiles/lsf)
     conda:
         "../envs/dinopipe.yaml"

@@ -21,7 +21,7 @@ rule predict:
     threads: 8
     resources:
         mem_mb=per_attempt(32000),  # MB x attempt: a few blocks of features and predictions
-        runtime="4h",
+        runtime=240,  # minutes
         **GPU,
     conda:
         "../envs/dinopipe.yaml"

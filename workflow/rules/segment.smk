@@ -13,7 +13,7 @@ rule segment:
     threads: 1
     resources:
         mem_mb=per_attempt(64000),  # MB x attempt: affinities plus the watershed's edge lists
-        runtime="4h",
+        runtime=240,  # minutes
     conda:
         "../envs/dinopipe.yaml"
     script:

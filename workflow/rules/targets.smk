@@ -14,7 +14,7 @@ rule targets:
     threads: 4
     resources:
         mem_mb=per_attempt(32000),  # MB x attempt: labels, affinities, LSDs, weights in memory
-        runtime="4h",
+        runtime=240,  # minutes
     conda:
         "../envs/dinopipe.yaml"
     script:

@@ -25,7 +25,7 @@ rule train:
     threads: 8
     resources:
         mem_mb=per_attempt(64000),  # MB x attempt: crops in flight, model, optimiser
-        runtime="24h",
+        runtime=1440,  # minutes
         **GPU,
     conda:
         "../envs/dinopipe.yaml"

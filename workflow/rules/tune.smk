@@ -27,7 +27,7 @@ rule tune_segment:
     threads: 1
     resources:
         mem_mb=per_attempt(16000),  # MB x attempt: one validate volume's affinities, segmented per candidate
-        runtime="2h",
+        runtime=120,  # minutes
     conda:
         "../envs/dinopipe.yaml"
     script:
