@@ -125,10 +125,13 @@ def check_chunks(image: Image, what: str, volume: str, policy: str = "error") ->
     """
     if policy not in MISSING_CHUNKS:
         raise ValueError(f"data.missing_chunks must be one of {list(MISSING_CHUNKS)}, got {policy!r}")
-    count = count_chunks(image.path, image.scale)
+    where = f"{image.path}/{image.scale}" if image.scale else image.path
+    try:
+        count = count_chunks(image.path, image.scale)
+    except ValueError as err:  # a shard too short for its index
+        raise ValueError(f"volume {volume!r}: {what} {where}: {err}") from err
     if count.complete:
         return
-    where = f"{image.path}/{image.scale}" if image.scale else image.path
     text = (f"volume {volume!r}: {what} {where}: {count.expected - count.present} of {count.expected} chunks are "
             f"not stored (first missing: {', '.join(count.missing)}); they would read as the fill value "
             f"{count.fill_value!r}")

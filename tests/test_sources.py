@@ -191,6 +191,35 @@ def test_count_chunks_in_every_format(tmp_path):
     assert not io.count_chunks(f"{tmp_path / 'a.h5'}:/unwritten").complete
 
 
+def test_count_chunks_reads_shard_indexes(tmp_path):
+    """Sharded Zarr v3 (OME-NGFF 0.5): an inner chunk a shard's index marks empty, a whole
+    missing shard, and edge shards whose inner grid runs past the array are told apart."""
+    import zarr
+
+    # shape 12 x 16 x 16, shards 8^3 of inner chunks 4^3: shard grid 2 x 2 x 2, inner grid
+    # 3 x 4 x 4 = 48 (the z-edge shards hold 1 of their 2 inner z chunks inside the array)
+    data = np.random.default_rng(0).integers(1, 255, (12, 16, 16)).astype(np.uint8)
+    a = zarr.create_array(str(tmp_path / "s.zarr"), shape=data.shape, chunks=(4, 4, 4), shards=(8, 8, 8),
+                          dtype="u1", fill_value=0)
+    a[...] = data
+    assert io.count_chunks(str(tmp_path / "s.zarr")) == io.ChunkCount(48, 48, (), 0)
+    # an inner chunk equal to the fill value is left out of its shard by the writer
+    a[4:8, 0:4, 4:8] = 0  # shard (0, 0, 0), inner chunk (1, 0, 1)
+    count = io.count_chunks(str(tmp_path / "s.zarr"))
+    assert (count.expected, count.present) == (48, 47)
+    assert count.missing == ("c/0/0/0 inner chunk [1, 0, 1]",)
+    # a deleted shard file misses all of its inner chunks inside the array (edge shard: 1 x 2 x 2)
+    (tmp_path / "s.zarr" / "c" / "1" / "1" / "0").unlink()
+    count = io.count_chunks(str(tmp_path / "s.zarr"))
+    assert (count.expected, count.present) == (48, 43)
+    assert count.missing == ("c/0/0/0 inner chunk [1, 0, 1]", "c/1/1/0")
+    # a shard cut short (an interrupted copy) is named rather than misread
+    shard = tmp_path / "s.zarr" / "c" / "0" / "1" / "1"
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(ValueError, match="too short for its index"):
+        io.count_chunks(str(tmp_path / "s.zarr"))
+
+
 def test_dinopipe_stores_all_chunks_even_empty_ones(tmp_path):
     io.write_image(tmp_path / "z.zarr", np.zeros((8, 8, 8), np.uint64), (8, 8, 8), (4, 4, 4), chunks=(4, 4, 4))
     assert io.count_chunks(str(tmp_path / "z.zarr"), "s0").complete
@@ -277,3 +306,23 @@ def test_a_truncated_chunk_names_the_volume(tmp_path):
     src = open_sources(Volume("v", str(tmp_path / "r.zarr"), None, "predict"))
     with pytest.raises(ValueError, match=r"volume 'v': raw .*r.zarr/s0: cannot read \[0:8, 0:8, 0:8\]"):
         src.raw.read()
+
+
+def test_a_sharded_input_with_a_hole_names_the_volume(tmp_path):
+    import zarr
+
+    data = _raw_data((8, 8, 8))
+    a = zarr.create_array(str(tmp_path / "r.zarr"), shape=data.shape, chunks=(4, 4, 4), shards=(8, 8, 8),
+                          dtype="u1", fill_value=0)
+    a[...] = data
+    vol = Volume("v", str(tmp_path / "r.zarr"), None, "predict", voxel_size=(8.0, 8.0, 8.0))
+    open_sources(vol)  # complete
+    a[4:8, 4:8, 0:4] = 0
+    with pytest.raises(ValueError, match=r"volume 'v': raw .*r.zarr: 1 of 8 chunks are not stored \(first missing: "
+                                         r"c/0/0/0 inner chunk \[1, 1, 0\]\)"):
+        open_sources(vol)
+    open_sources(vol, missing_chunks="fill")
+    shard = tmp_path / "r.zarr" / "c" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(ValueError, match=r"volume 'v': raw .*r.zarr: shard .* too short for its index"):
+        open_sources(vol, missing_chunks="fill")
