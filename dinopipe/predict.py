@@ -57,10 +57,10 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from tqdm import tqdm
 
 from dinopipe.features import check_compatible
 from dinopipe.io import Geometry, atomic_output, create_image, open_tensorstore, read_image, read_into
+from dinopipe.logs import Progress
 from dinopipe.train import autocast_context, resolve_device
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, receptive_field_halo, split_output
 
@@ -556,7 +556,7 @@ def predict_blocks(
         aff_out = _empty_image(tmp / "affinities", num_offsets, grid, chunks, {"offsets": offsets})
         lsd_out = _empty_image(tmp / "lsds", NUM_LSD_CHANNELS, grid, chunks, {}) if lsds else None
         stager = _BlockStager(readers, shape, block, halo, min(batch_size, num_blocks), dev)
-        with stager, tqdm(total=num_blocks, desc="predict", unit="block", disable=None, mininterval=5) as progress:
+        with stager, Progress(num_blocks, f"predict {Path(out_path).name}", "block") as progress:
             for batch_starts in stager:  # read by the stager's thread while the network ran on the batch before
                 t1 = time.perf_counter()
                 x = stager.to_device()

@@ -25,6 +25,7 @@ import zarr
 
 from dinopipe import __version__, io
 from dinopipe.cluster import allotted_cpus
+from dinopipe.logs import Progress
 from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,6 @@ def run_features(
     signature, intensity range, image sizes and timings under the ``dinopipe`` attrs.
     """
     import torch
-    from tqdm import tqdm
 
     from dinopipe.backbone import load_backbone
     from dinopipe.features import (
@@ -136,7 +136,7 @@ def run_features(
     chunks = io.default_chunks((backbone.channels, *g.shape), channel_axis=True, spatial=io.FEATURE_CHUNK)
     size = backbone.channels * int(np.prod(g.shape)) * np.dtype(np.float16).itemsize
     with io.atomic_output(out_path, what=f"features of volume {volume.name!r}", expected_bytes=size) as tmp, \
-            tqdm(desc=f"features {volume.name}", unit="slice", mininterval=5) as bar:
+            Progress(None, f"features {volume.name}", "slice") as bar:
         if blocking is None:
             # raw is small next to the feature accumulator: read it once rather than
             # decompressing chunks again for every batch of xz / yz slices; only the raw under

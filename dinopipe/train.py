@@ -1,6 +1,6 @@
 """Train a 3D UNet on precomputed DINOv3 features to predict affinities (+ LSDs) or classes.
 
-Inputs per volume (see the storage contract in ``DESIGN.md``):
+Inputs per volume (the stores the features and targets stages write; README, "What the workflow does"):
 
 * ``results/features/{volume}.zarr``: image (C, z, y, x) float16 on the label grid.
 * ``results/targets/{volume}.zarr``: group of images ``affinities`` (n_offsets, z, y, x)
@@ -62,13 +62,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dinopipe import __version__
 from dinopipe.augment import feature_noise, resolve_augment_params
 from dinopipe.config import RESUME_FREE
 from dinopipe.evaluate import balanced_accuracy
 from dinopipe.io import atomic_output, write_json
+from dinopipe.logs import Progress
 from dinopipe.loader import (
     TARGET_TYPES,
     CropSampler,
@@ -852,7 +852,7 @@ def train(
         train_loss = rows[-1][1] if rows and rows[-1][1] is not None else float("nan")
         step_seconds = 0.0
         model.train()
-        progress = tqdm(total=p["steps"], initial=start_step, desc="train", unit="step", disable=None)
+        progress = Progress(p["steps"], "train", "step", initial=start_step)
         prefetcher = None
         if start_step < p["steps"] and not stopped_early:
             prefetcher = Prefetcher(sampler.batch, start_step + 1, p["steps"], p["loader_workers"], p["prefetch"])
