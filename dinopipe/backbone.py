@@ -22,12 +22,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from dinopipe.backbone_spec import TINY_BACKBONES, patch_size_of  # noqa: F401 (TINY_BACKBONES re-exported)
+from dinopipe.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +94,6 @@ class Backbone:
             if grid.shape[-2:] != (gh, gw):
                 raise RuntimeError(f"unexpected ConvNeXt output grid {tuple(grid.shape)} for input {(h, w)}")
         return grid.float()
-
-
-def choose_device(device: str = "auto") -> torch.device:
-    """Resolve "auto" to CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    return torch.device(device)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -181,7 +172,7 @@ def load_backbone(name: str, revision: str | None = None, *, seed: int = 0, devi
     else:
         raise ValueError(f"backbone {name!r} is a {model_type or type(model).__name__!r} model, not DINOv3 ViT/ConvNeXt")
     digest = weights_hash(model)
-    dev = choose_device(device)
+    dev = resolve_device(device, "features.device")
     model = model.to(dev).eval()
     logger.info("backbone %s (%s, patch %d, %d channels) on %s", name, arch, patch, channels, dev)
     return Backbone(model, name, revision, arch, patch, channels, prefix, digest, dev)

@@ -14,19 +14,17 @@ and what is allowed.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from dinopipe.io import Geometry
+from dinopipe.runtime import DEVICE_HELP, is_device_name
 from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)
 
-#: Device names the features, train and predict stages accept.
-DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def check_config(config: Mapping[str, Any]) -> list[str]:
@@ -45,8 +43,8 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
     train = config.get("train") or {}
     for key, section in (("features", features), ("train", train), ("predict", config.get("predict") or {})):
         device = section.get("device", "auto")
-        if not isinstance(device, str) or not DEVICE.match(device):
-            problems.append(f"{key}.device is {device!r}; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not is_device_name(device):
+            problems.append(f"{key}.device is {device!r}; allowed: {DEVICE_HELP}")
     low, high = features.get("low", 0.5), features.get("high", 99.5)
     if features.get("intensity", "percentile") == "percentile" and not low < high:
         problems.append(f"features.low ({low}) must be below features.high ({high}): they are the percentiles "

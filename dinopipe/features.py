@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from dinopipe import __version__
 from dinopipe.backbone import IMAGENET_MEAN, IMAGENET_STD, TINY_BACKBONES, Backbone
 from dinopipe.io import Geometry
+from dinopipe.runtime import autocast_context, autocast_mode
 from dinopipe.sources import RATIO_RANGE, check_ratio  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class FeatureParams:
         high: Upper percentile (percentile mode).
         max_slice_size: Cap on the longer side of a slice fed to the backbone, pixels.
         device: "auto", "cpu" or "cuda".
-        autocast: Use bf16 autocast on CUDA (fp32 on CPU always).
+        autocast: Mixed precision on CUDA (:data:`dinopipe.runtime.AUTOCAST`; true means bf16,
+            false none); CPU always runs float32.
         seed: Seed of the random weights of the tiny backbones.
         block_shape: Process the volume in blocks of this many output voxels (z, y, x);
             None: the whole volume at once unless its float32 accumulator would exceed
@@ -94,7 +96,7 @@ class FeatureParams:
     high: float = 99.5
     max_slice_size: int = 1024
     device: str = "auto"
-    autocast: bool = True
+    autocast: bool | str = True
     seed: int = 0
     block_shape: list[int] | None = None
     block_halo: int = 16
@@ -122,6 +124,7 @@ class FeatureParams:
             raise ValueError(f"features.low/high must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}")
         if self.batch_size < 1:
             raise ValueError(f"features.batch_size must be >= 1, got {self.batch_size}")
+        autocast_mode(self.autocast, "features.autocast")
         if self.context_nm is not None and not self.context_nm >= 0:
             raise ValueError(f"features.context_nm must be >= 0 nm or null, got {self.context_nm}")
         if self.block_shape is not None and (len(self.block_shape) != 3 or min(self.block_shape) < 1):
@@ -313,11 +316,10 @@ def _prepare(
     return (x.expand(-1, 3, -1, -1) - mean) / std
 
 
-def _tokens_sliding(backbone: Backbone, images: torch.Tensor, plane: _Plane, autocast: bool) -> torch.Tensor:
+def _tokens_sliding(backbone: Backbone, images: torch.Tensor, plane: _Plane, autocast: bool | str) -> torch.Tensor:
     """Token grid (B, C, h*shifts, w*shifts) with the plane's stride."""
-    use_autocast = autocast and images.device.type == "cuda"
     n, s = plane.shifts, plane.stride
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+    with autocast_context(images.device, autocast):
         if n == 1:
             return backbone.tokens(images)
         grids = {}

@@ -40,8 +40,6 @@ Both images carry the label grid's voxel size and translation (nm).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 import math
@@ -61,7 +59,7 @@ import zarr
 from dinopipe.features import check_compatible
 from dinopipe.io import Geometry, atomic_output, create_image, open_tensorstore, read_image, read_into
 from dinopipe.logs import Progress
-from dinopipe.train import autocast_context, resolve_device
+from dinopipe.runtime import autocast_context, autocast_mode, release_freed_memory, resolve_device
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, receptive_field_halo, split_output
 
 logger = logging.getLogger(__name__)
@@ -108,28 +106,6 @@ def load_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[UNet3D, dict[str
         raise ValueError(f"{checkpoint_path} does not match the architecture in {config_path}: {exc}") from exc
     model.eval()
     return model, config
-
-
-def _libc_malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def _release_freed_memory() -> None:
-    """Return freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the
-    heap, and the network's intermediate tensors are such blocks: without trimming, the
-    resident memory after each block, and so the peak, creeps up over the first blocks.
-    Takes ~10 ms.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -502,7 +478,7 @@ def predict_blocks(
     block_shape: Sequence[int] = (32, 64, 64),
     device: str = "auto",
     batch_size: int = 1,
-    autocast: bool = True,
+    autocast: bool | str = "bf16",
     attrs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predict affinities (and LSDs) on ``grid`` block by block; write the output store atomically.
@@ -520,7 +496,8 @@ def predict_blocks(
             output chunk shape.
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         batch_size: Blocks per forward pass.
-        autocast: bf16 autocast on CUDA (ignored on CPU).
+        autocast: Mixed precision on CUDA (:data:`dinopipe.runtime.AUTOCAST`); CPU always runs
+            float32. Recorded as ``precision`` in the output's attrs.
         attrs: Extra provenance stored in the root attrs.
 
     Returns:
@@ -545,7 +522,8 @@ def predict_blocks(
         logger.info("block shape %s adjusted to %s (multiples of %d, at most the volume)", block_shape, block, divisor)
     chunks = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
     num_blocks = math.prod(-(-s // b) for s, b in zip(shape, block, strict=True))
-    dev = resolve_device(device)
+    dev = resolve_device(device, "predict.device")
+    autocast_mode(autocast, "predict.autocast")  # an unknown mode fails before any block
     model.to(dev)
     logger.info("predicting %s: %d blocks of %s + halo %d, device %s", shape, num_blocks, block, halo, dev)
     stats: dict[str, Any] = {"blocks": num_blocks, "block_shape": list(block), "halo": halo,
@@ -577,7 +555,7 @@ def predict_blocks(
                         lsd_out[dst] = lsd_np[i][src]
                 del aff, lsd_np
                 if dev.type == "cpu":  # the network's intermediates are host memory
-                    _release_freed_memory()
+                    release_freed_memory()
                 t3 = time.perf_counter()
                 stats["forward_s"] += t2 - t1
                 stats["write_s"] += t3 - t2
@@ -590,6 +568,7 @@ def predict_blocks(
             "input_raw": _input_raw(config),
             "block_shape": list(block),
             "halo": halo,
+            "precision": autocast_mode(autocast, "predict.autocast") if dev.type == "cuda" else "none",
             "feature_signature": config.get("feature_signature"),
             "timings": {k: stats[k] for k in ("read_s", "wait_s", "forward_s", "write_s", "total_s")},
             **(attrs or {}),
@@ -631,7 +610,7 @@ def predict_volume(
     block_shape: Sequence[int] = (32, 64, 64),
     device: str = "auto",
     batch_size: int = 1,
-    autocast: bool = True,
+    autocast: bool | str = "bf16",
     *,
     volume: Any = None,
     data: Mapping[str, Any] | None = None,
@@ -681,7 +660,7 @@ def predict_from_raw(
     block_shape: Sequence[int] = (32, 64, 64),
     device: str = "auto",
     batch_size: int = 1,
-    autocast: bool = True,
+    autocast: bool | str = "bf16",
     feature_halo: int | None = None,
 ) -> dict[str, Any]:
     """Predict end to end from raw: features are computed per block (with their own halo), never cached.

@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 
 from dinopipe import __version__, io
-from dinopipe.cluster import allotted_cpus
+from dinopipe.runtime import allotted_cpus
 from dinopipe.logs import Progress
 from dinopipe.sheet import Volume
 
@@ -193,8 +193,14 @@ DEFAULT_TARGETS: dict[str, Any] = {
 }
 
 
-def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+def run_targets(
+    volume: Volume, out_path: str | Path, targets: Mapping[str, Any], data: Mapping[str, Any],
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Compute a volume's training targets on its output grid and store them.
+
+    ``threads`` (the job's Snakemake threads) bounds the threads of the LSD filters and distance
+    transforms, together with the batch system's allotment (:func:`dinopipe.runtime.allotted_cpus`).
 
     Writes a group ``out_path`` with OME-NGFF images ``labels`` (uint64),
     ``affinities`` (n_offsets, z, y, x) uint8, ``lsds`` (10, z, y, x) float16,
@@ -219,6 +225,7 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         timings[key] = time.perf_counter() - t
         return result
 
+    workers = allotted_cpus(threads)
     where = f"volume {volume.name!r}: labels {volume.labels}"
     native = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]))
     # negative ids listed in unlabelled_ids become 0 here (mask 0 there); any other negative id
@@ -227,7 +234,8 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
     if not labels.any():
         raise ValueError(f"{where} are all zero inside the processed region")
     vs = src.grid.voxel_size
-    mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"], vs)
+    mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"], vs,
+                 num_workers=workers)
     del native
     if not mask.any():
         raise ValueError(
@@ -237,10 +245,10 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
                else "")
         )
     affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
-    lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs)
+    lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs, num_workers=workers)
     weights = timed(
         "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
-        params["boundary_weight_max"], params["boundary_sigma_nm"], mask,
+        params["boundary_weight_max"], params["boundary_sigma_nm"], mask, num_workers=workers,
     )
     raw = timed("raw_s", lambda: _raw_on_grid(src, resample_to_grid))
     t = time.perf_counter()
@@ -707,6 +715,7 @@ def run_predict(
         "block_shape": tuple(params.get("block_shape", (32, 64, 64))),
         "device": params.get("device", "auto"),
         "batch_size": int(params.get("batch_size", 1)),
+        "autocast": params.get("autocast", "bf16"),
     }
     source = params.get("source", "features")
     if source == "raw":

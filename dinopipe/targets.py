@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import edt
 import numpy as np
 from scipy.ndimage import find_objects, gaussian_filter
+
+from dinopipe.runtime import allotted_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -190,14 +191,6 @@ def _check_ids(ids: Sequence[int], dtype: np.dtype, name: str) -> np.ndarray:
             raise ValueError(f"{name} contains id {v}, outside the range of labels' {dtype}")
         out.append(int(v))
     return np.array(out, dtype=dtype)
-
-
-def _default_workers() -> int:
-    """Number of CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +380,8 @@ def compute_lsds(
             ``labels``); all other voxels are 0. Ids absent from the volume are ignored.
         downsample: Integer factor for the approximate downsampled mode; every dimension of
             ``labels`` must be divisible by it. 1 (default) is exact.
-        num_workers: Threads to use; default: the CPU cores available to this process.
+        num_workers: Threads to use; None: the CPUs this job may use
+            (:func:`dinopipe.runtime.allotted_cpus`).
 
     Returns:
         float32 array of shape (10, z, y, x).
@@ -412,9 +406,7 @@ def compute_lsds(
         raise ValueError(
             f"labels shape {labels.shape} must be divisible by downsample factor {df} in every axis"
         )
-    workers = _default_workers() if num_workers is None else int(num_workers)
-    if workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers!r}")
+    workers = allotted_cpus(num_workers)
 
     skip = _check_ids(labels_to_skip, labels.dtype, "labels_to_skip")
     lsds = np.zeros((10,) + labels.shape, dtype=np.float32)
@@ -496,6 +488,7 @@ def compute_boundary_weights(
     w_max: float,
     sigma_nm: float,
     mask: np.ndarray | None = None,
+    num_workers: int | None = None,
 ) -> np.ndarray:
     """Computes per-voxel loss weights that emphasise label boundaries.
 
@@ -517,6 +510,8 @@ def compute_boundary_weights(
         sigma_nm: Width of the Gaussian fall-off in nm; > 0.
         mask: Optional (z, y, x) array, nonzero where labels are known (see
             :func:`compute_mask`).
+        num_workers: Threads for the distance transform; None: the CPUs this job may use
+            (:func:`dinopipe.runtime.allotted_cpus`).
 
     Returns:
         float32 array of shape (z, y, x).
@@ -540,7 +535,7 @@ def compute_boundary_weights(
             (~boundary).view(np.uint8),
             anisotropy=voxel,
             black_border=False,
-            parallel=_default_workers(),
+            parallel=allotted_cpus(num_workers),
         )
         weights = np.exp(-np.square(dist, dtype=np.float32) / np.float32(2 * sigma_nm**2))
         weights *= np.float32(w_max - 1)
@@ -558,6 +553,7 @@ def compute_mask(
     unlabelled_ids: Sequence[int] = (),
     erosion_nm: float = 0.0,
     voxel_size_nm: Sequence[float] = (1, 1, 1),
+    num_workers: int | None = None,
 ) -> np.ndarray:
     """Computes the mask of voxels whose label is known.
 
@@ -577,6 +573,8 @@ def compute_mask(
             ignored for unsigned labels, where they cannot occur.
         erosion_nm: Erosion radius in nm, >= 0.
         voxel_size_nm: Voxel size in nm, (z, y, x); only used for the erosion.
+        num_workers: Threads for the erosion's distance transform; None: the CPUs this job may
+            use (:func:`dinopipe.runtime.allotted_cpus`).
 
     Returns:
         uint8 array of shape (z, y, x), 1 where known.
@@ -599,7 +597,7 @@ def compute_mask(
     known = ~np.isin(labels, unknown_ids)
     if erosion_nm > 0 and not known.all():
         dist = edt.edt(
-            known.view(np.uint8), anisotropy=voxel, black_border=False, parallel=_default_workers()
+            known.view(np.uint8), anisotropy=voxel, black_border=False, parallel=allotted_cpus(num_workers)
         )
         known &= dist > erosion_nm
     return known.view(MASK_DTYPE)

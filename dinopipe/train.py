@@ -69,6 +69,7 @@ from dinopipe.config import RESUME_FREE
 from dinopipe.evaluate import balanced_accuracy
 from dinopipe.io import atomic_output, write_json
 from dinopipe.logs import Progress
+from dinopipe.runtime import autocast_context, autocast_mode, resolve_device
 from dinopipe.loader import (
     TARGET_TYPES,
     CropSampler,
@@ -119,7 +120,6 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
 """Defaults of the ``train:`` config section; :func:`resolve_train_params` checks keys."""
 
 LR_SCHEDULES = ("constant", "cosine")
-AUTOCAST = ("bf16", "fp16", "none")
 RAW_SOURCE = (
     "targets store image 'raw' (results/targets/{volume}.zarr/raw): the raw image scaled to 0..1 by "
     "the volume's 0.5-99.5 percentile range and area-averaged onto the label grid; appended as the last input channel"
@@ -188,9 +188,7 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         "min_mask_fraction", p["min_mask_fraction"], "a number in [0, 1]",
     )
     _require(p["lr_schedule"] in LR_SCHEDULES, "lr_schedule", p["lr_schedule"], f"one of {list(LR_SCHEDULES)}")
-    if p["autocast"] is True or p["autocast"] is False:  # older configs: true means bf16
-        p["autocast"] = "bf16" if p["autocast"] else "none"
-    _require(p["autocast"] in AUTOCAST, "autocast", p["autocast"], f"one of {list(AUTOCAST)}")
+    p["autocast"] = autocast_mode(p["autocast"], "train.autocast")
     for key in ("lsds", "input_raw", "input_features", "resume", "tensorboard"):
         _require(isinstance(p[key], bool), key, p[key], "true or false")
     _require(
@@ -236,36 +234,8 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         all(c % divisor == 0 for c in p["crop_shape"]),
         "crop_shape", p["crop_shape"], f"divisible by 2**unet.levels = {divisor} on every axis",
     )
-    resolve_device(p["device"])
+    resolve_device(p["device"], "train.device")
     return p
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The torch device for "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
-
-    Raises:
-        ValueError: Unknown device string, or CUDA requested but not available.
-    """
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if isinstance(device, str) and (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
-        return torch.device(device)
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def autocast_context(device: torch.device, mode: bool | str) -> contextlib.AbstractContextManager[Any]:
-    """Mixed precision on CUDA: ``"bf16"`` (or True), ``"fp16"``; a no-op on CPU or for "none"/False."""
-    if mode is True:
-        mode = "bf16"
-    if device.type == "cuda" and mode in ("bf16", "fp16"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- data

@@ -10,7 +10,7 @@
 
 The profiles are used as they are in the repository; only the CHANGE-ME placeholders are
 substituted, and the runs are given faster status polling on the command line.
-Unit tests of dinopipe.cluster and of the emulator itself come first (fast).
+Unit tests of dinopipe.runtime's CPU allotment and of the emulator itself come first (fast).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from dinopipe.cluster import allotted_cpus, batch_allotment
+from dinopipe.runtime import allotted_cpus, batch_allotment
 from lsf_emulator import lsf
 from test_workflow import ROOT, SNAKEMAKE, VOLUMES, snakemake, tiny_config, write_project
 
@@ -134,7 +134,7 @@ def assert_same_results(run: Path, reference: Path, only: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# dinopipe.cluster
+# dinopipe.runtime: CPU allotment
 
 
 def test_allotted_cpus_takes_the_smallest_limit(monkeypatch):

@@ -10,4 +10,5 @@ with logged(snakemake.log[0]):  # noqa: F821
         snakemake.output[0],  # noqa: F821
         snakemake.params.targets,  # noqa: F821
         job_settings(snakemake.params.data, snakemake.config, "data"),  # noqa: F821
+        threads=snakemake.threads,  # noqa: F821
     )

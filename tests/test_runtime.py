@@ -1,0 +1,81 @@
+"""dinopipe.runtime: one vocabulary for devices and mixed precision, memory trimming."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dinopipe.runtime import (
+    AUTOCAST,
+    autocast_context,
+    autocast_mode,
+    is_device_name,
+    release_freed_memory,
+    resolve_device,
+)
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_names_every_stage_accepts(name):
+    assert is_device_name(name)
+
+
+@pytest.mark.parametrize("name", ["gpu", "CUDA", "cuda:", "cuda:x", "mps", "", None, 0])
+def test_unknown_device_names_are_refused_naming_the_key(name):
+    assert not is_device_name(name)
+    with pytest.raises(ValueError, match=r"train\.device is .*allowed: 'auto'"):
+        resolve_device(name, "train.device")
+
+
+def test_resolve_device_on_a_machine_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"predict\.device is 'cuda:1' but CUDA is not available"):
+        resolve_device("cuda:1", "predict.device")
+
+
+def test_autocast_modes_and_the_older_booleans():
+    assert AUTOCAST == ("bf16", "fp16", "none")
+    assert [autocast_mode(m) for m in (*AUTOCAST, True, False)] == ["bf16", "fp16", "none", "bf16", "none"]
+    with pytest.raises(ValueError, match=r"features\.autocast is 'fp8'"):
+        autocast_mode("fp8", "features.autocast")
+
+
+def test_autocast_is_a_no_op_on_cpu():
+    x = torch.ones(2, 2)
+    for mode in (*AUTOCAST, True):
+        with autocast_context(torch.device("cpu"), mode):
+            assert (x @ x).dtype == torch.float32
+
+
+def test_every_stage_refuses_the_same_bad_names():
+    """features, train and predict share the one vocabulary (dinopipe.runtime)."""
+    from dinopipe.backbone import load_backbone
+    from dinopipe.checks import check_config
+    from dinopipe.features import FeatureParams
+    from dinopipe.train import resolve_train_params
+
+    with pytest.raises(ValueError, match=r"features\.device is 'gpu'"):
+        load_backbone("tiny-vit", device="gpu")
+    with pytest.raises(ValueError, match=r"train\.device is 'gpu'"):
+        resolve_train_params({"device": "gpu"})
+    with pytest.raises(ValueError, match=r"features\.autocast is 'fp8'"):
+        FeatureParams(autocast="fp8").validate()
+    problems = check_config({"predict": {"device": "gpu"}})
+    assert any(p.startswith("predict.device is 'gpu'") for p in problems)
+
+
+def test_release_freed_memory_runs():
+    release_freed_memory()  # glibc malloc_trim here; a no-op elsewhere — must not raise
+
+
+def test_runtime_imports_without_torch():
+    """The parse-time checks use the device vocabulary: importing runtime must not load torch."""
+    code = "import sys, dinopipe.runtime, dinopipe.checks; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
