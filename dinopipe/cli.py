@@ -3,7 +3,7 @@
 The same library calls as the workflow's rules (:func:`dinopipe.stages.run_predict`,
 :func:`dinopipe.stages.run_segment`), with the ``predict``, ``segment``, ``features``
 and ``data`` sections taken from a workflow config file (``--config``, validated against
-the workflow's schema when it is present) and command-line overrides on top.
+the workflow's schema, which ships with the package) and command-line overrides on top.
 
 Examples::
 
@@ -17,21 +17,22 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from dinopipe.config import validate_config
+from dinopipe.sheet import Volume
+
 logger = logging.getLogger("dinopipe")
-
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
-
 
 def load_sections(config_path: str | None) -> dict[str, dict[str, Any]]:
     """The predict/segment/features/data sections of a workflow config (with the schema's defaults)."""
-    import yaml
-
     config: dict[str, Any] = {}
     if config_path:
         path = Path(config_path)
@@ -41,10 +42,7 @@ def load_sections(config_path: str | None) -> dict[str, dict[str, Any]]:
         if not isinstance(config, dict):
             raise ValueError(f"--config {path}: expected a mapping of config sections")
     config.setdefault("volumes", "")
-    if SCHEMA.is_file():  # in a source checkout: validate and fill in defaults as the workflow does
-        from snakemake.utils import validate
-
-        validate(config, str(SCHEMA))
+    validate_config(config)  # as the workflow does: errors name the key, defaults filled in
     return {k: dict(config.get(k) or {}) for k in ("predict", "segment", "features", "data")}
 
 
@@ -91,8 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _predict(args: argparse.Namespace, sections: dict[str, dict[str, Any]], out: Path) -> None:
-    from dinopipe.sheet import Volume
-    from dinopipe.stages import run_predict
+    from dinopipe.stages import run_predict  # torch: loaded only for the commands that need it
 
     params = dict(sections["predict"])
     if args.block_shape:
@@ -107,8 +104,6 @@ def _predict(args: argparse.Namespace, sections: dict[str, dict[str, Any]], out:
     if args.voxel_size:
         data["output_voxel_size"] = list(args.voxel_size)
     elif args.raw and data.get("output_voxel_size") is None:  # the grid the model was trained on
-        import json
-
         sig = json.loads((Path(args.checkpoint) / "model_config.json").read_text()).get("feature_signature") or {}
         if sig.get("voxel_size"):
             data["output_voxel_size"] = sig["voxel_size"]
@@ -118,7 +113,7 @@ def _predict(args: argparse.Namespace, sections: dict[str, dict[str, Any]], out:
 
 
 def _segment(args: argparse.Namespace, sections: dict[str, dict[str, Any]], predictions: Path, out: Path) -> None:
-    from dinopipe.stages import run_segment
+    from dinopipe.stages import run_segment  # see _predict
 
     params = dict(sections["segment"])
     if args.method:

@@ -25,8 +25,16 @@ parameters, the features section of a prediction from cached features.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+#: The workflow's config schema, shipped inside the package (a link to
+#: ``workflow/schemas/config.schema.yaml`` in a source checkout, a copy in a wheel).
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 #: Per config section, the keys that never change an output (bitwise on CPU).
 RUNTIME_KEYS: Mapping[str, frozenset[str]] = {
@@ -46,6 +54,50 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 #: Train keys that may differ between an interrupted run and its continuation: the
 #: runtime-only ones, and ``steps`` (raising it continues the same run).
 RESUME_FREE: frozenset[str] = RUNTIME_KEYS["train"] | {"steps"}
+
+
+@functools.cache
+def load_schema() -> dict[str, Any]:
+    """The workflow's config schema (JSON Schema as a mapping), read once.
+
+    Raises:
+        FileNotFoundError: the package was installed without its schema (names the path).
+    """
+    if not SCHEMA_PATH.is_file():
+        raise FileNotFoundError(
+            f"the config schema {SCHEMA_PATH} is missing from the installed dinopipe package; "
+            "reinstall it (pip install dinopipe, or pip install -e . in a checkout)"
+        )
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema_defaults(section: str, *path: str) -> dict[str, Any]:
+    """The schema's default of every key of one config section (or a nested mapping in it).
+
+    ``schema_defaults("train", "augment")`` gives the defaults of ``train.augment``. Keys
+    without a default are left out.
+
+    Raises:
+        KeyError: no such section or nested mapping in the schema (names it).
+    """
+    node = load_schema()
+    for name in (section, *path):
+        try:
+            node = node["properties"][name]
+        except KeyError:
+            raise KeyError(f"the config schema has no section {'.'.join((section, *path))!r}") from None
+    return {k: v["default"] for k, v in node.get("properties", {}).items() if "default" in v}
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate a config against the schema as the workflow does, filling in its defaults (in place)."""
+    try:
+        from snakemake.utils import validate  # the workflow's own validator: an optional dependency
+    except ImportError as exc:
+        raise ImportError("validating a config needs Snakemake: pip install 'dinopipe[workflow]'") from exc
+    validate(config, str(SCHEMA_PATH))
+    return config
+
 
 def canonical(value: Any) -> Any:
     """``value`` with every mapping's keys sorted (recursively) and tuples as lists, so

@@ -695,6 +695,17 @@ def run_train(
     return train(train_volumes, validate_volumes, out_dir, params, state_dir=state_dir)
 
 
+#: Defaults of the ``predict`` config section (``roles`` selects jobs and is not read here).
+DEFAULT_PREDICT: dict[str, Any] = {
+    "source": "features",
+    "block_shape": [32, 64, 64],
+    "batch_size": 1,
+    "feature_halo": None,
+    "device": "auto",
+    "autocast": "bf16",
+}
+
+
 def run_predict(
     features_path: str | Path | None, checkpoint_dir: str | Path, out_path: str | Path, params: Mapping[str, Any],
     *, threads: int | None = None, volume: Volume | None = None, features: Mapping[str, Any] | None = None,
@@ -711,18 +722,19 @@ def run_predict(
     from dinopipe.predict import predict_from_raw, predict_volume
 
     torch.set_num_threads(allotted_cpus(threads))
+    params = {**DEFAULT_PREDICT, **params}
     common = {
-        "block_shape": tuple(params.get("block_shape", (32, 64, 64))),
-        "device": params.get("device", "auto"),
-        "batch_size": int(params.get("batch_size", 1)),
-        "autocast": params.get("autocast", "bf16"),
+        "block_shape": tuple(params["block_shape"]),
+        "device": params["device"],
+        "batch_size": int(params["batch_size"]),
+        "autocast": params["autocast"],
     }
-    source = params.get("source", "features")
+    source = params["source"]
     if source == "raw":
         if volume is None or features is None:
             raise ValueError("predict.source 'raw' needs the volume and the features config section")
         return predict_from_raw(volume, checkpoint_dir, out_path, features, data, **common,
-                                feature_halo=params.get("feature_halo"))
+                                feature_halo=params["feature_halo"])
     if source != "features":
         raise ValueError(f"predict.source must be 'features' or 'raw', got {source!r}")
     if features_path is None:

@@ -370,23 +370,6 @@ def test_without_validate_volumes_warns_and_leaves_val_empty(tmp_path, volumes, 
     assert torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
-def test_schema_defaults_match_the_library_defaults():
-    import yaml
-
-    from dinopipe.augment import DEFAULT_AUGMENT_PARAMS
-
-    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    train_schema = schema["properties"]["train"]
-    assert train_schema["additionalProperties"] is False
-    props = train_schema["properties"]
-    assert set(props) == set(DEFAULT_TRAIN_PARAMS)
-    for key, value in DEFAULT_TRAIN_PARAMS.items():
-        if key not in ("unet", "augment"):
-            assert props[key]["default"] == value, key
-    assert {k: v["default"] for k, v in props["augment"]["properties"].items()} == DEFAULT_AUGMENT_PARAMS
-    resolve_train_params({k: v["default"] for k, v in props.items() if k not in ("unet", "augment")})
-
-
 def test_bad_params_are_rejected(tmp_path, volumes):
     with pytest.raises(ValueError, match=r"unknown train parameters \['epochs', 'lr'\]"):
         resolve_train_params({"epochs": 3, "lr": 0.1})
