@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -108,9 +109,16 @@ def test_the_cli_validates_with_the_packaged_schema(tmp_path):
 @pytest.mark.slow
 def test_a_built_wheel_carries_the_schema(tmp_path):
     """An installed package (no source tree beside it) still finds the schema."""
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "dinopipe", src / "dinopipe", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "workflow" / "schemas", src / "workflow" / "schemas")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("dinopipe-*.whl")
+                    "-w", str(tmp_path / "wheel"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("dinopipe-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         text = zf.read("dinopipe/schemas/config.schema.yaml").decode()
     assert yaml.safe_load(text) == load_schema()
