@@ -153,7 +153,7 @@ def run_arm(name: str, arm: dict, root: Path, vols: dict[str, Volume], config: d
 
 def stages_curve(model: Path) -> list[list[float]]:
     """(step, val_loss) pairs of the loss curve: is the model still improving at the end?"""
-    from dinopipe.train import read_curve
+    from dinopipe.curves import read_curve
 
     return [[int(r["step"]), round(float(r["val_loss"]), 4)] for r in read_curve(model / "loss_curve.tsv")
             if r["val_loss"]]

@@ -1,20 +1,18 @@
-"""Figures for the Snakemake report: example slices per predicted volume and the loss curve.
+"""Figures for the Snakemake report: example slices per predicted volume.
 
-Pillow only (no plotting library): images are composed from arrays and lines drawn on
-a canvas, so the report needs nothing beyond the pipeline's own dependencies.
+Panels are composed from arrays with Pillow (raw, affinities, labels side by side). The loss
+curve figure is :func:`dinopipe.curves.plot_curve_file`.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dinopipe import io
 
@@ -112,68 +110,6 @@ def raw_slice_reader(volume: object, data: dict | None, grid: io.Geometry) -> ob
         return reader.read((slice(z, z + 1), slice(0, grid.shape[1]), slice(0, grid.shape[2])))[0, 0]
 
     return read
-
-
-def read_loss_curve(path: str | os.PathLike[str]) -> dict[str, list[tuple[float, float]]]:
-    """Read ``loss_curve.tsv`` (columns step, and any ``*_loss`` columns; empty cells skipped)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or "step" not in rows[0]:
-        raise ValueError(f"{path}: expected a TSV with a 'step' column and loss columns")
-    series: dict[str, list[tuple[float, float]]] = {}
-    for key in rows[0]:
-        if key == "step" or not key.endswith("loss"):
-            continue
-        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-        series[key] = [(s, v) for s, v in pts if math.isfinite(v)]
-    return series
-
-
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-
-
-def plot_loss_curve(curve_tsv: str | os.PathLike[str], out_png: str | os.PathLike[str],
-                    size: Sequence[int] = (720, 400)) -> None:
-    """Plot the training and validation loss against the step into a PNG (written atomically)."""
-    series = read_loss_curve(curve_tsv)
-    width, height = int(size[0]), int(size[1])
-    left, right, top, bottom = 70, 20, 30, 45
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    points = [p for pts in series.values() for p in pts]
-    if points:
-        steps = [p[0] for p in points]
-        values = [p[1] for p in points]
-        x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-        y0, y1 = min(values), max(values)
-        if y1 - y0 < 1e-12:
-            y0, y1 = y0 - 0.5, y1 + 0.5
-
-        def xy(step: float, value: float) -> tuple[float, float]:
-            return (left + (step - x0) / (x1 - x0) * (width - left - right),
-                    top + (y1 - value) / (y1 - y0) * (height - top - bottom))
-
-        draw.rectangle([left, top, width - right, height - bottom], outline="black")
-        for frac in (0.0, 0.5, 1.0):
-            v = y0 + frac * (y1 - y0)
-            _, py = xy(x0, v)
-            draw.text((5, py - 6), f"{v:.4g}", fill="black")
-            s = x0 + frac * (x1 - x0)
-            px, _ = xy(s, y0)
-            draw.text((px - 10, height - bottom + 5), f"{s:.0f}", fill="black")
-        draw.text((width // 2 - 15, height - 18), "step", fill="black")
-        for i, (name, pts) in enumerate(series.items()):
-            colour = _COLOURS[i % len(_COLOURS)]
-            xys = [xy(s, v) for s, v in pts]
-            if len(xys) > 1:
-                draw.line(xys, fill=colour, width=2)
-            for px, py in xys if len(xys) < 50 else []:
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            draw.text((left + 10 + 120 * i, 8), name, fill=colour)
-    else:
-        draw.text((20, height // 2), f"no loss values in {curve_tsv}", fill="black")
-    with io.atomic_output(out_png) as tmp:
-        img.save(tmp, format="PNG")
 
 
 def run_report_slices(

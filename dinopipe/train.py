@@ -52,7 +52,6 @@ to ``out_dir/tensorboard``.
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
 import time
@@ -66,6 +65,7 @@ import torch
 from dinopipe import __version__
 from dinopipe.augment import feature_noise, resolve_augment_params
 from dinopipe.config import RESUME_FREE
+from dinopipe.curves import Row, channel_names, plot_curve, write_curve
 from dinopipe.evaluate import balanced_accuracy
 from dinopipe.io import atomic_output, write_json
 from dinopipe.logs import Progress
@@ -482,68 +482,6 @@ def save_checkpoint(
         torch.save(state, tmp)
 
 
-Row = tuple[int, float | None, float | None, float | None, float | None, tuple[float, ...] | None]
-"""(step, train_loss, val_loss, val_bacc, lr, per-channel val_bacc)."""
-CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_bacc", "lr")
-
-
-def channel_names(offsets: Sequence[Sequence[int]], num_classes: int | None = None) -> list[str]:
-    """Names of the per-channel validation columns: ``1_0_0`` per offset (z, y, x), or ``class<c>``."""
-    if num_classes:
-        return [f"class{c}" for c in range(num_classes)]
-    return ["_".join(str(int(v)) for v in o) for o in offsets]
-
-
-def _write_curve(path: Path, rows: Sequence[Row], channels: Sequence[str] = ()) -> None:
-    def fmt(value: float | None) -> str:
-        return "" if value is None else f"{value:.8g}"
-
-    def cells(r: Sequence[Any]) -> list[Any]:
-        per = r[5] if len(r) > 5 and r[5] is not None else [None] * len(channels)
-        return [*r[1:5], *per]
-
-    header = [*CURVE_COLUMNS, *(f"val_bacc_{c}" for c in channels)]
-    lines = ["\t".join(header)] + [f"{r[0]}\t" + "\t".join(fmt(v) for v in cells(r)) for r in rows]
-    with atomic_output(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-
-
-def read_curve(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a ``loss_curve.tsv`` as dicts of strings."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
-
-
-def plot_curve(path: str | Path, rows: Sequence[Row]) -> None:
-    """Loss curve PNG (train loss, its running mean, validation loss; validation balanced accuracy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([r[0] for r in rows if r[1] is not None])
-    train_loss = np.array([r[1] for r in rows if r[1] is not None], dtype=float)
-    val = [(r[0], r[2], r[3]) for r in rows if r[2] is not None]
-    fig, (ax, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
-    if len(steps):
-        ax.plot(steps, train_loss, color="C0", alpha=0.3, lw=0.8, label="train (per step)")
-        window = max(1, len(steps) // 20)
-        smooth = np.convolve(train_loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1 :], smooth, color="C0", label=f"train (mean of {window})")
-    if val:
-        ax.plot([v[0] for v in val], [v[1] for v in val], "o-", color="C1", label="validation")
-        ax_f1.plot([v[0] for v in val], [v[2] for v in val], "o-", color="C2")
-    ax.set(xlabel="step", ylabel="loss", title="loss")
-    ax.legend()
-    ax_f1.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax_f1.set(xlabel="step", ylabel="balanced accuracy", title="validation balanced accuracy (0.5: chance)",
-              ylim=(0, 1))
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def _lr_factor(params: Mapping[str, Any]) -> Callable[[int], float]:
     steps, warmup, schedule = params["steps"], params["warmup_steps"], params["lr_schedule"]
 
@@ -783,7 +721,7 @@ def train(
                 bad_validations=bad_validations, stopped_early=stopped_early, signature=signature,
                 steps_param=p["steps"],
             )
-            _write_curve(state / "loss_curve.tsv", rows, channels)
+            write_curve(state / "loss_curve.tsv", rows, channels)
 
         def validation(step: int) -> tuple[float | None, float | None, tuple[float, ...] | None]:
             nonlocal best, bad_validations, stopped_early
@@ -893,7 +831,7 @@ def train(
         write_json(out / "model_config.json", {**model_config, "checkpoint_step": final["step"]})
         with atomic_output(out / "checkpoint.pt") as tmp:
             torch.save(final, tmp)
-        _write_curve(out / "loss_curve.tsv", rows, channels)
+        write_curve(out / "loss_curve.tsv", rows, channels)
         plot_curve(out / "loss_curve.png", rows)
 
     summary = {

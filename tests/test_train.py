@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -14,6 +13,7 @@ import zarr
 
 from dinopipe.io import read_image, write_image
 from dinopipe.predict import load_model, predict_volume
+from dinopipe.curves import read_curve
 from dinopipe.train import DEFAULT_TRAIN_PARAMS, TrainingInterrupted, evaluate, resolve_train_params, train
 
 OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
@@ -103,11 +103,6 @@ TINY = {
     "num_threads": 2,
     "tensorboard": False,
 }
-
-
-def read_curve(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
 
 
 @pytest.fixture(scope="module")
