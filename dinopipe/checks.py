@@ -19,9 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from dinopipe.io import Geometry
+from dinopipe.augment import check_offsets_closed, resolve_augment_params, transform_group
+from dinopipe.backbone_spec import known_patch_size
+from dinopipe.geometry import Geometry
+from dinopipe.io import metadata_cache, source_store
 from dinopipe.runtime import DEVICE_HELP, is_device_name
 from dinopipe.sheet import Volume
+from dinopipe.sources import check_paths, open_sources, source_args
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +40,6 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
     not ``[0, 0, 0]``, no duplicates); ``train.crop_shape`` divisible by
     ``2**train.unet.levels``.
     """
-    from dinopipe.backbone_spec import known_patch_size
-
     problems: list[str] = []
     features = config.get("features") or {}
     train = config.get("train") or {}
@@ -95,12 +97,9 @@ def volume_grids(
     found on the way (missing paths, formats, scales, dtypes, geometry, overlap, ROI, as
     :func:`dinopipe.sources.open_sources` finds them). Volumes whose data a rule generates
     (paths under a ``generated`` prefix) are skipped."""
-    from dinopipe.io import metadata_cache, source_store
-    from dinopipe.sources import check_paths, open_sources
-
     grids: dict[str, Geometry] = {}
     problems: list[str] = []
-    args = {k: data.get(k) for k in ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")}
+    args = {**source_args(data), "missing_chunks": "error"}  # chunks are not listed with metadata_only
     with metadata_cache():
         for volume in volumes:
             if any(source_store(p).startswith(tuple(generated)) for p in (volume.raw, volume.labels) if p):
@@ -118,8 +117,6 @@ def check_grids(config: Mapping[str, Any], volumes: Sequence[Volume], grids: Map
     volume smaller than ``train.crop_shape``; volumes whose grid voxel size differs from the
     training volumes' (the model works at one voxel size; predicted volumes included); an
     offset that the enabled augmentations do not map onto the offsets (up to sign)."""
-    from dinopipe.augment import resolve_augment_params, transform_group
-
     problems: list[str] = []
     train = config.get("train") or {}
     crop = [int(c) for c in train.get("crop_shape") or ()]
@@ -154,8 +151,6 @@ def check_grids(config: Mapping[str, Any], volumes: Sequence[Volume], grids: Map
 
 
 def _unmapped(offsets: Sequence[Sequence[int]], group: Sequence[np.ndarray]) -> list[str]:
-    from dinopipe.augment import check_offsets_closed
-
     try:
         check_offsets_closed(offsets, group)
     except ValueError as exc:

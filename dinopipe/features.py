@@ -22,7 +22,6 @@ with no full-size copy per plane.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -37,9 +36,19 @@ import torch.nn.functional as F
 
 from dinopipe import __version__
 from dinopipe.backbone import IMAGENET_MEAN, IMAGENET_STD, TINY_BACKBONES, Backbone
-from dinopipe.io import Geometry
+from dinopipe.geometry import (
+    Geometry,
+    blocks,
+    check_ratio,
+    grow_window,
+    inner_window,
+    patch_alignment,
+    raw_window,
+    slice_weights,
+    sub_geometry,
+)
 from dinopipe.runtime import autocast_context, autocast_mode
-from dinopipe.sources import RATIO_RANGE, check_ratio  # noqa: F401 (re-exported)
+from dinopipe.sources import intensity_range
 
 logger = logging.getLogger(__name__)
 
@@ -158,60 +167,6 @@ class PlaneTimings:
     image_size: tuple[int, int] = (0, 0)
 
 
-def intensity_range(raw: np.ndarray, method: str, low: float, high: float) -> tuple[float, float]:
-    """Per-volume intensity range mapped to 0..1.
-
-    Percentiles are taken on at most about a million voxels sampled on a regular
-    stride (deterministic). Returns (lo, hi) with hi > lo.
-    """
-    if method == "dtype":
-        if not np.issubdtype(raw.dtype, np.integer):
-            raise ValueError(f"intensity 'dtype' needs integer raw data, got {raw.dtype}")
-        info = np.iinfo(raw.dtype)
-        return float(info.min), float(info.max)
-    step = max(1, int(math.ceil((raw.size / 1e6) ** (1 / 3))))
-    sample = np.asarray(raw[::step, ::step, ::step], dtype=np.float64)
-    if not np.all(np.isfinite(sample)):
-        raise ValueError("raw contains NaN or infinite values")
-    lo, hi = np.percentile(sample, [low, high])
-    if hi <= lo:
-        hi = lo + 1.0
-    return float(lo), float(hi)
-
-
-def slice_weights(
-    raw_translation: float, raw_voxel: float, n_raw: int, out_translation: float, out_voxel: float, n_out: int
-) -> list[tuple[int, list[tuple[int, float]]]]:
-    """Which raw slices average into each output slice along one axis.
-
-    Args:
-        raw_translation: Centre of raw voxel 0, nm.
-        raw_voxel: Raw voxel size, nm.
-        n_raw: Number of raw voxels.
-        out_translation: Centre of output voxel 0, nm.
-        out_voxel: Output voxel size, nm.
-        n_out: Number of output voxels.
-
-    Returns:
-        For every raw slice used, in increasing order: (raw index, [(output index,
-        weight), ...]); the weights of each output index sum to 1.
-    """
-    raw_centres = raw_translation + raw_voxel * np.arange(n_raw)
-    out_of_raw = np.floor((raw_centres - (out_translation - out_voxel / 2)) / out_voxel).astype(np.int64)
-    members: dict[int, list[int]] = {i: [] for i in range(n_out)}
-    for j, i in enumerate(out_of_raw):
-        if 0 <= i < n_out:
-            members[int(i)].append(j)
-    contributions: dict[int, list[tuple[int, float]]] = {}
-    for i, js in members.items():
-        if not js:  # raw coarser than output: nearest raw slice
-            centre = out_translation + i * out_voxel
-            js = [int(np.clip(np.rint((centre - raw_translation) / raw_voxel), 0, n_raw - 1))]
-        for j in js:
-            contributions.setdefault(j, []).append((i, 1.0 / len(js)))
-    return sorted(contributions.items())
-
-
 def _token_coords(
     out_centres_nm: np.ndarray, begin_nm: float, pixel_nm: float, patch: float, stride: float, n_tokens: int
 ) -> torch.Tensor:
@@ -240,18 +195,10 @@ class _Plane:
         # in-plane raw extent: the raw voxels overlapping the output grid, grown by the context
         # where the raw extends beyond it, the start then moved down onto the patch grid of
         # the raw array (so tokens sit where they sit for the whole array)
-        self.crop: list[slice] = []
-        begins = []
-        for ax in (b, c):
-            lo = int(np.floor((out_geom.begin_nm[ax] - raw_geom.begin_nm[ax]) / rv[ax] + 1e-6))
-            hi = int(np.ceil((out_geom.end_nm[ax] - raw_geom.begin_nm[ax]) / rv[ax] - 1e-6))
-            context = params.context_pixels(backbone.patch_size, rv[ax])
-            if context:
-                lo = (lo - context) // backbone.patch_size * backbone.patch_size
-                hi += context
-            lo, hi = max(lo, 0), min(hi, raw_geom.shape[ax])
-            self.crop.append(slice(lo, hi))
-            begins.append(raw_geom.begin_nm[ax] + lo * rv[ax])
+        context = [0 if ax == a else params.context_pixels(backbone.patch_size, rv[ax]) for ax in range(3)]
+        window, _ = raw_window(raw_geom, out_geom, context, align=backbone.patch_size)
+        self.crop: list[slice] = [window[b], window[c]]
+        begins = [raw_geom.begin_nm[ax] + window[ax].start * rv[ax] for ax in (b, c)]
         extent = [(s.stop - s.start) * rv[ax] for s, ax in zip(self.crop, (b, c))]
         pixel = min(rv[b], rv[c])  # square pixels at the finer in-plane resolution
         longest = max(extent) / pixel
@@ -483,35 +430,6 @@ def extract_features(
     return acc, info
 
 
-def raw_window(
-    raw_geom: Geometry, out_geom: Geometry, context: Sequence[int] | None = None, align: int = 1,
-) -> tuple[tuple[slice, slice, slice], Geometry]:
-    """The raw voxels overlapping ``out_geom`` and their geometry.
-
-    Args:
-        raw_geom, out_geom: Raw and output geometry (nm).
-        context: Raw voxels (z, y, x) added on each side, clipped to the raw; the start is
-            then moved down to a multiple of ``align`` raw voxels (the backbone's patch grid
-            of the whole raw array).
-        align: See ``context``.
-    """
-    rv = np.asarray(raw_geom.voxel_size)
-    lo = np.floor((out_geom.begin_nm - raw_geom.begin_nm) / rv + 1e-6).astype(int)
-    hi = np.ceil((out_geom.end_nm - raw_geom.begin_nm) / rv - 1e-6).astype(int)
-    if context is not None and any(context):
-        ctx = np.asarray(context, dtype=int)
-        lo = (lo - ctx) // int(align) * int(align)
-        hi = hi + ctx
-    lo, hi = np.maximum(lo, 0), np.minimum(hi, raw_geom.shape)
-    window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    geom = Geometry(
-        tuple(int(b - a) for a, b in zip(lo, hi)),  # type: ignore[arg-type]
-        raw_geom.voxel_size,
-        tuple(float(t + a * v) for t, a, v in zip(raw_geom.translation, lo, rv)),  # type: ignore[arg-type]
-    )
-    return window, geom  # type: ignore[return-value]
-
-
 def context_raw_window(
     raw_geom: Geometry, out_geom: Geometry, params: FeatureParams, patch_size: int,
 ) -> tuple[tuple[slice, slice, slice], Geometry]:
@@ -520,24 +438,6 @@ def context_raw_window(
     extends, the start on the patch grid of the whole raw (see :func:`raw_window`)."""
     context = [params.context_pixels(patch_size, v) for v in raw_geom.voxel_size]
     return raw_window(raw_geom, out_geom, context, align=patch_size)
-
-
-def sub_geometry(geom: Geometry, window: Sequence[slice]) -> Geometry:
-    """The geometry of ``geom[window]``."""
-    return Geometry(
-        tuple(s.stop - s.start for s in window),  # type: ignore[arg-type]
-        geom.voxel_size,
-        tuple(float(t + s.start * v) for t, s, v in zip(geom.translation, window, geom.voxel_size)),  # type: ignore[arg-type]
-    )
-
-
-def blocks(shape: Sequence[int], block_shape: Sequence[int]) -> list[tuple[slice, slice, slice]]:
-    """Core windows tiling a (z, y, x) grid, in C order."""
-    starts = [range(0, s, b) for s, b in zip(shape, block_shape)]
-    return [
-        tuple(slice(o, min(o + b, s)) for o, b, s in zip(origin, block_shape, shape))  # type: ignore[misc]
-        for origin in itertools.product(*starts)
-    ]
 
 
 def extract_features_blockwise(
@@ -576,7 +476,6 @@ def extract_features_blockwise(
     Returns:
         Info as :func:`extract_features` returns, with timings summed over blocks.
     """
-    halo3 = np.broadcast_to(np.asarray(halo, dtype=int), (3,))
     try:
         lo, hi = intensity_range(raw, params.intensity, params.low, params.high)
     except ValueError as exc:
@@ -585,21 +484,16 @@ def extract_features_blockwise(
     # Align every grown block's start to the whole volume's patch grid (in output voxels,
     # where one patch of raw voxels is a whole number of them) so tokens sit where they
     # would sit for the whole volume.
-    unit = backbone.patch_size * np.asarray(raw_geom.voxel_size) / np.asarray(out_geom.voxel_size)
-    align = [int(round(u)) if abs(u - round(u)) < 1e-6 and u >= 1 else 1 for u in unit]
+    align = patch_alignment(backbone.patch_size, raw_geom.voxel_size, out_geom.voxel_size)
     for core in blocks(out_geom.shape, block_shape):
-        grown = tuple(
-            slice(max((s.start - h) // a * a, 0), min(s.stop + h, n))
-            for s, h, n, a in zip(core, halo3, out_geom.shape, align)
-        )
+        grown = grow_window(core, halo, out_geom.shape, align)
         sub_out = sub_geometry(out_geom, grown)
         window, sub_raw = context_raw_window(raw_geom, sub_out, params, backbone.patch_size)
         feats, block_info = extract_features(
             np.asarray(raw[window]), sub_raw, sub_out, backbone, params, volume=volume,
             upsampler=upsampler, progress=progress, intensity=(lo, hi),
         )
-        inner = tuple(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown))
-        write(core, feats[(slice(None), *inner)])  # type: ignore[arg-type]
+        write(core, feats[(slice(None), *inner_window(core, grown))])  # type: ignore[arg-type]
         info["blocks"] += 1
         info["image_size"] = block_info["image_size"]
         for plane, t in block_info["timings"].items():

@@ -46,6 +46,8 @@ import tensorstore as ts
 import zarr
 from numcodecs import Blosc
 
+from dinopipe.geometry import Geometry
+
 logger = logging.getLogger(__name__)
 
 # Snakemake marks directory outputs with a `.snakemake_timestamp` file, which zarr
@@ -70,38 +72,6 @@ FEATURE_CHUNK = 16
 #: C-order rate in benchmarks/loader.py). Readers (zarr, tensorstore, neuroglancer, napari)
 #: honour the ``order`` key; :func:`read_image` callers see ordinary (c, z, y, x) arrays.
 FEATURE_ORDER = "F"
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where a (z, y, x) grid lies in physical space.
-
-    Attributes:
-        shape: Grid shape in voxels, (z, y, x).
-        voxel_size: Voxel size in nm, (z, y, x).
-        translation: Centre of voxel (0, 0, 0) in nm, (z, y, x).
-    """
-
-    shape: tuple[int, int, int]
-    voxel_size: tuple[float, float, float]
-    translation: tuple[float, float, float]
-
-    @property
-    def begin_nm(self) -> np.ndarray:
-        """Physical start (corner) of the grid in nm, (z, y, x)."""
-        return np.asarray(self.translation) - 0.5 * np.asarray(self.voxel_size)
-
-    @property
-    def end_nm(self) -> np.ndarray:
-        """Physical end (far corner) of the grid in nm, (z, y, x)."""
-        return self.begin_nm + np.asarray(self.shape) * np.asarray(self.voxel_size)
-
-    def to_dict(self) -> dict[str, list[float] | list[int]]:
-        return {
-            "shape": list(self.shape),
-            "voxel_size": list(self.voxel_size),
-            "translation": list(self.translation),
-        }
 
 
 @dataclass

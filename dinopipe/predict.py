@@ -48,7 +48,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import islice, product
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +56,25 @@ import numpy as np
 import torch
 import zarr
 
-from dinopipe.features import check_compatible
-from dinopipe.io import Geometry, atomic_output, create_image, open_tensorstore, read_image, read_into
+from dinopipe.backbone import load_backbone
+from dinopipe.features import (
+    FeatureParams,
+    check_compatible,
+    context_raw_window,
+    extract_features,
+    load_upsampler,
+    signature,
+)
+from dinopipe.geometry import Geometry, blocks, grow_window, inner_window, patch_alignment, sub_geometry
+from dinopipe.io import atomic_output, create_image, open_tensorstore, read_image, read_into
 from dinopipe.logs import Progress
+from dinopipe.sources import RawOnGridReader, intensity_range, open_sources, source_args
 from dinopipe.runtime import autocast_context, autocast_mode, release_freed_memory, resolve_device
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, receptive_field_halo, split_output
 
 logger = logging.getLogger(__name__)
 
 #: Intensity percentiles of the raw channel fed to ``input_raw`` models (as in the targets' ``raw``).
-RAW_PERCENTILES = (0.5, 99.5)
 
 
 def load_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[UNet3D, dict[str, Any]]:
@@ -113,7 +122,9 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _block_starts(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[int, ...]]:
-    yield from product(*(range(0, s, b) for s, b in zip(shape, block, strict=True)))
+    """The start (z, y, x) of every block tiling ``shape``, in C order (:func:`dinopipe.geometry.blocks`)."""
+    for window in blocks(shape, block):
+        yield tuple(s.start for s in window)
 
 
 # --------------------------------------------------------------------------- readers
@@ -182,17 +193,11 @@ class RawFeatureReader:
         self.intensity, self.volume, self.upsampler = intensity, volume, upsampler
         self.channels = int(backbone.channels)
         self.dtype = np.dtype(np.float32)
-        unit = backbone.patch_size * np.asarray(raw_geom.voxel_size) / np.asarray(grid.voxel_size)
-        self.align = [int(round(u)) if abs(u - round(u)) < 1e-6 and u >= 1 else 1 for u in unit]
+        self.align = patch_alignment(backbone.patch_size, raw_geom.voxel_size, grid.voxel_size)
         self.image_size: dict[str, Any] = {}
 
     def read(self, window: Sequence[slice]) -> np.ndarray:
-        from dinopipe.features import context_raw_window, extract_features, sub_geometry
-
-        grown = tuple(
-            slice(max((s.start - self.halo) // a * a, 0), min(s.stop + self.halo, n))
-            for s, n, a in zip(window, self.grid.shape, self.align, strict=True)
-        )
+        grown = grow_window(window, self.halo, self.grid.shape, self.align)
         sub_out = sub_geometry(self.grid, grown)
         raw_win, sub_raw = context_raw_window(self.raw_geom, sub_out, self.params, self.backbone.patch_size)
         feats, info = extract_features(
@@ -200,37 +205,7 @@ class RawFeatureReader:
             upsampler=self.upsampler, intensity=self.intensity,
         )
         self.image_size = info["image_size"]
-        inner = tuple(slice(w.start - g.start, w.stop - g.start) for w, g in zip(window, grown, strict=True))
-        return feats[(slice(None), *inner)]
-
-    def read_into(self, window: Sequence[slice], out: np.ndarray) -> None:
-        out[...] = self.read(window)
-
-
-class RawOnGridReader:
-    """One channel: raw scaled to 0..1 by the volume's percentile range, area-averaged onto the label grid.
-
-    Equals the targets' ``raw`` image (``dinopipe.stages.run_targets``) restricted to
-    the window, computed from only the raw voxels under that window.
-    """
-
-    channels = 1
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, raw: Any, raw_geom: Geometry, grid: Geometry) -> None:
-        from dinopipe.features import intensity_range
-
-        self.raw, self.raw_geom, self.grid = raw, raw_geom, grid
-        self.lo, self.hi = intensity_range(raw, "percentile", *RAW_PERCENTILES)
-
-    def read(self, window: Sequence[slice]) -> np.ndarray:
-        from dinopipe.features import raw_window, sub_geometry
-        from dinopipe.sources import resample_to_grid
-
-        sub_out = sub_geometry(self.grid, window)
-        raw_win, sub_raw = raw_window(self.raw_geom, sub_out)
-        scaled = np.clip((np.asarray(self.raw[raw_win], dtype=np.float32) - self.lo) / (self.hi - self.lo), 0, 1)
-        return resample_to_grid(scaled, sub_raw, sub_out)[None].astype(np.float32)
+        return feats[(slice(None), *inner_window(window, grown))]
 
     def read_into(self, window: Sequence[slice], out: np.ndarray) -> None:
         out[...] = self.read(window)
@@ -581,14 +556,12 @@ def predict_blocks(
 
 def _raw_reader_for(volume: Any, data: Mapping[str, Any] | None, grid: Geometry, checkpoint_dir: str) -> RawOnGridReader:
     """The raw channel of an ``input_raw`` model, on ``grid`` (which must be the volume's output grid)."""
-    from dinopipe.sources import open_sources
-
     if volume is None:
         raise ValueError(
             f"the model in {checkpoint_dir} takes the raw image as an extra input channel (input_raw): "
             "pass the volume (its sheet row) so the raw can be read"
         )
-    src = open_sources(volume, **_source_args(data or {}))
+    src = open_sources(volume, **source_args(data))
     if src.grid.shape != grid.shape or not np.allclose(src.grid.translation, grid.translation) or not np.allclose(
         src.grid.voxel_size, grid.voxel_size
     ):
@@ -596,11 +569,6 @@ def _raw_reader_for(volume: Any, data: Mapping[str, Any] | None, grid: Geometry,
             f"volume {volume.name!r}: its output grid {src.grid} differs from the features' grid {grid}"
         )
     return RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)
-
-
-def _source_args(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {**{k: data.get(k) for k in ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")},
-            "missing_chunks": data.get("missing_chunks") or "error"}
 
 
 def predict_volume(
@@ -678,15 +646,11 @@ def predict_from_raw(
     Returns:
         The statistics of :func:`predict_blocks`.
     """
-    from dinopipe.backbone import load_backbone
-    from dinopipe.features import FeatureParams, intensity_range, load_upsampler, signature
-    from dinopipe.sources import open_sources
-
     checkpoint_dir = str(checkpoint_dir)
     _check_block_args(block_shape, batch_size)
     model, config = load_model(checkpoint_dir)
     params = FeatureParams.from_config(features)
-    src = open_sources(volume, **_source_args(data or {}))
+    src = open_sources(volume, **source_args(data))
     if not _input_features(config):  # a UNet on the raw alone: no backbone needed
         return predict_blocks(
             [RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)], src.grid, model, config, out_path,

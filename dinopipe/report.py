@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 from dinopipe import io
+from dinopipe.geometry import Geometry
+from dinopipe.sources import RawOnGridReader, open_sources, source_args
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +96,9 @@ def write_slices(
     return z
 
 
-def raw_slice_reader(volume: object, data: dict | None, grid: io.Geometry) -> object:
+def raw_slice_reader(volume: object, data: dict | None, grid: Geometry) -> object:
     """A callable ``z -> (y, x)`` raw slice on ``grid`` (0..1), read from the volume's raw."""
-    from dinopipe.predict import RawOnGridReader
-    from dinopipe.sources import open_sources
-
-    src = open_sources(volume, **{k: (data or {}).get(k) for k in
-                                  ("min_raw_voxel_size", "label_voxel_size", "output_voxel_size")},
-                       missing_chunks=(data or {}).get("missing_chunks", "error"))
+    src = open_sources(volume, **source_args(data))  # type: ignore[arg-type]
     reader = RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)
     if src.grid.shape != grid.shape:
         raise ValueError(f"volume {volume.name!r}: output grid {src.grid.shape} differs from the prediction's {grid.shape}")  # type: ignore[attr-defined]

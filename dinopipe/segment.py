@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from itertools import product
 from typing import Any
 from collections.abc import Callable, Iterator, Sequence
 
@@ -33,6 +32,8 @@ import mwatershed
 import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
+
+from dinopipe.geometry import blocks
 
 logger = logging.getLogger(__name__)
 
@@ -545,8 +546,7 @@ def segment_blockwise(
     for a in range(3):
         if shape[a] > block[a] and axis_k[a] is None:
             raise ValueError(f"blockwise segmentation needs a short-range offset along axis {'zyx'[a]}, got {offsets_t}")
-    windows = [tuple(slice(o, min(o + b, n)) for o, b, n in zip(origin, block, shape))
-               for origin in product(*(range(0, n, b) for n, b in zip(shape, block)))]
+    windows = blocks(shape, block)
     parent = np.zeros(1, dtype=np.int64)  # union-find over fragment ids (0: background)
     sizes = np.zeros(1, dtype=np.int64)
     next_id = 1

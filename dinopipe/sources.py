@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from dinopipe.io import Geometry, Image, count_chunks, open_source, source_levels, source_store
+from dinopipe.geometry import Geometry, centre_window, check_ratio, raw_window, slice_weights, sub_geometry
+from dinopipe.io import Image, count_chunks, open_source, source_levels, source_store
 from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)
-
-#: Allowed raw:output voxel-size ratio per axis (raw voxel size / output voxel size).
-RATIO_RANGE = (0.1, 16.0)
-
 
 @dataclass
 class Sources:
@@ -52,17 +50,6 @@ class Sources:
         return {"raw": describe(self.raw), "labels": describe(self.labels),
                 "roi_nm": [list(b) for b in self.volume.roi] if self.volume.roi else None,
                 "grid": self.grid.to_dict()}
-
-
-def check_ratio(raw_voxel_size: Sequence[float], out_voxel_size: Sequence[float], volume: str) -> None:
-    """Raise if a raw:output voxel-size ratio is outside :data:`RATIO_RANGE` on any axis."""
-    for axis, r, o in zip("zyx", raw_voxel_size, out_voxel_size):
-        ratio = r / o
-        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
-            raise ValueError(
-                f"volume {volume!r}: raw voxel size {r} nm vs output (label) voxel size {o} nm on axis {axis} "
-                f"(ratio {ratio:.3g}) is outside the supported {RATIO_RANGE[0]}–{RATIO_RANGE[1]}"
-            )
 
 
 def check_paths(volume: Volume, generated: Sequence[str] = ()) -> None:
@@ -218,8 +205,6 @@ def check_finite(raw: Image, volume: str, grid: Geometry | None = None, slab_vox
     if grid is None:
         window = tuple(slice(0, n) for n in raw.array.shape)
     else:
-        from dinopipe.features import raw_window
-
         window, _ = raw_window(raw.geometry, grid)
     (z0, z1), ys, xs = ((window[0].start, window[0].stop), window[1], window[2])
     step = max(1, slab_voxels // max(1, (ys.stop - ys.start) * (xs.stop - xs.start)))
@@ -240,14 +225,6 @@ def _extent(geom: Geometry) -> str:
 
 def _roi_text(roi: object) -> str:
     return "none" if roi is None else ",".join(f"{a:g}:{b:g}" for a, b in roi)  # type: ignore[attr-defined]
-
-
-def _window(geom: Geometry, lo_nm: np.ndarray, hi_nm: np.ndarray) -> tuple[slice, ...]:
-    """Voxels of ``geom`` whose centres lie in [lo_nm, hi_nm)."""
-    t, v = np.asarray(geom.translation), np.asarray(geom.voxel_size)
-    first = np.maximum(np.ceil((lo_nm - t) / v - 1e-9), 0).astype(int)
-    last = np.minimum(np.ceil((hi_nm - t) / v - 1e-9), geom.shape).astype(int)
-    return tuple(slice(int(a), int(b)) for a, b in zip(first, last))
 
 
 def open_sources(
@@ -298,17 +275,16 @@ def open_sources(
         check_ratio(rg.voxel_size, lg.voxel_size, volume.name)
         extents += f", labels {volume.labels} cover {_extent(lg)}"
         # label voxels whose whole extent lies inside the raw
-        inner = _window(lg, rg.begin_nm + np.asarray(lg.voxel_size) / 2,
-                        rg.end_nm - np.asarray(lg.voxel_size) / 2 + 1e-6)
+        inner = centre_window(lg, rg.begin_nm + np.asarray(lg.voxel_size) / 2,
+                              rg.end_nm - np.asarray(lg.voxel_size) / 2 + 1e-6)
         if min(s.stop - s.start for s in inner) < 1:
             raise ValueError(f"volume {volume.name!r}: raw and labels do not overlap: {extents} "
                              f"(no label voxel lies wholly inside the raw)")
-        window = _window(lg, lo if roi is None else np.maximum(lo, roi[:, 0]),
-                         hi if roi is None else np.minimum(hi, roi[:, 1]))
-        window = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(window, inner))
-        shape = tuple(max(0, s.stop - s.start) for s in window)
-        translation = tuple(float(t + s.start * v) for t, s, v in zip(lg.translation, window, lg.voxel_size))
-        grid = Geometry(shape, lg.voxel_size, translation)  # type: ignore[arg-type]
+        window = centre_window(lg, lo if roi is None else np.maximum(lo, roi[:, 0]),
+                               hi if roi is None else np.minimum(hi, roi[:, 1]))
+        window = tuple(slice(max(a.start, b.start), max(a.start, b.start, min(a.stop, b.stop)))
+                       for a, b in zip(window, inner))
+        grid = sub_geometry(lg, window)
     else:
         if roi is not None:
             lo, hi = np.maximum(lo, roi[:, 0]), np.minimum(hi, roi[:, 1])
@@ -335,13 +311,22 @@ def open_sources(
     return Sources(volume, raw, labels, grid, window)  # type: ignore[arg-type]
 
 
+def source_args(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments of :func:`open_sources` from the ``data`` config section."""
+    data = data or {}
+    return {
+        "min_raw_voxel_size": data.get("min_raw_voxel_size"),
+        "label_voxel_size": data.get("label_voxel_size"),
+        "output_voxel_size": data.get("output_voxel_size"),
+        "missing_chunks": data.get("missing_chunks") or "error",
+    }
+
+
 def resample_to_grid(data: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarray:
     """Area-average (or nearest, where ``src`` is coarser) a (z, y, x) array onto ``dst``.
 
     Uses the same slice weighting as the feature planes along each axis.
     """
-    from dinopipe.features import slice_weights
-
     out = np.asarray(data, dtype=np.float32)
     for axis in range(3):
         contributions = slice_weights(
@@ -354,3 +339,66 @@ def resample_to_grid(data: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarr
                 matrix[i, j] = w
         out = np.moveaxis(np.tensordot(matrix, out, axes=([1], [axis])), 0, axis)
     return out
+
+
+#: Percentiles of the raw mapped to 0 and 1 for the raw input channel (``train.input_raw``) and
+#: the targets' ``raw`` image.
+RAW_PERCENTILES = (0.5, 99.5)
+
+
+def intensity_range(raw: np.ndarray, method: str, low: float, high: float) -> tuple[float, float]:
+    """Per-volume intensity range mapped to 0..1.
+
+    ``"percentile"``: the ``low`` and ``high`` percentiles, taken on at most about a million
+    voxels sampled on a regular stride (deterministic); ``"dtype"``: the integer dtype's range.
+    Returns (lo, hi) with hi > lo.
+    """
+    if method == "dtype":
+        if not np.issubdtype(raw.dtype, np.integer):
+            raise ValueError(f"intensity 'dtype' needs integer raw data, got {raw.dtype}")
+        info = np.iinfo(raw.dtype)
+        return float(info.min), float(info.max)
+    step = max(1, int(math.ceil((raw.size / 1e6) ** (1 / 3))))
+    sample = np.asarray(raw[::step, ::step, ::step], dtype=np.float64)
+    if not np.all(np.isfinite(sample)):
+        raise ValueError("raw contains NaN or infinite values")
+    lo, hi = np.percentile(sample, [low, high])
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+class RawOnGridReader:
+    """One channel: raw scaled to 0..1 by the volume's :data:`RAW_PERCENTILES`, area-averaged
+    onto the label grid; each window computed from only the raw voxels under it.
+
+    The one implementation of "the raw on the label grid": the targets' ``raw`` image
+    (:func:`raw_on_grid`), the raw input channel of prediction and the report's slices.
+
+    Args:
+        raw: Raw image (z, y, x), e.g. a zarr array, on ``raw_geom``.
+        raw_geom, grid: Raw geometry and the label (output) grid, nm.
+    """
+
+    channels = 1
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw: Any, raw_geom: Geometry, grid: Geometry) -> None:
+        self.raw, self.raw_geom, self.grid = raw, raw_geom, grid
+        self.lo, self.hi = intensity_range(raw, "percentile", *RAW_PERCENTILES)
+
+    def read(self, window: Sequence[slice]) -> np.ndarray:
+        """(1, z, y, x) float32 of ``window`` (label voxels)."""
+        sub_out = sub_geometry(self.grid, window)
+        raw_win, sub_raw = raw_window(self.raw_geom, sub_out)
+        scaled = np.clip((np.asarray(self.raw[raw_win], dtype=np.float32) - self.lo) / (self.hi - self.lo), 0, 1)
+        return resample_to_grid(scaled, sub_raw, sub_out)[None].astype(np.float32)
+
+    def read_into(self, window: Sequence[slice], out: np.ndarray) -> None:
+        out[...] = self.read(window)
+
+
+def raw_on_grid(src: Sources) -> np.ndarray:
+    """A volume's whole raw on its output grid (z, y, x) float32, 0..1 (see :class:`RawOnGridReader`)."""
+    reader = RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)
+    return reader.read(tuple(slice(0, n) for n in src.grid.shape))[0]

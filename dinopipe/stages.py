@@ -3,6 +3,8 @@
 The Snakemake scripts in ``workflow/scripts/`` are thin wrappers around these, so every
 stage can be run and tested without Snakemake. All paths are plain paths; every
 function writes its output under a temporary name and moves it into place at the end.
+Modules that load torch or compiled segmentation libraries are imported inside the stage
+that needs them, so that a job loads only its own stage's dependencies.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dinopipe import __version__, io
 from dinopipe.runtime import allotted_cpus
 from dinopipe.logs import Progress
 from dinopipe.sheet import Volume
+from dinopipe.sources import intensity_range, open_sources, raw_on_grid, source_args
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +40,6 @@ def volume_from_dict(record: Mapping[str, Any]) -> Volume:
     return Volume.from_record(record)
 
 
-def _source_args(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "min_raw_voxel_size": data.get("min_raw_voxel_size"),
-        "label_voxel_size": data.get("label_voxel_size"),
-        "output_voxel_size": data.get("output_voxel_size"),
-        "missing_chunks": data.get("missing_chunks", "error"),
-    }
 
 
 def demo_seed(name: str, seed: int) -> int:
@@ -112,16 +108,14 @@ def run_features(
         context_raw_window,
         extract_features,
         extract_features_blockwise,
-        intensity_range,
         load_upsampler,
         signature,
     )
-    from dinopipe.sources import open_sources
 
     torch.set_num_threads(allotted_cpus(threads))
     params = FeatureParams.from_config(features)
     t0 = time.perf_counter()
-    src = open_sources(volume, **_source_args(data))
+    src = open_sources(volume, **source_args(data))
     backbone = load_backbone(params.backbone, params.revision, seed=params.seed, device=params.device)
     upsampler = load_upsampler(params.upsampler, backbone.device) if params.upsampler else None
     t_load = time.perf_counter() - t0
@@ -208,13 +202,12 @@ def run_targets(
     onto the label grid); root attrs hold the parameters and timings.
     """
     from dinopipe import targets as tg
-    from dinopipe.sources import open_sources, resample_to_grid
 
     params = {**DEFAULT_TARGETS, **targets}
     unknown = sorted(set(params) - set(DEFAULT_TARGETS))
     if unknown:
         raise ValueError(f"unknown key(s) in config section 'targets': {unknown}; allowed: {sorted(DEFAULT_TARGETS)}")
-    src = open_sources(volume, **_source_args(data))
+    src = open_sources(volume, **source_args(data))
     if src.labels is None or src.label_window is None:
         raise ValueError(f"volume {volume.name!r} has no labels: targets need labels (role {volume.role!r})")
     timings: dict[str, float] = {}
@@ -250,7 +243,7 @@ def run_targets(
         "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
         params["boundary_weight_max"], params["boundary_sigma_nm"], mask, num_workers=workers,
     )
-    raw = timed("raw_s", lambda: _raw_on_grid(src, resample_to_grid))
+    raw = timed("raw_s", raw_on_grid, src)
     t = time.perf_counter()
     g = src.grid
     # uncompressed size: labels, affinities, LSDs, weights, mask, raw
@@ -269,18 +262,6 @@ def run_targets(
         root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
     logger.info("targets %s: %s, %.1fs", volume.name, labels.shape, sum(timings.values()))
     return attrs
-
-
-def _raw_on_grid(src: Any, resample: Any) -> np.ndarray:
-    """Raw scaled to 0..1 by the volume's percentiles (as the features are), area-averaged
-    onto the output grid; only the raw under the grid is read."""
-    from dinopipe.features import intensity_range, raw_window
-
-    lo, hi = intensity_range(src.raw.array, "percentile", 0.5, 99.5)
-    window, geom = raw_window(src.raw.geometry, src.grid)
-    raw = np.asarray(src.raw.array[window])
-    scaled = np.clip((raw.astype(np.float32) - lo) / (hi - lo), 0, 1)
-    return resample(scaled, geom, src.grid).astype(np.float32)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

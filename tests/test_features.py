@@ -8,14 +8,13 @@ import pytest
 from dinopipe.backbone import load_backbone
 from dinopipe.features import (
     FeatureParams,
-    check_ratio,
     check_signature,
+    context_raw_window,
     expected_signature,
     extract_features,
     signature,
-    slice_weights,
 )
-from dinopipe.io import Geometry
+from dinopipe.geometry import Geometry, check_ratio, slice_weights, sub_geometry
 
 
 @pytest.fixture(scope="module")
@@ -319,8 +318,6 @@ CTX_CROP = (slice(2, 6), slice(56, 72), slice(60, 76))  # label voxels; raw pixe
 
 
 def _crop_and_whole(backbone, params):
-    from dinopipe.features import sub_geometry
-
     raw = _raw(CTX_RAW.shape, seed=11)
     whole, _ = extract_features(raw, CTX_RAW, CTX_OUT, backbone, params)
     crop, _ = extract_features(raw, CTX_RAW, sub_geometry(CTX_OUT, CTX_CROP), backbone, params)
@@ -348,8 +345,6 @@ def test_crop_features_see_context_and_match_the_whole_volume(vit, convnext):
 
 
 def test_context_window_is_clipped_to_the_raw_and_on_the_patch_grid():
-    from dinopipe.features import context_raw_window, sub_geometry
-
     params = FeatureParams(context_nm=100)  # 13 raw pixels of 8 nm
     window, geom = context_raw_window(CTX_RAW, sub_geometry(CTX_OUT, CTX_CROP), params, 16)
     # raw under the crop: z 4:12, y 112:144, x 120:152; grown by 13, start down to a multiple of 16

@@ -244,8 +244,7 @@ def test_predict_from_raw_matches_cached_features(demo_volume, tmp_path):
 
 
 def test_input_raw_models_get_the_raw_channel(demo_volume, tmp_path):
-    from dinopipe.predict import RawOnGridReader
-    from dinopipe.sources import open_sources
+    from dinopipe.sources import RawOnGridReader, open_sources
 
     volume, root, signature = demo_volume
     channels = int(read_image(root / "features.zarr").array.shape[0])
