@@ -22,7 +22,7 @@ import numpy as np
 from dinopipe.augment import check_offsets_closed, resolve_augment_params, transform_group
 from dinopipe.backbone_spec import known_patch_size
 from dinopipe.geometry import Geometry
-from dinopipe.io import metadata_cache, source_store
+from dinopipe.inputs import metadata_cache, source_store
 from dinopipe.runtime import DEVICE_HELP, is_device_name
 from dinopipe.sheet import Volume
 from dinopipe.sources import check_paths, open_sources, source_args

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dinopipe.io import atomic_output
+from dinopipe.atomic import atomic_output
 
 Row = tuple[int, float | None, float | None, float | None, float | None, tuple[float, ...] | None]
 """(step, train_loss, val_loss, val_bacc, lr, per-channel val_bacc)."""

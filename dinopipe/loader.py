@@ -47,7 +47,7 @@ from dinopipe.augment import (
     transform_group,
     transform_lsds,
 )
-from dinopipe.io import open_tensorstore, read_image, read_into
+from dinopipe.ngff import open_tensorstore, read_image, read_into
 from dinopipe.unet import NUM_LSD_CHANNELS
 
 logger = logging.getLogger(__name__)

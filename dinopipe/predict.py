@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import zarr
 
+from dinopipe.atomic import atomic_output
 from dinopipe.backbone import load_backbone
 from dinopipe.features import (
     FeatureParams,
@@ -66,10 +67,10 @@ from dinopipe.features import (
     signature,
 )
 from dinopipe.geometry import Geometry, blocks, grow_window, inner_window, patch_alignment, sub_geometry
-from dinopipe.io import atomic_output, create_image, open_tensorstore, read_image, read_into
 from dinopipe.logs import Progress
-from dinopipe.sources import RawOnGridReader, intensity_range, open_sources, source_args
+from dinopipe.ngff import create_image, open_tensorstore, read_image, read_into
 from dinopipe.runtime import autocast_context, autocast_mode, release_freed_memory, resolve_device
+from dinopipe.sources import RawOnGridReader, intensity_range, open_sources, source_args
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, receptive_field_halo, split_output
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from dinopipe.chunks import count_chunks
 from dinopipe.geometry import Geometry, centre_window, check_ratio, raw_window, slice_weights, sub_geometry
-from dinopipe.io import Image, count_chunks, open_source, source_levels, source_store
+from dinopipe.inputs import open_source, source_levels, source_store
+from dinopipe.ngff import Image
 from dinopipe.sheet import Volume
 
 logger = logging.getLogger(__name__)

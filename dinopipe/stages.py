@@ -26,8 +26,8 @@ import numpy as np
 import zarr
 
 from dinopipe import __version__, io
-from dinopipe.runtime import allotted_cpus
 from dinopipe.logs import Progress
+from dinopipe.runtime import allotted_cpus
 from dinopipe.sheet import Volume
 from dinopipe.sources import intensity_range, open_sources, raw_on_grid, source_args
 

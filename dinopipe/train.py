@@ -63,13 +63,11 @@ import numpy as np
 import torch
 
 from dinopipe import __version__
+from dinopipe.atomic import atomic_output, write_json
 from dinopipe.augment import feature_noise, resolve_augment_params
 from dinopipe.config import RESUME_FREE
 from dinopipe.curves import Row, channel_names, plot_curve, write_curve
 from dinopipe.evaluate import balanced_accuracy
-from dinopipe.io import atomic_output, write_json
-from dinopipe.logs import Progress
-from dinopipe.runtime import autocast_context, autocast_mode, resolve_device
 from dinopipe.loader import (
     TARGET_TYPES,
     CropSampler,
@@ -79,7 +77,9 @@ from dinopipe.loader import (
     open_volume,
     to_device,
 )
+from dinopipe.logs import Progress
 from dinopipe.losses import affinity_lsd_loss, build_loss, weighted_cross_entropy
+from dinopipe.runtime import autocast_context, autocast_mode, resolve_device
 from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, output_channels, split_output, target_channels
 
 logger = logging.getLogger(__name__)

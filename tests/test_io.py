@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
 
 from dinopipe import io
+from dinopipe.geometry import Geometry
 
 
 def test_write_read_round_trip_with_geometry(tmp_path):
     data = np.arange(2 * 3 * 4 * 5, dtype=np.float16).reshape(2, 3, 4, 5)
     io.write_image(tmp_path / "f.zarr", data, (40, 4, 4), (20, 2, 2), channel_axis=True, attrs={"k": [1, 2]})
     img = io.read_image(tmp_path / "f.zarr")
-    assert img.geometry == io.Geometry((3, 4, 5), (40.0, 4.0, 4.0), (20.0, 2.0, 2.0))
+    assert img.geometry == Geometry((3, 4, 5), (40.0, 4.0, 4.0), (20.0, 2.0, 2.0))
     assert img.channel_axis and img.attrs == {"k": [1, 2]}
     np.testing.assert_array_equal(img.read(), data)
     np.testing.assert_allclose(img.geometry.begin_nm, [0, 0, 0])
@@ -144,7 +147,7 @@ def test_source_store():
     assert io.source_store("/d/c.n5/raw/s0") == "/d/c.n5"
     assert io.source_store("/d/c.h5:/volumes/raw") == "/d/c.h5"
     assert io.source_store("/d/c.hdf5") == "/d/c.hdf5"
-    assert io.split_hdf5("x/c.H5:stack") == (io.Path("x/c.H5"), "stack")
+    assert io.split_hdf5("x/c.H5:stack") == (Path("x/c.H5"), "stack")
 
 
 def test_atomic_output_removes_a_killed_jobs_temporary(tmp_path):

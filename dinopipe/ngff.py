@@ -1,0 +1,337 @@
+"""OME-NGFF images: the writer (0.4, Zarr v2, one scale ``s0``) and the reader.
+
+Every image dinopipe writes is an OME-NGFF multiscale group holding one scale, ``s0``,
+so napari (napari-ome-zarr) and neuroglancer open it directly with the right voxel
+size and offset. A store with several images (the training targets) is a plain group of
+such image groups. Axis order is (z, y, x), with channels (c, z, y, x); ``voxel_size`` in
+nm; ``translation`` is the centre of voxel (0, 0, 0) in nm (:class:`dinopipe.geometry.Geometry`).
+Local arrays are read memory-mapped through tensorstore (:func:`open_tensorstore`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+import zarr
+from numcodecs import Blosc
+
+from dinopipe.atomic import json_default
+from dinopipe.geometry import Geometry
+
+logger = logging.getLogger(__name__)
+
+
+# Snakemake marks directory outputs with a `.snakemake_timestamp` file, which zarr
+# reports as an unknown object whenever the group is listed.
+warnings.filterwarnings("ignore", message=r".*\.snakemake_timestamp.*")
+
+SPATIAL_AXES = ("z", "y", "x")
+_COMPRESSOR = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE)
+
+#: Spatial chunk edge (voxels) of feature stores, which are stored uncompressed with all
+#: channels in a chunk: the training loader reads random crops of every channel, zstd
+#: saves only ~6 % on float16 features, and 32^3 chunks read 3.6x faster than zstd 64^3
+#: ones in benchmarks/loader.py (less read amplification, no decompression). 16^3
+#: (3 MB chunks of 384 channels) read random 64^3 crops ~1.7x faster again than 32^3 with
+#: channel-fastest chunks (0.59-0.62 vs 0.30-0.36 of raw-file speed in two runs): a crop
+#: at a voxel-aligned start touches ~2x its bytes in 16^3 chunks, ~3.4x in 32^3 ones.
+#: The price is 8x more chunk files (262,144 for a 1024^3 volume).
+FEATURE_CHUNK = 16
+#: Element order inside feature chunks. ``"F"`` (zarr v2 ``order``) stores the channel axis
+#: fastest, so a crop of all channels is a few long runs per chunk instead of short x
+#: rows: the loader copies it into an F-ordered buffer at near page-cache speed (~5x the
+#: C-order rate in benchmarks/loader.py). Readers (zarr, tensorstore, neuroglancer, napari)
+#: honour the ``order`` key; :func:`read_image` callers see ordinary (c, z, y, x) arrays.
+FEATURE_ORDER = "F"
+
+
+@dataclass
+class Image:
+    """An image read from disk, lazily.
+
+    Attributes:
+        array: The array (a zarr array or an in-memory numpy array); channels first
+            when ``channel_axis`` is True.
+        geometry: Spatial geometry of the last three axes.
+        path: Where it came from (for error messages and provenance).
+        scale: The multiscale dataset path chosen inside the group ("s0", ...), or None
+            for a plain array.
+        attrs: The group's attributes (for dinopipe's own metadata).
+        format: "ome-ngff 0.4", "ome-ngff 0.5", "zarr", "zarr3", "n5" or "hdf5".
+    """
+
+    array: Any
+    geometry: Geometry
+    path: str
+    scale: str | None = None
+    attrs: Mapping[str, Any] | None = None
+    format: str = "ome-ngff 0.4"
+
+    @property
+    def channel_axis(self) -> bool:
+        return len(self.array.shape) == 4
+
+    def read(self) -> np.ndarray:
+        """Load the whole array into memory."""
+        return np.asarray(self.array[...])
+
+def _multiscales(
+    name: str, voxel_size: Sequence[float], translation: Sequence[float], channel_axis: bool
+) -> list[dict[str, Any]]:
+    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in SPATIAL_AXES]
+    scale = [float(v) for v in voxel_size]
+    trans = [float(t) for t in translation]
+    if channel_axis:
+        axes = [{"name": "c", "type": "channel"}, *axes]
+        scale = [1.0, *scale]
+        trans = [0.0, *trans]
+    return [
+        {
+            "version": "0.4",
+            "name": name,
+            "axes": axes,
+            "datasets": [
+                {
+                    "path": "s0",
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": scale},
+                        {"type": "translation", "translation": trans},
+                    ],
+                }
+            ],
+        }
+    ]
+
+
+def default_chunks(shape: Sequence[int], channel_axis: bool, spatial: int = 64) -> tuple[int, ...]:
+    """Chunk shape: all channels in one chunk, ``spatial`` voxels per spatial axis."""
+    spatial_shape = shape[1:] if channel_axis else shape
+    chunks = tuple(min(int(s), spatial) for s in spatial_shape)
+    return (int(shape[0]), *chunks) if channel_axis else chunks
+
+
+def create_image(
+    path: str | os.PathLike[str],
+    shape: Sequence[int],
+    dtype: Any,
+    voxel_size: Sequence[float],
+    translation: Sequence[float],
+    *,
+    channel_axis: bool = False,
+    chunks: Sequence[int] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    compress: bool = True,
+    order: str = "C",
+) -> Any:
+    """Create an empty OME-NGFF 0.4 image group with a single scale ``s0``; return ``s0``.
+
+    This writes in place: wrap it in :func:`atomic_output` (on the whole store) to
+    make the output appear atomically.
+
+    Args:
+        path: Group path to create (must not exist).
+        shape: (z, y, x), or (c, z, y, x) when ``channel_axis``.
+        dtype: Array dtype.
+        voxel_size: nm per voxel, (z, y, x).
+        translation: Centre of voxel 0 in nm, (z, y, x).
+        channel_axis: Whether the first axis is channels.
+        chunks: Chunk shape; default from :func:`default_chunks`.
+        attrs: Extra attributes stored under the group's ``"dinopipe"`` key.
+        name: Image name stored in the multiscales metadata (default: folder name).
+        compress: Blosc-zstd compression (True) or raw chunks (False).
+        order: Element order inside each chunk, ``"C"`` or ``"F"`` (zarr v2 ``order``; see
+            :data:`FEATURE_ORDER`). The array's axes are (c, z, y, x) either way.
+
+    Returns:
+        The writable zarr array ``s0`` (filled with zeros until written).
+    """
+    ndim = 4 if channel_axis else 3
+    if order not in ("C", "F"):
+        raise ValueError(f"{path}: chunk order must be 'C' or 'F', got {order!r}")
+    if len(shape) != ndim:
+        raise ValueError(f"{path}: expected a {ndim}D array, got shape {tuple(shape)}")
+    if len(voxel_size) != 3 or len(translation) != 3:
+        raise ValueError(f"{path}: voxel_size and translation need 3 values (z, y, x)")
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="w-", zarr_format=2)
+    group.attrs["multiscales"] = _multiscales(name or path.name, voxel_size, translation, channel_axis)
+    if attrs:
+        group.attrs["dinopipe"] = json.loads(json.dumps(dict(attrs), default=json_default))
+    return group.create_array(
+        "s0",
+        shape=tuple(int(s) for s in shape),
+        dtype=dtype,
+        chunks=tuple(chunks) if chunks else default_chunks(shape, channel_axis),
+        compressors=_COMPRESSOR if compress else None,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        fill_value=0,
+        order=order,
+        # every chunk stored, even all-zero ones: a missing chunk then always means an
+        # incomplete store (see count_chunks)
+        config={"write_empty_chunks": True},
+    )
+
+
+def write_image(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    voxel_size: Sequence[float],
+    translation: Sequence[float],
+    *,
+    channel_axis: bool = False,
+    chunks: Sequence[int] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    compress: bool = True,
+    order: str = "C",
+) -> None:
+    """Write one array as an OME-NGFF 0.4 image group (see :func:`create_image`)."""
+    arr = create_image(
+        path, data.shape, data.dtype, voxel_size, translation,
+        channel_axis=channel_axis, chunks=chunks, attrs=attrs, name=name, compress=compress, order=order,
+    )
+    arr[...] = data
+
+
+def set_attrs(path: str | os.PathLike[str], attrs: Mapping[str, Any]) -> None:
+    """Store ``attrs`` under the ``"dinopipe"`` key of the group at ``path`` (JSON-safe)."""
+    group = zarr.open_group(str(path), mode="a")
+    group.attrs["dinopipe"] = json.loads(json.dumps(dict(attrs), default=json_default))
+
+
+#: Length units of OME-NGFF axes, in nm (a missing unit is taken as nm).
+UNITS_NM = {
+    None: 1.0, "": 1.0, "nanometer": 1.0, "nm": 1.0, "micrometer": 1e3, "um": 1e3, "angstrom": 0.1,
+    "picometer": 1e-3, "millimeter": 1e6,
+}
+
+
+def _transforms(dataset: Mapping[str, Any], ndim: int, where: str) -> tuple[list[float], list[float]]:
+    scale = [1.0] * ndim
+    trans = [0.0] * ndim
+    for t in dataset.get("coordinateTransformations", []) or []:
+        if t.get("type") == "scale":
+            scale = [float(v) for v in t["scale"]]
+        elif t.get("type") == "translation":
+            trans = [float(v) for v in t["translation"]]
+    if len(scale) != ndim or len(trans) != ndim:
+        raise ValueError(f"{where}: coordinate transformations do not match the array's {ndim} axes")
+    return scale, trans
+
+
+def ngff_multiscale(attrs: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """The first ``multiscales`` entry of OME-NGFF 0.4 (top level) or 0.5 (under ``ome``)
+    group attributes, and the version ("0.4" or "0.5").
+
+    Raises:
+        ValueError: There is no ``multiscales`` entry.
+    """
+    ome = attrs.get("ome")
+    if isinstance(ome, Mapping) and ome.get("multiscales"):
+        return str(ome.get("version", "0.5")), dict(ome["multiscales"][0])
+    if attrs.get("multiscales"):
+        ms = dict(attrs["multiscales"][0])
+        return str(ms.get("version", "0.4")), ms
+    raise ValueError(f"{where}: no OME-NGFF 'multiscales' attribute")
+
+
+def ngff_levels(multiscale: Mapping[str, Any], where: str) -> list[tuple[str, Geometry | None, tuple[float, ...]]]:
+    """Every scale of a multiscale entry: (dataset path, voxel size in nm, translation in nm),
+    for the last three (spatial) axes, with the multiscale-level transforms and axis
+    units applied."""
+    axes = multiscale.get("axes") or [{"name": a, "type": "space"} for a in SPATIAL_AXES]
+    ndim = len(axes)
+    spatial = [i for i, a in enumerate(axes) if (a.get("type") if isinstance(a, Mapping) else None) in ("space", None)]
+    if len(spatial) != 3 or spatial != list(range(ndim - 3, ndim)):
+        names = [a.get("name") if isinstance(a, Mapping) else a for a in axes]
+        raise ValueError(f"{where}: expected three spatial axes (z, y, x) last, got axes {names}")
+    units = []
+    for i in spatial:
+        unit = axes[i].get("unit") if isinstance(axes[i], Mapping) else None
+        if unit not in UNITS_NM:
+            raise ValueError(f"{where}: axis {axes[i].get('name')!r} has unit {unit!r}; allowed: "
+                             f"{sorted(u for u in UNITS_NM if u)}")
+        units.append(UNITS_NM[unit])
+    outer_scale, outer_trans = _transforms(multiscale, ndim, where)
+    levels = []
+    for d in multiscale["datasets"]:
+        sc, tr = _transforms(d, ndim, f"{where}/{d['path']}")
+        vs = tuple(sc[i] * outer_scale[i] * u for i, u in zip(spatial, units))
+        trans = tuple((tr[i] * outer_scale[i] + outer_trans[i]) * u for i, u in zip(spatial, units))
+        levels.append((str(d["path"]), vs, trans))
+    return levels  # type: ignore[return-value]
+
+
+def read_image(path: str | os.PathLike[str], scale: str | None = None) -> Image:
+    """Open an OME-NGFF image group written by :func:`write_image` (or any 0.4/0.5 multiscale)
+    with zarr-python.
+
+    Args:
+        path: The image group.
+        scale: Dataset path inside the group (default: the first, finest scale).
+
+    Returns:
+        The image with its geometry in nm.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not an OME-NGFF multiscale image, or ``scale`` is unknown.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such image: {p}")
+    try:
+        group = zarr.open_group(str(p), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise ValueError(f"{p}: not a Zarr group ({exc})") from exc
+    attrs = dict(group.attrs)
+    version, ms = ngff_multiscale(attrs, str(p))
+    levels = ngff_levels(ms, str(p))
+    names = [name for name, _, _ in levels]
+    chosen = scale or names[0]
+    if chosen not in names:
+        raise ValueError(f"{p}: scale {chosen!r} not found; available: {names}")
+    _, vs, trans = levels[names.index(chosen)]
+    arr = group[chosen]
+    geometry = Geometry(
+        shape=tuple(int(s) for s in arr.shape[-3:]),  # type: ignore[arg-type]
+        voxel_size=tuple(vs),  # type: ignore[arg-type]
+        translation=tuple(trans),  # type: ignore[arg-type]
+    )
+    return Image(array=arr, geometry=geometry, path=str(p), scale=chosen, attrs=attrs.get("dinopipe", {}),
+                 format=f"ome-ngff {version}")
+
+
+MEMMAP_CONTEXT = {"file_io_mode": {"mode": "memmap"}}
+
+
+def open_tensorstore(path: str | os.PathLike[str], zarr_format: int = 2) -> ts.TensorStore:
+    """Open a local Zarr v2 or v3 array read-only with tensorstore, memory-mapped.
+
+    Raises:
+        ValueError: tensorstore cannot open it (not an array, unsupported codec, ...).
+    """
+    spec = {
+        "driver": "zarr" if zarr_format == 2 else "zarr3",
+        "kvstore": {"driver": "file", "path": str(Path(path).resolve())},
+        "context": MEMMAP_CONTEXT,
+    }
+    return ts.open(spec, read=True).result()
+
+
+def read_into(store: ts.TensorStore, index: tuple[Any, ...], out: np.ndarray) -> Any:
+    """Start copying ``store[index]`` into ``out`` (a writable numpy array or view of that
+    shape, any strides: a layout matching the chunks copies in long runs); returns the
+    write future."""
+    source = store[index].translate_to[(0,) * store.rank]
+    return ts.array(out, copy=False, write=True).write(source)
