@@ -48,7 +48,7 @@ def setup(root: Path) -> None:
     import torch
 
     from dinopipe.io import FEATURE_CHUNK, FEATURE_ORDER, create_image, default_chunks, write_json
-    from dinopipe.train import build_model_config, save_checkpoint
+    from dinopipe.checkpoint import build_model_config, save_checkpoint
     from dinopipe.unet import UNet3D, UNetConfig, output_channels
 
     torch.manual_seed(0)
@@ -77,8 +77,9 @@ def child(root: Path, name: str, timing: bool) -> None:
     each followed by the forward passes alone over the same blocks."""
     import torch
 
+    from dinopipe.checkpoint import load_model
     from dinopipe.io import read_image
-    from dinopipe.predict import FeatureReader, _block_starts, _read_block, _round_up, load_model, predict_volume
+    from dinopipe.predict import FeatureReader, _block_starts, _read_block, _round_up, predict_volume
     from dinopipe.unet import receptive_field_halo
 
     torch.set_num_threads(2)

@@ -1,7 +1,7 @@
-"""Atomic outputs: written under a temporary name beside the final path and renamed into
-place when complete, so a killed job never leaves an output that looks complete.
+"""Atomic outputs: a killed job never leaves an output that looks complete.
 
-Write faults (disk full, quota, read-only file system) become errors that name the output,
+Outputs are written under a temporary name beside the final path and renamed into place when
+complete. Write faults (disk full, quota, read-only file system) become errors that name the output,
 the volume and the space needed (:func:`atomic_output`). Also: JSON files written the same
 way (:func:`write_json`), store ids (:func:`new_store_id`), sizes on disk.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 
 logger = logging.getLogger(__name__)
 
@@ -127,14 +127,12 @@ def atomic_output(
 def new_store_id() -> str:
     """A fresh identity for a store being written (its ``store_id`` attribute): it
     changes whenever the store is rewritten, so whatever was derived from the old content
-    (a training run to resume) can tell (see :meth:`dinopipe.loader.Volume.identity`)."""
+    (a training run to resume) can tell (see :meth:`dinopipe.loader.VolumeStores.identity`)."""
     return uuid.uuid4().hex
 
 
 def glob_escape(name: str) -> str:
     """``name`` with glob metacharacters escaped."""
-    import glob
-
     return glob.escape(name)
 
 

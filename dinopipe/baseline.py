@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from dinopipe.evaluate import evaluate_segmentation
+from dinopipe.segment import filter_small_fragments, relabel_consecutive
+
 logger = logging.getLogger(__name__)
 
 #: Default grid of :func:`tune_baseline`: Gaussian sigma in voxels and seed height h in raw units (0..1).
@@ -52,8 +55,6 @@ def watershed_baseline(
     """
     from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
-
-    from dinopipe.segment import filter_small_fragments, relabel_consecutive
 
     raw = np.asarray(raw)
     if raw.ndim != 3:
@@ -100,8 +101,6 @@ def tune_baseline(
         ValueError: No volumes, an unknown grid key, an empty grid, or raw and labels of
             different shapes.
     """
-    from dinopipe.evaluate import evaluate_segmentation
-
     if not volumes:
         raise ValueError("tune_baseline needs at least one (raw, labels) volume")
     grid = dict(DEFAULT_GRID if grid is None else grid)

@@ -22,6 +22,8 @@ with no full-size copy per plane.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import math
 import time
@@ -296,9 +298,6 @@ def load_upsampler(spec: str, device: torch.device) -> Upsampler:
     typically H' = H, W' = W. dinopipe then resamples that map onto the output grid
     bilinearly. The file loads its own weights from local paths: nothing is fetched.
     """
-    import importlib.util
-    from pathlib import Path
-
     path, _, factory_name = spec.rpartition(":")
     if not path or not factory_name:
         raise ValueError(f"features.upsampler must be 'path/to/file.py:factory', got {spec!r}")
@@ -537,8 +536,6 @@ def signature(backbone: Backbone, params: FeatureParams, raw_geom: Geometry, out
 
 
 def _file_sha256(path: str) -> str | None:
-    import hashlib
-
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:

@@ -47,8 +47,9 @@ from dinopipe.augment import (
     transform_group,
     transform_lsds,
 )
+from dinopipe.features import check_compatible
 from dinopipe.ngff import open_tensorstore, read_image, read_into
-from dinopipe.unet import NUM_LSD_CHANNELS
+from dinopipe.targets import NUM_LSD_CHANNELS
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class BufferPool:
 
 
 @dataclass
-class Volume:
+class VolumeStores:
     """One volume's feature and target arrays, opened once.
 
     Attributes:
@@ -207,7 +208,7 @@ def open_volume(
     raw: bool = False,
     target: str = "affinities",
     extra: Sequence[str] = (),
-) -> Volume:
+) -> VolumeStores:
     """Open a volume's features and targets, check that they share the label grid.
 
     Args:
@@ -271,7 +272,7 @@ def open_volume(
             wanted.setdefault(key, None)
     for key, channels in wanted.items():
         arrays[key] = target_image(key, channels)
-    volume = Volume(
+    volume = VolumeStores(
         name=name, features_path=features_path, targets_path=targets_path, arrays=arrays, offsets=offsets,
         signature=(features.attrs or {}).get("signature"), shape=g.shape, voxel_size=g.voxel_size, attrs=attrs,
         features_id=(features.attrs or {}).get("store_id"),
@@ -294,10 +295,8 @@ def _coarse_mask(mask: ts.TensorStore, shape: Sequence[int]) -> np.ndarray:
     return coarse
 
 
-def check_consistent(volumes: Sequence[Volume]) -> None:
+def check_consistent(volumes: Sequence[VolumeStores]) -> None:
     """Same feature channels and offsets in every volume, and compatible signatures."""
-    from dinopipe.features import check_compatible
-
     first = volumes[0]
     for v in volumes[1:]:
         if v.channels != first.channels:
@@ -315,7 +314,7 @@ def check_consistent(volumes: Sequence[Volume]) -> None:
 
 
 def sample_start(
-    volume: Volume, crop: Sequence[int], rng: np.random.Generator, min_fraction: float
+    volume: VolumeStores, crop: Sequence[int], rng: np.random.Generator, min_fraction: float
 ) -> tuple[tuple[int, ...], np.ndarray]:
     """A crop start around a random labelled voxel whose crop mask covers ``min_fraction``.
 
@@ -366,7 +365,7 @@ class CropSampler:
 
     def __init__(
         self,
-        volumes: Sequence[Volume],
+        volumes: Sequence[VolumeStores],
         crop: Sequence[int],
         batch_size: int,
         seed: int,
@@ -405,7 +404,7 @@ class CropSampler:
         self.margin = max((abs(v) for o in self.offsets for v in o), default=0) if augmenting else 0
 
     def read_crop(
-        self, volume: Volume, start: Sequence[int], mask: np.ndarray | None = None, matrix: np.ndarray | None = None,
+        self, volume: VolumeStores, start: Sequence[int], mask: np.ndarray | None = None, matrix: np.ndarray | None = None,
         features_out: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Read one crop (all arrays concurrently) and apply ``matrix`` (signed permutation).
@@ -450,7 +449,7 @@ class CropSampler:
             out[key] = transform_lsds(out[key], matrix) if key == "lsds" else apply_spatial(out[key], matrix)
         return out
 
-    def plan(self, rng: np.random.Generator) -> tuple[Volume, tuple[int, ...], np.ndarray, np.ndarray]:
+    def plan(self, rng: np.random.Generator) -> tuple[VolumeStores, tuple[int, ...], np.ndarray, np.ndarray]:
         """Draw one crop: (volume, start, its mask, augmentation matrix)."""
         volume = self.volumes[int(rng.choice(len(self.volumes), p=self.volume_p))]
         start, mask = sample_start(volume, self.crop, rng, self.min_fraction)
@@ -461,7 +460,7 @@ class CropSampler:
         """One drawn crop with every array (features included) transformed on the CPU."""
         return self.read_crop(*self.plan(rng))
 
-    def _assemble(self, plans: Sequence[tuple[Volume, Sequence[int], np.ndarray | None, np.ndarray]]
+    def _assemble(self, plans: Sequence[tuple[VolumeStores, Sequence[int], np.ndarray | None, np.ndarray]]
                   ) -> dict[str, np.ndarray]:
         features = self.pool.take((len(plans), plans[0][0].channels, *self.crop), self.feature_order)
         samples = [self.read_crop(v, start, mask, matrix, features_out=features[i])

@@ -58,6 +58,7 @@ import zarr
 
 from dinopipe.atomic import atomic_output
 from dinopipe.backbone import load_backbone
+from dinopipe.checkpoint import load_model, takes_features, takes_raw
 from dinopipe.features import (
     FeatureParams,
     check_compatible,
@@ -71,52 +72,10 @@ from dinopipe.logs import Progress
 from dinopipe.ngff import create_image, open_tensorstore, read_image, read_into
 from dinopipe.runtime import autocast_context, autocast_mode, release_freed_memory, resolve_device
 from dinopipe.sources import RawOnGridReader, intensity_range, open_sources, source_args
-from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, receptive_field_halo, split_output
+from dinopipe.targets import NUM_LSD_CHANNELS
+from dinopipe.unet import UNet3D, receptive_field_halo, split_output
 
 logger = logging.getLogger(__name__)
-
-#: Intensity percentiles of the raw channel fed to ``input_raw`` models (as in the targets' ``raw``).
-
-
-def load_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[UNet3D, dict[str, Any]]:
-    """Rebuild a trained model from ``model_config.json`` and ``checkpoint.pt``.
-
-    The checkpoint is loaded with ``weights_only=True`` (no pickled objects).
-
-    Args:
-        checkpoint_dir: The training output folder (see :func:`dinopipe.train.train`).
-
-    Returns:
-        The model on the CPU in eval mode, and the model config dict.
-
-    Raises:
-        FileNotFoundError: A file is missing.
-        ValueError: The config is malformed or does not match the checkpoint.
-    """
-    folder = Path(checkpoint_dir)
-    config_path, checkpoint_path = folder / "model_config.json", folder / "checkpoint.pt"
-    for path in (config_path, checkpoint_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"no {path.name} in model folder {folder}")
-    config = json.loads(config_path.read_text())
-    if not isinstance(config, dict) or "unet" not in config or "offsets" not in config:
-        raise ValueError(f"{config_path}: expected a dict with 'unet' and 'offsets' entries")
-    if config.get("target", "affinities") != "affinities":
-        raise ValueError(
-            f"{config_path}: the model predicts {config.get('target')!r} targets; prediction and "
-            "segmentation need an affinity model (target 'affinities')"
-        )
-    model = UNet3D(UNetConfig.from_dict(config["unet"]))
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{checkpoint_path}: expected a dict with a 'model' state dict")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"{checkpoint_path} does not match the architecture in {config_path}: {exc}") from exc
-    model.eval()
-    return model, config
-
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
@@ -409,23 +368,14 @@ def _check_block_args(block_shape: Sequence[int], batch_size: int) -> None:
         raise ValueError(f"block_shape must be three positive integers (z, y, x), got {block_shape!r}")
 
 
-def _input_raw(config: Mapping[str, Any]) -> bool:
-    return bool(config.get("input_raw", False))
-
-
-def _input_features(config: Mapping[str, Any]) -> bool:
-    """False for a model on the raw alone (``train.input_features: false``); older models: True."""
-    return bool(config.get("input_features", True))
-
-
 def _check_channels(model: UNet3D, config: Mapping[str, Any], feature_channels: int, where: str,
                     checkpoint_dir: str) -> None:
-    if not _input_features(config):  # a UNet on the raw alone
+    if not takes_features(config):  # a UNet on the raw alone
         if model.config.in_channels != 1:
             raise ValueError(f"the model in {checkpoint_dir} takes no features but has {model.config.in_channels} "
                              "input channels (expected 1: the raw)")
         return
-    extra = 1 if _input_raw(config) else 0
+    extra = 1 if takes_raw(config) else 0
     if feature_channels + extra != model.config.in_channels:
         raw_note = " (+1 raw channel: the model has input_raw)" if extra else ""
         raise ValueError(
@@ -541,7 +491,7 @@ def predict_blocks(
         root.attrs["dinopipe"] = json.loads(json.dumps({
             "offsets": offsets,
             "lsds": lsds,
-            "input_raw": _input_raw(config),
+            "input_raw": takes_raw(config),
             "block_shape": list(block),
             "halo": halo,
             "precision": autocast_mode(autocast, "predict.autocast") if dev.type == "cuda" else "none",
@@ -610,8 +560,8 @@ def predict_volume(
         raise ValueError(f"features {features_path} must be (C, z, y, x), got shape {features.array.shape}")
     _check_channels(model, config, int(features.array.shape[0]), features_path, checkpoint_dir)
     _check_signature((features.attrs or {}).get("signature"), config, features_path, checkpoint_dir)
-    readers: list[Any] = [FeatureReader(features)] if _input_features(config) else []
-    if _input_raw(config):
+    readers: list[Any] = [FeatureReader(features)] if takes_features(config) else []
+    if takes_raw(config):
         readers.append(_raw_reader_for(volume, data, features.geometry, checkpoint_dir))
     return predict_blocks(
         readers, features.geometry, model, config, out_path, block_shape=block_shape, device=device,
@@ -652,7 +602,7 @@ def predict_from_raw(
     model, config = load_model(checkpoint_dir)
     params = FeatureParams.from_config(features)
     src = open_sources(volume, **source_args(data))
-    if not _input_features(config):  # a UNet on the raw alone: no backbone needed
+    if not takes_features(config):  # a UNet on the raw alone: no backbone needed
         return predict_blocks(
             [RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)], src.grid, model, config, out_path,
             block_shape=block_shape, device=device, batch_size=batch_size, autocast=autocast,
@@ -670,7 +620,7 @@ def predict_from_raw(
         src.raw.array, src.raw.geometry, src.grid, backbone, params, halo=halo, intensity=intensity,
         volume=volume.name, upsampler=upsampler,
     )]
-    if _input_raw(config):
+    if takes_raw(config):
         readers.append(RawOnGridReader(src.raw.array, src.raw.geometry, src.grid))
     return predict_blocks(
         readers, src.grid, model, config, out_path, block_shape=block_shape, device=device,

@@ -25,8 +25,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any
+import os
+import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import mwatershed
 import numpy as np
@@ -343,10 +346,6 @@ def _axis_offset(offsets: Sequence[tuple[int, int, int]], axis: int) -> int | No
 @contextlib.contextmanager
 def _quiet_stdout() -> Iterator[None]:
     """Send C-level stdout (waterz's progress prints) to the log at debug level instead."""
-    import os
-    import sys
-    import tempfile
-
     sys.stdout.flush()
     try:
         fd = sys.stdout.fileno()

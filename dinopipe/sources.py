@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,8 +63,6 @@ def check_paths(volume: Volume, generated: Sequence[str] = ()) -> None:
         volume: The sheet row.
         generated: Path prefixes that a workflow rule creates (skipped).
     """
-    from pathlib import Path
-
     for what, path in (("raw", volume.raw), ("labels", volume.labels)):
         if not path:
             continue

@@ -48,6 +48,7 @@ __all__ = [
     "CLASS_WEIGHT_DTYPE",
     "LABEL_DTYPE",
     "LSD_CHANNELS",
+    "NUM_LSD_CHANNELS",
     "LSD_DTYPE",
     "LSD_TRUNCATE",
     "MASK_DTYPE",
@@ -87,6 +88,9 @@ LSD_CHANNELS: tuple[str, ...] = (
     "size",
 )
 """Names of the 10 LSD channels, in output order (lsd-lite's ``use_paper_ordering=True``)."""
+
+NUM_LSD_CHANNELS = len(LSD_CHANNELS)
+"""Number of local shape descriptor channels (3 mean offset, 6 covariance, 1 size)."""
 
 LSD_TRUNCATE = 3.0
 """Gaussian support of the LSDs in standard deviations (as lsd-lite and scipy's ``truncate``)."""
@@ -299,7 +303,7 @@ def _lsd_crop(
     com = [aggregate(masked[d]) / mass for d in range(3)]
     max_distance = np.array(sigma_nm, dtype=np.float32)
 
-    desc = np.empty((10,) + shape, dtype=np.float32)
+    desc = np.empty((NUM_LSD_CHANNELS,) + shape, dtype=np.float32)
     for d in range(3):
         desc[d] = (com[d] - coords[d]) / max_distance[d] * 0.5 + 0.5
 
@@ -409,7 +413,7 @@ def compute_lsds(
     workers = allotted_cpus(num_workers)
 
     skip = _check_ids(labels_to_skip, labels.dtype, "labels_to_skip")
-    lsds = np.zeros((10,) + labels.shape, dtype=np.float32)
+    lsds = np.zeros((NUM_LSD_CHANNELS,) + labels.shape, dtype=np.float32)
     if labels.size == 0:
         return lsds
 

@@ -62,9 +62,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinopipe import __version__
 from dinopipe.atomic import atomic_output, write_json
 from dinopipe.augment import feature_noise, resolve_augment_params
+from dinopipe.checkpoint import build_model_config, save_checkpoint
 from dinopipe.config import RESUME_FREE
 from dinopipe.curves import Row, channel_names, plot_curve, write_curve
 from dinopipe.evaluate import balanced_accuracy
@@ -72,7 +72,7 @@ from dinopipe.loader import (
     TARGET_TYPES,
     CropSampler,
     Prefetcher,
-    Volume,
+    VolumeStores,
     check_consistent,
     open_volume,
     to_device,
@@ -80,7 +80,7 @@ from dinopipe.loader import (
 from dinopipe.logs import Progress
 from dinopipe.losses import affinity_lsd_loss, build_loss, weighted_cross_entropy
 from dinopipe.runtime import autocast_context, autocast_mode, resolve_device
-from dinopipe.unet import NUM_LSD_CHANNELS, UNet3D, UNetConfig, output_channels, split_output, target_channels
+from dinopipe.unet import UNet3D, UNetConfig, split_output, target_channels
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +120,6 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
 """Defaults of the ``train:`` config section; :func:`resolve_train_params` checks keys."""
 
 LR_SCHEDULES = ("constant", "cosine")
-RAW_SOURCE = (
-    "targets store image 'raw' (results/targets/{volume}.zarr/raw): the raw image scaled to 0..1 by "
-    "the volume's 0.5-99.5 percentile range and area-averaged onto the label grid; appended as the last input channel"
-)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -243,7 +239,7 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _open_all(
     volumes: Sequence[tuple[str, str]], p: Mapping[str, Any], role: str, extra: Sequence[str] = ()
-) -> list[Volume]:
+) -> list[VolumeStores]:
     opened = []
     for i, entry in enumerate(volumes):
         if isinstance(entry, str | bytes) or len(entry) != 2:
@@ -261,7 +257,7 @@ def _open_all(
     return opened
 
 
-def check_masks(volumes: Sequence[Volume], crop: Sequence[int], min_fraction: float, role: str) -> None:
+def check_masks(volumes: Sequence[VolumeStores], crop: Sequence[int], min_fraction: float, role: str) -> None:
     """Refuse volumes whose mask is empty or too small for one crop to reach ``min_fraction``.
 
     A crop is accepted when at least ``min_fraction`` of its voxels are masked in (labelled),
@@ -282,7 +278,7 @@ def check_masks(volumes: Sequence[Volume], crop: Sequence[int], min_fraction: fl
         )
 
 
-def _num_classes(volumes: Sequence[Volume], p: Mapping[str, Any]) -> tuple[int, list[float] | None]:
+def _num_classes(volumes: Sequence[VolumeStores], p: Mapping[str, Any]) -> tuple[int, list[float] | None]:
     first = volumes[0]
     n = first.attrs.get("num_classes")
     weights = p["class_weights"] if p["class_weights"] is not None else first.attrs.get("class_weights")
@@ -378,7 +374,7 @@ def _validate(
     return float(np.mean(losses)), mean, tuple(float(v) for v in per_channel), first
 
 
-def evaluate(
+def validation_loss(
     model: UNet3D,
     volumes: Sequence[tuple[str, str]],
     params: Mapping[str, Any] | None = None,
@@ -408,80 +404,6 @@ def evaluate(
 # --------------------------------------------------------------------------- outputs
 
 
-def build_model_config(
-    unet: UNetConfig,
-    offsets: Sequence[Sequence[int]],
-    lsds: bool,
-    feature_signature: Mapping[str, Any] | None = None,
-    train_params: Mapping[str, Any] | None = None,
-    *,
-    input_raw: bool = False,
-    input_features: bool = True,
-    target: str = "affinities",
-    num_classes: int | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The contents of ``model_config.json`` (what :func:`dinopipe.predict.load_model` reads).
-
-    Args:
-        unet: The architecture.
-        offsets: Affinity offsets (z, y, x) in voxels, in output channel order.
-        lsds: Whether the last 10 output channels are LSDs (through a sigmoid).
-        feature_signature: Signature of the features the model was trained on.
-        train_params: The resolved train parameters.
-        input_raw: Whether the raw image on the label grid is the last input channel
-            (``raw_source`` says where it comes from).
-        input_features: Whether the features are input channels; False with ``input_raw``:
-            the raw is the only input (``feature_channels`` 0).
-        target: "affinities" or "semantic" (then ``num_classes`` class logits).
-        num_classes: Number of classes for semantic targets.
-        **extra: Further JSON-serialisable entries (e.g. the volume paths).
-    """
-    if target == "affinities":
-        expected = output_channels(len(offsets), lsds)
-        if unet.out_channels != expected:
-            raise ValueError(
-                f"UNet has {unet.out_channels} output channels but {len(offsets)} offsets "
-                f"{'with' if lsds else 'without'} LSDs need {expected}"
-            )
-    elif unet.out_channels != num_classes:
-        raise ValueError(f"UNet has {unet.out_channels} output channels but there are {num_classes} classes")
-    feature_channels = unet.in_channels - int(input_raw) if input_features else 0
-    return {
-        "unet": unet.to_dict(),
-        "in_channels": unet.in_channels,
-        "feature_channels": feature_channels,
-        "input_raw": bool(input_raw),
-        "input_features": bool(input_features),
-        "raw_source": RAW_SOURCE if input_raw else None,
-        "target": target,
-        "num_classes": num_classes,
-        "offsets": [[int(o) for o in off] for off in offsets],
-        "lsds": bool(lsds) and target == "affinities",
-        "lsd_channels": NUM_LSD_CHANNELS if lsds and target == "affinities" else 0,
-        "lsd_activation": "sigmoid",
-        "feature_signature": dict(feature_signature) if feature_signature is not None else None,
-        "train_params": dict(train_params) if train_params is not None else None,
-        "dinopipe_version": __version__,
-        **extra,
-    }
-
-
-def save_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, step: int = 0,
-    **extra: Any,
-) -> None:
-    """Write ``{"model", "optimizer", "step", **extra}`` atomically (model tensors on CPU)."""
-    state = {
-        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else {},
-        "step": int(step),
-        **extra,
-    }
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
-
-
 def _lr_factor(params: Mapping[str, Any]) -> Callable[[int], float]:
     steps, warmup, schedule = params["steps"], params["warmup_steps"], params["lr_schedule"]
 
@@ -507,11 +429,11 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _resume_signature(model_config: Mapping[str, Any], p: Mapping[str, Any], train_vols: Sequence[Volume],
-                      val_vols: Sequence[Volume]) -> dict:
+def _resume_signature(model_config: Mapping[str, Any], p: Mapping[str, Any], train_vols: Sequence[VolumeStores],
+                      val_vols: Sequence[VolumeStores]) -> dict:
     """Everything a training run depends on, to resume only into the same run: the model,
     the result-changing train params (all but :data:`dinopipe.config.RESUME_FREE`) and,
-    per volume, what its inputs hold (:meth:`dinopipe.loader.Volume.identity`)."""
+    per volume, what its inputs hold (:meth:`dinopipe.loader.VolumeStores.identity`)."""
     return {
         "unet": model_config["unet"],
         "offsets": model_config["offsets"],
@@ -538,7 +460,7 @@ def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generat
 class _Images:
     """TensorBoard image slices of the first validation crop: raw, labels, predicted affinities."""
 
-    def __init__(self, volumes: Sequence[Volume]) -> None:
+    def __init__(self, volumes: Sequence[VolumeStores]) -> None:
         self.volumes = volumes
 
     def log(self, writer: Any, first: Mapping[str, np.ndarray] | None, crop: Sequence[int], step: int,

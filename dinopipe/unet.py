@@ -7,7 +7,7 @@ input's spatial shape must be divisible by ``2**levels`` on every axis; other sh
 are rejected with a ValueError (callers pad, e.g. :mod:`dinopipe.predict`).
 
 The output channels follow from the target type (:func:`target_channels`): for
-affinities ``num_offsets`` affinity logits followed by :data:`NUM_LSD_CHANNELS` LSD
+affinities ``num_offsets`` affinity logits followed by :data:`dinopipe.targets.NUM_LSD_CHANNELS` LSD
 channels (see :func:`output_channels` and :func:`split_output`), for semantic targets
 one logit per class. The input channels are the feature channels, plus one for the raw
 image when the model was trained with ``input_raw``.
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dinopipe.targets import NUM_LSD_CHANNELS
+
 logger = logging.getLogger(__name__)
 
-NUM_LSD_CHANNELS = 10
-"""Number of local shape descriptor channels (3 mean offset, 6 covariance, 1 size)."""
 
 NORMS = ("batch", "group", "instance")
 """Allowed values of :attr:`UNetConfig.norm` (besides None)."""
@@ -136,7 +136,7 @@ def output_channels(num_offsets: int, lsds: bool) -> int:
 
     Args:
         num_offsets: Number of affinity offsets (>= 1).
-        lsds: Whether the network also predicts the :data:`NUM_LSD_CHANNELS` LSDs.
+        lsds: Whether the network also predicts the :data:`dinopipe.targets.NUM_LSD_CHANNELS` LSDs.
     """
     if isinstance(num_offsets, bool) or not isinstance(num_offsets, int) or num_offsets < 1:
         raise ValueError(f"num_offsets must be an integer >= 1, got {num_offsets!r}")

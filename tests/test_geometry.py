@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -96,9 +93,3 @@ def test_check_ratio_names_the_volume_and_axis():
     check_ratio((4, 4, 4), (8, 8, 8), "v")
     with pytest.raises(ValueError, match=r"volume 'v7'.*axis x \(ratio 0\.0625\)"):
         check_ratio((8, 8, 1), (8, 8, 16), "v7")
-
-
-def test_geometry_is_torch_free():
-    code = "import sys, dinopipe.geometry; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

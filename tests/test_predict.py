@@ -12,8 +12,8 @@ import torch
 import zarr
 
 from dinopipe.io import FEATURE_ORDER, read_image, write_image, write_json
-from dinopipe.predict import FeatureReader, _block_starts, _BlockStager, load_model, predict_blocks, predict_volume
-from dinopipe.train import build_model_config, save_checkpoint
+from dinopipe.checkpoint import build_model_config, load_model, save_checkpoint
+from dinopipe.predict import FeatureReader, _block_starts, _BlockStager, predict_blocks, predict_volume
 from dinopipe.unet import UNet3D, UNetConfig, output_channels
 
 OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 0, 0]]

@@ -12,9 +12,10 @@ import torch
 import zarr
 
 from dinopipe.io import read_image, write_image
-from dinopipe.predict import load_model, predict_volume
+from dinopipe.checkpoint import load_model
+from dinopipe.predict import predict_volume
 from dinopipe.curves import read_curve
-from dinopipe.train import DEFAULT_TRAIN_PARAMS, TrainingInterrupted, evaluate, resolve_train_params, train
+from dinopipe.train import DEFAULT_TRAIN_PARAMS, TrainingInterrupted, resolve_train_params, train, validation_loss
 
 OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 VOXEL_SIZE = (8.0, 4.0, 4.0)
@@ -154,7 +155,7 @@ def test_train_writes_outputs_and_the_loaded_model_reproduces(tmp_path, volumes)
 
     model, _ = load_model(out)
     assert not model.training
-    assert evaluate(model, [val_vol], TINY) == pytest.approx(summary["best_val_loss"], rel=1e-6)
+    assert validation_loss(model, [val_vol], TINY) == pytest.approx(summary["best_val_loss"], rel=1e-6)
 
     predict_volume(train_vol[0], out, tmp_path / "pred.zarr", block_shape=(16, 32, 32), device="cpu")
     affs = read_image(tmp_path / "pred.zarr" / "affinities")
