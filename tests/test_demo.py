@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -30,13 +28,6 @@ def test_deterministic_and_seed_dependent(default_volume: tuple[np.ndarray, np.n
     raw3, labels3 = make_demo_volume(1)
     assert not np.array_equal(labels, labels3)
     assert np.mean(raw != raw3) > 0.5
-
-
-def test_fast() -> None:
-    # CPU time of this process (robust to other load on the machine), all threads.
-    start = time.process_time()
-    make_demo_volume(7)
-    assert time.process_time() - start < 2.0
 
 
 def test_membranes_dark_and_aligned(default_volume: tuple[np.ndarray, np.ndarray]) -> None:

@@ -354,3 +354,46 @@ def test_context_window_is_clipped_to_the_raw_and_on_the_patch_grid():
     assert FeatureParams(context_nm=0).context_pixels(32, 4.0) == 0
     with pytest.raises(ValueError, match="features.context_nm must be >= 0"):
         FeatureParams.from_config({"context_nm": -1})
+
+
+def test_a_token_lands_at_the_hand_computed_output_voxels(vit, monkeypatch):
+    """One hot token of one raw slice, followed by hand through patch, stride and resampling.
+
+    Raw: 4 x 64 x 64 voxels of 8 nm, first centre at 0 nm (extent -4..508 nm on every axis).
+    Output: 2 x 32 x 32 voxels of 16 nm, first centre at 4 nm (the same extent, so no context).
+    An xy slice is a 64 x 64 image of 8 nm pixels (pixel m spans [m, m + 1), pixel 0 at -4 nm);
+    16-pixel patches give a 4 x 4 token grid, token k centred at pixel 16 k + 8.
+    Output voxel i (centre 4 + 16 i nm) sits at pixel (4 + 16 i + 4) / 8 = 2 i + 1, i.e. at
+    token coordinate (2 i + 1 - 8) / 16, so token k = 1 falls between output voxels 11 and 12
+    (each 1/16 token away: bilinear weight 15/16) and token k = 2 between voxels 19 and 20.
+    Along z, output slice 1 averages raw slices 2 and 3 (weight 1/2 each).
+    """
+    import torch
+
+    import dinopipe.features as features
+
+    raw = np.zeros((4, 64, 64), np.uint8)
+    raw[2] = 255  # only raw slice 2 gets the hot token
+    raw_geom = Geometry((4, 64, 64), (8.0, 8.0, 8.0), (0.0, 0.0, 0.0))
+    out_geom = Geometry((2, 32, 32), (16.0, 16.0, 16.0), (4.0, 4.0, 4.0))
+
+    def one_hot(backbone, images, plane, autocast):
+        assert tuple(images.shape[-2:]) == (64, 64)
+        tokens = torch.zeros((len(images), backbone.channels, 4, 4))
+        tokens[:, 0, 1, 2] = (images[:, 0, 0, 0] > 0).float()  # 1 for the bright slice, 0 otherwise
+        return tokens
+
+    monkeypatch.setattr(features, "_tokens_sliding", one_hot)
+    feats, _ = extract_features(raw, raw_geom, out_geom, vit, FeatureParams(planes=["xy"], intensity="dtype"))
+
+    def weights(k: int) -> np.ndarray:  # bilinear weight of token k at each output voxel along y or x
+        t = (2 * np.arange(32) + 1 - 8) / 16
+        return np.clip(1 - np.abs(t - k), 0, None)
+
+    expected = np.zeros((2, 32, 32))
+    expected[1] = 0.5 * np.outer(weights(1), weights(2))
+    np.testing.assert_allclose(feats[0], expected, atol=1e-6)
+    assert np.abs(feats[1:]).max() == 0
+    peak = np.argwhere(feats[0] == feats[0].max())
+    assert sorted(map(tuple, peak.tolist())) == [(1, 11, 19), (1, 11, 20), (1, 12, 19), (1, 12, 20)]
+    assert feats[0].max() == pytest.approx(0.5 * (15 / 16) ** 2)

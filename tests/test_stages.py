@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,15 +36,32 @@ def test_demo_store_is_a_two_scale_pyramid(demo):
     assert io.read_image(demo / "v.zarr" / "raw", "s1").geometry.translation == labels.geometry.translation
 
 
+def _peak_rss_mb_from_proc() -> float:
+    """The process's peak resident set size (VmHWM) in MB, read from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
 def test_features_whole_and_blockwise_agree_and_record_provenance(demo, tmp_path):
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs /proc/self/status (Linux) to read the peak RSS independently")
+    held = np.ones(64 * 2**20, np.uint8)  # 64 MB resident while the stage runs
+    before = _peak_rss_mb_from_proc()
     whole = run_features(_volume(demo), tmp_path / "whole.zarr", FEATURES, {})
+    after = _peak_rss_mb_from_proc()
+    # the recorded peak is the process's peak, in MB: between the peaks read before and after,
+    # and at least the array held throughout
+    assert before - 1 <= whole["peak_rss_mb"] <= after + 1
+    assert whole["peak_rss_mb"] >= held.nbytes / 2**20
+    del held
     blocked = run_features(_volume(demo), tmp_path / "blocked.zarr", {**FEATURES, "block_shape": [4, 32, 32]}, {})
     a = io.read_image(tmp_path / "whole.zarr").read()
     b = io.read_image(tmp_path / "blocked.zarr").read()
     # xy is exact across z-blocks; yz slices are cut at the block faces (halo 16 covers all of z here)
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-2)
     assert whole["blocks"]["count"] == 1 and blocked["blocks"]["count"] == 2
-    assert whole["peak_rss_mb"] > 0
     assert set(whole["timings"]["planes"]) == {"xy", "yz"}
     assert whole["signature"]["image_size"] == {"xy": [64, 64], "yz": [16, 64]}
     stored = io.read_image(tmp_path / "whole.zarr").attrs
@@ -55,7 +73,7 @@ def test_features_whole_and_blockwise_agree_and_record_provenance(demo, tmp_path
 
 def test_targets_and_metadata(demo, tmp_path):
     vol = _volume(demo)
-    run_features(vol, tmp_path / "f.zarr", FEATURES, {})
+    features = run_features(vol, tmp_path / "f.zarr", FEATURES, {})
     attrs = run_targets(vol, tmp_path / "t.zarr", {"lsd_sigma_nm": 32}, {})
     assert attrs["lsd_sigma_nm"] == 32 and attrs["offsets"][0] == [1, 0, 0]
     raw = io.read_image(tmp_path / "t.zarr" / "raw").read()
@@ -68,7 +86,7 @@ def test_targets_and_metadata(demo, tmp_path):
     assert meta["targets"]["arrays"]["lsds"] == {"shape": [10, 8, 32, 32], "dtype": "float16"}
     assert meta["labels"]["n_ids"] == len(np.unique(io.read_image(tmp_path / "t.zarr" / "labels").read())) - 1
     assert meta["features"]["bytes"] > 0
-    assert meta["features"]["peak_rss_mb"] > 0 and meta["features"]["blocks"]["count"] == 1
+    assert meta["features"]["peak_rss_mb"] == features["peak_rss_mb"] and meta["features"]["blocks"]["count"] == 1
     assert set(meta["features"]["timings"]["planes"]["xy"]) >= {"prepare_s", "backbone_s", "resample_s"}
 
 

@@ -20,6 +20,7 @@ import yaml
 import zarr
 
 from dinopipe import io
+from dinopipe.evaluate import evaluate_segmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile")]
@@ -98,7 +99,16 @@ def test_full_dag_produces_every_output(project):
     seg = io.read_image(project / "results" / "segmentations" / "predict_0.zarr").read()
     assert seg.dtype == np.uint64 and seg.shape == (16, 32, 32) and seg.max() >= 1
     evaluation = json.loads((project / "results" / "evaluation" / "predict_0.json").read_text())
-    assert evaluation["voi_split"] >= 0 and 0 <= evaluation["adapted_rand_error"] <= 1
+    # the scores are those of this segmentation against the volume's ground truth, and better than
+    # both trivial segmentations: everything one segment (VOI = H(truth), all merge) and every voxel
+    # its own segment (all split)
+    truth = io.read_image(project / "resources" / "demo" / "predict_0.zarr" / "labels").read()
+    assert evaluation["voi_sum"] == pytest.approx(evaluate_segmentation(truth, seg)["voi_sum"])
+    all_one = evaluate_segmentation(truth, np.ones_like(truth))
+    singletons = evaluate_segmentation(truth, np.arange(1, truth.size + 1, dtype=np.uint64).reshape(truth.shape))
+    assert all_one["voi_split"] == 0 and singletons["voi_merge"] == 0
+    assert evaluation["voi_sum"] < min(all_one["voi_sum"], singletons["voi_sum"]), (evaluation, all_one)
+    assert evaluation["adapted_rand_error"] < min(all_one["adapted_rand_error"], singletons["adapted_rand_error"])
     summary = (project / "results" / "evaluation" / "summary.tsv").read_text().splitlines()
     # the predicted volume, then the validate volume the segment parameters were tuned on
     assert summary[0].startswith("volume\trole\t") and len(summary) == 3
