@@ -38,6 +38,7 @@ import json
 import logging
 import multiprocessing
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -125,6 +126,7 @@ def pick_segment(affs: np.ndarray, offsets: list[list[int]], truth: np.ndarray) 
 def run_arm(name: str, arm: dict, root: Path, vols: dict[str, Volume], config: dict, threads: int) -> dict:
     t0 = time.perf_counter()
     model = root / "model" / name.replace("+", "_")
+    shutil.rmtree(model, ignore_errors=True)  # a kept folder's earlier model must not be resumed
     params = {**config["train"], **arm, "tensorboard": False, "num_threads": threads, "loader_workers": 1}
     summary = stages.run_train([(str(root / "features/train.zarr"), str(root / "targets/train.zarr"))],
                                [(str(root / "features/heldback.zarr"), str(root / "targets/heldback.zarr"))],
@@ -166,12 +168,18 @@ def main() -> None:
                         help=f"train.steps of every arm (default {STEPS}, to fit the 30 min on 2 cores)")
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at the same time (one torch thread each)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the outputs in this folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --keep: reuse the features and targets already in that folder (ablations)")
+    parser.add_argument("--train", type=json.loads, default={}, metavar="JSON",
+                        help='train keys over config/config.yaml\'s, e.g. \'{"learning_rate": 0.004}\' (ablations)')
     args = parser.parse_args()
+    if args.reuse and args.keep is None:
+        parser.error("--reuse needs --keep DIR (the folder holding the features and targets to reuse)")
     logging.basicConfig(level=logging.WARNING)
     if not DATA.is_dir():
         sys.exit(f"gala data not found at {DATA} (only CI and developers have ../shared/data)")
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    config["train"]["steps"] = args.steps
+    config["train"] = {**config["train"], **args.train, "steps": args.steps}
     print(f"segmentation quality benchmark on gala ({platform.processor() or platform.machine()}, "
           f"{args.jobs} arms at a time): backbone {config['features']['backbone']}, train {config['train']}")
     started = time.perf_counter()
@@ -180,15 +188,24 @@ def main() -> None:
         vols = volumes()
         t = time.perf_counter()
         for name, v in vols.items():
-            stages.run_features(v, root / f"features/{name}.zarr", config["features"], config["data"], threads=2)
-            stages.run_targets(v, root / f"targets/{name}.zarr", config["targets"], config["data"])
-        print(f"features and targets of {len(vols)} volumes: {time.perf_counter() - t:.0f}s")
+            # stages write atomically: a store that exists is complete (stages check signatures on reading)
+            if not (args.reuse and (root / f"features/{name}.zarr").exists()):
+                stages.run_features(v, root / f"features/{name}.zarr", config["features"], config["data"], threads=2)
+            if not (args.reuse and (root / f"targets/{name}.zarr").exists()):
+                stages.run_targets(v, root / f"targets/{name}.zarr", config["targets"], config["data"])
+        print(f"features and targets of {len(vols)} volumes{' (reused where present)' if args.reuse else ''}: "
+              f"{time.perf_counter() - t:.0f}s")
 
         t = time.perf_counter()
         raw = {v: io.read_image(root / f"targets/{v}.zarr/raw").read() for v in vols}
         labels = {v: io.read_image(root / f"targets/{v}.zarr/labels").read() for v in vols}
         # tuned on the whole training volume (both of its parts), never on the test volume
-        best, _ = tune_baseline([(raw[v], labels[v]) for v in ("train", "heldback")])
+        cached = root / "baseline_params.json"
+        if args.reuse and cached.is_file():
+            best = json.loads(cached.read_text())
+        else:
+            best, _ = tune_baseline([(raw[v], labels[v]) for v in ("train", "heldback")])
+            io.write_json(cached, best)
         base = evaluate_segmentation(labels["test"], watershed_baseline(raw["test"], **best))
         results = [{"arm": "baseline", **{k: base[k] for k in METRICS}, "segments": base["n_test_ids"],
                     "segment": best, "s": round(time.perf_counter() - t, 1)}]

@@ -20,14 +20,17 @@ augmenting the targets equals computing the targets of the augmented labels:
 * LSDs (:func:`transform_lsds`): mean offsets and Pearson correlations change sign (stored
   as ``v`` → ``1 - v``) under flips, and channels follow the permutation.
 
-Feature-space noise and channel dropout (:func:`feature_noise`) run on the device, on
-float32 features, with a seeded ``torch.Generator``.
+Feature-space noise and channel dropout (:func:`feature_noise`) and the raw channel's
+intensity augmentation (:func:`raw_intensity`: gamma, contrast, brightness, noise; the
+raw only, never the features or targets) run on the device, on float32 inputs, with a
+seeded ``torch.Generator``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +47,15 @@ DEFAULT_AUGMENT_PARAMS: dict[str, Any] = {
     "transpose": True,  # exchange axes with equal voxel size and crop size
     "feature_noise": 0.0,  # std of Gaussian noise added to the features (feature units)
     "channel_dropout": 0.0,  # probability of zeroing each feature channel of a crop
+    "raw_gamma": 0.0,  # raw channel: gamma drawn log-uniformly from [1/(1+g), 1+g] per crop; 0: off
+    "raw_contrast": 0.0,  # raw channel: (raw - crop mean) scaled by a factor from [1-c, 1+c] per crop
+    "raw_brightness": 0.0,  # raw channel: a shift from [-b, b] per crop (raw units, 0..1 scale)
+    "raw_noise": 0.0,  # raw channel: std of added Gaussian noise (raw units, 0..1 scale)
 }
 """Defaults of ``train.augment``."""
+
+RAW_INTENSITY_KEYS = ("raw_gamma", "raw_contrast", "raw_brightness", "raw_noise")
+"""Keys of ``train.augment`` that change the raw channel's intensities (:func:`raw_intensity`)."""
 
 PEARSON_PAIRS = ((0, 1), (0, 2), (1, 2))
 """Axis pairs of LSD channels 6, 7, 8 (zy, zx, yx); see :data:`dinopipe.targets.LSD_CHANNELS`."""
@@ -72,6 +82,11 @@ def resolve_augment_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 1:
         raise ValueError(f"train.augment.channel_dropout must be a number in [0, 1), got {drop!r}")
     p["feature_noise"], p["channel_dropout"] = float(noise), float(drop)
+    for key in RAW_INTENSITY_KEYS:
+        value = p[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(f"train.augment.{key} must be a number in [0, 1), got {value!r}")
+        p[key] = float(value)
     return p
 
 
@@ -289,3 +304,42 @@ def feature_noise(
         keep = torch.rand(features.shape[:2], generator=generator, device=features.device) >= dropout
         features = features * keep[:, :, None, None, None].to(features.dtype)
     return features
+
+
+def raw_intensity(
+    raw: torch.Tensor, params: Mapping[str, Any], generator: torch.Generator
+) -> torch.Tensor:
+    """Augment the raw channel's intensities, per crop: gamma, contrast, brightness, noise.
+
+    In this order, with values drawn independently per crop from ``generator``:
+    ``raw = clip(raw, 0, 1) ** gamma`` with ``log(gamma)`` uniform in
+    ``[-log(1 + raw_gamma), log(1 + raw_gamma)]``; ``raw = mean + (raw - mean) * c + b``
+    with the crop's mean, ``c`` uniform in ``[1 - raw_contrast, 1 + raw_contrast]`` and
+    ``b`` uniform in ``[-raw_brightness, raw_brightness]``; plus Gaussian noise of std
+    ``raw_noise`` per voxel. A parameter of 0 skips its step (and draws nothing), so with
+    all four at 0 the raw comes back unchanged.
+
+    Args:
+        raw: (B, 1, z, y, x) float raw on the device, about 0..1 (the targets' ``raw``).
+        params: Resolved ``train.augment`` (:func:`resolve_augment_params`).
+        generator: Seeded generator on the raw's device.
+    """
+    import torch
+
+    g, c, b, n = (float(params.get(k, 0.0)) for k in RAW_INTENSITY_KEYS)
+    if not (g or c or b or n):
+        return raw
+    shape = (raw.shape[0],) + (1,) * (raw.dim() - 1)
+
+    def uniform(half_width: float) -> torch.Tensor:
+        u = torch.rand(shape, generator=generator, device=raw.device, dtype=raw.dtype)
+        return (2 * u - 1) * half_width
+
+    if g:
+        raw = raw.clamp(0, 1) ** torch.exp(uniform(math.log1p(g)))
+    if c or b:
+        mean = raw.mean(dim=tuple(range(1, raw.dim())), keepdim=True)
+        raw = mean + (raw - mean) * (1 + uniform(c)) + uniform(b)
+    if n:
+        raw = raw + n * torch.randn(raw.shape, generator=generator, device=raw.device, dtype=raw.dtype)
+    return raw

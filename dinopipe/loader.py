@@ -19,7 +19,10 @@ exactly the batches an uninterrupted run would have.
 Crops are drawn where the mask has labels: a volume with probability proportional to its
 labelled voxels, then a labelled voxel (from a coarse per-block count of the mask, read
 once at opening), then a crop around it, redrawn while less than ``min_mask_fraction`` of
-the crop is labelled. Features stay float16 until :func:`to_device` moves them.
+the crop is labelled. With ``boundary_fraction`` (``train.sample_boundary``) that fraction
+of the crops is instead centred (up to the same jitter) on a boundary voxel drawn uniformly
+from all boundary voxels of the volume (:func:`dinopipe.targets.boundary_voxels`: a
+6-neighbour of another label, both inside the mask; counted per block at opening). Features stay float16 until :func:`to_device` moves them.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from dinopipe.augment import (
 )
 from dinopipe.features import check_compatible
 from dinopipe.ngff import open_tensorstore, read_image, read_into
-from dinopipe.targets import NUM_LSD_CHANNELS
+from dinopipe.targets import NUM_LSD_CHANNELS, boundary_voxels
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,8 @@ class VolumeStores:
         voxel_size: nm, (z, y, x).
         attrs: The targets store's ``dinopipe`` root attributes (``store_id`` among them).
         coarse: Labelled-voxel counts of the mask per :data:`COARSE_BLOCK`³ block.
+        coarse_boundary: Boundary-voxel counts per block (empty unless opened with
+            ``boundary=True``).
         features_id: The feature store's ``store_id`` attribute (None for stores
             written before ids existed).
     """
@@ -141,6 +146,7 @@ class VolumeStores:
     voxel_size: tuple[float, float, float]
     attrs: dict[str, Any]
     coarse: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
+    coarse_boundary: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
     warned: bool = False
     features_id: str | None = None
 
@@ -208,6 +214,7 @@ def open_volume(
     raw: bool = False,
     target: str = "affinities",
     extra: Sequence[str] = (),
+    boundary: bool = False,
 ) -> VolumeStores:
     """Open a volume's features and targets, check that they share the label grid.
 
@@ -219,6 +226,8 @@ def open_volume(
         target: ``"affinities"`` or ``"semantic"`` (opens ``semantic`` instead).
         extra: Further target images to open when present (e.g. ``"labels"`` and ``"raw"``
             for image summaries).
+        boundary: Open ``labels`` and count the boundary voxels per block
+            (:attr:`VolumeStores.coarse_boundary`, for boundary-centred crops).
 
     Raises:
         FileNotFoundError: A store or image is missing.
@@ -267,6 +276,12 @@ def open_volume(
         wanted["semantic"] = None
     if raw:
         wanted["raw"] = None
+    if boundary:
+        if not (Path(targets_path) / "labels").exists():
+            raise FileNotFoundError(
+                f"volume {name}: train.sample_boundary needs the labels in {targets_path}/labels, which is missing"
+            )
+        wanted["labels"] = None
     for key in extra:
         if (Path(targets_path) / key).exists():
             wanted.setdefault(key, None)
@@ -278,21 +293,46 @@ def open_volume(
         features_id=(features.attrs or {}).get("store_id"),
     )
     volume.coarse = _coarse_mask(arrays["mask"], g.shape)
+    if boundary:
+        volume.coarse_boundary = _coarse_counts(
+            lambda z0, z1: _boundary_region(arrays["labels"], arrays["mask"], (z0, 0, 0), (z1, *g.shape[1:])),
+            g.shape,
+        )
     return volume
 
 
-def _coarse_mask(mask: ts.TensorStore, shape: Sequence[int]) -> np.ndarray:
-    """Labelled voxels per COARSE_BLOCK³ block, read in slabs (bounded memory)."""
+def _coarse_counts(read: Callable[[int, int], np.ndarray], shape: Sequence[int]) -> np.ndarray:
+    """True voxels per COARSE_BLOCK³ block of a boolean volume read as z slabs
+    ``read(z0, z1)`` (bounded memory)."""
     b = COARSE_BLOCK
     coarse = np.zeros([math.ceil(s / b) for s in shape], dtype=np.int64)
     slab = b * max(1, 64 // b)
     for z0 in range(0, shape[0], slab):
-        data = mask[z0 : min(z0 + slab, shape[0])].read().result() != 0
+        data = read(z0, min(z0 + slab, shape[0]))
         padded = np.zeros([math.ceil(data.shape[0] / b) * b, *(c * b for c in coarse.shape[1:])], dtype=bool)
         padded[: data.shape[0], : shape[1], : shape[2]] = data
         counts = padded.reshape(padded.shape[0] // b, b, coarse.shape[1], b, coarse.shape[2], b).sum((1, 3, 5))
         coarse[z0 // b : z0 // b + counts.shape[0]] = counts
     return coarse
+
+
+def _coarse_mask(mask: ts.TensorStore, shape: Sequence[int]) -> np.ndarray:
+    """Labelled voxels per COARSE_BLOCK³ block."""
+    return _coarse_counts(lambda z0, z1: mask[z0:z1].read().result() != 0, shape)
+
+
+def _boundary_region(
+    labels: ts.TensorStore, mask: ts.TensorStore, lo: Sequence[int], hi: Sequence[int]
+) -> np.ndarray:
+    """Boundary voxels (:func:`dinopipe.targets.boundary_voxels`) of the box ``[lo, hi)``
+    (z, y, x voxels), judged with the neighbours one voxel outside the box where they exist."""
+    shape = labels.shape
+    grown_lo = [max(int(a) - 1, 0) for a in lo]
+    grown_hi = [min(int(b) + 1, n) for b, n in zip(hi, shape, strict=True)]
+    box = tuple(slice(a, b) for a, b in zip(grown_lo, grown_hi, strict=True))
+    found = boundary_voxels(labels[box].read().result(), mask[box].read().result() != 0)
+    core = tuple(slice(int(a) - g, int(b) - g) for a, b, g in zip(lo, hi, grown_lo, strict=True))
+    return found[core]
 
 
 def check_consistent(volumes: Sequence[VolumeStores]) -> None:
@@ -313,22 +353,40 @@ def check_consistent(volumes: Sequence[VolumeStores]) -> None:
             check_compatible(v.signature, first.signature, v.features_path, first.features_path)
 
 
+def _boundary_centre(volume: VolumeStores, cell: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """A boundary voxel of block ``cell``, uniformly among the block's boundary voxels."""
+    b = COARSE_BLOCK
+    lo = [int(c) * b for c in cell]
+    hi = [min(a + b, n) for a, n in zip(lo, volume.shape, strict=True)]
+    found = np.argwhere(_boundary_region(volume.arrays["labels"], volume.arrays["mask"], lo, hi))
+    if not len(found):  # cannot happen when the counts come from the same arrays
+        return [int(rng.integers(a, z)) for a, z in zip(lo, hi, strict=True)]
+    return [a + int(v) for a, v in zip(lo, found[int(rng.integers(len(found)))], strict=True)]
+
+
 def sample_start(
-    volume: VolumeStores, crop: Sequence[int], rng: np.random.Generator, min_fraction: float
+    volume: VolumeStores, crop: Sequence[int], rng: np.random.Generator, min_fraction: float, boundary: bool = False
 ) -> tuple[tuple[int, ...], np.ndarray]:
     """A crop start around a random labelled voxel whose crop mask covers ``min_fraction``.
+
+    With ``boundary`` (and boundary counts from :func:`open_volume`'s ``boundary=True``),
+    around a boundary voxel drawn uniformly from all of the volume's boundary voxels instead.
 
     Returns:
         The start (z, y, x) and the crop's mask (read anyway to check it).
     """
     b = COARSE_BLOCK
-    weights = volume.coarse.ravel().astype(np.float64)
+    coarse = volume.coarse_boundary if boundary and volume.coarse_boundary.sum() > 0 else volume.coarse
+    weights = coarse.ravel().astype(np.float64)
     total = weights.sum()
     best: tuple[float, tuple[int, ...], np.ndarray] = (-1.0, (), np.empty(0))
     for _ in range(MAX_CROP_TRIES):
         if total > 0:
-            cell = np.unravel_index(int(rng.choice(weights.size, p=weights / total)), volume.coarse.shape)
-            centre = [int(c) * b + int(rng.integers(0, b)) for c in cell]
+            cell = np.unravel_index(int(rng.choice(weights.size, p=weights / total)), coarse.shape)
+            if coarse is volume.coarse_boundary:
+                centre = _boundary_centre(volume, cell, rng)
+            else:
+                centre = [int(c) * b + int(rng.integers(0, b)) for c in cell]
             start = tuple(
                 int(np.clip(c - n // 2 + int(rng.integers(-(n // 4), n // 4 + 1)), 0, s - n))
                 for c, n, s in zip(centre, crop, volume.shape, strict=True)
@@ -361,6 +419,8 @@ class CropSampler:
         min_fraction: Minimum labelled fraction of a crop's mask.
         augment: Resolved ``train.augment`` params, or None for no augmentation.
         lsds, raw, target: What to read (see :func:`open_volume`).
+        boundary_fraction: Fraction of crops centred on boundary voxels (volumes opened
+            with ``boundary=True``); 0 draws every crop around a labelled voxel.
     """
 
     def __init__(
@@ -375,8 +435,14 @@ class CropSampler:
         lsds: bool = True,
         raw: bool = False,
         target: str = "affinities",
+        boundary_fraction: float = 0.0,
     ) -> None:
         self.volumes = list(volumes)
+        self.boundary_fraction = float(boundary_fraction)
+        if self.boundary_fraction > 0:
+            missing = [v.name for v in self.volumes if "labels" not in v.arrays]
+            if missing:
+                raise ValueError(f"boundary-centred crops need volumes opened with boundary=True; not {missing}")
         self.crop = [int(c) for c in crop]
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -452,7 +518,9 @@ class CropSampler:
     def plan(self, rng: np.random.Generator) -> tuple[VolumeStores, tuple[int, ...], np.ndarray, np.ndarray]:
         """Draw one crop: (volume, start, its mask, augmentation matrix)."""
         volume = self.volumes[int(rng.choice(len(self.volumes), p=self.volume_p))]
-        start, mask = sample_start(volume, self.crop, rng, self.min_fraction)
+        # draws nothing extra without boundary sampling: batches stay those of earlier versions
+        boundary = self.boundary_fraction > 0 and rng.random() < self.boundary_fraction
+        start, mask = sample_start(volume, self.crop, rng, self.min_fraction, boundary)
         matrix = self.group[int(rng.integers(len(self.group)))]
         return volume, start, mask, matrix
 

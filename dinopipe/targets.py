@@ -469,7 +469,7 @@ def compute_lsds(
 # --------------------------------------------------------------------------------------------
 
 
-def _boundary_voxels(labels: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def boundary_voxels(labels: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Voxels (inside ``mask``) with a 6-neighbour (inside ``mask``) of a different label."""
     boundary = np.zeros(labels.shape, dtype=bool)
     for axis in range(3):
@@ -533,7 +533,7 @@ def compute_boundary_weights(
         raise ValueError(f"sigma_nm must be a finite number > 0, got {sigma_nm!r}")
     inside = _check_mask(mask, labels.shape)
 
-    boundary = _boundary_voxels(labels, inside)
+    boundary = boundary_voxels(labels, inside)
     if boundary.any():
         dist = edt.edt(
             (~boundary).view(np.uint8),

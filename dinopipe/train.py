@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from dinopipe.atomic import atomic_output, write_json
-from dinopipe.augment import feature_noise, resolve_augment_params
+from dinopipe.augment import feature_noise, raw_intensity, resolve_augment_params
 from dinopipe.checkpoint import build_model_config, save_checkpoint
 from dinopipe.config import RESUME_FREE
 from dinopipe.curves import Row, channel_names, plot_curve, write_curve
@@ -106,6 +106,7 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
     "validate_every": 100,  # steps between validations (and resumable-state writes)
     "validation_crops": 8,  # fixed crops drawn from the validate volumes
     "min_mask_fraction": 0.1,  # reject crops with less of their mask set than this
+    "sample_boundary": 0.0,  # fraction of training crops centred on label boundary voxels
     "early_stopping_patience": None,  # stop after this many validations without improvement
     "early_stopping_min_delta": 0.0,  # an improvement must lower val_loss by more than this
     "unet": {},  # UNetConfig fields except in_channels/out_channels (taken from the data)
@@ -179,10 +180,9 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         p["early_stopping_patience"] is None or (_is_int(p["early_stopping_patience"]) and p["early_stopping_patience"] >= 1),
         "early_stopping_patience", p["early_stopping_patience"], "an integer >= 1 or null",
     )
-    _require(
-        _is_number(p["min_mask_fraction"]) and 0 <= p["min_mask_fraction"] <= 1,
-        "min_mask_fraction", p["min_mask_fraction"], "a number in [0, 1]",
-    )
+    for key in ("min_mask_fraction", "sample_boundary"):
+        _require(_is_number(p[key]) and 0 <= p[key] <= 1, key, p[key], "a number in [0, 1]")
+        p[key] = float(p[key])
     _require(p["lr_schedule"] in LR_SCHEDULES, "lr_schedule", p["lr_schedule"], f"one of {list(LR_SCHEDULES)}")
     p["autocast"] = autocast_mode(p["autocast"], "train.autocast")
     for key in ("lsds", "input_raw", "input_features", "resume", "tensorboard"):
@@ -238,14 +238,16 @@ def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _open_all(
-    volumes: Sequence[tuple[str, str]], p: Mapping[str, Any], role: str, extra: Sequence[str] = ()
+    volumes: Sequence[tuple[str, str]], p: Mapping[str, Any], role: str, extra: Sequence[str] = (),
+    boundary: bool = False,
 ) -> list[VolumeStores]:
     opened = []
     for i, entry in enumerate(volumes):
         if isinstance(entry, str | bytes) or len(entry) != 2:
             raise ValueError(f"{role} volume #{i} must be a (features_path, targets_path) pair, got {entry!r}")
         volume = open_volume(
-            entry[0], entry[1], lsds=p["lsds"], raw=p["input_raw"], target=p["target"], extra=extra
+            entry[0], entry[1], lsds=p["lsds"], raw=p["input_raw"], target=p["target"], extra=extra,
+            boundary=boundary,
         )
         if any(c > s for c, s in zip(p["crop_shape"], volume.shape, strict=True)):
             raise ValueError(
@@ -305,14 +307,18 @@ class _Objective:
         self.aff_loss = None if self.semantic else build_loss(p["loss"], **p["loss_params"])
 
     def inputs(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The network input; with ``generator`` (training), feature and raw intensity augmentation."""
+        a = self.p["augment"]
+        raw = batch["raw"] if self.p["input_raw"] else None
+        if raw is not None and generator is not None:
+            raw = raw_intensity(raw, a, generator)
         if not self.p["input_features"]:
-            return batch["raw"]
+            return raw
         x = batch["features"]
         if generator is not None:
-            a = self.p["augment"]
             x = feature_noise(x, a["feature_noise"], a["channel_dropout"], generator)
-        if self.p["input_raw"]:
-            x = torch.cat([x, batch["raw"]], dim=1)
+        if raw is not None:
+            x = torch.cat([x, raw], dim=1)
         return x
 
     def loss(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -553,7 +559,7 @@ def train(
     state.mkdir(parents=True, exist_ok=True)
 
     with _torch_threads(p["num_threads"]):
-        train_vols = _open_all(train_volumes, p, "train")
+        train_vols = _open_all(train_volumes, p, "train", boundary=p["sample_boundary"] > 0)
         val_vols = _open_all(validate_volumes, p, "validate", extra=("labels", "raw") if p["tensorboard"] else ())
         check_consistent(train_vols + val_vols)
         first = train_vols[0]
@@ -589,7 +595,8 @@ def train(
         objective = _Objective(p, num_offsets, class_weights, device)
         channels = channel_names(offsets, num_classes)
         sampler = CropSampler(train_vols, crop, p["batch_size"], p["seed"], p["min_mask_fraction"], p["augment"],
-                              lsds=p["lsds"], raw=p["input_raw"], target=p["target"])
+                              lsds=p["lsds"], raw=p["input_raw"], target=p["target"],
+                              boundary_fraction=p["sample_boundary"])
         val_sampler = (
             CropSampler(val_vols, crop, 1, p["seed"], p["min_mask_fraction"], None,
                         lsds=p["lsds"], raw=p["input_raw"], target=p["target"]) if val_vols else None

@@ -121,3 +121,42 @@ def test_feature_noise_and_channel_dropout_are_seeded():
     kept = a[~dropped]
     assert 0.05 < float((kept - 1).std()) < 0.2
     assert torch.equal(feature_noise(x, 0.0, 0.0, torch.Generator()), x)
+
+
+def test_raw_intensity_is_seeded_per_crop_and_off_by_default():
+    from dinopipe.augment import raw_intensity
+
+    raw = torch.rand(8, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    off = resolve_augment_params(None)
+    assert torch.equal(raw_intensity(raw, off, torch.Generator()), raw)
+    params = resolve_augment_params({"raw_gamma": 0.5, "raw_contrast": 0.3, "raw_brightness": 0.1})
+    a = raw_intensity(raw, params, torch.Generator().manual_seed(1))
+    assert torch.equal(a, raw_intensity(raw, params, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, raw_intensity(raw, params, torch.Generator().manual_seed(2)))
+    # no noise: each crop is a monotone map of its raw (voxel order kept), and crops differ
+    for i in range(8):
+        order = torch.argsort(raw[i].flatten())
+        assert bool((a[i].flatten()[order].diff() >= -1e-6).all())
+    assert len({round(float(a[i].std() / raw[i].std()), 3) for i in range(8)}) > 4
+
+
+def test_raw_intensity_ranges():
+    from dinopipe.augment import raw_intensity
+
+    raw = torch.full((200, 1, 2, 2, 2), 0.25)
+    raw[:, :, 0] = 0.75  # crop mean 0.5, deviation 0.25
+    gen = torch.Generator().manual_seed(0)
+    contrast = raw_intensity(raw, resolve_augment_params({"raw_contrast": 0.2}), gen)
+    factor = (contrast[:, 0, 0, 0, 0] - 0.5) / 0.25
+    assert 0.8 <= float(factor.min()) < 0.85 and 1.15 < float(factor.max()) <= 1.2
+    shift = raw_intensity(raw, resolve_augment_params({"raw_brightness": 0.1}), gen) - raw
+    assert float(shift.abs().max()) <= 0.1 + 1e-6 and float(shift.abs().max()) > 0.09
+    gamma = raw_intensity(raw, resolve_augment_params({"raw_gamma": 0.5}), gen)
+    exponent = torch.log(gamma[:, 0, 1, 0, 0]) / np.log(0.25)  # 0.25 ** g
+    assert 1 / 1.5 - 1e-4 <= float(exponent.min()) < 0.75 and 1.4 < float(exponent.max()) <= 1.5 + 1e-4
+    noise = raw_intensity(raw, resolve_augment_params({"raw_noise": 0.05}), gen) - raw
+    assert 0.045 < float(noise.std()) < 0.055
+    with pytest.raises(ValueError, match="raw_gamma"):
+        resolve_augment_params({"raw_gamma": -0.1})
+    with pytest.raises(ValueError, match="raw_noise"):
+        resolve_augment_params({"raw_noise": True})

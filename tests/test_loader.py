@@ -153,3 +153,43 @@ def test_buffer_pool_reuses_only_matching_layouts():
     pool.give(a)
     pool.give(a)
     assert len(pool.free) == 1
+
+
+def test_boundary_crops_are_centred_on_boundary_voxels(tmp_path):
+    from dinopipe.targets import boundary_voxels
+
+    fpath, tpath, labels, _ = write_volume(tmp_path, shape=(24, 24, 24))
+    # one object filling the volume except a small cube of another label: one boundary region
+    labels = np.ones((24, 24, 24), np.uint64)
+    labels[16:20, 4:8, 10:14] = 2
+    import shutil
+
+    shutil.rmtree(f"{tpath}/labels")
+    write_image(f"{tpath}/labels", labels, (8, 8, 8), (0, 0, 0), channel_axis=False)
+    volume = open_volume(fpath, tpath, boundary=True)
+    boundary = boundary_voxels(labels, None)
+    assert volume.coarse_boundary.sum() == boundary.sum()  # counted in slabs and blocks, none lost
+    crop = (8, 8, 8)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        start, _ = loader.sample_start(volume, crop, rng, 0.0, boundary=True)
+        # the jitter is at most a quarter crop: every boundary-centred crop holds boundary voxels
+        assert boundary[tuple(slice(s, s + n) for s, n in zip(start, crop))].any()
+    # with sample_boundary 1 every training crop holds the boundary; without, most do not
+    def hits(fraction: float) -> int:
+        sampler = CropSampler([volume], crop, 1, 0, 0.0, None, boundary_fraction=fraction)
+        return sum(boundary[tuple(slice(s, s + n) for s, n in zip(sampler.plan(
+            np.random.default_rng([0, step]))[1], crop))].any() for step in range(40))
+    assert hits(1.0) == 40 and hits(0.0) < 30
+
+
+def test_boundary_crops_need_the_labels(tmp_path):
+    fpath, tpath, *_ = write_volume(tmp_path)
+    volume = open_volume(fpath, tpath)
+    with pytest.raises(ValueError, match="boundary=True"):
+        CropSampler([volume], (8, 8, 8), 1, 0, 0.0, None, boundary_fraction=0.5)
+    import shutil
+
+    shutil.rmtree(f"{tpath}/labels")
+    with pytest.raises(FileNotFoundError, match="sample_boundary needs the labels"):
+        open_volume(fpath, tpath, boundary=True)

@@ -542,3 +542,28 @@ def test_validation_scores_boundary_edges_as_much_as_inside_edges():
     # masked-out voxels do not count
     batch["mask"][..., 4:] = 0
     assert objective.confusion(always, batch)[2].tolist() == [8 * 8 * 4, 0, 0, 0]
+
+
+def test_raw_intensity_augmentation_changes_the_raw_channel_only_in_training():
+    from dinopipe.train import _Objective
+
+    p = resolve_train_params({"input_raw": True, "augment": {"raw_contrast": 0.5, "raw_noise": 0.1}})
+    objective = _Objective(p, 3, None, torch.device("cpu"))
+    batch = {"features": torch.rand(2, 4, 4, 4, 4), "raw": torch.rand(2, 1, 4, 4, 4)}
+    plain = objective.inputs(batch)  # validation and prediction: no generator, no augmentation
+    assert torch.equal(plain, torch.cat([batch["features"], batch["raw"]], 1))
+    augmented = objective.inputs(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(augmented[:, :4], batch["features"]) and not torch.equal(augmented[:, 4:], batch["raw"])
+    raw_only = _Objective({**p, "input_features": False}, 3, None, torch.device("cpu"))
+    assert torch.equal(raw_only.inputs(batch, torch.Generator().manual_seed(0)), augmented[:, 4:])
+
+
+def test_boundary_centred_crops_change_the_training_batches(tmp_path, volumes):
+    with pytest.raises(ValueError, match="sample_boundary"):
+        resolve_train_params({"sample_boundary": 1.5})
+    runs = {}
+    for fraction in (0.0, 1.0):
+        out = tmp_path / str(fraction)
+        train([volumes[0]], [volumes[1]], out, {**TINY, "steps": 3, "validate_every": 3, "sample_boundary": fraction})
+        runs[fraction] = [r["train_loss"] for r in read_curve(out / "loss_curve.tsv")[1:]]
+    assert runs[0.0] != runs[1.0]
