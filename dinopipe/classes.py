@@ -1,0 +1,326 @@
+"""Labels as classes (organelles): the class list, class images, per-class instances and scores.
+
+A class list (config key ``targets.classes``) names the classes a volume's labels hold and
+which label ids belong to each::
+
+    targets:
+      classes:
+        - {name: mito, ids: [3, 4, 5], instance: true}
+        - {name: er, ids: [16, 17]}
+
+Class 0 is ``background``: every known voxel whose id is in no class. Ids listed in
+``targets.unlabelled_ids`` are "not annotated" (mask 0; CellMap marks them with the dtype's
+maximum). Classes are exclusive (one class per voxel, softmax + cross-entropy): an id may
+belong to one class only. Instance classes (``instance: true``) are also segmented into
+objects: connected components of the class, and scored per object.
+
+Pure array functions here, no file I/O; axis order (z, y, x), channels first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ClassSpec",
+    "Classes",
+    "class_scores",
+    "instance_scores",
+    "instances_of",
+    "parse_classes",
+    "segment_classes",
+]
+
+#: Class names: used in store paths and summary columns.
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+#: The implicit class 0.
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class: its name, the label ids that belong to it, whether it has instances."""
+
+    name: str
+    ids: tuple[int, ...]
+    instance: bool = False
+
+
+@dataclass(frozen=True)
+class Classes:
+    """The class list; class ``i + 1`` is ``classes[i]``, class 0 is background."""
+
+    classes: tuple[ClassSpec, ...]
+
+    @property
+    def names(self) -> list[str]:
+        """Class names by class id, ``background`` first."""
+        return [BACKGROUND, *(c.name for c in self.classes)]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.classes) + 1
+
+    def class_map(self) -> dict[int, int]:
+        """Label id -> class id (ids in no class are background, 0)."""
+        return {i: k + 1 for k, c in enumerate(self.classes) for i in c.ids}
+
+    def instance_classes(self) -> list[tuple[int, str]]:
+        """``(class id, name)`` of the instance classes."""
+        return [(k + 1, c.name) for k, c in enumerate(self.classes) if c.instance]
+
+    def to_attrs(self) -> dict[str, Any]:
+        """What stores and model configs record (``class_names``, ``instance_classes``)."""
+        return {"class_names": self.names, "instance_classes": [n for _, n in self.instance_classes()]}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any], where: str) -> Classes:
+        """The class list recorded by :meth:`to_attrs` (ids are not recorded: empty)."""
+        names = attrs.get("class_names")
+        if not names or names[0] != BACKGROUND:
+            raise ValueError(f"{where} records no class names ('class_names' starting with 'background')")
+        inst = set(attrs.get("instance_classes") or [])
+        return cls(tuple(ClassSpec(n, (), n in inst) for n in names[1:]))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def parse_classes(value: Any, key: str = "targets.classes") -> Classes | None:
+    """Check a class list from the config and return it (``None`` when not configured).
+
+    Args:
+        value: ``None`` or a list of ``{name, ids, instance}`` mappings.
+        key: The config key, for error messages.
+
+    Raises:
+        ValueError: Not a list of mappings, a bad or duplicate name (``background`` is
+            reserved), a class without ids, a non-integer id, an id in two classes (classes
+            are exclusive), more than 255 classes, or an unknown key in an entry.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be null or a non-empty list of classes {{name, ids, instance}}, got {value!r}")
+    if len(value) > 255:
+        raise ValueError(f"{key} lists {len(value)} classes; at most 255 (+ background) fit the uint8 class image")
+    specs: list[ClassSpec] = []
+    owner: dict[int, str] = {}
+    for i, entry in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a mapping {{name, ids, instance}}, got {entry!r}")
+        unknown = sorted(set(entry) - {"name", "ids", "instance"})
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {unknown}; allowed: name, ids, instance")
+        name = entry.get("name")
+        if not isinstance(name, str) or not NAME.match(name) or name == BACKGROUND:
+            raise ValueError(f"{where}.name is {name!r}; expected a letter then letters, digits or '_', "
+                             f"not {BACKGROUND!r} (class 0)")
+        if any(s.name == name for s in specs):
+            raise ValueError(f"{where}.name {name!r} is listed twice")
+        ids = entry.get("ids")
+        if not isinstance(ids, Sequence) or isinstance(ids, str) or not ids or not all(_is_int(v) for v in ids):
+            raise ValueError(f"{where}.ids (class {name!r}) must be a non-empty list of integer label ids, got {ids!r}")
+        for v in ids:
+            if int(v) in owner:
+                raise ValueError(f"label id {v} is in classes {owner[int(v)]!r} and {name!r} ({key}); classes are "
+                                 f"exclusive: an id belongs to one class")
+            owner[int(v)] = name
+        instance = entry.get("instance", False)
+        if not isinstance(instance, bool):
+            raise ValueError(f"{where}.instance (class {name!r}) must be true or false, got {instance!r}")
+        specs.append(ClassSpec(name, tuple(int(v) for v in ids), instance))
+    return Classes(tuple(specs))
+
+
+def overlapping_unlabelled(classes: Classes, unlabelled_ids: Sequence[int]) -> list[int]:
+    """Ids listed both in a class and as unlabelled (a config error)."""
+    mapped = classes.class_map()
+    return sorted({int(v) for v in unlabelled_ids if int(v) in mapped})
+
+
+# --------------------------------------------------------------------------------------------
+# instances
+# --------------------------------------------------------------------------------------------
+
+
+def instances_of(labels: np.ndarray, region: np.ndarray, min_size: int = 0) -> np.ndarray:
+    """Objects of one class: the 6-connected components of ``region``, also split where
+    ``labels`` changes id (two touching instances with different ids stay two objects).
+
+    Args:
+        labels: Label ids (z, y, x), any integer dtype; pass ``region`` itself for a
+            binary class image.
+        region: Boolean (z, y, x), the voxels of the class.
+        min_size: Objects with fewer voxels become 0.
+
+    Returns:
+        uint64 (z, y, x), objects numbered 1..n in scan order, 0 outside.
+    """
+    region = np.asarray(region, dtype=bool)
+    components, n = ndimage.label(region)
+    out = np.zeros(region.shape, dtype=np.uint64)
+    if n == 0:
+        return out
+    inside = components[region]
+    pairs = np.stack([inside.astype(np.int64), np.asarray(labels)[region].astype(np.int64)], axis=1)
+    _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    counts = np.bincount(inverse)
+    # number objects by their first voxel in scan order
+    order = np.argsort(first, kind="stable")
+    keep = counts[order] >= max(int(min_size), 1)
+    new_id = np.zeros(len(first), dtype=np.uint64)
+    new_id[order[keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint64)
+    out[region] = new_id[inverse]
+    return out
+
+
+def segment_classes(
+    probabilities: np.ndarray, classes: Classes, min_size: int = 0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Class image and per-class instances from predicted class probabilities.
+
+    Args:
+        probabilities: (num_classes, z, y, x) softmax probabilities, class 0 background.
+        classes: The class list (its length must match the channels).
+        min_size: Objects of instance classes with fewer voxels become 0 (their voxels
+            keep their class in the class image).
+
+    Returns:
+        ``(class_image, instances)``: uint8 (z, y, x) argmax classes, and for each instance
+        class its objects (uint64 (z, y, x), connected components of the class, 1..n).
+    """
+    if probabilities.ndim != 4 or probabilities.shape[0] != classes.num_classes:
+        raise ValueError(f"class probabilities have shape {probabilities.shape}; expected ({classes.num_classes}, "
+                         f"z, y, x) for classes {classes.names}")
+    image = np.argmax(probabilities, axis=0).astype(np.uint8)
+    instances = {name: instances_of(image == k, image == k, min_size) for k, name in classes.instance_classes()}
+    return image, instances
+
+
+# --------------------------------------------------------------------------------------------
+# scores
+# --------------------------------------------------------------------------------------------
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den > 0 else None
+
+
+def class_scores(
+    truth: np.ndarray, prediction: np.ndarray, names: Sequence[str], mask: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per-class voxel scores of a class image against the truth (background included).
+
+    For class ``c`` with ``tp``, ``fp``, ``fn`` counted over the known voxels (``mask``):
+    IoU ``tp / (tp + fp + fn)``, Dice ``2 tp / (2 tp + fp + fn)``, precision
+    ``tp / (tp + fp)``, recall ``tp / (tp + fn)``; a ratio with a zero denominator is
+    ``None`` (a class absent from both truth and prediction has no score).
+
+    Args:
+        truth, prediction: Class ids (z, y, x), same shape.
+        names: Class names by id (``Classes.names``).
+        mask: Optional (z, y, x), nonzero where the truth is known.
+
+    Returns:
+        ``{name: {"iou", "dice", "precision", "recall", "truth_voxels", "predicted_voxels"}}``.
+    """
+    if truth.shape != prediction.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
+    known = np.ones(truth.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    t, p = truth[known].astype(np.int64), prediction[known].astype(np.int64)
+    n = len(names)
+    if t.size and max(int(t.max()), int(p.max())) >= n:
+        raise ValueError(f"class ids up to {max(int(t.max()), int(p.max()))} but only {n} class names {list(names)}")
+    confusion = np.bincount(t * n + p, minlength=n * n).reshape(n, n)
+    out: dict[str, dict[str, Any]] = {}
+    for c, name in enumerate(names):
+        tp = float(confusion[c, c])
+        fn = float(confusion[c].sum()) - tp
+        fp = float(confusion[:, c].sum()) - tp
+        out[name] = {"iou": _ratio(tp, tp + fp + fn), "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+                     "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+                     "truth_voxels": int(tp + fn), "predicted_voxels": int(tp + fp)}
+    return out
+
+
+def instance_scores(
+    truth: np.ndarray, prediction: np.ndarray, iou_threshold: float = 0.5,
+    voxel_size_nm: Sequence[float] = (1.0, 1.0, 1.0),
+) -> dict[str, Any]:
+    """Object scores of one instance class: one-to-one matching by overlap.
+
+    Truth and predicted objects are matched one to one (maximum total IoU, Hungarian);
+    a match counts when its IoU is at least ``iou_threshold``. ``f1 = 2 tp / (2 tp + fp + fn)``;
+    with neither truth nor predicted objects every score is ``None``. The Hausdorff
+    distance (nm) is the symmetric Hausdorff distance between each matched pair's voxel
+    centres, averaged over matches (``None`` without matches).
+
+    Args:
+        truth, prediction: Object ids (z, y, x), 0 = no object.
+        iou_threshold: Minimum IoU of a match, in (0, 1].
+        voxel_size_nm: Voxel size in nm (z, y, x), for the Hausdorff distance.
+
+    Returns:
+        ``{"tp", "fp", "fn", "precision", "recall", "f1", "mean_matched_iou", "hausdorff_nm",
+        "n_truth", "n_predicted"}``.
+    """
+    if truth.shape != prediction.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
+    t_ids, t_inv = np.unique(truth, return_inverse=True)
+    p_ids, p_inv = np.unique(prediction, return_inverse=True)
+    t_inv, p_inv = t_inv.reshape(-1), p_inv.reshape(-1)
+    overlap = np.zeros((len(t_ids), len(p_ids)), dtype=np.int64)
+    np.add.at(overlap, (t_inv, p_inv), 1)
+    t_size, p_size = overlap.sum(axis=1), overlap.sum(axis=0)
+    t_obj = np.flatnonzero(t_ids != 0)
+    p_obj = np.flatnonzero(p_ids != 0)
+    inter = overlap[np.ix_(t_obj, p_obj)].astype(np.float64)
+    union = t_size[t_obj][:, None] + p_size[p_obj][None, :] - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    matches: list[tuple[int, int, float]] = []
+    if iou.size:
+        rows, cols = linear_sum_assignment(-iou)
+        matches = [(int(r), int(c), float(iou[r, c])) for r, c in zip(rows, cols) if iou[r, c] >= iou_threshold]
+    tp, n_t, n_p = len(matches), len(t_obj), len(p_obj)
+    fp, fn = n_p - tp, n_t - tp
+    hausdorff = None
+    if matches:
+        dists = [_hausdorff(truth == t_ids[t_obj[r]], prediction == p_ids[p_obj[c]], voxel_size_nm)
+                 for r, c, _ in matches]
+        hausdorff = float(np.mean(dists))
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": _ratio(tp, n_p), "recall": _ratio(tp, n_t),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "mean_matched_iou": float(np.mean([m[2] for m in matches])) if matches else None,
+            "hausdorff_nm": hausdorff, "n_truth": n_t, "n_predicted": n_p}
+
+
+def _hausdorff(a: np.ndarray, b: np.ndarray, voxel_size_nm: Sequence[float]) -> float:
+    """Symmetric Hausdorff distance (nm) between two non-empty voxel sets (voxel centres)."""
+    sampling = tuple(float(v) for v in voxel_size_nm)
+    to_b = ndimage.distance_transform_edt(~b, sampling=sampling)
+    to_a = ndimage.distance_transform_edt(~a, sampling=sampling)
+    return float(max(to_b[a].max(), to_a[b].max()))
+
+
+def mean_score(per_class: Mapping[str, Mapping[str, Any]], key: str, skip: Sequence[str] = (BACKGROUND,)) -> float | None:
+    """Mean of ``key`` over the classes that have a score (background left out)."""
+    values = [v[key] for n, v in per_class.items() if n not in skip and v.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
