@@ -36,7 +36,8 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
     backbone's patch size (when that is known without loading the model: built-in tiny
     models, local snapshots, hub ids in the local cache); affinity offsets (three integers,
     not ``[0, 0, 0]``, no duplicates); ``train.crop_shape`` divisible by
-    ``2**train.unet.levels``.
+    ``2**train.unet.levels``; ``targets.classes`` (:func:`dinopipe.classes.parse_classes`),
+    set exactly when ``train.target`` is ``semantic``, and disjoint from ``targets.unlabelled_ids``.
     """
     from dinopipe.backbone_spec import known_patch_size
 
@@ -60,6 +61,7 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
             problems.append(f"features.stride {stride} does not divide the patch size {patch} of backbone "
                             f"{backbone!r}; allowed: {divisors} or null (the patch size)")
     problems += _offset_problems((config.get("targets") or {}).get("offsets"))
+    problems += _class_problems(config)
     crop, levels = train.get("crop_shape"), (train.get("unet") or {}).get("levels", 2)
     if crop is not None and isinstance(levels, int) and levels >= 0:
         divisor = 2**levels
@@ -68,6 +70,31 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
                 f"train.crop_shape {list(crop)} is not divisible by 2**train.unet.levels = {divisor} on every axis "
                 f"(the UNet halves the crop {levels} times); use multiples of {divisor} or fewer levels"
             )
+    return problems
+
+
+def _class_problems(config: Mapping[str, Any]) -> list[str]:
+    """``targets.classes`` well formed, not overlapping ``targets.unlabelled_ids``, and set
+    exactly when ``train.target`` is ``semantic``."""
+    from dinopipe.classes import overlapping_unlabelled, parse_classes
+
+    targets = config.get("targets") or {}
+    target = (config.get("train") or {}).get("target", "affinities")
+    try:
+        classes = parse_classes(targets.get("classes"))
+    except ValueError as exc:
+        return [str(exc)]
+    if classes is None:
+        return ["train.target is 'semantic' but targets.classes is null: list the classes (name, ids) so that "
+                "the targets hold a class image"] if target == "semantic" else []
+    problems = []
+    if target != "semantic":
+        problems.append(f"targets.classes is set but train.target is {target!r}; a class model needs "
+                        "train.target: semantic (and train.loss: cross_entropy)")
+    both = overlapping_unlabelled(classes, targets.get("unlabelled_ids") or [])
+    if both:
+        problems.append(f"label id(s) {both} are in targets.classes and in targets.unlabelled_ids; an id is either "
+                        "a class or 'not annotated'")
     return problems
 
 

@@ -190,6 +190,7 @@ DEFAULT_TARGETS: dict[str, Any] = {
     "boundary_sigma_nm": 32.0,
     "unlabelled_ids": [],
     "mask_erosion_nm": 0.0,
+    "classes": None,
 }
 
 
@@ -199,8 +200,12 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
     Writes a group ``out_path`` with OME-NGFF images ``labels`` (uint64),
     ``affinities`` (n_offsets, z, y, x) uint8, ``lsds`` (10, z, y, x) float16,
     ``boundary_weights`` float32, ``mask`` uint8 and ``raw`` (float32, 0..1, area-averaged
-    onto the label grid); root attrs hold the parameters and timings.
+    onto the label grid); root attrs hold the parameters and timings. With ``classes``
+    (:mod:`dinopipe.classes`) also ``semantic`` (uint8 class ids, 0 background) and, in the
+    root attrs, ``num_classes``, ``class_names``, ``instance_classes`` and ``class_weights``
+    (balanced inverse frequency over the known voxels, :func:`dinopipe.targets.compute_semantic_targets`).
     """
+    from dinopipe.classes import parse_classes
     from dinopipe import targets as tg
     from dinopipe.sources import open_sources, resample_to_grid
 
@@ -242,6 +247,15 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
         params["boundary_weight_max"], params["boundary_sigma_nm"], mask,
     )
+    classes = parse_classes(params["classes"])
+    semantic, class_attrs = None, {}
+    if classes is not None:
+        semantic, class_weights = timed("semantic_s", tg.compute_semantic_targets, labels, classes.class_map(),
+                                        classes.num_classes, mask)
+        class_attrs = {"num_classes": classes.num_classes, "class_weights": class_weights.tolist(),
+                       **classes.to_attrs()}
+        counts = np.bincount(semantic[mask.astype(bool)], minlength=classes.num_classes)
+        logger.info("volume %s: known voxels per class %s", volume.name, dict(zip(classes.names, counts.tolist())))
     raw = timed("raw_s", lambda: _raw_on_grid(src, resample_to_grid))
     t = time.perf_counter()
     g = src.grid
@@ -255,8 +269,12 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         io.write_image(tmp / "boundary_weights", weights.astype(np.float32), g.voxel_size, g.translation)
         io.write_image(tmp / "mask", mask.astype(np.uint8), g.voxel_size, g.translation)
         io.write_image(tmp / "raw", raw, g.voxel_size, g.translation)
+        if semantic is not None:
+            io.write_image(tmp / "semantic", semantic, g.voxel_size, g.translation)
         timings["write_s"] = time.perf_counter() - t
-        attrs = {"volume": volume.name, **params, "grid": g.to_dict(), "sources": src.provenance(),
+        # classes only when configured: targets of projects without classes keep their attrs
+        stored = {k: v for k, v in params.items() if k != "classes" or v is not None}
+        attrs = {"volume": volume.name, **stored, **class_attrs, "grid": g.to_dict(), "sources": src.provenance(),
                  "timings": timings, "store_id": io.new_store_id()}
         root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
     logger.info("targets %s: %s, %.1fs", volume.name, labels.shape, sum(timings.values()))

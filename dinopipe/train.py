@@ -438,6 +438,21 @@ def evaluate(
 # --------------------------------------------------------------------------- outputs
 
 
+def _class_names(volumes: Sequence[Volume], p: Mapping[str, Any]) -> dict[str, Any]:
+    """``class_names`` and ``instance_classes`` of semantic targets (:mod:`dinopipe.classes`), the
+    same in every volume; nothing for affinity models or targets that record no names."""
+    if p["target"] != "semantic":
+        return {}
+    keys = ("class_names", "instance_classes")
+    first = {k: volumes[0].attrs.get(k) for k in keys}
+    for v in volumes[1:]:
+        other = {k: v.attrs.get(k) for k in keys}
+        if other != first:
+            raise ValueError(f"volumes {volumes[0].name} and {v.name} have different classes in their targets "
+                             f"({first} vs {other}); recompute the targets with one targets.classes")
+    return first if first["class_names"] else {}
+
+
 def build_model_config(
     unet: UNetConfig,
     offsets: Sequence[Sequence[int]],
@@ -743,7 +758,8 @@ def train(
         model_config = build_model_config(
             unet_config, offsets, p["lsds"], first.signature, p, input_raw=p["input_raw"],
             input_features=p["input_features"], target=p["target"],
-            num_classes=num_classes, class_weights=class_weights, **volumes_used,
+            num_classes=num_classes, class_weights=class_weights, **_class_names(train_vols + val_vols, p),
+            **volumes_used,
         )
         logger.info(
             "training on %d volume(s) (%s), validating on %d, %d feature channels%s, offsets %s, device %s",

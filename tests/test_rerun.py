@@ -79,6 +79,17 @@ def test_result_params_are_canonical_and_leave_out_what_a_job_does_not_use():
     assert canonical({"b": (1, {"d": 1, "c": 2}), "a": None}) == {"a": None, "b": [1, {"c": 2, "d": 1}]}
 
 
+def test_optional_keys_are_left_out_while_off():
+    """A project without classes keeps the params it had before targets.classes existed."""
+    config = tiny_config()
+    before = result_params(config, "targets")
+    assert "classes" not in before
+    config["targets"] = {**config["targets"], "classes": None}
+    assert repr(result_params(config, "targets")) == repr(before)
+    config["targets"]["classes"] = [{"name": "mito", "ids": [1]}]
+    assert result_params(config, "targets")["classes"] == [{"ids": [1], "name": "mito"}]
+
+
 # --------------------------------------------------------------------------- dry runs
 
 
