@@ -258,17 +258,33 @@ def class_scores(
     return out
 
 
+def max_distance_nm(shape: Sequence[int], voxel_size_nm: Sequence[float]) -> float:
+    """The Hausdorff distance given to an unmatched object: half the volume's smallest extent (nm),
+    as the CellMap Segmentation Challenge's evaluation does."""
+    return float(min(float(v) * int(n) / 2 for v, n in zip(voxel_size_nm, shape)))
+
+
+def normalized_distance(distance_nm: float, voxel_size_nm: Sequence[float]) -> float:
+    """A distance mapped to (0, 1] as the CellMap challenge does: ``1.01 ** (-d / |voxel_size|)``
+    (1 for d = 0; |voxel_size| the Euclidean norm of the voxel size in nm)."""
+    return float(1.01 ** (-float(distance_nm) / float(np.linalg.norm(np.asarray(voxel_size_nm, dtype=float)))))
+
+
 def instance_scores(
     truth: np.ndarray, prediction: np.ndarray, iou_threshold: float = 0.5,
     voxel_size_nm: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> dict[str, Any]:
-    """Object scores of one instance class: one-to-one matching by overlap.
+    """Object scores of one instance class: one-to-one matching by overlap, F1, Hausdorff.
 
     Truth and predicted objects are matched one to one (maximum total IoU, Hungarian);
     a match counts when its IoU is at least ``iou_threshold``. ``f1 = 2 tp / (2 tp + fp + fn)``;
-    with neither truth nor predicted objects every score is ``None``. The Hausdorff
-    distance (nm) is the symmetric Hausdorff distance between each matched pair's voxel
-    centres, averaged over matches (``None`` without matches).
+    with neither truth nor predicted objects the ratios are ``None``.
+
+    Hausdorff distances as the CellMap Segmentation Challenge scores instances: each matched
+    pair gets the symmetric Hausdorff distance (nm) between its voxel centres, each unmatched
+    truth or predicted object :func:`max_distance_nm`; ``hausdorff_nm`` is the mean over the
+    matched pairs, ``normalized_hausdorff`` the mean of :func:`normalized_distance` over all
+    of them (matched and unmatched), and ``combined_score = sqrt(f1 * normalized_hausdorff)``.
 
     Args:
         truth, prediction: Object ids (z, y, x), 0 = no object.
@@ -277,7 +293,7 @@ def instance_scores(
 
     Returns:
         ``{"tp", "fp", "fn", "precision", "recall", "f1", "mean_matched_iou", "hausdorff_nm",
-        "n_truth", "n_predicted"}``.
+        "normalized_hausdorff", "combined_score", "n_truth", "n_predicted"}``.
     """
     if truth.shape != prediction.shape:
         raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
@@ -300,15 +316,17 @@ def instance_scores(
         matches = [(int(r), int(c), float(iou[r, c])) for r, c in zip(rows, cols) if iou[r, c] >= iou_threshold]
     tp, n_t, n_p = len(matches), len(t_obj), len(p_obj)
     fp, fn = n_p - tp, n_t - tp
-    hausdorff = None
-    if matches:
-        dists = [_hausdorff(truth == t_ids[t_obj[r]], prediction == p_ids[p_obj[c]], voxel_size_nm)
-                 for r, c, _ in matches]
-        hausdorff = float(np.mean(dists))
-    return {"tp": tp, "fp": fp, "fn": fn, "precision": _ratio(tp, n_p), "recall": _ratio(tp, n_t),
-            "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    dists = [_hausdorff(truth == t_ids[t_obj[r]], prediction == p_ids[p_obj[c]], voxel_size_nm)
+             for r, c, _ in matches]
+    unmatched = normalized_distance(max_distance_nm(truth.shape, voxel_size_nm), voxel_size_nm)
+    normalized = [normalized_distance(d, voxel_size_nm) for d in dists] + [unmatched] * (fp + fn)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    norm_h = float(np.mean(normalized)) if normalized else None
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": _ratio(tp, n_p), "recall": _ratio(tp, n_t), "f1": f1,
             "mean_matched_iou": float(np.mean([m[2] for m in matches])) if matches else None,
-            "hausdorff_nm": hausdorff, "n_truth": n_t, "n_predicted": n_p}
+            "hausdorff_nm": float(np.mean(dists)) if dists else None, "normalized_hausdorff": norm_h,
+            "combined_score": float(np.sqrt(f1 * norm_h)) if f1 is not None and norm_h is not None else None,
+            "n_truth": n_t, "n_predicted": n_p}
 
 
 def _hausdorff(a: np.ndarray, b: np.ndarray, voxel_size_nm: Sequence[float]) -> float:
@@ -324,3 +342,63 @@ def mean_score(per_class: Mapping[str, Mapping[str, Any]], key: str, skip: Seque
     values = [v[key] for n, v in per_class.items() if n not in skip and v.get(key) is not None]
     return float(np.mean(values)) if values else None
 
+
+
+def evaluate_classes(
+    truth_classes: np.ndarray, truth_labels: np.ndarray, mask: np.ndarray | None, predicted: np.ndarray,
+    instances: Mapping[str, np.ndarray], classes: Classes, voxel_size_nm: Sequence[float],
+    iou_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Every score of a class segmentation against the truth, within the known voxels.
+
+    Per class: :func:`class_scores` (IoU, Dice, precision, recall); per instance class also
+    :func:`instance_scores` under ``instances``, the truth objects being
+    :func:`instances_of` the truth labels within the class. Outside ``mask`` both truth
+    and prediction are cleared first. Summaries (background left out): ``mean_iou``,
+    ``mean_dice``, and the CellMap-style ``semantic_score`` (mean IoU of the classes that
+    are not instance classes), ``instance_score`` (mean ``combined_score`` of the instance
+    classes) and ``overall_score`` (their geometric mean, or the one present).
+
+    Args:
+        truth_classes: Class ids (z, y, x), uint8 (the targets' ``semantic``).
+        truth_labels: The labels the classes come from (z, y, x) (the targets' ``labels``).
+        mask: Known voxels (z, y, x) or None.
+        predicted: Predicted class ids (z, y, x).
+        instances: Predicted objects per instance class name (z, y, x).
+        classes: The class list (:meth:`Classes.from_attrs` suffices).
+        voxel_size_nm: Voxel size (z, y, x), nm.
+        iou_threshold: Minimum IoU of a matched object.
+    """
+    known = np.ones(truth_classes.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    per_class: dict[str, dict[str, Any]] = class_scores(truth_classes, predicted, classes.names, known)
+    for k, name in classes.instance_classes():
+        if name not in instances:
+            raise ValueError(f"the segmentation holds no objects of instance class {name!r}")
+        truth_objects = instances_of(truth_labels, (truth_classes == k) & known)
+        pred_objects = np.where(known, instances[name], 0)
+        per_class[name]["instances"] = instance_scores(truth_objects, pred_objects, iou_threshold, voxel_size_nm)
+    instance_names = {n for _, n in classes.instance_classes()}
+    semantic_names = [n for n in classes.names[1:] if n not in instance_names]
+    semantic = mean_score({n: per_class[n] for n in semantic_names}, "iou")
+    combined = [per_class[n]["instances"]["combined_score"] for n in instance_names
+                if per_class[n]["instances"]["combined_score"] is not None]
+    instance = float(np.mean(combined)) if combined else None
+    present = [v for v in (semantic, instance) if v is not None]
+    overall = float(np.prod(present) ** (1 / len(present))) if present else None
+    return {"classes": per_class, "mean_iou": mean_score(per_class, "iou"), "mean_dice": mean_score(per_class, "dice"),
+            "semantic_score": semantic, "instance_score": instance, "overall_score": overall}
+
+
+def summary_columns(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat per-class columns of :func:`evaluate_classes` for the summary table:
+    ``iou_{class}`` for every class but background and ``f1_{class}``, ``hausdorff_nm_{class}``
+    for instance classes."""
+    out: dict[str, Any] = {}
+    for name, scores in result["classes"].items():
+        if name == BACKGROUND:
+            continue
+        out[f"iou_{name}"] = scores["iou"]
+        if "instances" in scores:
+            out[f"f1_{name}"] = scores["instances"]["f1"]
+            out[f"hausdorff_nm_{name}"] = scores["instances"]["hausdorff_nm"]
+    return out

@@ -401,12 +401,15 @@ def run_segment(
     :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB.
 
     ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
-    parameters replace the config's. A segmentation with one segment, or with more than one
+    parameters replace the config's. Predictions of a class model (``classes``) are
+    segmented by :func:`run_segment_classes` instead. A segmentation with one segment, or with more than one
     segment per 100 voxels, logs a warning, also stored in the attrs (``warnings``).
     """
     from dinopipe.segment import METHODS, bytes_per_voxel, method_parameters, sanity_warnings, segment, segment_blockwise
     from dinopipe.tune import read_choice
 
+    if (Path(predictions_path) / "classes").exists():
+        return run_segment_classes(predictions_path, out_path, params)
     config = {**DEFAULT_SEGMENT, **params}
     method = config["method"]
     if method not in METHODS:
@@ -447,6 +450,45 @@ def run_segment(
         attrs.update(segments=n, seconds=time.perf_counter() - t, warnings=warnings)
         io.set_attrs(tmp, attrs)
     logger.info("segmentation %s: %d segments in %.1fs (%s %s)", out_path, n, attrs["seconds"], method, method_params)
+    return attrs
+
+
+def run_segment_classes(predictions_path: str | Path, out_path: str | Path, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Segment predicted class probabilities (:func:`dinopipe.classes.segment_classes`).
+
+    Writes ``out_path`` as an OME-NGFF image of the class ids (uint8, argmax of the
+    probabilities, 0 background) with, under ``labels/``, one OME-NGFF label image per
+    instance class (uint64 objects: connected components of the class, fewer than
+    ``segment.min_size`` voxels dropped), so napari and neuroglancer open both. Root attrs:
+    ``method`` "classes", ``class_names``, ``instance_classes``, ``min_size`` and the object
+    count per instance class (``segments``). The volume is segmented in memory.
+    """
+    from dinopipe.classes import Classes, segment_classes
+
+    probs_img = io.read_image(Path(predictions_path) / "classes")
+    pred_attrs = dict(zarr.open_group(str(predictions_path), mode="r").attrs.get("dinopipe", {}))
+    classes = Classes.from_attrs(pred_attrs, f"predictions {predictions_path}")
+    min_size = int({**DEFAULT_SEGMENT, **params}["min_size"])
+    g = probs_img.geometry
+    t = time.perf_counter()
+    image, instances = segment_classes(probs_img.read(), classes, min_size)
+    counts = {name: int(objects.max()) for name, objects in instances.items()}
+    attrs: dict[str, Any] = {"method": "classes", "parameters": {}, "min_size": min_size, **classes.to_attrs(),
+                             "segments": counts, "seconds": time.perf_counter() - t,
+                             "class_voxels": dict(zip(classes.names, np.bincount(
+                                 image.ravel(), minlength=classes.num_classes).tolist()))}
+    size = int(np.prod(g.shape)) * (1 + 8 * len(instances))
+    with io.atomic_output(out_path, what=f"class segmentation of {predictions_path}", expected_bytes=size) as tmp:
+        io.write_image(tmp, image, g.voxel_size, g.translation, name="classes")
+        if instances:
+            labels = zarr.open_group(str(tmp / "labels"), mode="w", zarr_format=2)
+            labels.attrs["labels"] = list(instances)
+            for name, objects in instances.items():
+                io.write_image(tmp / "labels" / name, objects, g.voxel_size, g.translation, name=name)
+                zarr.open_group(str(tmp / "labels" / name), mode="a").attrs["image-label"] = {
+                    "version": "0.4", "source": {"image": "../../"}}
+        io.set_attrs(tmp, attrs)
+    logger.info("class segmentation %s: voxels per class %s, objects %s", out_path, attrs["class_voxels"], counts)
     return attrs
 
 
@@ -505,6 +547,8 @@ def run_evaluate(
     from dinopipe.baseline import watershed_baseline
     from dinopipe.evaluate import evaluate_segmentation
 
+    if (io.read_image(segmentation_path).attrs or {}).get("method") == "classes":
+        return run_evaluate_classes(volume, segmentation_path, targets_path, out_path)
     seg_img = io.read_image(segmentation_path)
     test = seg_img.read()
     truth = io.read_image(Path(targets_path) / "labels").read()
@@ -527,6 +571,36 @@ def run_evaluate(
         result.update({f"baseline_{k}": base[k] for k in BASELINE_KEYS})
         result["voi_sum_vs_baseline"] = scores["voi_sum"] / base["voi_sum"] if base["voi_sum"] > 0 else None
         logger.info("volume %s: VOI sum %.3f, classical baseline %.3f", volume, scores["voi_sum"], base["voi_sum"])
+    io.write_json(out_path, result)
+    return result
+
+
+def run_evaluate_classes(volume: str, segmentation_path: str | Path, targets_path: str | Path,
+                         out_path: str | Path) -> dict[str, Any]:
+    """Score a class segmentation (:func:`run_segment_classes`) against the targets' ``semantic``,
+    ``labels`` and ``mask`` (:func:`dinopipe.classes.evaluate_classes`) into a JSON: per class
+    IoU, Dice, precision, recall and, for instance classes, matched objects, F1 at IoU 0.5 and
+    Hausdorff distances (nm), plus the flat summary columns (``iou_{class}``, ``f1_{class}``, ...)."""
+    from dinopipe.classes import Classes, evaluate_classes, summary_columns
+
+    seg = io.read_image(segmentation_path)
+    classes = Classes.from_attrs(seg.attrs or {}, f"segmentation {segmentation_path}")
+    target_attrs = dict(zarr.open_group(str(targets_path), mode="r").attrs.get("dinopipe", {}))
+    if target_attrs.get("class_names") != classes.names:
+        raise ValueError(f"volume {volume!r}: the classes of segmentation {segmentation_path} ({classes.names}) differ "
+                         f"from those of its targets {targets_path} ({target_attrs.get('class_names')})")
+    instances = {n: io.read_image(Path(segmentation_path) / "labels" / n).read() for _, n in classes.instance_classes()}
+    truth = io.read_image(Path(targets_path) / "semantic").read()
+    labels = io.read_image(Path(targets_path) / "labels").read()
+    mask = io.read_image(Path(targets_path) / "mask").read()
+    scores = evaluate_classes(truth, labels, mask, seg.read(), instances, classes, seg.geometry.voxel_size)
+    result = {"volume": volume, "mean_iou": scores["mean_iou"], "mean_dice": scores["mean_dice"],
+              "overall_score": scores["overall_score"], "semantic_score": scores["semantic_score"],
+              "instance_score": scores["instance_score"], **summary_columns(scores),
+              "segment": describe_segmentation("classes", {"min_size": (seg.attrs or {}).get("min_size", 0)}),
+              "classes": scores["classes"]}
+    logger.info("volume %s: mean IoU %s, per class %s", volume, scores["mean_iou"],
+                {n: v["iou"] for n, v in scores["classes"].items()})
     io.write_json(out_path, result)
     return result
 
@@ -563,6 +637,20 @@ BRIEF_COLUMNS: dict[str, str] = {
 }
 
 
+#: Leading columns of summary.tsv for class models (then the per-class columns, sorted:
+#: ``iou_{class}``, ``f1_{class}``, ``hausdorff_nm_{class}``).
+CLASS_SUMMARY_COLUMNS: tuple[str, ...] = (
+    "volume", "role", "mean_iou", "mean_dice", "semantic_score", "instance_score", "overall_score", "segment",
+    "warning", "note",
+)
+
+#: The front-page table of class models: key -> header (then ``IoU {class}`` per class).
+CLASS_BRIEF_COLUMNS: dict[str, str] = {
+    "volume": "volume", "role": "role", "mean_iou": "mean IoU", "overall_score": "overall score",
+    "warning": "warning", "note": "note",
+}
+
+
 def run_summary(
     evaluation_jsons: Sequence[str | Path], out_path: str | Path, unscored: Sequence[str] = (),
     tuned: str | Path | None = None, unscored_segmentations: Sequence[str | Path] = (),
@@ -579,6 +667,8 @@ def run_summary(
     ``validate``): its scores with the picked parameters and how its predicted affinities
     score against the targets. ``brief_path``: the same rows with the columns of
     :data:`BRIEF_COLUMNS` only (human headers), narrow enough for the report's front page.
+    Evaluations of a class model (:func:`run_evaluate_classes`) lead with
+    :data:`CLASS_SUMMARY_COLUMNS` and :data:`CLASS_BRIEF_COLUMNS` (plus IoU per class) instead.
     """
     from dinopipe.evaluate import write_summary_tsv
 
@@ -604,15 +694,20 @@ def run_summary(
         if r.get("warning"):
             logger.warning("volume %s: %s", r["volume"], r["warning"])
     rows = [{k: v for k, v in r.items() if not isinstance(v, Mapping)} for r in rows]
+    class_rows = any("mean_iou" in r for r in rows)  # a class model's evaluations (run_evaluate_classes)
+    leading, brief = (CLASS_SUMMARY_COLUMNS, dict(CLASS_BRIEF_COLUMNS)) if class_rows else (SUMMARY_COLUMNS,
+                                                                                             BRIEF_COLUMNS)
+    if class_rows:
+        brief.update({k: f"IoU {k[4:]}" for k in sorted({k for r in rows for k in r if k.startswith("iou_")})})
     # the optional text columns only when some row has one (the table must fit the report's page)
-    columns = [c for c in SUMMARY_COLUMNS if c not in ("warning", "note") or any(r.get(c) for r in rows)]
+    columns = [c for c in leading if c not in ("warning", "note") or any(r.get(c) for r in rows)]
     with io.atomic_output(out_path) as tmp:
         write_summary_tsv(rows, tmp, columns=columns, significant=4)
     if brief_path is not None:
-        keys = [k for k in BRIEF_COLUMNS if k in columns]
+        keys = [k for k in brief if k in columns or k.startswith("iou_")]
         with io.atomic_output(brief_path) as tmp:
-            write_summary_tsv([{BRIEF_COLUMNS[k]: r.get(k) for k in keys} for r in rows], tmp,
-                              columns=[BRIEF_COLUMNS[k] for k in keys], significant=4)
+            write_summary_tsv([{brief[k]: r.get(k) for k in keys} for r in rows], tmp,
+                              columns=[brief[k] for k in keys], significant=4)
 
 
 def run_tune_segment(

@@ -112,6 +112,10 @@ def test_instance_scores_by_hand() -> None:
     assert s["f1"] == pytest.approx(2 / (2 + 2 + 1))
     assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(1 / 2)
     assert s["hausdorff_nm"] == 0.0 and s["mean_matched_iou"] == 1.0
+    # CellMap: unmatched objects (2 fp + 1 fn) get half the smallest extent, 8 nm * 1 / 2 = 4 nm
+    unmatched = 1.01 ** (-4 / np.sqrt(3 * 64))
+    assert s["normalized_hausdorff"] == pytest.approx((1 + 3 * unmatched) / 4)
+    assert s["combined_score"] == pytest.approx(np.sqrt(s["f1"] * s["normalized_hausdorff"]))
     # lowering the threshold to 0.4 matches object 2 as well
     assert instance_scores(truth, pred, iou_threshold=0.4)["tp"] == 2
 
@@ -123,9 +127,90 @@ def test_hausdorff_in_nm() -> None:
     pred[0, 0, 2:8] = 1  # IoU 4/6; farthest predicted voxel 2 voxels from truth
     s = instance_scores(truth, pred, voxel_size_nm=(4, 4, 10))
     assert s["tp"] == 1 and s["hausdorff_nm"] == pytest.approx(20.0)
+    assert s["normalized_hausdorff"] == pytest.approx(1.01 ** (-20 / np.sqrt(4**2 + 4**2 + 10**2)))
+    assert s["combined_score"] == pytest.approx(np.sqrt(1.0 * s["normalized_hausdorff"]))
 
 
 def test_instance_scores_empty() -> None:
     empty = np.zeros((2, 2, 2), dtype=np.uint64)
     s = instance_scores(empty, empty)
     assert s["f1"] is None and s["tp"] == 0
+
+
+def test_evaluate_classes_combines_as_cellmap() -> None:
+    from dinopipe.classes import evaluate_classes, summary_columns
+
+    spec = parse_classes(CLASSES)
+    truth = np.zeros((1, 1, 10), dtype=np.uint8)
+    truth[0, 0, 1:4] = 1  # one mito
+    truth[0, 0, 6:8] = 2  # er
+    labels = truth.astype(np.uint64)
+    pred = truth.copy()
+    pred[0, 0, 8] = 2  # er: tp 2, fp 1 -> IoU 2/3
+    mito = (pred == 1).astype(np.uint64)
+    mask = np.ones_like(truth)
+    mask[0, 0, 9] = 0
+    r = evaluate_classes(truth, labels, mask, pred, {"mito": mito}, spec, (4, 4, 4))
+    assert r["classes"]["er"]["iou"] == pytest.approx(2 / 3)
+    assert r["classes"]["mito"]["iou"] == 1.0
+    assert r["classes"]["mito"]["instances"]["f1"] == 1.0
+    assert r["semantic_score"] == pytest.approx(2 / 3)  # er is the only semantic class
+    assert r["instance_score"] == pytest.approx(1.0)  # mito found exactly: F1 1, Hausdorff 0
+    assert r["overall_score"] == pytest.approx(np.sqrt(2 / 3))
+    assert r["mean_iou"] == pytest.approx((1 + 2 / 3) / 2)
+    cols = summary_columns(r)
+    assert cols == {"iou_mito": 1.0, "f1_mito": 1.0, "hausdorff_nm_mito": 0.0, "iou_er": pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="no objects of instance class 'mito'"):
+        evaluate_classes(truth, labels, mask, pred, {}, spec, (4, 4, 4))
+
+
+def test_segment_evaluate_and_summarise_a_class_prediction(tmp_path) -> None:
+    """Stages on stores: targets with classes, a made-up prediction, the class segmentation
+    (OME-NGFF class image + one label image per instance class), its scores and the summary."""
+    import csv
+    import json
+
+    import zarr
+
+    from dinopipe import io
+    from dinopipe.sheet import Volume
+    from dinopipe.stages import run_evaluate, run_segment, run_summary, run_targets
+
+    labels = np.zeros((4, 8, 8), np.uint16)
+    labels[:, 1:3, 1:3] = 3  # mito object 1
+    labels[:, 5:7, 5:7] = 4  # mito object 2 (id 4 also mito)
+    labels[:, :, 7] = 7  # er
+    io.write_image(tmp_path / "r.zarr", np.zeros((4, 8, 8), np.uint8) + np.arange(8, dtype=np.uint8), (8, 8, 8),
+                   (0, 0, 0))
+    io.write_image(tmp_path / "l.zarr", labels, (8, 8, 8), (0, 0, 0))
+    vol = Volume("v", str(tmp_path / "r.zarr"), str(tmp_path / "l.zarr"), "predict")
+    run_targets(vol, tmp_path / "t.zarr", {"classes": CLASSES}, {})
+    # a prediction that finds mito object 1, misses object 2 and gets er right
+    semantic = io.read_image(tmp_path / "t.zarr" / "semantic").read()
+    guess = semantic.copy()
+    guess[:, 5:7, 5:7] = 0
+    probs = np.stack([(guess == c).astype(np.float32) * 0.8 + 0.1 for c in range(3)])
+    io.write_image(tmp_path / "p.zarr" / "classes", probs, (8, 8, 8), (0, 0, 0), channel_axis=True)
+    zarr.open_group(str(tmp_path / "p.zarr"), mode="a").attrs["dinopipe"] = {
+        "target": "semantic", "class_names": ["background", "mito", "er"], "instance_classes": ["mito"]}
+
+    attrs = run_segment(tmp_path / "p.zarr", tmp_path / "s.zarr", {"min_size": 2})
+    assert attrs["method"] == "classes" and attrs["segments"] == {"mito": 1}
+    np.testing.assert_array_equal(io.read_image(tmp_path / "s.zarr").read(), guess)
+    mito = io.read_image(tmp_path / "s.zarr" / "labels" / "mito").read()
+    assert mito.dtype == np.uint64 and set(np.unique(mito)) == {0, 1}
+    assert zarr.open_group(str(tmp_path / "s.zarr" / "labels"), mode="r").attrs["labels"] == ["mito"]
+
+    result = run_evaluate("v", tmp_path / "s.zarr", tmp_path / "t.zarr", tmp_path / "e.json")
+    assert result["iou_er"] == 1.0
+    assert result["iou_mito"] == pytest.approx(0.5)  # one of two equal objects
+    assert result["f1_mito"] == pytest.approx(2 / 3)  # tp 1, fn 1
+    assert json.loads((tmp_path / "e.json").read_text())["classes"]["mito"]["instances"]["fn"] == 1
+
+    run_summary([tmp_path / "e.json"], tmp_path / "summary.tsv", brief_path=tmp_path / "brief.tsv")
+    with open(tmp_path / "summary.tsv") as f:
+        row = next(csv.DictReader(f, delimiter="\t"))
+    assert float(row["iou_mito"]) == 0.5 and float(row["f1_mito"]) == pytest.approx(0.6667)
+    assert "voi_sum" not in row
+    with open(tmp_path / "brief.tsv") as f:
+        assert next(csv.DictReader(f, delimiter="\t"))["IoU er"] == "1"
