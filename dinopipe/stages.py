@@ -53,23 +53,34 @@ def demo_seed(name: str, seed: int) -> int:
 
 def run_demo_data(
     name: str, out_path: str | Path, *, seed: int, label_shape: Sequence[int],
-    label_voxel_size: Sequence[float], raw_factor: Sequence[int],
+    label_voxel_size: Sequence[float], raw_factor: Sequence[int], organelles: Mapping[str, Any] | None = None,
 ) -> None:
     """Write one synthetic demo volume as OME-NGFF: ``raw`` (s0 fine, s1 at the label
     voxel size) and ``labels`` (s0), in one store ``out_path``.
 
     The raw grid's corner coincides with the label grid's corner: raw voxel size is
-    ``label_voxel_size / raw_factor``.
+    ``label_voxel_size / raw_factor``. With ``organelles`` (the ``demo.organelles`` config:
+    ``per_cell``, ``cell_diameter_vox``) the cells hold that many organelles on average and
+    the store also gets ``organelles`` (uint8 class ids on the label grid: 1 dark, 2 bright,
+    0 elsewhere; :func:`dinopipe.demo.make_demo_volume`).
     """
     from dinopipe.demo import make_demo_volume
 
-    raw, labels = make_demo_volume(demo_seed(name, seed), label_shape=tuple(label_shape), raw_factor=tuple(raw_factor))
+    extra: dict[str, Any] = {}
+    if organelles is not None:
+        extra = {"organelle_classes": True, "organelles_per_cell": float(organelles.get("per_cell", 2.0)),
+                 "mean_cell_diameter_vox": float(organelles.get("cell_diameter_vox", 20.0))}
+    made = make_demo_volume(demo_seed(name, seed), label_shape=tuple(label_shape), raw_factor=tuple(raw_factor),
+                            **extra)
+    raw, labels = made[0], made[1]
     lvs = np.asarray(label_voxel_size, dtype=float)
     rvs = lvs / np.asarray(raw_factor)
     with io.atomic_output(out_path) as tmp:
         zarr.open_group(str(tmp), mode="w", zarr_format=2)
         io.write_image(tmp / "raw", raw, rvs.tolist(), (rvs / 2).tolist(), name="raw")
         io.write_image(tmp / "labels", labels, lvs.tolist(), (lvs / 2).tolist(), name="labels")
+        if organelles is not None:
+            io.write_image(tmp / "organelles", made[2], lvs.tolist(), (lvs / 2).tolist(), name="organelles")
         _add_scale(tmp / "raw", raw, raw_factor, rvs)
     logger.info("demo volume %s: raw %s, labels %s (%d ids)", name, raw.shape, labels.shape, len(np.unique(labels)) - 1)
 

@@ -214,3 +214,14 @@ def test_segment_evaluate_and_summarise_a_class_prediction(tmp_path) -> None:
     assert "voi_sum" not in row
     with open(tmp_path / "brief.tsv") as f:
         assert next(csv.DictReader(f, delimiter="\t"))["IoU er"] == "1"
+
+    # the report figure: raw | class probabilities | classes over the raw in fixed colours
+    from PIL import Image
+
+    from dinopipe.report import CLASS_COLOURS, write_slices
+
+    write_slices(np.zeros((4, 8, 8)), tmp_path / "p.zarr", tmp_path / "s.zarr", tmp_path / "f.png")
+    figure = np.asarray(Image.open(tmp_path / "f.png"))
+    scale, third = 32, 2 * (8 * 32 + 4)
+    er_pixel = figure[scale // 2, third + 7 * scale + scale // 2]  # y 0, x 7: er over black raw
+    np.testing.assert_array_equal(er_pixel, (0.45 * CLASS_COLOURS[2].astype(float)).astype(np.uint8))
