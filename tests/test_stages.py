@@ -197,3 +197,14 @@ def test_baseline_is_tuned_and_scored_beside_the_segmentation(tmp_path):
     assert not any(k.startswith("baseline") for k in plain)
     with pytest.raises(ValueError, match="no targets"):
         run_baseline([], tmp_path / "b.json")
+
+
+def test_targets_schema_defaults_match_the_library_defaults():
+    import yaml
+
+    from dinopipe.stages import DEFAULT_TARGETS
+
+    schema = yaml.safe_load(open(__file__.replace("tests/test_stages.py", "workflow/schemas/config.schema.yaml")))
+    props = schema["properties"]["targets"]["properties"]
+    assert set(props) == set(DEFAULT_TARGETS)
+    assert {k: v["default"] for k, v in props.items()} == DEFAULT_TARGETS
