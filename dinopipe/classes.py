@@ -52,8 +52,10 @@ class ClassSpec:
     """One class: its name, the label ids that belong to it, whether it has instances."""
 
     name: str
-    ids: tuple[int, ...]
+    ids: tuple[int, ...] = ()
     instance: bool = False
+    #: Name of the class's own array inside the labels group (CellMap crops), instead of ids.
+    array: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class Classes:
     def num_classes(self) -> int:
         """Number of classes including background."""
         return len(self.classes) + 1
+
+    @property
+    def from_arrays(self) -> bool:
+        """Whether each class has its own array in the labels group (CellMap crops)."""
+        return any(c.array is not None for c in self.classes)
 
     def class_map(self) -> dict[int, int]:
         """Label id -> class id (ids in no class are background, 0)."""
@@ -102,7 +109,9 @@ def parse_classes(value: Any, key: str = "targets.classes") -> Classes | None:
     """Check a class list from the config and return it (``None`` when not configured).
 
     Args:
-        value: ``None`` or a list of ``{name, ids, instance}`` mappings.
+        value: ``None`` or a list of ``{name, ids, instance}`` mappings, or of
+            ``{name, array, instance}`` when every class has its own array in the labels
+            group (CellMap crops: ``labels/groundtruth/crop1/{mito,er}``).
         key: The config key, for error messages.
 
     Raises:
@@ -122,15 +131,32 @@ def parse_classes(value: Any, key: str = "targets.classes") -> Classes | None:
         where = f"{key}[{i}]"
         if not isinstance(entry, Mapping):
             raise ValueError(f"{where} must be a mapping {{name, ids, instance}}, got {entry!r}")
-        unknown = sorted(set(entry) - {"name", "ids", "instance"})
+        unknown = sorted(set(entry) - {"name", "ids", "array", "instance"})
         if unknown:
-            raise ValueError(f"{where} has unknown key(s) {unknown}; allowed: name, ids, instance")
+            raise ValueError(f"{where} has unknown key(s) {unknown}; allowed: name, ids or array, instance")
         name = entry.get("name")
         if not isinstance(name, str) or not NAME.match(name) or name == BACKGROUND:
             raise ValueError(f"{where}.name is {name!r}; expected a letter then letters, digits or '_', "
                              f"not {BACKGROUND!r} (class 0)")
         if any(s.name == name for s in specs):
             raise ValueError(f"{where}.name {name!r} is listed twice")
+        array = entry.get("array")
+        if ("ids" in entry) == (array is not None):
+            raise ValueError(f"{where} (class {name!r}) needs either 'ids' (label ids in one labels array) or "
+                             f"'array' (the class's own array in the labels group), not both or neither")
+        if array is not None:
+            if not isinstance(array, str) or not re.match(r"^[A-Za-z0-9_.-]+$", array):
+                raise ValueError(f"{where}.array (class {name!r}) must be an array name such as 'mito', got {array!r}")
+            if specs and specs[0].array is None:
+                raise ValueError(f"{where} (class {name!r}) gives an 'array' but {specs[0].name!r} gives 'ids'; "
+                                 f"all classes come from ids of one labels array or each from its own array")
+            if any(s.array == array for s in specs):
+                raise ValueError(f"{where}.array {array!r} is used by two classes")
+            specs.append(ClassSpec(name, (), _instance(entry, where, name), array))
+            continue
+        if specs and specs[0].array is not None:
+            raise ValueError(f"{where} (class {name!r}) gives 'ids' but {specs[0].name!r} gives an 'array'; "
+                             f"all classes come from ids of one labels array or each from its own array")
         ids = entry.get("ids")
         if not isinstance(ids, Sequence) or isinstance(ids, str) or not ids or not all(_is_int(v) for v in ids):
             raise ValueError(f"{where}.ids (class {name!r}) must be a non-empty list of integer label ids, got {ids!r}")
@@ -139,17 +165,90 @@ def parse_classes(value: Any, key: str = "targets.classes") -> Classes | None:
                 raise ValueError(f"label id {v} is in classes {owner[int(v)]!r} and {name!r} ({key}); classes are "
                                  f"exclusive: an id belongs to one class")
             owner[int(v)] = name
-        instance = entry.get("instance", False)
-        if not isinstance(instance, bool):
-            raise ValueError(f"{where}.instance (class {name!r}) must be true or false, got {instance!r}")
-        specs.append(ClassSpec(name, tuple(int(v) for v in ids), instance))
+        specs.append(ClassSpec(name, tuple(int(v) for v in ids), _instance(entry, where, name)))
     return Classes(tuple(specs))
+
+
+def _instance(entry: Mapping[str, Any], where: str, name: str) -> bool:
+    instance = entry.get("instance", False)
+    if not isinstance(instance, bool):
+        raise ValueError(f"{where}.instance (class {name!r}) must be true or false, got {instance!r}")
+    return instance
 
 
 def overlapping_unlabelled(classes: Classes, unlabelled_ids: Sequence[int]) -> list[int]:
     """Ids listed both in a class and as unlabelled (a config error)."""
     mapped = classes.class_map()
     return sorted({int(v) for v in unlabelled_ids if int(v) in mapped})
+
+
+def combine_class_arrays(
+    arrays: Mapping[str, np.ndarray | None], classes: Classes, unlabelled_ids: Sequence[int] = (),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class image, mask and instance labels from one array per class (a CellMap crop).
+
+    In class ``c``'s array, a value in ``unlabelled_ids`` is "not annotated", 0 is "not
+    ``c``", anything else is ``c`` (instance ids for instance classes, 1 for semantic ones).
+    A class whose array is missing (``None``: the crop does not annotate it) is unannotated
+    everywhere. A voxel is
+
+    * class ``c`` when ``c``'s array claims it (the first listed class when two do: classes
+      are exclusive), known;
+    * background (0), known, when no array claims it and every class's array is present and
+      annotated there;
+    * unknown (mask 0) otherwise: some class might be there.
+
+    Args:
+        arrays: Class name -> (z, y, x) integer array or None, for every class of ``classes``.
+        classes: The class list (with ``array`` names).
+        unlabelled_ids: Values meaning "not annotated" (CellMap: the dtype's maximum);
+            values that do not fit an array's dtype are ignored for it.
+
+    Returns:
+        ``(class_image, mask, labels)``: uint8 classes, uint8 mask (1 known), and uint64
+        instance labels (each class's non-zero values offset so ids of different classes
+        never coincide; 0 elsewhere).
+
+    Raises:
+        ValueError: Arrays of different shapes, a non-integer array, or no array at all.
+    """
+    present = {n: a for n, a in arrays.items() if a is not None}
+    if not present:
+        raise ValueError(f"none of the class arrays {[c.array for c in classes.classes]} is present")
+    shapes = {n: a.shape for n, a in present.items()}
+    shape = next(iter(shapes.values()))
+    if any(s != shape for s in shapes.values()):
+        raise ValueError(f"class arrays differ in shape: {shapes}")
+    image = np.zeros(shape, dtype=np.uint8)
+    claimed = np.zeros(shape, dtype=bool)
+    annotated_all = np.ones(shape, dtype=bool)
+    labels = np.zeros(shape, dtype=np.uint64)
+    offset = 0
+    overlap = 0
+    for k, spec in enumerate(classes.classes, start=1):
+        a = arrays.get(spec.name)
+        if a is None:
+            annotated_all[:] = False
+            continue
+        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"class array {spec.array!r} must be integer, got {a.dtype}")
+        info = np.iinfo(a.dtype)
+        unknown_values = [int(v) for v in unlabelled_ids if info.min <= int(v) <= info.max]
+        unknown = np.isin(a, np.asarray(unknown_values, dtype=a.dtype)) if unknown_values else np.zeros(shape, bool)
+        annotated_all &= ~unknown
+        mine = (a != 0) & ~unknown
+        overlap += int((mine & claimed).sum())
+        new = mine & ~claimed
+        image[new] = k
+        claimed |= new
+        if new.any():
+            ids, inverse = np.unique(a[new], return_inverse=True)
+            labels[new] = (offset + 1 + inverse.reshape(-1)).astype(np.uint64)
+            offset += len(ids)
+    if overlap:
+        logger.warning("%d voxels are claimed by two class arrays; the first listed class keeps them", overlap)
+    mask = (claimed | annotated_all).astype(np.uint8)
+    return image, mask, labels
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,9 +215,12 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
     (:mod:`dinopipe.classes`) also ``semantic`` (uint8 class ids, 0 background) and, in the
     root attrs, ``num_classes``, ``class_names``, ``instance_classes`` and ``class_weights``
     (balanced inverse frequency over the known voxels, :func:`dinopipe.targets.compute_semantic_targets`).
+    Classes with an ``array`` each read their own image of the labels group (a CellMap crop,
+    :func:`dinopipe.classes.combine_class_arrays`); ``labels`` then holds their objects.
     """
     from dinopipe.classes import parse_classes
     from dinopipe import targets as tg
+    from dinopipe.io import child_images
     from dinopipe.sources import open_sources, resample_to_grid
 
     params = {**DEFAULT_TARGETS, **targets}
@@ -236,15 +239,42 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         return result
 
     where = f"volume {volume.name!r}: labels {volume.labels}"
-    native = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]))
-    # negative ids listed in unlabelled_ids become 0 here (mask 0 there); any other negative id
-    # is an error, not 2**64 - 1 (one big object) as a plain cast would make it
-    labels = tg.label_ids(native, params["unlabelled_ids"], where)
-    if not labels.any():
-        raise ValueError(f"{where} are all zero inside the processed region")
+    classes = parse_classes(params["classes"])
+    class_group = bool(child_images(volume.labels))
+    if class_group and (classes is None or not classes.from_arrays):
+        raise ValueError(f"{where} are a group of class images (a CellMap crop), which needs targets.classes with "
+                         f"an 'array' per class (e.g. {{name: mito, array: mito}})")
+    if classes is not None and classes.from_arrays and not class_group:
+        raise ValueError(f"{where}: targets.classes names class arrays, so labels must be a group holding one "
+                         f"OME-NGFF image per class (a CellMap crop such as labels/groundtruth/crop1)")
+    semantic, class_attrs = None, {}
+    if classes is not None and classes.from_arrays:
+        from dinopipe.classes import combine_class_arrays
+        from dinopipe.sources import open_class_array
+
+        arrays = timed("read_labels_s", lambda: {c.name: open_class_array(
+            volume, str(c.array), src.labels, src.label_window, data.get("label_voxel_size"))
+            for c in classes.classes})
+        missing = [c.array for c in classes.classes if arrays[c.name] is None]
+        if missing:
+            logger.warning("%s: no class array %s: those classes are not annotated in this crop", where, missing)
+        semantic, known, labels = timed("semantic_s", combine_class_arrays, arrays, classes,
+                                        params["unlabelled_ids"])
+        del arrays
+        # erosion of the known region as for id labels: unknown voxels are id 1 here
+        mask = timed("mask_s", tg.compute_mask, (known == 0).view(np.uint8), [1], params["mask_erosion_nm"],
+                     src.grid.voxel_size)
+    else:
+        native = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]))
+        # negative ids listed in unlabelled_ids become 0 here (mask 0 there); any other negative id
+        # is an error, not 2**64 - 1 (one big object) as a plain cast would make it
+        labels = tg.label_ids(native, params["unlabelled_ids"], where)
+        if not labels.any() and classes is None:
+            raise ValueError(f"{where} are all zero inside the processed region")
+        mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"],
+                     src.grid.voxel_size)
+        del native
     vs = src.grid.voxel_size
-    mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"], vs)
-    del native
     if not mask.any():
         raise ValueError(
             f"{where}: the mask is all zero (no annotated voxel) inside the processed region: every label id "
@@ -252,21 +282,23 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
             + (f" or eroded away by targets.mask_erosion_nm {params['mask_erosion_nm']}" if params["mask_erosion_nm"]
                else "")
         )
+    if classes is not None:
+        if semantic is None:
+            semantic, class_weights = timed("semantic_s", tg.compute_semantic_targets, labels, classes.class_map(),
+                                            classes.num_classes, mask)
+        else:
+            semantic[mask == 0] = 0
+            _, class_weights = tg.compute_semantic_targets(semantic, None, classes.num_classes, mask)
+        class_attrs = {"num_classes": classes.num_classes, "class_weights": class_weights.tolist(),
+                       **classes.to_attrs()}
+        counts = np.bincount(semantic[mask.astype(bool)], minlength=classes.num_classes)
+        logger.info("volume %s: known voxels per class %s", volume.name, dict(zip(classes.names, counts.tolist())))
     affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
     lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs)
     weights = timed(
         "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
         params["boundary_weight_max"], params["boundary_sigma_nm"], mask,
     )
-    classes = parse_classes(params["classes"])
-    semantic, class_attrs = None, {}
-    if classes is not None:
-        semantic, class_weights = timed("semantic_s", tg.compute_semantic_targets, labels, classes.class_map(),
-                                        classes.num_classes, mask)
-        class_attrs = {"num_classes": classes.num_classes, "class_weights": class_weights.tolist(),
-                       **classes.to_attrs()}
-        counts = np.bincount(semantic[mask.astype(bool)], minlength=classes.num_classes)
-        logger.info("volume %s: known voxels per class %s", volume.name, dict(zip(classes.names, counts.tolist())))
     raw = timed("raw_s", lambda: _raw_on_grid(src, resample_to_grid))
     t = time.perf_counter()
     g = src.grid

@@ -225,3 +225,85 @@ def test_segment_evaluate_and_summarise_a_class_prediction(tmp_path) -> None:
     scale, third = 32, 2 * (8 * 32 + 4)
     er_pixel = figure[scale // 2, third + 7 * scale + scale // 2]  # y 0, x 7: er over black raw
     np.testing.assert_array_equal(er_pixel, (0.45 * CLASS_COLOURS[2].astype(float)).astype(np.uint8))
+
+
+ARRAY_CLASSES = [{"name": "mito", "array": "mito", "instance": True}, {"name": "er", "array": "er"}]
+
+
+def test_class_arrays_config() -> None:
+    spec = parse_classes(ARRAY_CLASSES)
+    assert spec.from_arrays and [c.array for c in spec.classes] == ["mito", "er"]
+    with pytest.raises(ValueError, match="either 'ids' .* or 'array'"):
+        parse_classes([{"name": "mito", "ids": [1], "array": "mito"}])
+    with pytest.raises(ValueError, match="gives 'ids' but 'mito' gives an 'array'"):
+        parse_classes([ARRAY_CLASSES[0], {"name": "er", "ids": [2]}])
+    with pytest.raises(ValueError, match="used by two classes"):
+        parse_classes([ARRAY_CLASSES[0], {"name": "mito2", "array": "mito"}])
+
+
+def test_combine_class_arrays_unannotated_and_missing_classes() -> None:
+    from dinopipe.classes import combine_class_arrays
+
+    spec = parse_classes(ARRAY_CLASSES)
+    mito = np.array([[[0, 5, 5, 6, 0, 255, 0]]], dtype=np.uint8)  # 255: not annotated
+    er = np.array([[[0, 0, 0, 0, 1, 0, 1]]], dtype=np.uint8)
+    er[0, 0, 3] = 1  # also claimed by mito: the first listed class (mito) keeps it
+    image, mask, labels = combine_class_arrays({"mito": mito, "er": er}, spec, [255])
+    assert image.tolist() == [[[0, 1, 1, 1, 2, 0, 2]]]
+    assert mask.tolist() == [[[1, 1, 1, 1, 1, 0, 1]]]  # voxel 5: mito not annotated there
+    assert labels.tolist() == [[[0, 1, 1, 2, 3, 0, 3]]]  # two mito objects, er after them
+    # a crop without an er array: only voxels a present class claims are known
+    image, mask, _ = combine_class_arrays({"mito": mito, "er": None}, spec, [255])
+    assert image.tolist() == [[[0, 1, 1, 1, 0, 0, 0]]]
+    assert mask.tolist() == [[[0, 1, 1, 1, 0, 0, 0]]]
+    with pytest.raises(ValueError, match="none of the class arrays"):
+        combine_class_arrays({"mito": None, "er": None}, spec)
+
+
+def _cellmap_crop(root, name: str, arrays: dict[str, np.ndarray]) -> str:
+    """A CellMap-style crop: a group holding one OME-NGFF image per class (8 nm, offset 0)."""
+    import zarr
+
+    from dinopipe import io
+
+    crop = root / "labels" / "groundtruth" / name
+    zarr.open_group(str(crop), mode="w", zarr_format=2)
+    for cls, data in arrays.items():
+        io.write_image(crop / cls, data, (8, 8, 8), (4, 4, 4), name=cls)
+    return str(crop)
+
+
+def test_targets_from_class_arrays_of_cellmap_crops(tmp_path) -> None:
+    from dinopipe import io
+    from dinopipe.sheet import Volume
+    from dinopipe.sources import open_sources
+    from dinopipe.stages import run_targets
+
+    io.write_image(tmp_path / "raw", np.arange(4 * 6 * 6, dtype=np.uint8).reshape(4, 6, 6), (8, 8, 8), (4, 4, 4))
+    mito = np.zeros((4, 6, 6), np.uint8)
+    mito[:, 1:3, 1:3] = 7
+    mito[:, 0, 5] = 255  # not annotated
+    er = np.zeros((4, 6, 6), np.uint8)
+    er[:, 4:, :] = 1
+    full = Volume("c1", str(tmp_path / "raw"), _cellmap_crop(tmp_path, "crop1", {"mito": mito, "er": er}), "train")
+    params = {"classes": ARRAY_CLASSES, "unlabelled_ids": [255]}
+    attrs = run_targets(full, tmp_path / "t1.zarr", params, {})
+    semantic = io.read_image(tmp_path / "t1.zarr" / "semantic").read()
+    mask = io.read_image(tmp_path / "t1.zarr" / "mask").read()
+    assert (semantic[:, 1:3, 1:3] == 1).all() and (semantic[:, 4:] == 2).all() and semantic[:, 0, 0].max() == 0
+    assert mask[:, 0, 5].max() == 0 and mask.sum() == mask.size - 4
+    assert attrs["class_names"] == ["background", "mito", "er"]
+    labels = io.read_image(tmp_path / "t1.zarr" / "labels").read()
+    assert set(np.unique(labels[semantic == 1]).tolist()) == {1}  # the mito object, apart from er's id
+    # a crop without an er array: er is not annotated there, so only mito voxels are known
+    only_mito = Volume("c2", str(tmp_path / "raw"), _cellmap_crop(tmp_path, "crop2", {"mito": mito}), "train")
+    assert open_sources(only_mito).grid.shape == (4, 6, 6)
+    run_targets(only_mito, tmp_path / "t2.zarr", params, {})
+    mask2 = io.read_image(tmp_path / "t2.zarr" / "mask").read()
+    assert mask2.sum() == 4 * 4 and (mask2[:, 1:3, 1:3] == 1).all()
+    # a class group needs array classes, and array classes need a class group
+    with pytest.raises(ValueError, match="group of class images .* needs targets.classes with an 'array'"):
+        run_targets(full, tmp_path / "t3.zarr", {"classes": CLASSES}, {})
+    plain = Volume("p", str(tmp_path / "raw"), str(tmp_path / "labels" / "groundtruth" / "crop1" / "mito"), "train")
+    with pytest.raises(ValueError, match="must be a group holding one OME-NGFF image per class"):
+        run_targets(plain, tmp_path / "t4.zarr", params, {})
