@@ -213,8 +213,10 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
     ``boundary_weights`` float32, ``mask`` uint8 and ``raw`` (float32, 0..1, area-averaged
     onto the label grid); root attrs hold the parameters and timings. With ``classes``
     (:mod:`dinopipe.classes`) also ``semantic`` (uint8 class ids, 0 background) and, in the
-    root attrs, ``num_classes``, ``class_names``, ``instance_classes`` and ``class_weights``
-    (balanced inverse frequency over the known voxels, :func:`dinopipe.targets.compute_semantic_targets`).
+    root attrs, ``num_classes``, ``class_names``, ``instance_classes``, ``class_voxels`` (known
+    voxels per class) and ``class_weights`` (balanced inverse frequency over the known voxels,
+    :func:`dinopipe.targets.compute_semantic_targets`; training pools ``class_voxels`` over
+    its volumes instead).
     Classes with an ``array`` each read their own image of the labels group (a CellMap crop,
     :func:`dinopipe.classes.combine_class_arrays`); ``labels`` then holds their objects.
     """
@@ -289,9 +291,9 @@ def run_targets(volume: Volume, out_path: str | Path, targets: Mapping[str, Any]
         else:
             semantic[mask == 0] = 0
             _, class_weights = tg.compute_semantic_targets(semantic, None, classes.num_classes, mask)
-        class_attrs = {"num_classes": classes.num_classes, "class_weights": class_weights.tolist(),
-                       **classes.to_attrs()}
         counts = np.bincount(semantic[mask.astype(bool)], minlength=classes.num_classes)
+        class_attrs = {"num_classes": classes.num_classes, "class_weights": class_weights.tolist(),
+                       "class_voxels": counts.tolist(), **classes.to_attrs()}
         logger.info("volume %s: known voxels per class %s", volume.name, dict(zip(classes.names, counts.tolist())))
     affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
     lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs)

@@ -313,9 +313,14 @@ def check_masks(volumes: Sequence[Volume], crop: Sequence[int], min_fraction: fl
 
 
 def _num_classes(volumes: Sequence[Volume], p: Mapping[str, Any]) -> tuple[int, list[float] | None]:
+    """Number of classes and class weights: ``train.class_weights``, else balanced weights over
+    the known voxels of all ``volumes`` (from their targets' ``class_voxels``; a class absent
+    from one crop keeps its weight), else the first volume's ``class_weights``."""
     first = volumes[0]
     n = first.attrs.get("num_classes")
-    weights = p["class_weights"] if p["class_weights"] is not None else first.attrs.get("class_weights")
+    weights = p["class_weights"] if p["class_weights"] is not None else _pooled_weights(volumes)
+    if weights is None:
+        weights = first.attrs.get("class_weights")
     if n is None and weights is not None:
         n = len(weights)
     if n is None:
@@ -436,6 +441,19 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- outputs
+
+
+def _pooled_weights(volumes: Sequence[Volume]) -> list[float] | None:
+    """Balanced inverse-frequency class weights (:func:`dinopipe.targets.compute_semantic_targets`'s
+    rule) over the summed ``class_voxels`` of every volume; None when a volume lacks them."""
+    counts = [v.attrs.get("class_voxels") for v in volumes]
+    if any(c is None for c in counts) or len({len(c) for c in counts}) != 1:
+        return None
+    total = np.sum(np.asarray(counts, dtype=np.float64), axis=0)
+    present = total > 0
+    weights = np.zeros(len(total))
+    weights[present] = total.sum() / (present.sum() * total[present])
+    return weights.tolist()
 
 
 def _class_names(volumes: Sequence[Volume], p: Mapping[str, Any]) -> dict[str, Any]:

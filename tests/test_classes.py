@@ -307,3 +307,19 @@ def test_targets_from_class_arrays_of_cellmap_crops(tmp_path) -> None:
     plain = Volume("p", str(tmp_path / "raw"), str(tmp_path / "labels" / "groundtruth" / "crop1" / "mito"), "train")
     with pytest.raises(ValueError, match="must be a group holding one OME-NGFF image per class"):
         run_targets(plain, tmp_path / "t4.zarr", params, {})
+
+
+def test_training_pools_class_counts_over_crops() -> None:
+    """A class absent from the first crop keeps its weight (balanced over all train crops)."""
+    from types import SimpleNamespace
+
+    from dinopipe.train import _num_classes
+
+    a = SimpleNamespace(name="a", attrs={"num_classes": 3, "class_voxels": [60, 30, 0], "class_weights": [1, 1, 0]})
+    b = SimpleNamespace(name="b", attrs={"num_classes": 3, "class_voxels": [20, 10, 40], "class_weights": [1, 1, 1]})
+    n, weights = _num_classes([a, b], {"class_weights": None})
+    # totals 80, 40, 40 of 160: w_c = 160 / (3 n_c)
+    assert n == 3 and weights == pytest.approx([160 / 240, 160 / 120, 160 / 120])
+    assert _num_classes([a, b], {"class_weights": [1, 2, 3]})[1] == [1, 2, 3]
+    old = SimpleNamespace(name="o", attrs={"num_classes": 3, "class_weights": [0.5, 1, 2]})
+    assert _num_classes([old], {"class_weights": None})[1] == [0.5, 1, 2]
