@@ -288,8 +288,39 @@ def instances_of(labels: np.ndarray, region: np.ndarray, min_size: int = 0) -> n
     return out
 
 
+def split_touching(objects: np.ndarray, voxel_size_nm: Sequence[float], h_nm: float) -> np.ndarray:
+    """Split touching objects: a watershed of each object's distance transform (nm, to the
+    nearest voxel outside any object) from its h-maxima, so two blobs joined by a neck become
+    two objects when each centre lies at least ``h_nm`` deeper than the neck.
+
+    Args:
+        objects: Object ids (z, y, x), 0 outside.
+        voxel_size_nm: Voxel size (z, y, x), nm.
+        h_nm: Seed depth in nm (> 0); larger splits less.
+
+    Returns:
+        uint64 (z, y, x) objects 1..n (an object without a seed keeps its voxels as one object).
+    """
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    if not h_nm > 0:
+        raise ValueError(f"split_touching_nm must be > 0 (nm), got {h_nm!r}")
+    region = objects > 0
+    if not region.any():
+        return np.zeros(objects.shape, dtype=np.uint64)
+    dist = ndimage.distance_transform_edt(region, sampling=tuple(float(v) for v in voxel_size_nm))
+    seeds, n = ndimage.label(h_maxima(dist, h_nm))
+    split = watershed(-dist, seeds, mask=region).astype(np.int64) if n else np.zeros(objects.shape, np.int64)
+    # a watershed basin never crosses objects (mask), but keep different ids apart anyway
+    unseeded = region & (split == 0)
+    split[unseeded] = n + 1 + objects[unseeded].astype(np.int64)
+    return instances_of(split, region)
+
+
 def segment_classes(
     probabilities: np.ndarray, classes: Classes, min_size: int = 0,
+    split_touching_nm: float | None = None, voxel_size_nm: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Class image and per-class instances from predicted class probabilities.
 
@@ -298,6 +329,10 @@ def segment_classes(
         classes: The class list (its length must match the channels).
         min_size: Objects of instance classes with fewer voxels become 0 (their voxels
             keep their class in the class image).
+        split_touching_nm: If given, touching objects are split (:func:`split_touching`
+            with this seed depth in nm) before ``min_size`` applies; None: connected
+            components only.
+        voxel_size_nm: Voxel size (z, y, x), nm (for the split).
 
     Returns:
         ``(class_image, instances)``: uint8 (z, y, x) argmax classes, and for each instance
@@ -307,7 +342,12 @@ def segment_classes(
         raise ValueError(f"class probabilities have shape {probabilities.shape}; expected ({classes.num_classes}, "
                          f"z, y, x) for classes {classes.names}")
     image = np.argmax(probabilities, axis=0).astype(np.uint8)
-    instances = {name: instances_of(image == k, image == k, min_size) for k, name in classes.instance_classes()}
+    instances = {}
+    for k, name in classes.instance_classes():
+        objects = instances_of(image == k, image == k)
+        if split_touching_nm is not None:
+            objects = split_touching(objects, voxel_size_nm, split_touching_nm)
+        instances[name] = instances_of(objects, objects > 0, min_size)
     return image, instances
 
 

@@ -53,6 +53,7 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
     "targets": {"classes": None},
     "demo": {"organelles": None},
+    "segment": {"split_touching_nm": None},
 }
 
 #: Train keys that may differ between an interrupted run and its continuation: the

@@ -503,8 +503,9 @@ def run_segment_classes(predictions_path: str | Path, out_path: str | Path, para
 
     Writes ``out_path`` as an OME-NGFF image of the class ids (uint8, argmax of the
     probabilities, 0 background) with, under ``labels/``, one OME-NGFF label image per
-    instance class (uint64 objects: connected components of the class, fewer than
-    ``segment.min_size`` voxels dropped), so napari and neuroglancer open both. Root attrs:
+    instance class (uint64 objects: connected components of the class, split where they touch
+    when ``segment.split_touching_nm`` is set, fewer than ``segment.min_size`` voxels dropped),
+    so napari and neuroglancer open both. Root attrs:
     ``method`` "classes", ``class_names``, ``instance_classes``, ``min_size`` and the object
     count per instance class (``segments``). The volume is segmented in memory.
     """
@@ -514,11 +515,13 @@ def run_segment_classes(predictions_path: str | Path, out_path: str | Path, para
     pred_attrs = dict(zarr.open_group(str(predictions_path), mode="r").attrs.get("dinopipe", {}))
     classes = Classes.from_attrs(pred_attrs, f"predictions {predictions_path}")
     min_size = int({**DEFAULT_SEGMENT, **params}["min_size"])
+    split = params.get("split_touching_nm")
     g = probs_img.geometry
     t = time.perf_counter()
-    image, instances = segment_classes(probs_img.read(), classes, min_size)
+    image, instances = segment_classes(probs_img.read(), classes, min_size, split, g.voxel_size)
     counts = {name: int(objects.max()) for name, objects in instances.items()}
-    attrs: dict[str, Any] = {"method": "classes", "parameters": {}, "min_size": min_size, **classes.to_attrs(),
+    attrs: dict[str, Any] = {"method": "classes", "parameters": {} if split is None else {"split_touching_nm": split},
+                             "min_size": min_size, **classes.to_attrs(),
                              "segments": counts, "seconds": time.perf_counter() - t,
                              "class_voxels": dict(zip(classes.names, np.bincount(
                                  image.ravel(), minlength=classes.num_classes).tolist()))}

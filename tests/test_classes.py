@@ -323,3 +323,18 @@ def test_training_pools_class_counts_over_crops() -> None:
     assert _num_classes([a, b], {"class_weights": [1, 2, 3]})[1] == [1, 2, 3]
     old = SimpleNamespace(name="o", attrs={"num_classes": 3, "class_weights": [0.5, 1, 2]})
     assert _num_classes([old], {"class_weights": None})[1] == [0.5, 1, 2]
+
+
+def test_split_touching_separates_two_blobs_joined_by_a_neck() -> None:
+    from dinopipe.classes import split_touching
+
+    z, y, x = np.mgrid[0:12, 0:12, 0:24]
+    blobs = ((z - 6) ** 2 + (y - 6) ** 2 + (x - 6) ** 2 <= 25) | ((z - 6) ** 2 + (y - 6) ** 2 + (x - 17) ** 2 <= 25)
+    blobs |= (abs(z - 6) <= 1) & (abs(y - 6) <= 1) & (x >= 6) & (x <= 17)  # a thin neck
+    objects = instances_of(blobs, blobs)
+    assert objects.max() == 1  # connected components: one object
+    split = split_touching(objects, (4, 4, 4), h_nm=4.0)
+    assert split.max() == 2 and (split[blobs] > 0).all()
+    assert split[6, 6, 6] != split[6, 6, 17]
+    # a seed depth larger than the blobs' radius keeps them whole (no seed: one object)
+    assert split_touching(objects, (4, 4, 4), h_nm=100.0).max() == 1
