@@ -192,12 +192,38 @@ def _unmapped(offsets: Sequence[Sequence[int]], group: Sequence[np.ndarray]) -> 
     return []
 
 
+def check_class_labels(config: Mapping[str, Any], volumes: Sequence[Volume], generated: Sequence[str] = ()) -> list[str]:
+    """Labels that do not fit ``targets.classes``: a group of class images (a CellMap crop)
+    needs classes with an ``array`` each, and such classes need labels that are such a group."""
+    from dinopipe.classes import parse_classes
+    from dinopipe.io import child_images, source_store
+
+    try:
+        classes = parse_classes((config.get("targets") or {}).get("classes"))
+    except ValueError:
+        return []  # reported by check_config
+    arrays = classes is not None and classes.from_arrays
+    problems = []
+    for v in volumes:
+        if not v.labels or source_store(v.labels).startswith(tuple(generated)):
+            continue
+        group = bool(child_images(v.labels))
+        if group and not arrays:
+            problems.append(f"volume {v.name!r}: labels {v.labels} are a group of class images (a CellMap crop); "
+                            f"targets.classes needs an 'array' per class (e.g. {{name: mito, array: mito}})")
+        elif arrays and not group:
+            problems.append(f"volume {v.name!r}: labels {v.labels} are not a group of class images, but "
+                            f"targets.classes names class arrays; point the sheet at the crop group")
+    return problems
+
+
 def check_workflow(
     config: Mapping[str, Any], volumes: Iterable[Volume], *, generated: Sequence[str] = (), shown: int = 20
 ) -> None:
     """Every check that needs no job: config combinations (:func:`check_config`), each
-    volume's stores and grid from metadata (:func:`volume_grids`), and volumes against the
-    config and each other (:func:`check_grids`).
+    volume's stores and grid from metadata (:func:`volume_grids`), volumes against the
+    config and each other (:func:`check_grids`), and labels against ``targets.classes``
+    (:func:`check_class_labels`).
 
     Args:
         config: The validated config (schema defaults filled in).
@@ -213,6 +239,7 @@ def check_workflow(
     grids, found = volume_grids(volumes, config.get("data") or {}, generated)
     problems += found
     problems += check_grids(config, volumes, grids)
+    problems += check_class_labels(config, volumes, generated)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:shown])
         if len(problems) > shown:

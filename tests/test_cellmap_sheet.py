@@ -76,3 +76,18 @@ def test_the_command_writes_and_appends(tmp_path):
     ok = subprocess.run([*cmd, "sheet", "--raw", raw, "--crops", str(crops), "--out", str(out), "--append",
                          "--prefix", "b_"], capture_output=True, text=True)
     assert ok.returncode == 0 and len(read_sheet(out)) == 6
+
+
+def test_start_up_checks_match_labels_and_classes(tmp_path):
+    from dinopipe.checks import check_class_labels
+
+    raw, crops = _tree(tmp_path)
+    volumes = cellmap_sheet(raw, crops)
+    arrays = {"targets": {"classes": [{"name": "mito", "array": "mito"}, {"name": "er", "array": "er"}]}}
+    assert check_class_labels(arrays, volumes) == []
+    ids = {"targets": {"classes": [{"name": "mito", "ids": [1]}]}}
+    problems = check_class_labels(ids, volumes)
+    assert len(problems) == 3 and "volume 'crop1'" in problems[0] and "needs an 'array' per class" in problems[0]
+    plain = [v.__class__(v.name, v.raw, f"{v.labels}/mito", v.role) for v in volumes]
+    assert "not a group of class images" in check_class_labels(arrays, plain)[0]
+    assert check_class_labels(ids, plain) == [] and check_class_labels({}, volumes)[0].startswith("volume 'crop1'")
