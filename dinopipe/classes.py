@@ -12,7 +12,12 @@ Class 0 is ``background``: every known voxel whose id is in no class. Ids listed
 ``targets.unlabelled_ids`` are "not annotated" (mask 0; CellMap marks them with the dtype's
 maximum). Classes are exclusive (one class per voxel, softmax + cross-entropy): an id may
 belong to one class only. Instance classes (``instance: true``) are also segmented into
-objects: connected components of the class, and scored per object.
+objects: connected components of the class (optionally split where they touch,
+:func:`split_touching`), and scored per object.
+
+CellMap crops hold one array per class instead (``labels/groundtruth/crop1/{mito,er}``):
+then every class names its ``array`` and :func:`combine_class_arrays` builds the class image;
+a crop without a class's array leaves that class not annotated.
 
 Pure array functions here, no file I/O; axis order (z, y, x), channels first.
 """

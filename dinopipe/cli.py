@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--config", help="workflow config file")
 
     seg = sub.add_parser("segment", help="segment a prediction store")
-    seg.add_argument("--predictions", required=True, help="prediction store (.zarr) with an affinities image")
+    seg.add_argument("--predictions", required=True, help="prediction store (.zarr) with an affinities image (or the "
+                                                          "class probabilities of a class model)")
     segment_args(seg)
     seg.add_argument("--out", required=True, help="output segmentation image (.zarr)")
     seg.add_argument("--config", help="workflow config file")
