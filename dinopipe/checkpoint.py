@@ -126,10 +126,10 @@ def load_model(checkpoint_dir: str | os.PathLike[str]) -> tuple[UNet3D, dict[str
     config = json.loads(config_path.read_text())
     if not isinstance(config, dict) or "unet" not in config or "offsets" not in config:
         raise ValueError(f"{config_path}: expected a dict with 'unet' and 'offsets' entries")
-    if config.get("target", "affinities") != "affinities":
+    if config.get("target", "affinities") not in ("affinities", "semantic"):
         raise ValueError(
-            f"{config_path}: the model predicts {config.get('target')!r} targets; prediction and "
-            "segmentation need an affinity model (target 'affinities')"
+            f"{config_path}: the model predicts {config.get('target')!r} targets; prediction knows affinity "
+            "models (target 'affinities') and class models (target 'semantic')"
         )
     model = UNet3D(UNetConfig.from_dict(config["unet"]))
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)

@@ -21,8 +21,9 @@ import numpy as np
 
 from dinopipe.augment import check_offsets_closed, resolve_augment_params, transform_group
 from dinopipe.backbone_spec import known_patch_size
+from dinopipe.classes import overlapping_unlabelled, parse_classes
 from dinopipe.geometry import Geometry
-from dinopipe.inputs import metadata_cache, source_store
+from dinopipe.inputs import child_images, metadata_cache, source_store
 from dinopipe.runtime import DEVICE_HELP, is_device_name
 from dinopipe.sheet import Volume
 from dinopipe.sources import check_paths, open_sources, source_args
@@ -38,7 +39,8 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
     backbone's patch size (when that is known without loading the model: built-in tiny
     models, local snapshots, hub ids in the local cache); affinity offsets (three integers,
     not ``[0, 0, 0]``, no duplicates); ``train.crop_shape`` divisible by
-    ``2**train.unet.levels``.
+    ``2**train.unet.levels``; ``targets.classes`` (:func:`dinopipe.classes.parse_classes`),
+    set exactly when ``train.target`` is ``semantic``, and disjoint from ``targets.unlabelled_ids``.
     """
     problems: list[str] = []
     features = config.get("features") or {}
@@ -60,6 +62,7 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
             problems.append(f"features.stride {stride} does not divide the patch size {patch} of backbone "
                             f"{backbone!r}; allowed: {divisors} or null (the patch size)")
     problems += _offset_problems((config.get("targets") or {}).get("offsets"))
+    problems += _class_problems(config)
     crop, levels = train.get("crop_shape"), (train.get("unet") or {}).get("levels", 2)
     if crop is not None and isinstance(levels, int) and levels >= 0:
         divisor = 2**levels
@@ -68,6 +71,29 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
                 f"train.crop_shape {list(crop)} is not divisible by 2**train.unet.levels = {divisor} on every axis "
                 f"(the UNet halves the crop {levels} times); use multiples of {divisor} or fewer levels"
             )
+    return problems
+
+
+def _class_problems(config: Mapping[str, Any]) -> list[str]:
+    """``targets.classes`` well formed, not overlapping ``targets.unlabelled_ids``, and set
+    exactly when ``train.target`` is ``semantic``."""
+    targets = config.get("targets") or {}
+    target = (config.get("train") or {}).get("target", "affinities")
+    try:
+        classes = parse_classes(targets.get("classes"))
+    except ValueError as exc:
+        return [str(exc)]
+    if classes is None:
+        return ["train.target is 'semantic' but targets.classes is null: list the classes (name, ids) so that "
+                "the targets hold a class image"] if target == "semantic" else []
+    problems = []
+    if target != "semantic":
+        problems.append(f"targets.classes is set but train.target is {target!r}; a class model needs "
+                        "train.target: semantic (and train.loss: cross_entropy)")
+    both = overlapping_unlabelled(classes, targets.get("unlabelled_ids") or [])
+    if both:
+        problems.append(f"label id(s) {both} are in targets.classes and in targets.unlabelled_ids; an id is either "
+                        "a class or 'not annotated'")
     return problems
 
 
@@ -158,12 +184,35 @@ def _unmapped(offsets: Sequence[Sequence[int]], group: Sequence[np.ndarray]) -> 
     return []
 
 
+def check_class_labels(config: Mapping[str, Any], volumes: Sequence[Volume], generated: Sequence[str] = ()) -> list[str]:
+    """Labels that do not fit ``targets.classes``: a group of class images (a CellMap crop)
+    needs classes with an ``array`` each, and such classes need labels that are such a group."""
+    try:
+        classes = parse_classes((config.get("targets") or {}).get("classes"))
+    except ValueError:
+        return []  # reported by check_config
+    arrays = classes is not None and classes.from_arrays
+    problems = []
+    for v in volumes:
+        if not v.labels or source_store(v.labels).startswith(tuple(generated)):
+            continue
+        group = bool(child_images(v.labels))
+        if group and not arrays:
+            problems.append(f"volume {v.name!r}: labels {v.labels} are a group of class images (a CellMap crop); "
+                            f"targets.classes needs an 'array' per class (e.g. {{name: mito, array: mito}})")
+        elif arrays and not group:
+            problems.append(f"volume {v.name!r}: labels {v.labels} are not a group of class images, but "
+                            f"targets.classes names class arrays; point the sheet at the crop group")
+    return problems
+
+
 def check_workflow(
     config: Mapping[str, Any], volumes: Iterable[Volume], *, generated: Sequence[str] = (), shown: int = 20
 ) -> None:
     """Every check that needs no job: config combinations (:func:`check_config`), each
-    volume's stores and grid from metadata (:func:`volume_grids`), and volumes against the
-    config and each other (:func:`check_grids`).
+    volume's stores and grid from metadata (:func:`volume_grids`), volumes against the
+    config and each other (:func:`check_grids`), and labels against ``targets.classes``
+    (:func:`check_class_labels`).
 
     Args:
         config: The validated config (schema defaults filled in).
@@ -179,6 +228,7 @@ def check_workflow(
     grids, found = volume_grids(volumes, config.get("data") or {}, generated)
     problems += found
     problems += check_grids(config, volumes, grids)
+    problems += check_class_labels(config, volumes, generated)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:shown])
         if len(problems) > shown:

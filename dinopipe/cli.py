@@ -12,6 +12,8 @@ Examples::
     dinopipe segment --predictions out/vol/predictions.zarr --out out/vol/seg.zarr --method agglomeration
     dinopipe segment --predictions out/vol/predictions.zarr --out out/vol/seg.zarr --config config/config.yaml \
         --tuned results/tune/segment.json      # the parameters the workflow picked on the validate volumes
+    dinopipe sheet --raw data/jrc_hela-2.zarr/recon-1/em/fibsem-uint8 \
+        --crops data/jrc_hela-2.zarr/recon-1/labels/groundtruth --validate-fraction 0.2 --out config/volumes.tsv
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import Any
 
 import yaml
 
+from dinopipe.atomic import atomic_output
 from dinopipe.config import validate_config
-from dinopipe.sheet import Volume
+from dinopipe.sheet import Volume, cellmap_sheet, read_sheet, write_sheet
 
 logger = logging.getLogger("dinopipe")
 
@@ -81,11 +84,43 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--config", help="workflow config file")
 
     seg = sub.add_parser("segment", help="segment a prediction store")
-    seg.add_argument("--predictions", required=True, help="prediction store (.zarr) with an affinities image")
+    seg.add_argument("--predictions", required=True, help="prediction store (.zarr) with an affinities image (or the "
+                                                          "class probabilities of a class model)")
     segment_args(seg)
     seg.add_argument("--out", required=True, help="output segmentation image (.zarr)")
     seg.add_argument("--config", help="workflow config file")
+    sheet = sub.add_parser("sheet", help="write the volume sheet of a CellMap-style tree (one row per crop)")
+    sheet.add_argument("--raw", required=True, help="the dataset's raw OME-NGFF multiscale image")
+    sheet.add_argument("--crops", required=True, help="folder of crops, each a group with one image per class "
+                                                      "(e.g. DATASET.zarr/recon-1/labels/groundtruth)")
+    sheet.add_argument("--out", required=True, help="sheet to write (TSV), e.g. config/volumes.tsv")
+    sheet.add_argument("--prefix", default="", help="prepended to each crop name (several datasets in one sheet)")
+    sheet.add_argument("--validate", default="", help="comma-separated crops with role validate")
+    sheet.add_argument("--predict", default="", help="comma-separated crops with role predict")
+    sheet.add_argument("--validate-fraction", type=float, default=0.0,
+                       help="fraction of the other crops drawn (seeded) for validate")
+    sheet.add_argument("--predict-fraction", type=float, default=0.0,
+                       help="fraction of the other crops drawn (seeded) for predict")
+    sheet.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    sheet.add_argument("--append", action="store_true", help="add the rows to an existing sheet")
     return parser
+
+
+def _sheet(args: argparse.Namespace) -> None:
+    split = {"validate": [c for c in args.validate.split(",") if c],
+             "predict": [c for c in args.predict.split(",") if c],
+             "validate_fraction": args.validate_fraction, "predict_fraction": args.predict_fraction,
+             "seed": args.seed}
+    volumes = cellmap_sheet(args.raw, args.crops, args.prefix, **split)
+    out = Path(args.out)
+    if args.append and out.is_file():
+        volumes = [*read_sheet(out), *volumes]
+    with atomic_output(out) as tmp:
+        write_sheet(volumes, tmp)
+        # duplicate names (--append without --prefix) are an error naming the line; the sheet stays as it was
+        read_sheet(tmp)
+    counts = {r: sum(v.role == r for v in volumes) for r in ("train", "validate", "predict")}
+    logger.info("wrote %s: %d volumes (%s)", out, len(volumes), counts)
 
 
 def _predict(args: argparse.Namespace, sections: dict[str, dict[str, Any]], out: Path) -> None:
@@ -121,7 +156,7 @@ def _segment(args: argparse.Namespace, sections: dict[str, dict[str, Any]], pred
     if args.min_size is not None:
         params["min_size"] = args.min_size
     attrs = run_segment(predictions, out, params, tuned=args.tuned)
-    logger.info("%s: %d segments (%s)", out, attrs["segments"], attrs["method"])
+    logger.info("%s: %s segments (%s)", out, attrs["segments"], attrs["method"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "sheet":
+            _sheet(args)
+            return 0
         sections = load_sections(args.config)
         if args.command == "run":
             out = Path(args.out)

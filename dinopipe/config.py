@@ -17,6 +17,10 @@ Every key of the configuration (``workflow/schemas/config.schema.yaml``) is one 
 * **selection** (:data:`SELECTION_KEYS`): which jobs exist (``predict.roles``,
   ``report.volume_figures``), not what a job computes; never a param.
 
+* **optional** (:data:`OPTIONAL_KEYS`): keys that a feature added later (``targets.classes``),
+  left out of the params while they hold their "off" value, so projects that do not use the
+  feature keep their params and rerun nothing.
+
 Params are canonical (:func:`canonical`): mappings with sorted keys, so moving a key to
 another line of the config file reruns nothing (Snakemake compares the ``repr`` of params).
 Settings a job does not use are left out of its params: the other segment methods'
@@ -49,6 +53,15 @@ RUNTIME_KEYS: Mapping[str, frozenset[str]] = {
 SELECTION_KEYS: Mapping[str, frozenset[str]] = {
     "predict": frozenset({"roles"}),
     "report": frozenset({"volume_figures"}),
+}
+
+#: Per config section, keys added after projects existed, with the value that turns them off:
+#: left out of the params while off, so that existing projects' params (and outputs) stay
+#: unchanged and nothing reruns when dinopipe gains the key.
+OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
+    "targets": {"classes": None},
+    "demo": {"organelles": None},
+    "segment": {"split_touching_nm": None},
 }
 
 #: Train keys that may differ between an interrupted run and its continuation: the
@@ -129,6 +142,7 @@ def result_params(config: Mapping[str, Any], section: str) -> dict[str, Any]:
     drop = set(RUNTIME_KEYS.get(section, ())) | set(SELECTION_KEYS.get(section, ()))
     if section == "segment":
         drop |= _segment_unused(values)
+    drop |= {k for k, off in OPTIONAL_KEYS.get(section, {}).items() if k in values and values[k] == off}
     return canonical({k: v for k, v in values.items() if k not in drop})
 
 

@@ -38,7 +38,8 @@ def make_demo_volume(
     organelles_per_cell: float = 0.5,
     blur_sigma_vox: float = 0.4,
     noise_level: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
+    organelle_classes: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make a synthetic FIB-SEM-like raw volume and its cell segmentation.
 
     Densely packed cells with dark membranes, textured interiors with a per-cell mean
@@ -60,12 +61,16 @@ def make_demo_volume(
         blur_sigma_vox: Sigma of the Gaussian point-spread function, label voxels
             (>= 0).
         noise_level: Scale of the shot and read noise (>= 0; 0 gives no noise).
+        organelle_classes: Also return the organelles' class image (raw and labels are
+            the same either way).
 
     Returns:
         ``(raw, labels)``: raw is uint8 of shape ``label_shape * raw_factor``
         (z, y, x); labels is uint64 of shape ``label_shape`` with cells numbered
         consecutively from 1 and 0 on membranes. Distinct cells never touch along an
-        axis (6-neighbourhood); every cell is 6-connected.
+        axis (6-neighbourhood); every cell is 6-connected. With ``organelle_classes``
+        also ``organelles``: uint8 of shape ``label_shape``, 1 where a label-voxel centre
+        lies inside a dark organelle, 2 inside a bright one, 0 elsewhere.
 
     Raises:
         ValueError: If an argument is out of range.
@@ -116,7 +121,8 @@ def make_demo_volume(
     membrane = special.expit((half_width - raw_dist) / 0.15)
     image = image * (1.0 - membrane) + rng.uniform(35.0, 55.0) * membrane
 
-    _add_organelles(rng, image, tree, seeds, warp, shape, factor, diameter, organelles_per_cell)
+    organelles = np.zeros(label_shape, dtype=np.uint8) if organelle_classes else None
+    _add_organelles(rng, image, tree, seeds, warp, shape, factor, diameter, organelles_per_cell, organelles)
 
     if blur_sigma_vox > 0:
         image = ndimage.gaussian_filter(image, sigma=float(blur_sigma_vox) * factor, mode="reflect")
@@ -126,6 +132,8 @@ def make_demo_volume(
         read = rng.normal(0.0, 4.0, size=raw_shape)
         image = image + float(noise_level) * (shot + read)
     raw = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if organelles is not None:
+        return raw, labels.astype(np.uint64), organelles
     return raw, labels.astype(np.uint64)
 
 
@@ -267,8 +275,11 @@ def _add_organelles(
     factor: np.ndarray,
     diameter: float,
     per_cell: float,
+    classes: np.ndarray | None = None,
 ) -> None:
-    """Draw dark and bright ellipsoidal blobs well inside cells (in place, raw grid)."""
+    """Draw dark and bright ellipsoidal blobs well inside cells (in place, raw grid); mark
+    them in ``classes`` (label grid: 1 dark, 2 bright) when given. Draws the same random
+    numbers either way."""
     # Seeds cover the box padded by about one diameter; count only cells inside.
     inside_fraction = float(np.prod(shape)) / float(np.prod(shape + diameter))
     n_organelles = int(rng.poisson(per_cell * len(seeds) * inside_fraction))
@@ -295,3 +306,11 @@ def _add_organelles(
         )
         blob = special.expit((1.0 - np.sqrt(r2)) / 0.1)
         image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += contrast * blob
+        if classes is not None:  # label-voxel centres inside the ellipsoid
+            clo = np.maximum(np.floor(centres[i] - radii[i]).astype(int), 0)
+            chi = np.minimum(np.ceil(centres[i] + radii[i]).astype(int) + 1, shape)
+            cz, cy, cx = np.meshgrid(*(np.arange(a, b) for a, b in zip(clo, chi)), indexing="ij")
+            inside_blob = (((cz - centres[i, 0]) / radii[i, 0]) ** 2 + ((cy - centres[i, 1]) / radii[i, 1]) ** 2
+                           + ((cx - centres[i, 2]) / radii[i, 2]) ** 2) < 1.0
+            view = classes[clo[0] : chi[0], clo[1] : chi[1], clo[2] : chi[2]]
+            view[inside_blob] = 1 if contrast < 0 else 2

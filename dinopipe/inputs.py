@@ -260,6 +260,30 @@ def source_levels(path: str) -> tuple[str, list[tuple[str | None, tuple[float, .
     return f"ome-ngff {version}", [(name, vs) for name, vs, _ in ngff_levels(ms, path)]
 
 
+def child_images(path: str) -> list[str] | None:
+    """The names of the OME-NGFF multiscale images directly inside a group that is not an image
+    itself (a CellMap crop: ``crop1/{mito,er}``), sorted; None when ``path`` is an image,
+    an array, an HDF5 dataset or missing (metadata only)."""
+    if split_hdf5(path) is not None:
+        return None
+    p = Path(path)
+    try:
+        attrs, kind = _group_attrs(p)
+    except (FileNotFoundError, ValueError):
+        return None
+    if not kind.endswith("-group") or "multiscales" in attrs or "multiscales" in attrs.get("ome", {}):
+        return None
+    names = []
+    for child in sorted(c for c in p.iterdir() if c.is_dir()):
+        try:
+            child_attrs, child_kind = _group_attrs(child)
+        except (FileNotFoundError, ValueError):
+            continue
+        if child_kind.endswith("-group") and ("multiscales" in child_attrs or "multiscales" in child_attrs.get("ome", {})):
+            names.append(child.name)
+    return names
+
+
 def _metadata_array(p: Path, where: str) -> SourceArray:
     """Shape and dtype of a Zarr v2/v3 or N5 array from its metadata file alone (a few hundred
     bytes of JSON; tensorstore is not opened); reading it raises."""

@@ -29,6 +29,7 @@ from dinopipe.chunks import ChunkCount, count_chunks
 from dinopipe.geometry import Geometry
 from dinopipe.inputs import (
     SourceArray,
+    child_images,
     metadata_cache,
     multiscale_levels,
     open_source,
@@ -56,7 +57,7 @@ from dinopipe.ngff import (
 
 __all__ = [
     "NEARLY_FULL_BYTES", "atomic_output", "directory_size", "glob_escape", "json_default", "new_store_id",
-    "write_json", "ChunkCount", "count_chunks", "Geometry", "SourceArray", "metadata_cache", "multiscale_levels",
+    "write_json", "ChunkCount", "count_chunks", "Geometry", "SourceArray", "child_images", "metadata_cache", "multiscale_levels",
     "open_source", "source_levels", "source_store", "split_hdf5", "FEATURE_CHUNK", "FEATURE_ORDER",
     "MEMMAP_CONTEXT", "SPATIAL_AXES", "UNITS_NM", "Image", "create_image", "default_chunks", "ngff_levels",
     "ngff_multiscale", "open_tensorstore", "read_image", "read_into", "set_attrs", "write_image",

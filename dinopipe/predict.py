@@ -32,8 +32,11 @@ Output store (written atomically):
 
 * ``affinities``: image (n_offsets, z, y, x) float32, sigmoid probabilities in [0, 1].
 * ``lsds``: image (10, z, y, x) float32 in [0, 1] (only for models that predict LSDs).
-* root attrs ``["dinopipe"]``: ``offsets`` and provenance (source, checkpoint,
-  block shape, halo, feature signature, timings).
+* class models (``target: semantic``, :mod:`dinopipe.classes`) write ``classes`` instead:
+  image (num_classes, z, y, x) float32, softmax probabilities (class 0 background).
+* root attrs ``["dinopipe"]``: ``target``, ``offsets`` (and for class models
+  ``class_names``, ``instance_classes``) and provenance (source, checkpoint, block shape,
+  halo, feature signature, timings).
 
 Both images carry the label grid's voxel size and translation (nm).
 """
@@ -407,7 +410,8 @@ def predict_blocks(
     autocast: bool | str = "bf16",
     attrs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Predict affinities (and LSDs) on ``grid`` block by block; write the output store atomically.
+    """Predict affinities (and LSDs), or class probabilities, on ``grid`` block by block; write the
+    output store atomically (see the module docstring for its layout).
 
     Args:
         readers: Objects with ``channels``, ``dtype`` and ``read_into(window, out)`` filling
@@ -436,8 +440,10 @@ def predict_blocks(
     _check_block_args(block_shape, batch_size)
     t_start = time.perf_counter()
     offsets = config["offsets"]
+    semantic = config.get("target", "affinities") == "semantic"
     num_offsets = len(offsets)
-    lsds = model.config.out_channels == num_offsets + NUM_LSD_CHANNELS
+    lsds = not semantic and model.config.out_channels == num_offsets + NUM_LSD_CHANNELS
+    head = model.config.out_channels if semantic else num_offsets  # channels of the first output image
     shape = grid.shape
     divisor = model.config.divisor
     halo = _round_up(receptive_field_halo(model.config), divisor)
@@ -454,10 +460,14 @@ def predict_blocks(
     logger.info("predicting %s: %d blocks of %s + halo %d, device %s", shape, num_blocks, block, halo, dev)
     stats: dict[str, Any] = {"blocks": num_blocks, "block_shape": list(block), "halo": halo,
                              "read_s": 0.0, "wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
-    size = (num_offsets + (NUM_LSD_CHANNELS if lsds else 0)) * math.prod(shape) * 4
+    size = (head + (NUM_LSD_CHANNELS if lsds else 0)) * math.prod(shape) * 4
+    class_attrs = {k: config.get(k) for k in ("class_names", "instance_classes")} if semantic else {}
     with atomic_output(out_path, what=f"predictions {Path(out_path).name}", expected_bytes=size) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        aff_out = _empty_image(tmp / "affinities", num_offsets, grid, chunks, {"offsets": offsets})
+        if semantic:
+            aff_out = _empty_image(tmp / "classes", head, grid, chunks, class_attrs)
+        else:
+            aff_out = _empty_image(tmp / "affinities", num_offsets, grid, chunks, {"offsets": offsets})
         lsd_out = _empty_image(tmp / "lsds", NUM_LSD_CHANNELS, grid, chunks, {}) if lsds else None
         stager = _BlockStager(readers, shape, block, halo, min(batch_size, num_blocks), dev)
         with stager, Progress(num_blocks, f"predict {Path(out_path).name}", "block") as progress:
@@ -467,10 +477,14 @@ def predict_blocks(
                 with torch.no_grad(), autocast_context(dev, autocast):
                     output = model(x)
                 del x
-                aff_logits, lsd = split_output(output.float(), num_offsets)
-                aff = torch.sigmoid(aff_logits).cpu().numpy()
+                if semantic:
+                    aff, lsd = torch.softmax(output.float(), dim=1).cpu().numpy(), None
+                else:
+                    aff_logits, lsd = split_output(output.float(), num_offsets)
+                    aff = torch.sigmoid(aff_logits).cpu().numpy()
+                    del aff_logits
                 lsd_np = lsd.cpu().numpy() if lsd is not None else None
-                del output, aff_logits, lsd
+                del output, lsd
                 t2 = time.perf_counter()
                 for i, start in enumerate(batch_starts):
                     core = [min(b, s - st) for b, s, st in zip(block, shape, start, strict=True)]
@@ -489,6 +503,7 @@ def predict_blocks(
         stats["read_s"], stats["wait_s"] = stager.read_s, stager.wait_s
         stats["total_s"] = time.perf_counter() - t_start
         root.attrs["dinopipe"] = json.loads(json.dumps({
+            **({"target": "semantic", **class_attrs} if semantic else {}),
             "offsets": offsets,
             "lsds": lsds,
             "input_raw": takes_raw(config),

@@ -36,15 +36,29 @@ def label_colours(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return palette[inverse.reshape(labels.shape)]
 
 
-def slice_panels(raw: np.ndarray, affinities: np.ndarray, labels: np.ndarray | None, alpha: float = 0.45) -> Image.Image:
+#: Colours of classes 1, 2, ... in class figures (class 0, background, is not drawn).
+CLASS_COLOURS = np.array([(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
+                          (245, 130, 48), (70, 240, 240), (240, 50, 230)], dtype=np.uint8)
+
+
+def class_colours(classes: np.ndarray) -> np.ndarray:
+    """:data:`CLASS_COLOURS` of a class image (classes beyond the table repeat it), (y, x, 3) uint8."""
+    index = np.where(classes > 0, (classes.astype(np.int64) - 1) % (len(CLASS_COLOURS) - 1) + 1, 0)
+    return CLASS_COLOURS[index]
+
+
+def slice_panels(raw: np.ndarray, affinities: np.ndarray, labels: np.ndarray | None, alpha: float = 0.45,
+                 classes: bool = False) -> Image.Image:
     """Raw | predicted affinities | segmentation overlay, side by side, for one (y, x) slice.
 
     Args:
         raw: (y, x) floats in [0, 1].
         affinities: (c, y, x) floats in [0, 1]; the first three channels (z, y, x
-            neighbours) are shown as RGB, or their mean when fewer.
+            neighbours, or the probabilities of classes 1-3) are shown as RGB, or their
+            mean when fewer.
         labels: (y, x) integer labels or None (panel omitted).
         alpha: Opacity of the label colours over the raw.
+        classes: ``labels`` are class ids: fixed colours per class (:data:`CLASS_COLOURS`).
     """
     grey = np.repeat(_to_uint8(raw)[..., None], 3, axis=-1)
     if affinities.shape[0] >= 3:
@@ -53,7 +67,7 @@ def slice_panels(raw: np.ndarray, affinities: np.ndarray, labels: np.ndarray | N
         aff = np.repeat(_to_uint8(affinities.mean(axis=0))[..., None], 3, axis=-1)
     panels = [grey, aff]
     if labels is not None:
-        colours = label_colours(labels).astype(np.float32)
+        colours = (class_colours(labels) if classes else label_colours(labels)).astype(np.float32)
         overlay = np.where(labels[..., None] > 0, (1 - alpha) * grey + alpha * colours, grey)
         panels.append(np.clip(overlay, 0, 255).astype(np.uint8))
     h, w = raw.shape
@@ -72,9 +86,12 @@ def write_slices(
 ) -> int:
     """Write the example slice figure of one volume (the middle z slice by default).
 
+    For a class model (``classes`` in the predictions): raw | probabilities of classes 1-3
+    as RGB | the class image over the raw in :data:`CLASS_COLOURS`.
+
     Args:
         raw: (z, y, x) raw in [0, 1] on the label grid, or a callable ``z -> (y, x)``.
-        predictions_path: Prediction store (``affinities`` image inside).
+        predictions_path: Prediction store (``affinities`` or ``classes`` image inside).
         segmentation_path: Segmentation image, or None.
         out_png: Output PNG (written atomically).
         z: Slice index; default the middle one.
@@ -82,15 +99,19 @@ def write_slices(
     Returns:
         The slice index shown.
     """
-    affs = io.read_image(Path(predictions_path) / "affinities")
+    classes = (Path(predictions_path) / "classes").exists()
+    affs = io.read_image(Path(predictions_path) / ("classes" if classes else "affinities"))
     depth = affs.geometry.shape[0]
     z = depth // 2 if z is None else int(z)
     if not 0 <= z < depth:
         raise ValueError(f"slice z={z} outside the volume's {depth} slices ({predictions_path})")
     raw_slice = raw(z) if callable(raw) else np.asarray(raw[z])
     aff_slice = np.asarray(affs.array[:, z])
+    if classes:  # the foreground classes' probabilities (background left out), three at most
+        fg = aff_slice[1:4]
+        aff_slice = np.concatenate([fg, np.zeros((3 - len(fg), *fg.shape[1:]), fg.dtype)]) if len(fg) > 1 else fg
     labels = np.asarray(io.read_image(segmentation_path).array[z]) if segmentation_path else None
-    figure = slice_panels(raw_slice, aff_slice, labels)
+    figure = slice_panels(raw_slice, aff_slice, labels, classes=classes)
     with io.atomic_output(out_png) as tmp:
         figure.save(tmp, format="PNG")
     return z
@@ -114,5 +135,6 @@ def run_report_slices(
     out_png: str | os.PathLike[str], data: dict | None = None,
 ) -> int:
     """The report figure of one volume, with raw read from the volume's sources (see :func:`write_slices`)."""
-    grid = io.read_image(Path(predictions_path) / "affinities").geometry
+    image = "classes" if (Path(predictions_path) / "classes").exists() else "affinities"
+    grid = io.read_image(Path(predictions_path) / image).geometry
     return write_slices(raw_slice_reader(volume, data, grid), predictions_path, segmentation_path, out_png)

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from dinopipe.inputs import child_images
+
 ROLES = ("train", "validate", "predict")
 COLUMNS = ("name", "raw", "labels", "role", "roi", "voxel_size", "offset", "labels_voxel_size", "labels_offset")
 #: Optional geometry columns (plain arrays only); omitted from records when empty.
@@ -212,3 +214,91 @@ def lookup(volumes: Mapping[str, Volume], name: str, sheet: str | Path, *, shown
         f"volume {name!r} is not in the volume sheet {sheet} (config key 'volumes'); {hint}"
         f"known volumes: {', '.join(first)}{more}"
     )
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort key putting crop2 before crop10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def cellmap_crops(crops_dir: str | Path) -> list[str]:
+    """The crops of a CellMap-style tree: the groups directly inside ``crops_dir`` that hold
+    at least one OME-NGFF image (one per class, e.g. ``groundtruth/crop1/{mito,er}``),
+    in natural order (crop2 before crop10).
+
+    Raises:
+        FileNotFoundError: ``crops_dir`` does not exist.
+        ValueError: It holds no crop.
+    """
+    folder = Path(crops_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"crops folder not found: {folder}")
+    crops = [c.name for c in folder.iterdir() if c.is_dir() and child_images(str(c))]
+    if not crops:
+        raise ValueError(f"{folder}: no crop found (a crop is a group holding one OME-NGFF image per class)")
+    return sorted(crops, key=_natural_key)
+
+
+def assign_roles(
+    names: Sequence[str], *, validate: Sequence[str] = (), predict: Sequence[str] = (),
+    validate_fraction: float = 0.0, predict_fraction: float = 0.0, seed: int = 0,
+) -> dict[str, str]:
+    """The role of each crop: by name (``validate``, ``predict``; the others train), or, for
+    crops not named, a seeded random split: ``round(fraction * n)`` of them validate or predict.
+
+    Raises:
+        ValueError: A named crop that does not exist, a crop named for two roles, fractions
+            outside [0, 1] or summing above 1, or no crop left to train on.
+    """
+    known = set(names)
+    for role, chosen in (("validate", validate), ("predict", predict)):
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            raise ValueError(f"--{role} names crop(s) {unknown} that are not in the tree; crops: {list(names)}")
+    both = sorted(set(validate) & set(predict))
+    if both:
+        raise ValueError(f"crop(s) {both} are named for both validate and predict")
+    if not (0 <= validate_fraction <= 1 and 0 <= predict_fraction <= 1 and validate_fraction + predict_fraction <= 1):
+        raise ValueError(f"fractions must lie in [0, 1] and sum to at most 1, got validate {validate_fraction}, "
+                         f"predict {predict_fraction}")
+    roles = {n: "validate" for n in validate} | {n: "predict" for n in predict}
+    rest = [n for n in names if n not in roles]
+    order = [rest[i] for i in np.random.default_rng(seed).permutation(len(rest))]
+    n_val, n_pred = round(validate_fraction * len(rest)), round(predict_fraction * len(rest))
+    roles.update({n: "validate" for n in order[:n_val]})
+    roles.update({n: "predict" for n in order[n_val : n_val + n_pred]})
+    roles.update({n: "train" for n in order[n_val + n_pred :]})
+    if "train" not in roles.values():
+        raise ValueError(f"no crop is left to train on ({len(names)} crops); name fewer validate / predict crops "
+                         f"or lower the fractions")
+    return {n: roles[n] for n in names}
+
+
+def write_sheet(volumes: Sequence[Volume], path: str | Path) -> None:
+    """Write a volume sheet (name, raw, labels, role, roi; the geometry columns are not
+    written). The result reads back with :func:`read_sheet`."""
+    rows = ["\t".join(("name", "raw", "labels", "role", "roi"))]
+    for v in volumes:
+        if v.roi is not None:
+            roi = ",".join(f"{a:g}:{b:g}" for a, b in v.roi)
+        else:
+            roi = ""
+        rows.append("\t".join((v.name, v.raw, v.labels or "", v.role, roi)))
+    Path(path).write_text("\n".join(rows) + "\n")
+
+
+def cellmap_sheet(
+    raw: str, crops_dir: str | Path, prefix: str = "", **roles: Any,
+) -> list[Volume]:
+    """One sheet row per crop of a CellMap-style tree: ``name`` = ``prefix`` + crop name, the
+    dataset's ``raw`` image, ``labels`` = the crop group (one image per class; the classes come
+    from ``targets.classes`` with an ``array`` each) and a role from :func:`assign_roles`
+    (keyword arguments ``validate``, ``predict``, ``validate_fraction``, ``predict_fraction``,
+    ``seed``)."""
+    crops = cellmap_crops(crops_dir)
+    assigned = assign_roles(crops, **roles)
+    volumes = [Volume(f"{prefix}{c}", raw, str(Path(crops_dir) / c), assigned[c]) for c in crops]
+    bad = [v.name for v in volumes if not _NAME.match(v.name)]
+    if bad:
+        raise ValueError(f"volume names {bad} may only contain letters, digits, '_', '.', '-' (check --prefix)")
+    return volumes

@@ -24,7 +24,7 @@ import numpy as np
 
 from dinopipe.chunks import count_chunks
 from dinopipe.geometry import Geometry, centre_window, check_ratio, raw_window, slice_weights, sub_geometry
-from dinopipe.inputs import open_source, source_levels, source_store
+from dinopipe.inputs import child_images, open_source, source_levels, source_store
 from dinopipe.ngff import Image
 from dinopipe.sheet import Volume
 
@@ -228,6 +228,38 @@ def _roi_text(roi: object) -> str:
     return "none" if roi is None else ",".join(f"{a:g}:{b:g}" for a, b in roi)  # type: ignore[attr-defined]
 
 
+def class_image_path(volume: Volume) -> str:
+    """The labels path whose image sets a volume's label grid: the labels themselves, or, when
+    they are a group of one image per class (a CellMap crop, ``crop1/{mito,er}``; see
+    :mod:`dinopipe.classes`), its first class image (all of them must share its grid)."""
+    assert volume.labels
+    children = child_images(volume.labels)
+    if not children:
+        return volume.labels
+    return f"{volume.labels.rstrip('/')}/{children[0]}"
+
+
+def open_class_array(volume: Volume, array: str, grid_image: Image, window: Sequence[slice],
+                     label_voxel_size: Sequence[float] | None = None) -> np.ndarray | None:
+    """Read one class's array of a labels group (a CellMap crop) over ``window`` of the label
+    grid; None when the group has no such array (the class is not annotated in this crop).
+
+    Raises:
+        ValueError: Its scale's geometry differs from ``grid_image``'s (the first class image).
+    """
+    assert volume.labels
+    path = f"{volume.labels.rstrip('/')}/{array}"
+    if not Path(path).exists():
+        return None
+    image = _open(path, f"labels (class array {array!r})", volume.name, None, None,
+                  exact=label_voxel_size if label_voxel_size is not None else grid_image.geometry.voxel_size)
+    if image.geometry != grid_image.geometry:
+        raise ValueError(f"volume {volume.name!r}: class array {path} has geometry {image.geometry}, but the "
+                         f"labels group's first class image has {grid_image.geometry}; class arrays of one crop "
+                         f"must share one grid")
+    return np.asarray(image.array[tuple(window)])
+
+
 def open_sources(
     volume: Volume,
     *,
@@ -264,8 +296,9 @@ def open_sources(
     roi = np.asarray(volume.roi, dtype=float) if volume.roi is not None else None
     extents = f"raw {volume.raw} covers {_extent(rg)}"
     if volume.labels:
-        labels = _open(volume.labels, "labels", volume.name, volume.labels_voxel_size, volume.labels_offset,
-                       volume.voxel_size, volume.offset, metadata_only=metadata_only, exact=label_voxel_size)
+        labels = _open(class_image_path(volume), "labels", volume.name, volume.labels_voxel_size,
+                       volume.labels_offset, volume.voxel_size, volume.offset, metadata_only=metadata_only,
+                       exact=label_voxel_size)
         if not np.issubdtype(labels.array.dtype, np.integer):
             raise ValueError(
                 f"volume {volume.name!r}: labels {volume.labels} must be integer (instance ids), got "

@@ -26,10 +26,19 @@ import numpy as np
 import zarr
 
 from dinopipe import __version__, io
+from dinopipe.classes import (
+    Classes,
+    combine_class_arrays,
+    evaluate_classes,
+    parse_classes,
+    segment_classes,
+    summary_columns,
+)
+from dinopipe.inputs import child_images
 from dinopipe.logs import Progress
 from dinopipe.runtime import allotted_cpus
 from dinopipe.sheet import Volume
-from dinopipe.sources import intensity_range, open_sources, raw_on_grid, source_args
+from dinopipe.sources import intensity_range, open_class_array, open_sources, raw_on_grid, source_args
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +58,34 @@ def demo_seed(name: str, seed: int) -> int:
 
 def run_demo_data(
     name: str, out_path: str | Path, *, seed: int, label_shape: Sequence[int],
-    label_voxel_size: Sequence[float], raw_factor: Sequence[int],
+    label_voxel_size: Sequence[float], raw_factor: Sequence[int], organelles: Mapping[str, Any] | None = None,
 ) -> None:
     """Write one synthetic demo volume as OME-NGFF: ``raw`` (s0 fine, s1 at the label
     voxel size) and ``labels`` (s0), in one store ``out_path``.
 
     The raw grid's corner coincides with the label grid's corner: raw voxel size is
-    ``label_voxel_size / raw_factor``.
+    ``label_voxel_size / raw_factor``. With ``organelles`` (the ``demo.organelles`` config:
+    ``per_cell``, ``cell_diameter_vox``) the cells hold that many organelles on average and
+    the store also gets ``organelles`` (uint8 class ids on the label grid: 1 dark, 2 bright,
+    0 elsewhere; :func:`dinopipe.demo.make_demo_volume`).
     """
     from dinopipe.demo import make_demo_volume
 
-    raw, labels = make_demo_volume(demo_seed(name, seed), label_shape=tuple(label_shape), raw_factor=tuple(raw_factor))
+    extra: dict[str, Any] = {}
+    if organelles is not None:
+        extra = {"organelle_classes": True, "organelles_per_cell": float(organelles.get("per_cell", 2.0)),
+                 "mean_cell_diameter_vox": float(organelles.get("cell_diameter_vox", 20.0))}
+    made = make_demo_volume(demo_seed(name, seed), label_shape=tuple(label_shape), raw_factor=tuple(raw_factor),
+                            **extra)
+    raw, labels = made[0], made[1]
     lvs = np.asarray(label_voxel_size, dtype=float)
     rvs = lvs / np.asarray(raw_factor)
     with io.atomic_output(out_path) as tmp:
         zarr.open_group(str(tmp), mode="w", zarr_format=2)
         io.write_image(tmp / "raw", raw, rvs.tolist(), (rvs / 2).tolist(), name="raw")
         io.write_image(tmp / "labels", labels, lvs.tolist(), (lvs / 2).tolist(), name="labels")
+        if organelles is not None:
+            io.write_image(tmp / "organelles", made[2], lvs.tolist(), (lvs / 2).tolist(), name="organelles")
         _add_scale(tmp / "raw", raw, raw_factor, rvs)
     logger.info("demo volume %s: raw %s, labels %s (%d ids)", name, raw.shape, labels.shape, len(np.unique(labels)) - 1)
 
@@ -184,6 +204,7 @@ DEFAULT_TARGETS: dict[str, Any] = {
     "boundary_sigma_nm": 32.0,
     "unlabelled_ids": [],
     "mask_erosion_nm": 0.0,
+    "classes": None,
 }
 
 
@@ -199,7 +220,14 @@ def run_targets(
     Writes a group ``out_path`` with OME-NGFF images ``labels`` (uint64),
     ``affinities`` (n_offsets, z, y, x) uint8, ``lsds`` (10, z, y, x) float16,
     ``boundary_weights`` float32, ``mask`` uint8 and ``raw`` (float32, 0..1, area-averaged
-    onto the label grid); root attrs hold the parameters and timings.
+    onto the label grid); root attrs hold the parameters and timings. With ``classes``
+    (:mod:`dinopipe.classes`) also ``semantic`` (uint8 class ids, 0 background) and, in the
+    root attrs, ``num_classes``, ``class_names``, ``instance_classes``, ``class_voxels`` (known
+    voxels per class) and ``class_weights`` (balanced inverse frequency over the known voxels,
+    :func:`dinopipe.targets.compute_semantic_targets`; training pools ``class_voxels`` over
+    its volumes instead).
+    Classes with an ``array`` each read their own image of the labels group (a CellMap crop,
+    :func:`dinopipe.classes.combine_class_arrays`); ``labels`` then holds their objects.
     """
     from dinopipe import targets as tg
 
@@ -220,16 +248,39 @@ def run_targets(
 
     workers = allotted_cpus(threads)
     where = f"volume {volume.name!r}: labels {volume.labels}"
-    native = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]))
-    # negative ids listed in unlabelled_ids become 0 here (mask 0 there); any other negative id
-    # is an error, not 2**64 - 1 (one big object) as a plain cast would make it
-    labels = tg.label_ids(native, params["unlabelled_ids"], where)
-    if not labels.any():
-        raise ValueError(f"{where} are all zero inside the processed region")
+    classes = parse_classes(params["classes"])
+    class_group = bool(child_images(volume.labels))
+    if class_group and (classes is None or not classes.from_arrays):
+        raise ValueError(f"{where} are a group of class images (a CellMap crop), which needs targets.classes with "
+                         f"an 'array' per class (e.g. {{name: mito, array: mito}})")
+    if classes is not None and classes.from_arrays and not class_group:
+        raise ValueError(f"{where}: targets.classes names class arrays, so labels must be a group holding one "
+                         f"OME-NGFF image per class (a CellMap crop such as labels/groundtruth/crop1)")
+    semantic, class_attrs = None, {}
+    if classes is not None and classes.from_arrays:
+        arrays = timed("read_labels_s", lambda: {c.name: open_class_array(
+            volume, str(c.array), src.labels, src.label_window, data.get("label_voxel_size"))
+            for c in classes.classes})
+        missing = [c.array for c in classes.classes if arrays[c.name] is None]
+        if missing:
+            logger.warning("%s: no class array %s: those classes are not annotated in this crop", where, missing)
+        semantic, known, labels = timed("semantic_s", combine_class_arrays, arrays, classes,
+                                        params["unlabelled_ids"])
+        del arrays
+        # erosion of the known region as for id labels: unknown voxels are id 1 here
+        mask = timed("mask_s", tg.compute_mask, (known == 0).view(np.uint8), [1], params["mask_erosion_nm"],
+                     src.grid.voxel_size, num_workers=workers)
+    else:
+        native = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]))
+        # negative ids listed in unlabelled_ids become 0 here (mask 0 there); any other negative id
+        # is an error, not 2**64 - 1 (one big object) as a plain cast would make it
+        labels = tg.label_ids(native, params["unlabelled_ids"], where)
+        if not labels.any() and classes is None:
+            raise ValueError(f"{where} are all zero inside the processed region")
+        mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"],
+                     src.grid.voxel_size, num_workers=workers)
+        del native
     vs = src.grid.voxel_size
-    mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"], vs,
-                 num_workers=workers)
-    del native
     if not mask.any():
         raise ValueError(
             f"{where}: the mask is all zero (no annotated voxel) inside the processed region: every label id "
@@ -237,6 +288,17 @@ def run_targets(
             + (f" or eroded away by targets.mask_erosion_nm {params['mask_erosion_nm']}" if params["mask_erosion_nm"]
                else "")
         )
+    if classes is not None:
+        if semantic is None:
+            semantic, class_weights = timed("semantic_s", tg.compute_semantic_targets, labels, classes.class_map(),
+                                            classes.num_classes, mask)
+        else:
+            semantic[mask == 0] = 0
+            _, class_weights = tg.compute_semantic_targets(semantic, None, classes.num_classes, mask)
+        counts = np.bincount(semantic[mask.astype(bool)], minlength=classes.num_classes)
+        class_attrs = {"num_classes": classes.num_classes, "class_weights": class_weights.tolist(),
+                       "class_voxels": counts.tolist(), **classes.to_attrs()}
+        logger.info("volume %s: known voxels per class %s", volume.name, dict(zip(classes.names, counts.tolist())))
     affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
     lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs, num_workers=workers)
     weights = timed(
@@ -256,8 +318,12 @@ def run_targets(
         io.write_image(tmp / "boundary_weights", weights.astype(np.float32), g.voxel_size, g.translation)
         io.write_image(tmp / "mask", mask.astype(np.uint8), g.voxel_size, g.translation)
         io.write_image(tmp / "raw", raw, g.voxel_size, g.translation)
+        if semantic is not None:
+            io.write_image(tmp / "semantic", semantic, g.voxel_size, g.translation)
         timings["write_s"] = time.perf_counter() - t
-        attrs = {"volume": volume.name, **params, "grid": g.to_dict(), "sources": src.provenance(),
+        # classes only when configured: targets of projects without classes keep their attrs
+        stored = {k: v for k, v in params.items() if k != "classes" or v is not None}
+        attrs = {"volume": volume.name, **stored, **class_attrs, "grid": g.to_dict(), "sources": src.provenance(),
                  "timings": timings, "store_id": io.new_store_id()}
         root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
     logger.info("targets %s: %s, %.1fs", volume.name, labels.shape, sum(timings.values()))
@@ -372,12 +438,22 @@ def run_segment(
     :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB.
 
     ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
-    parameters replace the config's. A segmentation with one segment, or with more than one
+    parameters replace the config's. Predictions of a class model (``classes``) are
+    segmented by :func:`run_segment_classes` instead. A segmentation with one segment, or with more than one
     segment per 100 voxels, logs a warning, also stored in the attrs (``warnings``).
     """
-    from dinopipe.segment import METHODS, bytes_per_voxel, method_parameters, sanity_warnings, segment, segment_blockwise
+    from dinopipe.segment import (
+        METHODS,
+        bytes_per_voxel,
+        method_parameters,
+        sanity_warnings,
+        segment,
+        segment_blockwise,
+    )
     from dinopipe.tune import read_choice
 
+    if (Path(predictions_path) / "classes").exists():
+        return run_segment_classes(predictions_path, out_path, params)
     config = {**DEFAULT_SEGMENT, **params}
     method = config["method"]
     if method not in METHODS:
@@ -418,6 +494,46 @@ def run_segment(
         attrs.update(segments=n, seconds=time.perf_counter() - t, warnings=warnings)
         io.set_attrs(tmp, attrs)
     logger.info("segmentation %s: %d segments in %.1fs (%s %s)", out_path, n, attrs["seconds"], method, method_params)
+    return attrs
+
+
+def run_segment_classes(predictions_path: str | Path, out_path: str | Path, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Segment predicted class probabilities (:func:`dinopipe.classes.segment_classes`).
+
+    Writes ``out_path`` as an OME-NGFF image of the class ids (uint8, argmax of the
+    probabilities, 0 background) with, under ``labels/``, one OME-NGFF label image per
+    instance class (uint64 objects: connected components of the class, split where they touch
+    when ``segment.split_touching_nm`` is set, fewer than ``segment.min_size`` voxels dropped),
+    so napari and neuroglancer open both. Root attrs:
+    ``method`` "classes", ``class_names``, ``instance_classes``, ``min_size`` and the object
+    count per instance class (``segments``). The volume is segmented in memory.
+    """
+    probs_img = io.read_image(Path(predictions_path) / "classes")
+    pred_attrs = dict(zarr.open_group(str(predictions_path), mode="r").attrs.get("dinopipe", {}))
+    classes = Classes.from_attrs(pred_attrs, f"predictions {predictions_path}")
+    min_size = int({**DEFAULT_SEGMENT, **params}["min_size"])
+    split = params.get("split_touching_nm")
+    g = probs_img.geometry
+    t = time.perf_counter()
+    image, instances = segment_classes(probs_img.read(), classes, min_size, split, g.voxel_size)
+    counts = {name: int(objects.max()) for name, objects in instances.items()}
+    attrs: dict[str, Any] = {"method": "classes", "parameters": {} if split is None else {"split_touching_nm": split},
+                             "min_size": min_size, **classes.to_attrs(),
+                             "segments": counts, "seconds": time.perf_counter() - t,
+                             "class_voxels": dict(zip(classes.names, np.bincount(
+                                 image.ravel(), minlength=classes.num_classes).tolist()))}
+    size = int(np.prod(g.shape)) * (1 + 8 * len(instances))
+    with io.atomic_output(out_path, what=f"class segmentation of {predictions_path}", expected_bytes=size) as tmp:
+        io.write_image(tmp, image, g.voxel_size, g.translation, name="classes")
+        if instances:
+            labels = zarr.open_group(str(tmp / "labels"), mode="w", zarr_format=2)
+            labels.attrs["labels"] = list(instances)
+            for name, objects in instances.items():
+                io.write_image(tmp / "labels" / name, objects, g.voxel_size, g.translation, name=name)
+                zarr.open_group(str(tmp / "labels" / name), mode="a").attrs["image-label"] = {
+                    "version": "0.4", "source": {"image": "../../"}}
+        io.set_attrs(tmp, attrs)
+    logger.info("class segmentation %s: voxels per class %s, objects %s", out_path, attrs["class_voxels"], counts)
     return attrs
 
 
@@ -476,6 +592,8 @@ def run_evaluate(
     from dinopipe.baseline import watershed_baseline
     from dinopipe.evaluate import evaluate_segmentation
 
+    if (io.read_image(segmentation_path).attrs or {}).get("method") == "classes":
+        return run_evaluate_classes(volume, segmentation_path, targets_path, out_path)
     seg_img = io.read_image(segmentation_path)
     test = seg_img.read()
     truth = io.read_image(Path(targets_path) / "labels").read()
@@ -498,6 +616,34 @@ def run_evaluate(
         result.update({f"baseline_{k}": base[k] for k in BASELINE_KEYS})
         result["voi_sum_vs_baseline"] = scores["voi_sum"] / base["voi_sum"] if base["voi_sum"] > 0 else None
         logger.info("volume %s: VOI sum %.3f, classical baseline %.3f", volume, scores["voi_sum"], base["voi_sum"])
+    io.write_json(out_path, result)
+    return result
+
+
+def run_evaluate_classes(volume: str, segmentation_path: str | Path, targets_path: str | Path,
+                         out_path: str | Path) -> dict[str, Any]:
+    """Score a class segmentation (:func:`run_segment_classes`) against the targets' ``semantic``,
+    ``labels`` and ``mask`` (:func:`dinopipe.classes.evaluate_classes`) into a JSON: per class
+    IoU, Dice, precision, recall and, for instance classes, matched objects, F1 at IoU 0.5 and
+    Hausdorff distances (nm), plus the flat summary columns (``iou_{class}``, ``f1_{class}``, ...)."""
+    seg = io.read_image(segmentation_path)
+    classes = Classes.from_attrs(seg.attrs or {}, f"segmentation {segmentation_path}")
+    target_attrs = dict(zarr.open_group(str(targets_path), mode="r").attrs.get("dinopipe", {}))
+    if target_attrs.get("class_names") != classes.names:
+        raise ValueError(f"volume {volume!r}: the classes of segmentation {segmentation_path} ({classes.names}) differ "
+                         f"from those of its targets {targets_path} ({target_attrs.get('class_names')})")
+    instances = {n: io.read_image(Path(segmentation_path) / "labels" / n).read() for _, n in classes.instance_classes()}
+    truth = io.read_image(Path(targets_path) / "semantic").read()
+    labels = io.read_image(Path(targets_path) / "labels").read()
+    mask = io.read_image(Path(targets_path) / "mask").read()
+    scores = evaluate_classes(truth, labels, mask, seg.read(), instances, classes, seg.geometry.voxel_size)
+    result = {"volume": volume, "mean_iou": scores["mean_iou"], "mean_dice": scores["mean_dice"],
+              "overall_score": scores["overall_score"], "semantic_score": scores["semantic_score"],
+              "instance_score": scores["instance_score"], **summary_columns(scores),
+              "segment": describe_segmentation("classes", {"min_size": (seg.attrs or {}).get("min_size", 0)}),
+              "classes": scores["classes"]}
+    logger.info("volume %s: mean IoU %s, per class %s", volume, scores["mean_iou"],
+                {n: v["iou"] for n, v in scores["classes"].items()})
     io.write_json(out_path, result)
     return result
 
@@ -534,6 +680,20 @@ BRIEF_COLUMNS: dict[str, str] = {
 }
 
 
+#: Leading columns of summary.tsv for class models (then the per-class columns, sorted:
+#: ``iou_{class}``, ``f1_{class}``, ``hausdorff_nm_{class}``).
+CLASS_SUMMARY_COLUMNS: tuple[str, ...] = (
+    "volume", "role", "mean_iou", "mean_dice", "semantic_score", "instance_score", "overall_score", "segment",
+    "warning", "note",
+)
+
+#: The front-page table of class models: key -> header (then ``IoU {class}`` per class).
+CLASS_BRIEF_COLUMNS: dict[str, str] = {
+    "volume": "volume", "role": "role", "mean_iou": "mean IoU", "overall_score": "overall score",
+    "warning": "warning", "note": "note",
+}
+
+
 def run_summary(
     evaluation_jsons: Sequence[str | Path], out_path: str | Path, unscored: Sequence[str] = (),
     tuned: str | Path | None = None, unscored_segmentations: Sequence[str | Path] = (),
@@ -550,6 +710,8 @@ def run_summary(
     ``validate``): its scores with the picked parameters and how its predicted affinities
     score against the targets. ``brief_path``: the same rows with the columns of
     :data:`BRIEF_COLUMNS` only (human headers), narrow enough for the report's front page.
+    Evaluations of a class model (:func:`run_evaluate_classes`) lead with
+    :data:`CLASS_SUMMARY_COLUMNS` and :data:`CLASS_BRIEF_COLUMNS` (plus IoU per class) instead.
     """
     from dinopipe.evaluate import write_summary_tsv
 
@@ -575,15 +737,20 @@ def run_summary(
         if r.get("warning"):
             logger.warning("volume %s: %s", r["volume"], r["warning"])
     rows = [{k: v for k, v in r.items() if not isinstance(v, Mapping)} for r in rows]
+    class_rows = any("mean_iou" in r for r in rows)  # a class model's evaluations (run_evaluate_classes)
+    leading, brief = (CLASS_SUMMARY_COLUMNS, dict(CLASS_BRIEF_COLUMNS)) if class_rows else (SUMMARY_COLUMNS,
+                                                                                             BRIEF_COLUMNS)
+    if class_rows:
+        brief.update({k: f"IoU {k[4:]}" for k in sorted({k for r in rows for k in r if k.startswith("iou_")})})
     # the optional text columns only when some row has one (the table must fit the report's page)
-    columns = [c for c in SUMMARY_COLUMNS if c not in ("warning", "note") or any(r.get(c) for r in rows)]
+    columns = [c for c in leading if c not in ("warning", "note") or any(r.get(c) for r in rows)]
     with io.atomic_output(out_path) as tmp:
         write_summary_tsv(rows, tmp, columns=columns, significant=4)
     if brief_path is not None:
-        keys = [k for k in BRIEF_COLUMNS if k in columns]
+        keys = [k for k in brief if k in columns or k.startswith("iou_")]
         with io.atomic_output(brief_path) as tmp:
-            write_summary_tsv([{BRIEF_COLUMNS[k]: r.get(k) for k in keys} for r in rows], tmp,
-                              columns=[BRIEF_COLUMNS[k] for k in keys], significant=4)
+            write_summary_tsv([{brief[k]: r.get(k) for k in keys} for r in rows], tmp,
+                              columns=[brief[k] for k in keys], significant=4)
 
 
 def run_tune_segment(

@@ -281,9 +281,14 @@ def check_masks(volumes: Sequence[VolumeStores], crop: Sequence[int], min_fracti
 
 
 def _num_classes(volumes: Sequence[VolumeStores], p: Mapping[str, Any]) -> tuple[int, list[float] | None]:
+    """Number of classes and class weights: ``train.class_weights``, else balanced weights over
+    the known voxels of all ``volumes`` (from their targets' ``class_voxels``; a class absent
+    from one crop keeps its weight), else the first volume's ``class_weights``."""
     first = volumes[0]
     n = first.attrs.get("num_classes")
-    weights = p["class_weights"] if p["class_weights"] is not None else first.attrs.get("class_weights")
+    weights = p["class_weights"] if p["class_weights"] is not None else _pooled_weights(volumes)
+    if weights is None:
+        weights = first.attrs.get("class_weights")
     if n is None and weights is not None:
         n = len(weights)
     if n is None:
@@ -408,6 +413,34 @@ def validation_loss(
 
 
 # --------------------------------------------------------------------------- outputs
+
+
+def _pooled_weights(volumes: Sequence[VolumeStores]) -> list[float] | None:
+    """Balanced inverse-frequency class weights (:func:`dinopipe.targets.compute_semantic_targets`'s
+    rule) over the summed ``class_voxels`` of every volume; None when a volume lacks them."""
+    counts = [v.attrs.get("class_voxels") for v in volumes]
+    if any(c is None for c in counts) or len({len(c) for c in counts}) != 1:
+        return None
+    total = np.sum(np.asarray(counts, dtype=np.float64), axis=0)
+    present = total > 0
+    weights = np.zeros(len(total))
+    weights[present] = total.sum() / (present.sum() * total[present])
+    return weights.tolist()
+
+
+def _class_names(volumes: Sequence[VolumeStores], p: Mapping[str, Any]) -> dict[str, Any]:
+    """``class_names`` and ``instance_classes`` of semantic targets (:mod:`dinopipe.classes`), the
+    same in every volume; nothing for affinity models or targets that record no names."""
+    if p["target"] != "semantic":
+        return {}
+    keys = ("class_names", "instance_classes")
+    first = {k: volumes[0].attrs.get(k) for k in keys}
+    for v in volumes[1:]:
+        other = {k: v.attrs.get(k) for k in keys}
+        if other != first:
+            raise ValueError(f"volumes {volumes[0].name} and {v.name} have different classes in their targets "
+                             f"({first} vs {other}); recompute the targets with one targets.classes")
+    return first if first["class_names"] else {}
 
 
 def _lr_factor(params: Mapping[str, Any]) -> Callable[[int], float]:
@@ -579,7 +612,8 @@ def train(
         model_config = build_model_config(
             unet_config, offsets, p["lsds"], first.signature, p, input_raw=p["input_raw"],
             input_features=p["input_features"], target=p["target"],
-            num_classes=num_classes, class_weights=class_weights, **volumes_used,
+            num_classes=num_classes, class_weights=class_weights, **_class_names(train_vols + val_vols, p),
+            **volumes_used,
         )
         logger.info(
             "training on %d volume(s) (%s), validating on %d, %d feature channels%s, offsets %s, device %s",

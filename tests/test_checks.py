@@ -30,6 +30,9 @@ def _config(**sections):
 
 def test_a_good_config_has_no_problems():
     assert check_config(_config()) == []
+    classes = [{"name": "mito", "ids": [1, 2], "instance": True}, {"name": "er", "ids": [3]}]
+    assert check_config(_config(targets={"classes": classes, "unlabelled_ids": [255]},
+                                train={"target": "semantic"})) == []
 
 
 @pytest.mark.parametrize("sections, message", [
@@ -46,6 +49,12 @@ def test_a_good_config_has_no_problems():
     ({"targets": {"offsets": [[1, 0]]}}, "targets.offsets: [1, 0] is not three integers"),
     ({"train": {"crop_shape": [8, 8, 10]}}, "train.crop_shape [8, 8, 10] is not divisible by 2**train.unet.levels = 4"),
     ({"train": {"unet": {"levels": 4}}}, "train.crop_shape [8, 8, 8] is not divisible by 2**train.unet.levels = 16"),
+    ({"train": {"target": "semantic"}}, "train.target is 'semantic' but targets.classes is null"),
+    ({"targets": {"classes": [{"name": "mito", "ids": [1]}]}}, "targets.classes is set but train.target is 'affinities'"),
+    ({"targets": {"classes": [{"name": "mito", "ids": [1]}, {"name": "er", "ids": [1]}]},
+      "train": {"target": "semantic"}}, "label id 1 is in classes 'mito' and 'er'"),
+    ({"targets": {"classes": [{"name": "mito", "ids": [1, 255]}], "unlabelled_ids": [255]},
+      "train": {"target": "semantic"}}, "label id(s) [255] are in targets.classes and in targets.unlabelled_ids"),
 ])
 def test_config_problems(sections, message):
     problems = check_config(_config(**sections))

@@ -107,3 +107,17 @@ def test_noise_free_option() -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_demo_volume(**kwargs)
+
+
+def test_organelle_classes_leave_raw_and_labels_unchanged_and_match_the_raw():
+    raw, labels = make_demo_volume(3, label_shape=(16, 32, 32), organelles_per_cell=3.0, mean_cell_diameter_vox=16.0)
+    raw2, labels2, organelles = make_demo_volume(3, label_shape=(16, 32, 32), organelles_per_cell=3.0,
+                                                 mean_cell_diameter_vox=16.0, organelle_classes=True)
+    np.testing.assert_array_equal(raw, raw2)
+    np.testing.assert_array_equal(labels, labels2)
+    assert organelles.dtype == np.uint8 and organelles.shape == labels.shape
+    assert {1, 2} <= set(np.unique(organelles).tolist()) <= {0, 1, 2}
+    # organelles lie inside cells, dark ones darker than bright ones in the raw (label grid: 2x2x2 means)
+    assert (labels[organelles > 0] > 0).mean() > 0.95
+    coarse = raw.reshape(16, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5))
+    assert coarse[organelles == 1].mean() + 40 < coarse[organelles == 2].mean()

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from dinopipe import io
-from dinopipe.config import RESUME_FREE, RUNTIME_KEYS, SELECTION_KEYS, canonical, result_params
+from dinopipe.config import OPTIONAL_KEYS, RESUME_FREE, RUNTIME_KEYS, SELECTION_KEYS, canonical, result_params
 from dinopipe.sheet import read_sheet
 from dinopipe.stages import run_features, run_predict, run_train
 from test_workflow import ROOT, jobs_in, snakemake, tiny_config
@@ -77,6 +77,20 @@ def test_result_params_are_canonical_and_leave_out_what_a_job_does_not_use():
     segment = {"method": "mutex_watershed", "bias_short": -0.3, "threshold": 0.7, "fragments_low": 0.1}
     assert result_params({"segment": segment}, "segment") == {"bias_short": -0.3, "method": "mutex_watershed"}
     assert canonical({"b": (1, {"d": 1, "c": 2}), "a": None}) == {"a": None, "b": [1, {"c": 2, "d": 1}]}
+
+
+def test_optional_keys_are_left_out_while_off():
+    """A project without classes keeps the params it had before targets.classes existed."""
+    for section, keys in OPTIONAL_KEYS.items():
+        for key, off in keys.items():
+            assert SCHEMA["properties"][section]["properties"][key]["default"] == off, (section, key)
+    config = tiny_config()
+    before = result_params(config, "targets")
+    assert "classes" not in before
+    config["targets"] = {**config["targets"], "classes": None}
+    assert repr(result_params(config, "targets")) == repr(before)
+    config["targets"]["classes"] = [{"name": "mito", "ids": [1]}]
+    assert result_params(config, "targets")["classes"] == [{"ids": [1], "name": "mito"}]
 
 
 # --------------------------------------------------------------------------- dry runs

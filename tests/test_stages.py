@@ -133,6 +133,27 @@ def test_signed_labels_minus_one_unlabelled(tmp_path):
     assert affs[1, 2, 0, 0] == 1 and affs[1, 2, 0, 1] == 0  # 3|3 joined, 3|4 cut
 
 
+def test_targets_with_classes_write_the_class_image(tmp_path):
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[:, :, 1] = 3
+    labels[:, :, 2] = 7
+    labels[:, :, 3] = 255  # not annotated (CellMap: the dtype's maximum)
+    vol = _signed_volume(tmp_path, labels)
+    classes = [{"name": "mito", "ids": [3], "instance": True}, {"name": "er", "ids": [7]}]
+    attrs = run_targets(vol, tmp_path / "t.zarr", {"unlabelled_ids": [255], "classes": classes}, {})
+    semantic = io.read_image(tmp_path / "t.zarr" / "semantic").read()
+    assert semantic.dtype == np.uint8
+    np.testing.assert_array_equal(semantic[0, 0], [0, 1, 2, 0])
+    np.testing.assert_array_equal(io.read_image(tmp_path / "t.zarr" / "mask").read()[0, 0], [1, 1, 1, 0])
+    stored = zarr.open_group(str(tmp_path / "t.zarr"), mode="r").attrs["dinopipe"]
+    assert stored["num_classes"] == 3 and stored["class_names"] == ["background", "mito", "er"]
+    assert stored["instance_classes"] == ["mito"] and attrs["classes"] == classes
+    assert stored["class_weights"] == [1.0, 1.0, 1.0]  # three equally frequent known classes
+    # without classes the targets hold no class image and their attrs no 'classes' key
+    plain = run_targets(vol, tmp_path / "p.zarr", {"unlabelled_ids": [255]}, {})
+    assert "classes" not in plain and not (tmp_path / "p.zarr" / "semantic").exists()
+
+
 def test_all_unlabelled_mask_is_an_error(tmp_path):
     vol = _signed_volume(tmp_path, np.full((4, 4, 4), 5, np.uint32))
     with pytest.raises(ValueError, match=r"volume 's': labels .*l.zarr: the mask is all zero .*"
@@ -194,3 +215,14 @@ def test_baseline_is_tuned_and_scored_beside_the_segmentation(tmp_path):
     assert not any(k.startswith("baseline") for k in plain)
     with pytest.raises(ValueError, match="no targets"):
         run_baseline([], tmp_path / "b.json")
+
+
+def test_targets_schema_defaults_match_the_library_defaults():
+    import yaml
+
+    from dinopipe.stages import DEFAULT_TARGETS
+
+    schema = yaml.safe_load(open(__file__.replace("tests/test_stages.py", "workflow/schemas/config.schema.yaml")))
+    props = schema["properties"]["targets"]["properties"]
+    assert set(props) == set(DEFAULT_TARGETS)
+    assert {k: v["default"] for k, v in props.items()} == DEFAULT_TARGETS

@@ -372,6 +372,15 @@ def test_semantic_targets_with_class_weights(tmp_path, volumes):
     assert config["target"] == "semantic" and config["num_classes"] == 3 and config["unet"]["out_channels"] == 3
     assert config["class_weights"] == [0.5, 1.0, 2.0]
     assert summary["best_val_loss"] > 0
+    # a class model predicts class probabilities blockwise
+    from dinopipe.io import read_image
+    from dinopipe.predict import predict_volume
+
+    predict_volume(volumes[1][0], tmp_path / "m", tmp_path / "p.zarr", block_shape=(16, 16, 16), device="cpu")
+    probs = read_image(tmp_path / "p.zarr" / "classes").read()
+    assert probs.shape == (3, 32, 32, 32) and not (tmp_path / "p.zarr" / "affinities").exists()
+    np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+    assert zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["dinopipe"]["target"] == "semantic"
     with pytest.raises(ValueError, match="'cross_entropy' for target 'semantic'"):
         resolve_train_params({"target": "semantic"})
     with pytest.raises(ValueError, match="needs target: semantic"):

@@ -19,9 +19,12 @@ LABELLED = [v for v in VOLUMES if VOLUMES[v].labels]
 SCORED = [v for v in PREDICT if VOLUMES[v].labels]
 # labelled validate volumes: the segment parameters are picked on them (rule tune_segment)
 TUNING = [v for v in VALIDATE if VOLUMES[v].labels]
-# tune unless segment.tune is false or segment.grid is {} (resolve_grid also checks the grid now)
-TUNE = bool(resolve_grid(config["segment"])) and bool(TUNING)
-if resolve_grid(config["segment"]) and not TUNING:
+# a class model (targets.classes, train.target semantic): class segmentation, per-class scores
+CLASSES = config["targets"]["classes"] is not None
+# tune unless segment.tune is false or segment.grid is {} (resolve_grid also checks the grid now);
+# a class segmentation has no parameters to tune
+TUNE = bool(resolve_grid(config["segment"])) and bool(TUNING) and not CLASSES
+if resolve_grid(config["segment"]) and not TUNING and not CLASSES:
     logger.warning("segment.tune: no labelled validate volume to tune on; segmenting with the fixed "
                    "parameters of the segment section")
 # predicted volumes with a figure in the report (the first report.volume_figures; null: all)

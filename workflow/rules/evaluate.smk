@@ -22,7 +22,8 @@ rule evaluate:
         segmentation="results/segmentations/{volume}.zarr",
         targets="results/targets/{volume}.zarr",
         predictions="results/predictions/{volume}.zarr",
-        baseline=["results/evaluation/baseline.json"] if config["evaluate"]["baseline"] else [],
+        # the classical baseline is an instance segmentation: not for class models
+        baseline=["results/evaluation/baseline.json"] if config["evaluate"]["baseline"] and not CLASSES else [],
     output:
         "results/evaluation/{volume}.json",
     log:

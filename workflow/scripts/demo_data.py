@@ -12,4 +12,5 @@ with logged(snakemake.log[0]):  # noqa: F821
         label_shape=demo["label_shape"],
         label_voxel_size=demo["label_voxel_size"],
         raw_factor=demo["raw_factor"],
+        organelles=demo.get("organelles"),
     )
