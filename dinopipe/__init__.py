@@ -16,7 +16,8 @@ The modules, layer by layer (a module imports only from its own layer and the on
 * targets — :mod:`~dinopipe.targets`.
 * learning — :mod:`~dinopipe.unet`, :mod:`~dinopipe.losses`, :mod:`~dinopipe.augment`,
   :mod:`~dinopipe.loader`, :mod:`~dinopipe.checkpoint` (the model on disk),
-  :mod:`~dinopipe.curves` (the loss curve), :mod:`~dinopipe.train`.
+  :mod:`~dinopipe.curves` (the loss curve), :mod:`~dinopipe.train_params` (the ``train:``
+  section), :mod:`~dinopipe.objective` (input, loss, validation), :mod:`~dinopipe.train`.
 * inference — :mod:`~dinopipe.predict`, :mod:`~dinopipe.segment`, :mod:`~dinopipe.evaluate`,
   :mod:`~dinopipe.baseline`, :mod:`~dinopipe.tune`: never import training (only the model
   definition and :mod:`~dinopipe.checkpoint`).

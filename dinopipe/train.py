@@ -63,13 +63,10 @@ import numpy as np
 import torch
 
 from dinopipe.atomic import atomic_output, write_json
-from dinopipe.augment import feature_noise, raw_intensity, resolve_augment_params
 from dinopipe.checkpoint import build_model_config, save_checkpoint
 from dinopipe.config import RESUME_FREE
 from dinopipe.curves import Row, channel_names, plot_curve, write_curve
-from dinopipe.evaluate import balanced_accuracy
 from dinopipe.loader import (
-    TARGET_TYPES,
     CropSampler,
     Prefetcher,
     VolumeStores,
@@ -78,160 +75,16 @@ from dinopipe.loader import (
     to_device,
 )
 from dinopipe.logs import Progress
-from dinopipe.losses import affinity_lsd_loss, build_loss, weighted_cross_entropy
-from dinopipe.runtime import autocast_context, autocast_mode, resolve_device
-from dinopipe.unet import UNet3D, UNetConfig, split_output, target_channels
+from dinopipe.objective import Objective, validate_crops
+from dinopipe.runtime import autocast_context, resolve_device
+from dinopipe.train_params import resolve_train_params
+from dinopipe.unet import UNet3D, UNetConfig, target_channels
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
-    "steps": 2000,  # optimiser steps in total (a rerun with more steps continues)
-    "batch_size": 2,  # crops per step
-    "crop_shape": [32, 64, 64],  # (z, y, x) label voxels, multiples of 2**unet.levels
-    "learning_rate": 5e-4,  # AdamW peak learning rate
-    "weight_decay": 1e-4,  # AdamW weight decay
-    "lr_schedule": "cosine",  # "cosine" (to 0 at the last step) or "constant"
-    "warmup_steps": 0,  # linear warm-up steps before the schedule
-    "grad_clip_norm": 1.0,  # clip the gradient norm to this; None: no clipping
-    "target": "affinities",  # "affinities" (+ LSDs) or "semantic" (classes)
-    "loss": "bce",  # affinities: "bce", "focal", "dice", "tversky"; semantic: "cross_entropy"
-    "loss_params": {},  # parameters of that loss only (e.g. {"gamma": 2.0} for focal)
-    "lsds": True,  # affinities: also predict the 10 LSD channels
-    "lsd_weight": 1.0,  # λ of the LSD MSE term
-    "class_weights": None,  # semantic: per-class weights; None: the targets' attrs, else 1
-    "input_raw": False,  # append the raw image on the label grid as an input channel
-    "input_features": True,  # feed the cached features; False (with input_raw): a UNet on the raw alone
-    "augment": {},  # dinopipe.augment.DEFAULT_AUGMENT_PARAMS
-    "seed": 0,  # seeds model initialisation, crops, augmentation and validation crops
-    "validate_every": 100,  # steps between validations (and resumable-state writes)
-    "validation_crops": 8,  # fixed crops drawn from the validate volumes
-    "min_mask_fraction": 0.1,  # reject crops with less of their mask set than this
-    "sample_boundary": 0.0,  # fraction of training crops centred on label boundary voxels
-    "early_stopping_patience": None,  # stop after this many validations without improvement
-    "early_stopping_min_delta": 0.0,  # an improvement must lower val_loss by more than this
-    "unet": {},  # UNetConfig fields except in_channels/out_channels (taken from the data)
-    "device": "auto",  # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N"
-    "autocast": "bf16",  # CUDA mixed precision: "bf16", "fp16" (with loss scaling) or "none"
-    "num_threads": None,  # torch.set_num_threads for the run; None: leave as is
-    "loader_workers": 2,  # threads preparing batches
-    "prefetch": 4,  # batches prepared ahead
-    "resume": True,  # continue from out_dir/state/latest.pt when compatible
-    "tensorboard": True,  # write TensorBoard scalars and image slices
-}
-"""Defaults of the ``train:`` config section; :func:`resolve_train_params` checks keys."""
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 class TrainingInterrupted(RuntimeError):
     """Raised by the ``stop_after_step`` testing hook of :func:`train` (simulates a kill)."""
-
-
-# --------------------------------------------------------------------------- params
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"train parameter {key!r} must be {allowed}, got {value!r}")
-
-
-def resolve_train_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Merge ``params`` over :data:`DEFAULT_TRAIN_PARAMS` and check every value.
-
-    Raises:
-        ValueError: An unknown key (named, with the allowed keys) or a bad value.
-    """
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_TRAIN_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown train parameters {unknown}; allowed: {sorted(DEFAULT_TRAIN_PARAMS)}")
-    p = {**DEFAULT_TRAIN_PARAMS, **params}
-    integers = {
-        "steps": 1, "batch_size": 1, "validate_every": 1, "validation_crops": 0, "warmup_steps": 0,
-        "loader_workers": 1, "prefetch": 1,
-    }
-    for key, minimum in integers.items():
-        _require(_is_int(p[key]) and p[key] >= minimum, key, p[key], f"an integer >= {minimum}")
-        p[key] = int(p[key])
-    _require(_is_int(p["seed"]), "seed", p["seed"], "an integer")
-    p["seed"] = int(p["seed"])
-    crop = p["crop_shape"]
-    _require(
-        isinstance(crop, Sequence) and len(crop) == 3 and all(_is_int(c) and c >= 1 for c in crop),
-        "crop_shape", crop, "three positive integers (z, y, x) in label voxels",
-    )
-    p["crop_shape"] = [int(c) for c in crop]
-    _require(_is_number(p["learning_rate"]) and p["learning_rate"] > 0, "learning_rate", p["learning_rate"], "> 0")
-    for key in ("weight_decay", "lsd_weight", "early_stopping_min_delta"):
-        _require(_is_number(p[key]) and p[key] >= 0, key, p[key], "a number >= 0")
-    _require(
-        p["grad_clip_norm"] is None or (_is_number(p["grad_clip_norm"]) and p["grad_clip_norm"] > 0),
-        "grad_clip_norm", p["grad_clip_norm"], "a number > 0 or null",
-    )
-    _require(
-        p["early_stopping_patience"] is None or (_is_int(p["early_stopping_patience"]) and p["early_stopping_patience"] >= 1),
-        "early_stopping_patience", p["early_stopping_patience"], "an integer >= 1 or null",
-    )
-    for key in ("min_mask_fraction", "sample_boundary"):
-        _require(_is_number(p[key]) and 0 <= p[key] <= 1, key, p[key], "a number in [0, 1]")
-        p[key] = float(p[key])
-    _require(p["lr_schedule"] in LR_SCHEDULES, "lr_schedule", p["lr_schedule"], f"one of {list(LR_SCHEDULES)}")
-    p["autocast"] = autocast_mode(p["autocast"], "train.autocast")
-    for key in ("lsds", "input_raw", "input_features", "resume", "tensorboard"):
-        _require(isinstance(p[key], bool), key, p[key], "true or false")
-    _require(
-        p["num_threads"] is None or (_is_int(p["num_threads"]) and p["num_threads"] >= 1),
-        "num_threads", p["num_threads"], "a positive integer or null",
-    )
-    if not p["input_features"] and not p["input_raw"]:
-        raise ValueError("train parameter 'input_features' is false but 'input_raw' is false too: the network "
-                         "would have no input; set input_raw: true for a UNet on the raw alone")
-    _require(p["target"] in TARGET_TYPES, "target", p["target"], f"one of {list(TARGET_TYPES)}")
-    _require(isinstance(p["loss_params"], Mapping), "loss_params", p["loss_params"], "a mapping")
-    _require(isinstance(p["loss"], str), "loss", p["loss"], "a loss name")
-    p["loss_params"] = dict(p["loss_params"])
-    if p["target"] == "semantic":
-        _require(p["loss"] == "cross_entropy", "loss", p["loss"], "'cross_entropy' for target 'semantic'")
-        _require(not p["loss_params"], "loss_params", p["loss_params"], "empty for cross_entropy (use class_weights)")
-        cw = p["class_weights"]
-        _require(
-            cw is None or (isinstance(cw, Sequence) and len(cw) >= 2 and all(_is_number(w) and w >= 0 for w in cw)),
-            "class_weights", cw, "null or a list of >= 2 numbers >= 0",
-        )
-    else:
-        if p["loss"] == "cross_entropy":
-            raise ValueError("train parameter 'loss' is 'cross_entropy', which needs target: semantic")
-        build_loss(p["loss"], **p["loss_params"])  # raises for unknown names / params
-        _require(p["class_weights"] is None, "class_weights", p["class_weights"], "null for target 'affinities'")
-    _require(isinstance(p["augment"], Mapping), "augment", p["augment"], "a mapping")
-    p["augment"] = resolve_augment_params(p["augment"])
-    _require(isinstance(p["unet"], Mapping), "unet", p["unet"], "a mapping of UNetConfig fields")
-    derived = sorted({"in_channels", "out_channels"} & set(p["unet"]))
-    if derived:
-        raise ValueError(
-            f"train parameter 'unet' must not set {derived}: they follow from the feature channels, "
-            "input_raw, the number of affinity offsets and 'lsds' (or the number of classes)"
-        )
-    p["unet"] = {
-        k: v
-        for k, v in UNetConfig.from_dict({**p["unet"], "in_channels": 1, "out_channels": 1}).to_dict().items()
-        if k not in ("in_channels", "out_channels")
-    }
-    divisor = 2 ** p["unet"]["levels"]
-    _require(
-        all(c % divisor == 0 for c in p["crop_shape"]),
-        "crop_shape", p["crop_shape"], f"divisible by 2**unet.levels = {divisor} on every axis",
-    )
-    resolve_device(p["device"], "train.device")
-    return p
 
 
 # --------------------------------------------------------------------------- data
@@ -301,90 +154,6 @@ def _num_classes(volumes: Sequence[VolumeStores], p: Mapping[str, Any]) -> tuple
     return int(n), None if weights is None else [float(w) for w in weights]
 
 
-class _Objective:
-    """Network input, loss and confusion counts of a batch, for either target type."""
-
-    def __init__(self, p: Mapping[str, Any], num_offsets: int, class_weights: list[float] | None,
-                 device: torch.device) -> None:
-        self.p, self.num_offsets, self.device = p, num_offsets, device
-        self.semantic = p["target"] == "semantic"
-        self.class_weights = None if class_weights is None else torch.tensor(class_weights, device=device)
-        self.aff_loss = None if self.semantic else build_loss(p["loss"], **p["loss_params"])
-
-    def inputs(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """The network input; with ``generator`` (training), feature and raw intensity augmentation."""
-        a = self.p["augment"]
-        raw = batch["raw"] if self.p["input_raw"] else None
-        if raw is not None and generator is not None:
-            raw = raw_intensity(raw, a, generator)
-        if not self.p["input_features"]:
-            return raw
-        x = batch["features"]
-        if generator is not None:
-            x = feature_noise(x, a["feature_noise"], a["channel_dropout"], generator)
-        if raw is not None:
-            x = torch.cat([x, raw], dim=1)
-        return x
-
-    def loss(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        output = output.float()
-        if self.semantic:
-            return weighted_cross_entropy(output, batch["semantic"], self.class_weights, batch["mask"])
-        aff_logits, lsd_pred = split_output(output, self.num_offsets)
-        return affinity_lsd_loss(
-            aff_logits, batch["affinities"], lsd_pred, batch.get("lsds"), batch["weights"], batch["mask"],
-            lsd_weight=self.p["lsd_weight"], affinity_loss=self.aff_loss,
-        )
-
-    def confusion(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """(TP, FP, FN, TN) over masked elements per channel: per offset, positive = affinity
-        (predicted > 0.5, target 1); or per class, that class against the rest."""
-        mask = batch["mask"] > 0
-        if mask.dim() < output.dim():
-            mask = mask.unsqueeze(1)
-        if self.semantic:
-            pred = output.argmax(1, keepdim=True)
-            truth = batch["semantic"].unsqueeze(1)
-            pairs = [(pred == c, truth == c) for c in range(output.shape[1])]
-        else:
-            pred = output[:, : self.num_offsets] > 0
-            truth = batch["affinities"] > 0.5
-            pairs = [(pred[:, k : k + 1], truth[:, k : k + 1]) for k in range(self.num_offsets)]
-        counts = [[int((p & t & mask).sum()), int((p & ~t & mask).sum()), int((~p & t & mask).sum()),
-                   int((~p & ~t & mask).sum())] for p, t in pairs]
-        return np.array(counts, dtype=np.int64)
-
-
-def _validate(
-    model: UNet3D, sampler: CropSampler | None, crops: Sequence[tuple[int, tuple[int, ...]]],
-    objective: _Objective, device: torch.device, autocast: str,
-) -> tuple[float | None, float | None, tuple[float, ...] | None, dict[str, np.ndarray] | None]:
-    """(mean per-crop loss, balanced accuracy, per-channel balanced accuracy, first crop's output
-    on CPU) on the fixed validation crops, in eval mode."""
-    if sampler is None or not crops:
-        return None, None, None, None
-    was_training = model.training
-    model.eval()
-    losses, counts, first = [], None, None
-    with torch.no_grad():
-        for index, start in crops:
-            host = sampler.batch_of([(index, start)])
-            batch = to_device(host, device)
-            sampler.recycle(host)
-            with autocast_context(device, autocast):
-                output = model(objective.inputs(batch))
-            losses.append(float(objective.loss(output, batch)))
-            c = objective.confusion(output.float(), batch)
-            counts = c if counts is None else counts + c
-            if first is None:
-                first = {"output": output.float().cpu().numpy()[0], "start": np.asarray(start), "index": np.asarray(index)}
-    model.train(was_training)
-    per_channel = balanced_accuracy(counts)
-    valid = per_channel[~np.isnan(per_channel)]
-    mean = float(valid.mean()) if valid.size else float("nan")
-    return float(np.mean(losses)), mean, tuple(float(v) for v in per_channel), first
-
-
 def validation_loss(
     model: UNet3D,
     volumes: Sequence[tuple[str, str]],
@@ -407,9 +176,9 @@ def validation_loss(
     sampler = CropSampler(opened, p["crop_shape"], 1, p["seed"], p["min_mask_fraction"], None,
                           lsds=p["lsds"], raw=p["input_raw"], target=p["target"])
     class_weights = _num_classes(opened, p)[1] if p["target"] == "semantic" else None
-    objective = _Objective(p, len(opened[0].offsets), class_weights, dev)
+    objective = Objective(p, len(opened[0].offsets), class_weights, dev)
     model.to(dev)
-    return _validate(model, sampler, sampler.fixed_crops(p["validation_crops"]), objective, dev, p["autocast"])[0]
+    return validate_crops(model, sampler, sampler.fixed_crops(p["validation_crops"]), objective, dev, p["autocast"])[0]
 
 
 # --------------------------------------------------------------------------- outputs
@@ -563,7 +332,7 @@ def train(
         validate_volumes: (features_path, targets_path) pairs to validate on.
         out_dir: Folder for ``checkpoint.pt``, ``model_config.json``, ``loss_curve.tsv``,
             ``loss_curve.png`` and ``tensorboard/``.
-        params: The ``train:`` config section; see :data:`DEFAULT_TRAIN_PARAMS`.
+        params: The ``train:`` config section; see :data:`dinopipe.train_params.DEFAULT_TRAIN_PARAMS`.
         state_dir: Resumable state (default ``out_dir/state``).
         stop_after_step: Testing hook: raise :class:`TrainingInterrupted` after this step,
             as if the job were killed there (state written only at validations).
@@ -584,230 +353,280 @@ def train(
     both = sorted({str(f) for f, _ in train_volumes} & {str(f) for f, _ in validate_volumes})
     if both:
         raise ValueError(f"volumes {both} are both train and validate volumes; a volume must be on one side only")
-    device = resolve_device(p["device"])
-    crop = p["crop_shape"]
     out = Path(out_dir)
     state = Path(state_dir) if state_dir is not None else out / "state"
     out.mkdir(parents=True, exist_ok=True)
     state.mkdir(parents=True, exist_ok=True)
-
     with _torch_threads(p["num_threads"]):
-        train_vols = _open_all(train_volumes, p, "train", boundary=p["sample_boundary"] > 0)
-        val_vols = _open_all(validate_volumes, p, "validate", extra=("labels", "raw") if p["tensorboard"] else ())
-        check_consistent(train_vols + val_vols)
-        first = train_vols[0]
-        offsets, num_offsets = first.offsets, len(first.offsets)
-        num_classes, class_weights = _num_classes(train_vols, p) if p["target"] == "semantic" else (None, None)
-        if not val_vols:
+        run = _Run(train_volumes, validate_volumes, out, state, p)
+        run.resume()
+        run.loop(stop_after_step)
+        run.write_outputs()
+    return run.summary()
+
+
+class _Run:
+    """One training run (see :func:`train`): volumes and samplers, the model and its optimiser,
+    the loss curve, validation with early stopping, the resumable state and the outputs."""
+
+    def __init__(self, train_volumes: Sequence[tuple[str, str]], validate_volumes: Sequence[tuple[str, str]],
+                 out: Path, state: Path, p: Mapping[str, Any]) -> None:
+        self.p, self.out, self.state, self.latest = p, out, state, state / "latest.pt"
+        self.device = resolve_device(p["device"])
+        self._open(train_volumes, validate_volumes)
+        self._build()
+        self.signature = _resume_signature(self.model_config, p, self.train_vols, self.val_vols)
+        self.rows: list[Row] = []
+        self.best: tuple[float, int] | None = None
+        self.bad_validations, self.stopped_early, self.start_step = 0, False, 0
+        self.train_loss, self.step_seconds, self.seconds, self.wait = float("nan"), 0.0, 0.0, 0.0
+        self.writer: Any = None
+        self.images = _Images(self.val_vols)
+
+    def _open(self, train_volumes: Sequence[tuple[str, str]], validate_volumes: Sequence[tuple[str, str]]) -> None:
+        """Open the volumes and describe the model (``model_config.json``)."""
+        p = self.p
+        self.train_vols = _open_all(train_volumes, p, "train", boundary=p["sample_boundary"] > 0)
+        self.val_vols = _open_all(validate_volumes, p, "validate",
+                                  extra=("labels", "raw") if p["tensorboard"] else ())
+        check_consistent(self.train_vols + self.val_vols)
+        first = self.train_vols[0]
+        self.offsets, self.num_offsets = first.offsets, len(first.offsets)
+        self.num_classes, self.class_weights = (
+            _num_classes(self.train_vols, p) if p["target"] == "semantic" else (None, None)
+        )
+        if not self.val_vols:
             logger.warning("no validate volumes given: training without validation (val_loss stays empty)")
         in_ch, out_ch = target_channels(
-            p["target"], num_offsets=num_offsets, lsds=p["lsds"], num_classes=num_classes or 0,
+            p["target"], num_offsets=self.num_offsets, lsds=p["lsds"], num_classes=self.num_classes or 0,
             input_raw=p["input_raw"], feature_channels=first.channels if p["input_features"] else 0,
         )
-        unet_config = UNetConfig.from_dict({**p["unet"], "in_channels": in_ch, "out_channels": out_ch})
+        self.unet_config = UNetConfig.from_dict({**p["unet"], "in_channels": in_ch, "out_channels": out_ch})
         volumes_used = {
             "train_volumes": [list(map(str, v)) for v in train_volumes],
             "validate_volumes": [list(map(str, v)) for v in validate_volumes],
         }
-        model_config = build_model_config(
-            unet_config, offsets, p["lsds"], first.signature, p, input_raw=p["input_raw"],
-            input_features=p["input_features"], target=p["target"],
-            num_classes=num_classes, class_weights=class_weights, **_class_names(train_vols + val_vols, p),
-            **volumes_used,
+        self.model_config = build_model_config(
+            self.unet_config, self.offsets, p["lsds"], first.signature, p, input_raw=p["input_raw"],
+            input_features=p["input_features"], target=p["target"], num_classes=self.num_classes,
+            class_weights=self.class_weights, **_class_names(self.train_vols + self.val_vols, p), **volumes_used,
         )
         logger.info(
             "training on %d volume(s) (%s), validating on %d, %d feature channels%s, offsets %s, device %s",
-            len(train_vols), ", ".join(v.name for v in train_vols), len(val_vols), first.channels,
-            " + raw" if p["input_raw"] else "", offsets, device,
+            len(self.train_vols), ", ".join(v.name for v in self.train_vols), len(self.val_vols), first.channels,
+            " + raw" if p["input_raw"] else "", self.offsets, self.device,
         )
 
+    def _build(self) -> None:
+        """Model, optimiser, schedule, loss and the train and validation samplers."""
+        p, device, crop = self.p, self.device, self.p["crop_shape"]
         torch.manual_seed(p["seed"])
-        model = UNet3D(unet_config).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=p["learning_rate"], weight_decay=p["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(p))
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and p["autocast"] == "fp16")
-        objective = _Objective(p, num_offsets, class_weights, device)
-        channels = channel_names(offsets, num_classes)
-        sampler = CropSampler(train_vols, crop, p["batch_size"], p["seed"], p["min_mask_fraction"], p["augment"],
-                              lsds=p["lsds"], raw=p["input_raw"], target=p["target"],
-                              boundary_fraction=p["sample_boundary"])
-        val_sampler = (
-            CropSampler(val_vols, crop, 1, p["seed"], p["min_mask_fraction"], None,
-                        lsds=p["lsds"], raw=p["input_raw"], target=p["target"]) if val_vols else None
+        self.model = UNet3D(self.unet_config).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p["learning_rate"],
+                                           weight_decay=p["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(p))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and p["autocast"] == "fp16")
+        self.objective = Objective(p, self.num_offsets, self.class_weights, device)
+        self.channels = channel_names(self.offsets, self.num_classes)
+        self.sampler = CropSampler(self.train_vols, crop, p["batch_size"], p["seed"], p["min_mask_fraction"],
+                                   p["augment"], lsds=p["lsds"], raw=p["input_raw"], target=p["target"],
+                                   boundary_fraction=p["sample_boundary"])
+        self.val_sampler = (
+            CropSampler(self.val_vols, crop, 1, p["seed"], p["min_mask_fraction"], None,
+                        lsds=p["lsds"], raw=p["input_raw"], target=p["target"]) if self.val_vols else None
         )
-        val_crops = val_sampler.fixed_crops(p["validation_crops"]) if val_sampler else []
-        if val_vols and not val_crops:
+        self.val_crops = self.val_sampler.fixed_crops(p["validation_crops"]) if self.val_sampler else []
+        if self.val_vols and not self.val_crops:
             logger.warning("validation_crops is 0: training without validation")
 
-        signature = _resume_signature(model_config, p, train_vols, val_vols)
-        rows: list[Row] = []
-        best: tuple[float, int] | None = None
-        bad_validations, stopped_early, start_step = 0, False, 0
-        latest = state / "latest.pt"
-        if p["resume"] and latest.is_file():
-            saved = torch.load(latest, map_location="cpu", weights_only=True)
-            differs = _differences(saved.get("signature", {}), signature)
-            if differs:
-                logger.warning("not resuming from %s: settings differ in %s; starting from step 0", latest, differs)
-            elif saved["step"] > p["steps"]:
-                logger.warning("not resuming from %s: it is at step %d, beyond steps=%d; starting from step 0",
-                               latest, saved["step"], p["steps"])
-            else:
-                model.load_state_dict(saved["model"])
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-                scaler.load_state_dict(saved["scaler"])
-                torch.set_rng_state(saved["torch_rng"])
-                if device.type == "cuda" and saved.get("cuda_rng") is not None:
-                    torch.cuda.set_rng_state(saved["cuda_rng"], device)
-                start_step = int(saved["step"])
-                rows = [tuple(r) for r in saved["rows"]]  # type: ignore[misc]
-                best = tuple(saved["best"]) if saved["best"] is not None else None  # type: ignore[assignment]
-                bad_validations, stopped_early = int(saved["bad_validations"]), bool(saved["stopped_early"])
-                if stopped_early and p["steps"] > int(saved["steps_param"]):  # asked for more steps: train on
-                    stopped_early, bad_validations = False, 0
-                logger.info("resuming from %s at step %d of %d", latest, start_step, p["steps"])
+    def resume(self) -> None:
+        """Continue from ``latest.pt`` when it belongs to this run (same signature, not beyond ``steps``)."""
+        p, latest = self.p, self.latest
+        if not (p["resume"] and latest.is_file()):
+            return
+        saved = torch.load(latest, map_location="cpu", weights_only=True)
+        differs = _differences(saved.get("signature", {}), self.signature)
+        if differs:
+            logger.warning("not resuming from %s: settings differ in %s; starting from step 0", latest, differs)
+            return
+        if saved["step"] > p["steps"]:
+            logger.warning("not resuming from %s: it is at step %d, beyond steps=%d; starting from step 0",
+                           latest, saved["step"], p["steps"])
+            return
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["torch_rng"])
+        if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
+        self.start_step = int(saved["step"])
+        self.rows = [tuple(r) for r in saved["rows"]]  # type: ignore[misc]
+        self.best = tuple(saved["best"]) if saved["best"] is not None else None  # type: ignore[assignment]
+        self.bad_validations, self.stopped_early = int(saved["bad_validations"]), bool(saved["stopped_early"])
+        if self.stopped_early and p["steps"] > int(saved["steps_param"]):  # asked for more steps: train on
+            self.stopped_early, self.bad_validations = False, 0
+        logger.info("resuming from %s at step %d of %d", latest, self.start_step, p["steps"])
 
-        writer = None
+    def save_state(self, step: int) -> None:
+        """Write the resumable state (``latest.pt``) and the curve so far."""
+        save_checkpoint(
+            self.latest, self.model, self.optimizer, step, scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            rows=[list(r) for r in self.rows], best=list(self.best) if self.best else None,
+            bad_validations=self.bad_validations, stopped_early=self.stopped_early, signature=self.signature,
+            steps_param=self.p["steps"],
+        )
+        write_curve(self.state / "loss_curve.tsv", self.rows, self.channels)
+
+    def validation(self, step: int) -> tuple[float | None, float | None, tuple[float, ...] | None]:
+        """Validate, log, keep the best model (``best.pt``) and count validations without improvement."""
+        p, writer = self.p, self.writer
+        val_loss, val_bacc, per_channel, first_crop = validate_crops(
+            self.model, self.val_sampler, self.val_crops, self.objective, self.device, p["autocast"])
+        if val_loss is None:
+            return None, None, None
+        self.images.log(writer, first_crop, p["crop_shape"], step, self.num_offsets, p["target"] == "semantic")
+        logger.info("step %d: validation balanced accuracy %.4f; per %s: %s", step, val_bacc,
+                    "class" if self.num_classes else "offset",
+                    ", ".join(f"{n} {v:.3f}" for n, v in zip(self.channels, per_channel or ())))
+        if writer is not None:
+            writer.add_scalar("val/loss", val_loss, step)
+            writer.add_scalar("val/bacc", val_bacc, step)
+            for name, value in zip(self.channels, per_channel or ()):
+                writer.add_scalar(f"val/bacc_{name}", value, step)
+        if self.best is None or val_loss < self.best[0] - p["early_stopping_min_delta"]:
+            self.best = (val_loss, step)
+            self.bad_validations = 0
+            save_checkpoint(self.state / "best.pt", self.model, None, step, val_loss=val_loss)
+        else:
+            self.bad_validations += 1
+            patience = p["early_stopping_patience"]
+            if patience is not None and self.bad_validations >= patience:
+                self.stopped_early = True
+        return val_loss, val_bacc, per_channel
+
+    def train_step(self, step: int, host: dict[str, np.ndarray]) -> float:
+        """One optimiser step on a prepared batch; returns the learning rate it used."""
+        p, device = self.p, self.device
+        t0 = time.perf_counter()
+        batch = to_device(host, device)
+        self.sampler.recycle(host)
+        lr = self.scheduler.get_last_lr()[0]
+        with autocast_context(device, p["autocast"]):
+            output = self.model(self.objective.inputs(batch, _step_generator(p["seed"], step, device)))
+        loss = self.objective.loss(output, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if p["grad_clip_norm"] is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), p["grad_clip_norm"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.train_loss = loss.item()
+        self.step_seconds += time.perf_counter() - t0
+        if not math.isfinite(self.train_loss):
+            raise FloatingPointError(
+                f"training diverged at step {step} (loss {self.train_loss}); lower learning_rate "
+                f"(now {p['learning_rate']}) or check the inputs"
+            )
+        return lr
+
+    def loop(self, stop_after_step: int | None) -> None:
+        """Validate the untrained model (a fresh run), then train to ``steps`` or early stopping."""
+        p = self.p
         if p["tensorboard"]:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if start_step else None)
-        images = _Images(val_vols)
-
-        def save_state(step: int) -> None:
-            save_checkpoint(
-                latest, model, optimizer, step, scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                torch_rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                rows=[list(r) for r in rows], best=list(best) if best else None,
-                bad_validations=bad_validations, stopped_early=stopped_early, signature=signature,
-                steps_param=p["steps"],
-            )
-            write_curve(state / "loss_curve.tsv", rows, channels)
-
-        def validation(step: int) -> tuple[float | None, float | None, tuple[float, ...] | None]:
-            nonlocal best, bad_validations, stopped_early
-            val_loss, val_bacc, per_channel, first_crop = _validate(model, val_sampler, val_crops, objective, device,
-                                                                    p["autocast"])
-            if val_loss is None:
-                return None, None, None
-            images.log(writer, first_crop, crop, step, num_offsets, p["target"] == "semantic")
-            logger.info("step %d: validation balanced accuracy %.4f; per %s: %s", step, val_bacc,
-                        "class" if num_classes else "offset",
-                        ", ".join(f"{n} {v:.3f}" for n, v in zip(channels, per_channel or ())))
-            if writer is not None:
-                writer.add_scalar("val/loss", val_loss, step)
-                writer.add_scalar("val/bacc", val_bacc, step)
-                for name, value in zip(channels, per_channel or ()):
-                    writer.add_scalar(f"val/bacc_{name}", value, step)
-            if best is None or val_loss < best[0] - p["early_stopping_min_delta"]:
-                best = (val_loss, step)
-                bad_validations = 0
-                save_checkpoint(state / "best.pt", model, None, step, val_loss=val_loss)
-            else:
-                bad_validations += 1
-                patience = p["early_stopping_patience"]
-                if patience is not None and bad_validations >= patience:
-                    stopped_early = True
-            return val_loss, val_bacc, per_channel
-
-        if start_step == 0:
-            rows = []
-            val_loss, val_bacc, per_channel = validation(0)
+            self.writer = SummaryWriter(str(self.out / "tensorboard"),
+                                        purge_step=self.start_step if self.start_step else None)
+        if self.start_step == 0:
+            self.rows = []
+            val_loss, val_bacc, per_channel = self.validation(0)
             if val_loss is not None:
-                rows.append((0, None, val_loss, val_bacc, None, per_channel))
+                self.rows.append((0, None, val_loss, val_bacc, None, per_channel))
                 logger.info("step 0: val_loss %.5f val_bacc %.4f", val_loss, val_bacc)
-
         started = time.perf_counter()
-        train_loss = rows[-1][1] if rows and rows[-1][1] is not None else float("nan")
-        step_seconds = 0.0
-        model.train()
-        progress = Progress(p["steps"], "train", "step", initial=start_step)
+        if self.rows and self.rows[-1][1] is not None:
+            self.train_loss = self.rows[-1][1]
+        self.model.train()
+        progress = Progress(p["steps"], "train", "step", initial=self.start_step)
         prefetcher = None
-        if start_step < p["steps"] and not stopped_early:
-            prefetcher = Prefetcher(sampler.batch, start_step + 1, p["steps"], p["loader_workers"], p["prefetch"])
+        if self.start_step < p["steps"] and not self.stopped_early:
+            prefetcher = Prefetcher(self.sampler.batch, self.start_step + 1, p["steps"], p["loader_workers"],
+                                    p["prefetch"])
         try:
-            step = start_step
-            while prefetcher is not None and step < p["steps"] and not stopped_early:
+            step = self.start_step
+            while prefetcher is not None and step < p["steps"] and not self.stopped_early:
                 step += 1
-                t0 = time.perf_counter()
-                host = prefetcher.get(step)
-                batch = to_device(host, device)
-                sampler.recycle(host)
-                lr = scheduler.get_last_lr()[0]
-                with autocast_context(device, p["autocast"]):
-                    output = model(objective.inputs(batch, _step_generator(p["seed"], step, device)))
-                loss = objective.loss(output, batch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if p["grad_clip_norm"] is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), p["grad_clip_norm"])
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                train_loss = loss.item()
-                step_seconds += time.perf_counter() - t0
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(
-                        f"training diverged at step {step} (loss {train_loss}); lower learning_rate "
-                        f"(now {p['learning_rate']}) or check the inputs"
-                    )
-                if writer is not None:
-                    writer.add_scalar("train/loss", train_loss, step)
-                    writer.add_scalar("train/lr", lr, step)
-                val_loss = val_bacc = per_channel = None
-                checkpoint_step = step % p["validate_every"] == 0 or step == p["steps"]
-                if checkpoint_step:
-                    val_loss, val_bacc, per_channel = validation(step)
-                    if val_loss is not None:
-                        logger.info("step %d: train_loss %.5f val_loss %.5f val_bacc %.4f", step, train_loss,
-                                    val_loss, val_bacc)
-                rows.append((step, train_loss, val_loss, val_bacc, lr, per_channel))
-                progress.update(1)
-                if step % 10 == 0 or checkpoint_step:
-                    progress.set_postfix(loss=f"{train_loss:.4f}")
-                if checkpoint_step or stopped_early:
-                    save_state(step)
-                if stopped_early:
-                    logger.info("early stopping at step %d: no improvement in %d validations (best %.5f at step %d)",
-                                step, bad_validations, *best)  # type: ignore[misc]
+                self._after_step(step, self.train_step(step, prefetcher.get(step)), progress)
                 if stop_after_step is not None and step >= stop_after_step:
                     raise TrainingInterrupted(f"stopped after step {step} (testing hook)")
         finally:
             progress.close()
             if prefetcher is not None:
                 prefetcher.close()
-            if writer is not None:
-                writer.close()
+            if self.writer is not None:
+                self.writer.close()
+        self.wait = prefetcher.wait_seconds if prefetcher is not None else 0.0
+        self.seconds = time.perf_counter() - started
 
-        wait = prefetcher.wait_seconds if prefetcher is not None else 0.0
-        seconds = time.perf_counter() - started
-        final_step = rows[-1][0] if rows else start_step
+    def _after_step(self, step: int, lr: float, progress: Progress) -> None:
+        """Log the step, validate and write the state at validation steps, stop early if due."""
+        p, writer, train_loss = self.p, self.writer, self.train_loss
+        if writer is not None:
+            writer.add_scalar("train/loss", train_loss, step)
+            writer.add_scalar("train/lr", lr, step)
+        val_loss = val_bacc = per_channel = None
+        checkpoint_step = step % p["validate_every"] == 0 or step == p["steps"]
+        if checkpoint_step:
+            val_loss, val_bacc, per_channel = self.validation(step)
+            if val_loss is not None:
+                logger.info("step %d: train_loss %.5f val_loss %.5f val_bacc %.4f", step, train_loss,
+                            val_loss, val_bacc)
+        self.rows.append((step, train_loss, val_loss, val_bacc, lr, per_channel))
+        progress.update(1)
+        if step % 10 == 0 or checkpoint_step:
+            progress.set_postfix(loss=f"{train_loss:.4f}")
+        if checkpoint_step or self.stopped_early:
+            self.save_state(step)
+        if self.stopped_early:
+            logger.info("early stopping at step %d: no improvement in %d validations (best %.5f at step %d)",
+                        step, self.bad_validations, *self.best)  # type: ignore[misc]
+
+    def write_outputs(self) -> None:
+        """``model_config.json``, ``checkpoint.pt`` (the best validated model, else the last),
+        ``loss_curve.tsv`` and ``loss_curve.png``."""
+        out, state, best = self.out, self.state, self.best
+        self.final_step = self.rows[-1][0] if self.rows else self.start_step
         if best is not None and (state / "best.pt").is_file():
             best_state = torch.load(state / "best.pt", map_location="cpu", weights_only=True)
             final = {"model": best_state["model"], "step": int(best_state["step"]), "val_loss": best[0]}
         else:
-            final = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                     "step": int(final_step), "val_loss": None}
-        write_json(out / "model_config.json", {**model_config, "checkpoint_step": final["step"]})
+            final = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                     "step": int(self.final_step), "val_loss": None}
+        write_json(out / "model_config.json", {**self.model_config, "checkpoint_step": final["step"]})
         with atomic_output(out / "checkpoint.pt") as tmp:
             torch.save(final, tmp)
-        write_curve(out / "loss_curve.tsv", rows, channels)
-        plot_curve(out / "loss_curve.png", rows)
+        write_curve(out / "loss_curve.tsv", self.rows, self.channels)
+        plot_curve(out / "loss_curve.png", self.rows)
 
-    summary = {
-        "steps": int(final_step),
-        "start_step": start_step,
-        "stopped_early": stopped_early,
-        "final_train_loss": train_loss,
-        "best_val_loss": best[0] if best else None,
-        "best_val_step": best[1] if best else None,
-        "final_val_loss": next((r[2] for r in reversed(rows) if r[2] is not None), None),
-        "seconds": seconds,
-        "data_wait_fraction": wait / step_seconds if step_seconds > 0 else 0.0,
-        "device": str(device),
-    }
-    logger.info("training done in %.1f s: %s", seconds, summary)
-    return summary
+    def summary(self) -> dict[str, Any]:
+        """What :func:`train` returns."""
+        best = self.best
+        summary = {
+            "steps": int(self.final_step),
+            "start_step": self.start_step,
+            "stopped_early": self.stopped_early,
+            "final_train_loss": self.train_loss,
+            "best_val_loss": best[0] if best else None,
+            "best_val_step": best[1] if best else None,
+            "final_val_loss": next((r[2] for r in reversed(self.rows) if r[2] is not None), None),
+            "seconds": self.seconds,
+            "data_wait_fraction": self.wait / self.step_seconds if self.step_seconds > 0 else 0.0,
+            "device": str(self.device),
+        }
+        logger.info("training done in %.1f s: %s", self.seconds, summary)
+        return summary

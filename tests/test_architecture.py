@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dinopipe"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 
-TRAINING = {"train", "loader", "losses", "augment", "curves"}
+TRAINING = {"train", "train_params", "objective", "loader", "losses", "augment", "curves"}
 INFERENCE = {"predict", "segment", "evaluate", "baseline", "tune", "checkpoint", "report"}
 #: Imported when Snakemake parses the workflow (workflow/rules/common.smk): no torch.
 PARSE_TIME = ["config", "checks", "sheet", "tune", "io", "sources", "geometry", "runtime", "backbone_spec"]

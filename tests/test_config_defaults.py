@@ -19,7 +19,7 @@ from dinopipe.config import SCHEMA_PATH, load_schema, schema_defaults
 from dinopipe.features import FeatureParams
 from dinopipe.segment import METHODS
 from dinopipe.stages import DEFAULT_PREDICT, DEFAULT_SEGMENT, DEFAULT_TARGETS
-from dinopipe.train import DEFAULT_TRAIN_PARAMS, resolve_train_params
+from dinopipe.train_params import DEFAULT_TRAIN_PARAMS, resolve_train_params
 from dinopipe.unet import UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]

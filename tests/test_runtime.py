@@ -55,7 +55,7 @@ def test_every_stage_refuses_the_same_bad_names():
     from dinopipe.backbone import load_backbone
     from dinopipe.checks import check_config
     from dinopipe.features import FeatureParams
-    from dinopipe.train import resolve_train_params
+    from dinopipe.train_params import resolve_train_params
 
     with pytest.raises(ValueError, match=r"features\.device is 'gpu'"):
         load_backbone("tiny-vit", device="gpu")

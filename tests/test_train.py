@@ -11,11 +11,12 @@ import pytest
 import torch
 import zarr
 
-from dinopipe.io import read_image, write_image
 from dinopipe.checkpoint import load_model
-from dinopipe.predict import predict_volume
 from dinopipe.curves import read_curve
-from dinopipe.train import DEFAULT_TRAIN_PARAMS, TrainingInterrupted, resolve_train_params, train, validation_loss
+from dinopipe.io import read_image, write_image
+from dinopipe.predict import predict_volume
+from dinopipe.train import TrainingInterrupted, train, validation_loss
+from dinopipe.train_params import DEFAULT_TRAIN_PARAMS, resolve_train_params
 
 OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 VOXEL_SIZE = (8.0, 4.0, 4.0)
@@ -532,7 +533,7 @@ def test_validation_scores_boundary_edges_as_much_as_inside_edges():
     """An output saying "same object" everywhere: F1 on the (mostly positive) edges would be
     high, balanced accuracy is 0.5 on every offset; a perfect output scores 1."""
     from dinopipe.evaluate import balanced_accuracy
-    from dinopipe.train import _Objective, resolve_train_params
+    from dinopipe.objective import Objective
 
     labels = np.ones((1, 8, 8, 8), dtype=np.int64)
     labels[..., 6:] = 2  # one boundary plane across x
@@ -540,7 +541,7 @@ def test_validation_scores_boundary_edges_as_much_as_inside_edges():
     affs[:, 2, :, :, 5] = 0  # x edges crossing the boundary
     affs[:, 0, -1], affs[:, 1, :, -1], affs[:, 2, :, :, -1] = 0, 0, 0  # edges leaving the volume
     batch = {"affinities": affs, "mask": torch.ones((1, 1, 8, 8, 8))}
-    objective = _Objective(resolve_train_params({}), 3, None, torch.device("cpu"))
+    objective = Objective(resolve_train_params({}), 3, None, torch.device("cpu"))
     always = torch.full((1, 3, 8, 8, 8), 5.0)  # logits > 0: affinity 1 everywhere
     counts = objective.confusion(always, batch)
     # x: 8*8*8 edges, 8*8 crossing the boundary + 8*8 leaving the volume are 0
@@ -554,16 +555,16 @@ def test_validation_scores_boundary_edges_as_much_as_inside_edges():
 
 
 def test_raw_intensity_augmentation_changes_the_raw_channel_only_in_training():
-    from dinopipe.train import _Objective
+    from dinopipe.objective import Objective
 
     p = resolve_train_params({"input_raw": True, "augment": {"raw_contrast": 0.5, "raw_noise": 0.1}})
-    objective = _Objective(p, 3, None, torch.device("cpu"))
+    objective = Objective(p, 3, None, torch.device("cpu"))
     batch = {"features": torch.rand(2, 4, 4, 4, 4), "raw": torch.rand(2, 1, 4, 4, 4)}
     plain = objective.inputs(batch)  # validation and prediction: no generator, no augmentation
     assert torch.equal(plain, torch.cat([batch["features"], batch["raw"]], 1))
     augmented = objective.inputs(batch, torch.Generator().manual_seed(0))
     assert torch.equal(augmented[:, :4], batch["features"]) and not torch.equal(augmented[:, 4:], batch["raw"])
-    raw_only = _Objective({**p, "input_features": False}, 3, None, torch.device("cpu"))
+    raw_only = Objective({**p, "input_features": False}, 3, None, torch.device("cpu"))
     assert torch.equal(raw_only.inputs(batch, torch.Generator().manual_seed(0)), augmented[:, 4:])
 
 
