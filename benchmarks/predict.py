@@ -2,7 +2,7 @@
 
 A UNet (1 level, 8 base channels, 6 affinities + 10 LSDs; its receptive-field halo is
 10 voxels per side) on 128 feature channels, blocks of 32^3 label voxels plus halo, on the
-CPU with 2 torch threads. Volumes of ``GRIDS`` blocks (1x: 32 blocks, 8x: 256 blocks, 2.1 GB
+CPU with 2 torch threads. Volumes of ``GRIDS`` blocks (1x: 40 blocks, 8x: 320 blocks, 2.7 GB
 of features; 8 blocks for the timing) of cached float16 features are written exactly as the
 features stage writes them (``dinopipe.stages.run_features``: uncompressed chunks of all
 channels x ``dinopipe.io.FEATURE_CHUNK``^3 voxels, element order ``dinopipe.io.FEATURE_ORDER``)
@@ -50,7 +50,7 @@ from pathlib import Path
 
 CHANNELS = 128
 BLOCK = (32, 32, 32)
-GRIDS = {"1x": (2, 4, 4), "8x": (4, 8, 8), "timing": (2, 2, 2)}
+GRIDS = {"1x": (2, 4, 5), "8x": (4, 8, 10), "timing": (2, 2, 2)}
 UNET = {"levels": 1, "base_channels": 8}
 OUT_CHANNELS = 16
 TIMING_REPEATS = 3
