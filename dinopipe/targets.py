@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import edt
 import numpy as np
-from scipy.ndimage import find_objects, gaussian_filter
+from scipy.ndimage import find_objects, gaussian_filter1d
 
 from dinopipe.runtime import allotted_cpus
 
@@ -264,6 +264,36 @@ def compute_affinities(labels: np.ndarray, offsets: Sequence[Sequence[int]]) -> 
 # --------------------------------------------------------------------------------------------
 
 
+#: Filter only the non-zero lines of an axis when at most this fraction of them is non-zero.
+_SPARSE_LINES = 0.8
+
+
+def _gaussian_skipping_zero_lines(a: np.ndarray, sigma_vox: Sequence[float]) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(a, sigma_vox, mode="constant", truncate=LSD_TRUNCATE)``,
+    bit for bit, without filtering lines that are all zero.
+
+    The separable filter runs one axis after another (as scipy does, storing each pass in
+    ``a``'s dtype), and every 1D line is filtered independently of the others, so a line of
+    zeros stays zeros and the others can be filtered on their own, gathered into a 2D array.
+    A label that fills part of its box leaves many lines of its masked inputs zero.
+    """
+    out = a
+    for axis, sd in enumerate(sigma_vox):
+        if sd <= 1e-15:  # as scipy: such an axis is not filtered
+            continue
+        moved = np.moveaxis(out, axis, -1)
+        live = moved.any(axis=-1)
+        if live.mean() > _SPARSE_LINES:
+            out = gaussian_filter1d(out, sd, axis=axis, mode="constant", cval=0.0, truncate=LSD_TRUNCATE)
+            continue
+        result = np.zeros_like(moved)
+        if live.any():
+            result[live] = gaussian_filter1d(moved[live], sd, axis=-1, mode="constant", cval=0.0,
+                                             truncate=LSD_TRUNCATE)
+        out = np.moveaxis(result, -1, axis)
+    return np.ascontiguousarray(out) if out is not a else out.copy()
+
+
 def _lsd_crop(
     inside: np.ndarray,
     origin: tuple[int, int, int],
@@ -284,7 +314,7 @@ def _lsd_crop(
     sigma_vox = tuple(s / v for s, v in zip(sigma_nm, sub_voxel_nm))
 
     def aggregate(a: np.ndarray) -> np.ndarray:
-        return gaussian_filter(a, sigma=sigma_vox, mode="constant", cval=0.0, truncate=LSD_TRUNCATE)
+        return _gaussian_skipping_zero_lines(a, sigma_vox)
 
     shape = inside.shape
     # absolute physical coordinates as lsd-lite builds them: index * voxel size, as float32
@@ -358,10 +388,12 @@ def compute_lsds(
     Speed: each label is computed only on its bounding box. The Gaussian of a function that is
     zero outside a box, evaluated inside the box, only reads values inside the box, and scipy's
     separable filter with ``mode="constant"`` pads with exact zeros, so no margin is needed
-    and the output inside the label is identical to filtering the whole volume. Labels are
+    and the output inside the label is identical to filtering the whole volume. Each 1D pass
+    skips the lines that are all zero (:func:`_gaussian_skipping_zero_lines`). Labels are
     spread over ``num_workers`` threads (scipy releases the GIL). On a 128^3 volume of 200
     Voronoi cells (2 cores) this is well over 10x faster than lsd-lite at sigma 5 and 20
-    voxels; see ``benchmarks/targets.py``.
+    voxels, and over 10x on dense neuron labels (gala, CREMI, neurons spanning the volume)
+    at 64 nm; see ``benchmarks/targets.py``.
 
     ``downsample=f > 1`` reproduces lsd-lite's ``downsample``: descriptors are computed on
     ``labels[::f, ::f, ::f]`` with voxel size ``f * voxel_size_nm`` and repeated back to full

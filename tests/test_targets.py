@@ -235,6 +235,26 @@ def test_lsds_threads_and_sigma_per_axis_consistent() -> None:
     np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("sigma", [(1.0, 2.0, 3.0), (0.5, 4.0, 4.0), (2.0, 0.0, 1.0)])
+def test_gaussian_skipping_zero_lines_equals_scipy_bit_for_bit(sigma) -> None:
+    from scipy.ndimage import gaussian_filter
+
+    from dinopipe.targets import LSD_TRUNCATE, _gaussian_skipping_zero_lines
+
+    rng = np.random.default_rng(0)
+    a = np.zeros((20, 30, 40), np.float32)
+    a[3:6, 10:12, :] = rng.uniform(0, 500, (3, 2, 40))  # a rod: most lines along every axis are zero
+    a[15, 25, 5] = 7.0
+    expected = gaussian_filter(a, sigma, mode="constant", cval=0.0, truncate=LSD_TRUNCATE)
+    ours = _gaussian_skipping_zero_lines(a, sigma)
+    assert ours.dtype == np.float32 and np.array_equal(ours, expected)
+    dense = rng.uniform(0, 1, (8, 9, 10)).astype(np.float32)  # no zero line: the plain filter
+    assert np.array_equal(_gaussian_skipping_zero_lines(dense, sigma),
+                          gaussian_filter(dense, sigma, mode="constant", cval=0.0, truncate=LSD_TRUNCATE))
+    zeros = np.zeros((4, 5, 6), np.float32)
+    assert np.array_equal(_gaussian_skipping_zero_lines(zeros, sigma), zeros)
+
+
 def test_lsds_bad_input() -> None:
     labels = np.ones((4, 4, 4), dtype=np.uint64)
     with pytest.raises(ValueError, match="sigma_nm"):
