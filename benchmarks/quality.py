@@ -145,7 +145,8 @@ def run_arm(name: str, arm: dict, root: Path, vols: dict[str, Volume], config: d
     target = io.read_image(root / "targets/test.zarr/affinities").read()
     curve = stages_curve(model)
     result = {"arm": name, **{k: scores[k] for k in METRICS}, "segments": scores["n_test_ids"],
-            "segment": {"method": method, **seg_params}, "affinities": affinity_scores(preds["test"], target, offsets),
+            "segment": {"method": method, **seg_params}, "heldback_voi_sum": round(min(r[0] for r in grid), 4),
+            "affinities": affinity_scores(preds["test"], target, offsets),
             "train_s": round(t_train, 1), "s": round(time.perf_counter() - t0, 1),
             "best_val_step": summary["best_val_step"], "loss_curve": curve,
             "heldback_grid": [[round(r[0], 3), r[1], r[2]] for r in grid]}
