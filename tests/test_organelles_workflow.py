@@ -41,8 +41,9 @@ def organelle_project(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "config" / "config.yaml", directory / "config" / "config.yaml")
     shutil.copy(ROOT / "config" / "organelles.tsv", directory / "config" / "organelles.tsv")
     (directory / "config" / "organelles.yaml").write_text(yaml.safe_dump(tiny_organelle_config()))
-    # the command of the README's "Labels as classes" section
-    snakemake(directory, "--configfile", "config/organelles.yaml")
+    # the command of the README's "Labels as classes" section (the config file given by its
+    # absolute path: snakemake resolves --configfile from where it is started, not --directory)
+    snakemake(directory, "--configfile", str(directory / "config" / "organelles.yaml"))
     return directory
 
 
@@ -76,7 +77,7 @@ def test_every_stage_handles_classes(organelle_project):
     assert {"mean_iou", "iou_dark", "iou_bright", "f1_dark", "hausdorff_nm_dark", "overall_score"} <= set(
         rows["org_predict_0"])
     # a rerun has nothing to do
-    assert jobs_in(snakemake(p, "-n", "--configfile", "config/organelles.yaml").stdout) == {}
+    assert jobs_in(snakemake(p, "-n", "--configfile", str(p / "config" / "organelles.yaml")).stdout) == {}
 
 
 def test_the_model_learns_the_classes(organelle_project):
