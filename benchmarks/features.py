@@ -28,14 +28,6 @@ OUT = 64
 BATCH = 16
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(mode: str) -> None:
     """Run one measurement in this (fresh) process and print a JSON line."""
     import numpy as np
@@ -44,11 +36,12 @@ def child(mode: str) -> None:
 
     import dinopipe.features as F
     from dinopipe.backbone import Backbone, weights_hash
-    from dinopipe.io import Geometry
+    from dinopipe.geometry import Geometry
+    from dinopipe.runtime import resident_mb
 
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
-    base_rss = _rss_mb()
+    base_rss = resident_mb()
     torch.manual_seed(0)
     model = DINOv3ViTModel(DINOv3ViTConfig(num_register_tokens=4)).eval()  # ViT-S/16: 384 ch, 12 layers
     bb = Backbone(model, "vit-s16-random", None, "vit", 16, 384, 5, weights_hash(model), torch.device("cpu"))

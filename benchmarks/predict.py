@@ -86,15 +86,6 @@ def setup(root: Path) -> None:
                         x * BLOCK[2] : (x + 1) * BLOCK[2]] = block
 
 
-def _rss_mb() -> float:
-    """The current resident set size (VmRSS) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(root: Path, name: str, timing: bool) -> None:
     """Predict one volume in this fresh process; with ``timing``, :data:`TIMING_REPEATS` times,
     each followed by the forward passes alone over the same blocks."""
@@ -103,11 +94,12 @@ def child(root: Path, name: str, timing: bool) -> None:
     from dinopipe.checkpoint import load_model
     from dinopipe.io import read_image
     from dinopipe.predict import FeatureReader, _block_starts, _read_block, _round_up, predict_volume
+    from dinopipe.runtime import resident_mb
     from dinopipe.unet import receptive_field_halo
 
     torch.set_num_threads(2)
     load_model(root / "model")  # what the prediction below loads again: libraries, model
-    rss_before_mb = _rss_mb()
+    rss_before_mb = resident_mb()
     runs, inputs = [], None
     for rep in range(TIMING_REPEATS if timing else 1):
         stats = predict_volume(root / f"{name}.zarr", root / "model", root / f"pred_{name}_{rep}.zarr",

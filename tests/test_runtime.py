@@ -11,6 +11,7 @@ from dinopipe.runtime import (
     autocast_mode,
     is_device_name,
     release_freed_memory,
+    resident_mb,
     resolve_device,
 )
 
@@ -69,3 +70,13 @@ def test_every_stage_refuses_the_same_bad_names():
 
 def test_release_freed_memory_runs():
     release_freed_memory()  # glibc malloc_trim here; a no-op elsewhere — must not raise
+
+
+def test_resident_mb_sees_a_held_array():
+    import numpy as np
+
+    before = resident_mb()
+    held = np.ones(64 * 2**20 // 8)  # 64 MB, touched
+    after = resident_mb()
+    assert held[-1] == 1.0
+    assert after - before > 50, (before, after)
