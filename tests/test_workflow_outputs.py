@@ -176,7 +176,7 @@ def test_report_figures(project):
     for name in ("predict_0", "loss_curve"):
         with Image.open(project / "results" / "report" / f"{name}.png") as img:
             assert img.format == "PNG" and min(img.size) >= 200
-            assert len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 10  # not blank
+            assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # not blank
 
 
 def _validate(group_path: Path, channel_axis: bool) -> None:
