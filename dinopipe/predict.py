@@ -455,7 +455,8 @@ def predict_blocks(
     chunks = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
     num_blocks = math.prod(-(-s // b) for s, b in zip(shape, block, strict=True))
     dev = resolve_device(device, "predict.device")
-    autocast_mode(autocast, "predict.autocast")  # an unknown mode fails before any block
+    mode = autocast_mode(autocast, "predict.autocast")  # an unknown mode fails before any block
+    precision = mode if dev.type == "cuda" else "none"
     model.to(dev)
     logger.info("predicting %s: %d blocks of %s + halo %d, device %s", shape, num_blocks, block, halo, dev)
     stats: dict[str, Any] = {"blocks": num_blocks, "block_shape": list(block), "halo": halo,
@@ -474,7 +475,7 @@ def predict_blocks(
             for batch_starts in stager:  # read by the stager's thread while the network ran on the batch before
                 t1 = time.perf_counter()
                 x = stager.to_device()
-                with torch.no_grad(), autocast_context(dev, autocast):
+                with torch.no_grad(), autocast_context(dev, mode):
                     output = model(x)
                 del x
                 if semantic:
@@ -509,7 +510,7 @@ def predict_blocks(
             "input_raw": takes_raw(config),
             "block_shape": list(block),
             "halo": halo,
-            "precision": autocast_mode(autocast, "predict.autocast") if dev.type == "cuda" else "none",
+            "precision": precision,
             "feature_signature": config.get("feature_signature"),
             "timings": {k: stats[k] for k in ("read_s", "wait_s", "forward_s", "write_s", "total_s")},
             **(attrs or {}),

@@ -247,6 +247,7 @@ def run_targets(
         return result
 
     workers = allotted_cpus(threads)
+    vs = src.grid.voxel_size
     where = f"volume {volume.name!r}: labels {volume.labels}"
     classes = parse_classes(params["classes"])
     class_group = bool(child_images(volume.labels))
@@ -269,7 +270,7 @@ def run_targets(
         del arrays
         # erosion of the known region as for id labels: unknown voxels are id 1 here
         mask = timed("mask_s", tg.compute_mask, (known == 0).view(np.uint8), [1], params["mask_erosion_nm"],
-                     src.grid.voxel_size, num_workers=workers)
+                     vs, num_workers=workers)
     else:
         native = timed("read_labels_s", lambda: np.asarray(src.labels.array[src.label_window]))
         # negative ids listed in unlabelled_ids become 0 here (mask 0 there); any other negative id
@@ -278,9 +279,8 @@ def run_targets(
         if not labels.any() and classes is None:
             raise ValueError(f"{where} are all zero inside the processed region")
         mask = timed("mask_s", tg.compute_mask, native, params["unlabelled_ids"], params["mask_erosion_nm"],
-                     src.grid.voxel_size, num_workers=workers)
+                     vs, num_workers=workers)
         del native
-    vs = src.grid.voxel_size
     if not mask.any():
         raise ValueError(
             f"{where}: the mask is all zero (no annotated voxel) inside the processed region: every label id "
