@@ -56,10 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def predict_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", required=True, help="training output folder (model_config.json, checkpoint.pt)")
-        src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--features", help="cached feature image (C, z, y, x), e.g. results/features/VOL.zarr")
-        src.add_argument("--raw", help="raw OME-NGFF multiscale group: compute features per block (needs the "
-                                       "model's features config, from --config)")
+        p.add_argument("--features", help="cached feature image (C, z, y, x), e.g. results/features/VOL.zarr")
+        p.add_argument("--raw", help="raw OME-NGFF multiscale group: alone, compute features per block (needs the "
+                                     "model's features config, from --config); beside --features, the raw input "
+                                     "channel of a model trained with input_raw")
         p.add_argument("--name", default=None, help="volume name for messages (default: from the path)")
         p.add_argument("--block-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="core block, label voxels")
         p.add_argument("--device", help="auto, cpu or cuda")
@@ -131,14 +131,17 @@ def _predict(args: argparse.Namespace, sections: dict[str, dict[str, Any]], out:
         params["block_shape"] = list(args.block_shape)
     if args.device:
         params["device"] = args.device
+    if not (args.raw or args.features):
+        raise ValueError("give --features (cached features), --raw (features computed per block), or both "
+                         "(cached features and the raw channel of an input_raw model)")
     image = args.raw or args.features
     name = args.name or Path(str(image).split(".zarr")[0]).name
     volume = Volume(name=name, raw=args.raw, labels=None, role="predict") if args.raw else None
-    params["source"] = "raw" if args.raw else "features"
+    params["source"] = "features" if args.features else "raw"
     data = dict(sections["data"])
     if args.voxel_size:
         data["output_voxel_size"] = list(args.voxel_size)
-    elif args.raw and data.get("output_voxel_size") is None:  # the grid the model was trained on
+    elif args.raw and not args.features and data.get("output_voxel_size") is None:  # the grid the model was trained on
         sig = json.loads((Path(args.checkpoint) / "model_config.json").read_text()).get("feature_signature") or {}
         if sig.get("voxel_size"):
             data["output_voxel_size"] = sig["voxel_size"]

@@ -522,20 +522,31 @@ def predict_blocks(
 
 
 def _raw_reader_for(volume: Any, data: Mapping[str, Any] | None, grid: Geometry, checkpoint_dir: str) -> RawOnGridReader:
-    """The raw channel of an ``input_raw`` model, on ``grid`` (which must be the volume's output grid)."""
+    """The raw channel of an ``input_raw`` model, on ``grid`` (the features' grid, nm).
+
+    A sheet row with labels must give exactly that grid (its output grid); a raw-only volume
+    (``dinopipe predict --features F --raw R``) must cover it.
+    """
     if volume is None:
         raise ValueError(
             f"the model in {checkpoint_dir} takes the raw image as an extra input channel (input_raw): "
-            "pass the volume (its sheet row) so the raw can be read"
+            "pass the volume (its sheet row; on the command line --raw beside --features) so the raw can be read"
         )
     src = open_sources(volume, **source_args(data))
-    if src.grid.shape != grid.shape or not np.allclose(src.grid.translation, grid.translation) or not np.allclose(
-        src.grid.voxel_size, grid.voxel_size
-    ):
+    if volume.labels and (src.grid.shape != grid.shape or not np.allclose(src.grid.translation, grid.translation)
+                          or not np.allclose(src.grid.voxel_size, grid.voxel_size)):
         raise ValueError(
             f"volume {volume.name!r}: its output grid {src.grid} differs from the features' grid {grid}"
         )
-    return RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)
+    raw_geom = src.raw.geometry
+    tol = 1e-6 * np.asarray(grid.voxel_size)
+    if np.any(grid.begin_nm < raw_geom.begin_nm - tol) or np.any(grid.end_nm > raw_geom.end_nm + tol):
+        raise ValueError(
+            f"volume {volume.name!r}: raw {volume.raw} covers {raw_geom.begin_nm.tolist()}–{raw_geom.end_nm.tolist()} "
+            f"nm (z, y, x) but the features' grid spans {grid.begin_nm.tolist()}–{grid.end_nm.tolist()} nm: "
+            "the raw channel must come from the raw the features were computed from"
+        )
+    return RawOnGridReader(src.raw.array, raw_geom, grid)
 
 
 def predict_volume(

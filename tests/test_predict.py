@@ -261,6 +261,21 @@ def test_input_raw_models_get_the_raw_channel(demo_volume, tmp_path):
     target_raw = read_image(root / "targets.zarr" / "raw").read()
     window = (slice(2, 7), slice(5, 20), slice(0, 32))
     np.testing.assert_allclose(reader.read(window)[0], target_raw[window], atol=1e-5)
+    # A raw-only volume (the CLI's --features F --raw R) gives the same raw channel; raw that
+    # does not cover the features' grid is refused.
+    from dataclasses import replace
+
+    from dinopipe.predict import _raw_reader_for
+
+    raw_only = replace(volume, labels=None, role="predict")
+    predict_volume(root / "features.zarr", model_dir, tmp_path / "r.zarr", block_shape=(8, 16, 16), device="cpu",
+                   volume=raw_only, data={})
+    np.testing.assert_array_equal(read_image(tmp_path / "r.zarr" / "affinities").read(),
+                                  read_image(tmp_path / "p.zarr" / "affinities").read())
+    grid = read_image(root / "features.zarr").geometry
+    moved = replace(grid, translation=(grid.translation[0] + 1000.0, *grid.translation[1:]))
+    with pytest.raises(ValueError, match="raw channel must come from the raw the features were computed from"):
+        _raw_reader_for(raw_only, {}, moved, str(model_dir))
     # Without input_raw in the config, the extra channel is a channel mismatch.
     other = _demo_model(tmp_path / "model2", channels + 1, signature)
     with pytest.raises(ValueError, match=f"have {channels} channels but the model .* expects {channels + 1}"):

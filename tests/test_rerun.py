@@ -149,6 +149,12 @@ def test_a_role_change_reruns_neither_features_nor_targets(project):
 # --------------------------------------------------------------------------- outputs
 
 
+def _sheet_row(project: Path, name: str) -> Any:
+    """The project's sheet row of volume ``name``, its paths made absolute."""
+    volume = next(v for v in read_sheet(project / "config" / "volumes.tsv") if v.name == name)
+    return type(volume)(**{**volume.__dict__, "raw": str(project / volume.raw), "labels": str(project / volume.labels)})
+
+
 def test_runtime_only_keys_leave_every_output_as_it_was(project, tmp_path):
     """Recompute features, training and prediction with every runtime-only key changed (and
     one thread instead of two): bitwise the project's outputs. The one exception is torch's
@@ -156,15 +162,13 @@ def test_runtime_only_keys_leave_every_output_as_it_was(project, tmp_path):
     the summation order of a few reductions: agreement to 1e-5, not bitwise."""
     config = _changed(**RUNTIME_CHANGES)
     results = project / "results"
-    volume = next(v for v in read_sheet(project / "config" / "volumes.tsv") if v.name == "train_1")
-    volume = type(volume)(**{**volume.__dict__, "raw": str(project / volume.raw),
-                             "labels": str(project / volume.labels)})
+    volume = _sheet_row(project, "train_1")
     run_features(volume, tmp_path / "features.zarr", config["features"], config["data"], threads=1)
     assert np.array_equal(io.read_image(tmp_path / "features.zarr").read(),
                           io.read_image(results / "features" / "train_1.zarr").read())
 
     run_predict(results / "features" / "predict_0.zarr", results / "model", tmp_path / "pred.zarr",
-                config["predict"], threads=1)
+                config["predict"], threads=1, volume=_sheet_row(project, "predict_0"), data=config["data"])
     for key in ("affinities", "lsds"):
         assert np.array_equal(io.read_image(tmp_path / "pred.zarr" / key).read(),
                               io.read_image(results / "predictions" / "predict_0.zarr" / key).read())

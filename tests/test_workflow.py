@@ -34,8 +34,10 @@ def tiny_config() -> dict:
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config["demo"]["label_shape"] = [16, 32, 32]
     config["features"]["planes"] = ["xy", "xz", "yz"]
+    # Features only: 12 steps are enough for the features path to beat a trivial segmentation,
+    # not for the demo's input_raw model (tests/test_demo_quality.py runs the demo config itself).
     config["train"].update(
-        {"steps": 12, "batch_size": 1, "crop_shape": [16, 16, 16], "validate_every": 6, "validation_crops": 2,
+        {"input_raw": False, "steps": 12, "batch_size": 1, "crop_shape": [16, 16, 16], "validate_every": 6, "validation_crops": 2,
          "unet": {"levels": 2, "base_channels": 4}}
     )
     config["predict"]["block_shape"] = [16, 16, 16]
