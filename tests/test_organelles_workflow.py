@@ -102,3 +102,12 @@ def test_the_model_learns_the_classes(organelle_project):
         iou = float(rows["org_predict_0"][f"iou_{name}"])
         assert iou > max(MIN_IOU, frequency), (name, iou, frequency)
     assert float(rows["org_predict_0"]["f1_dark"]) > 0
+
+
+def test_the_report_names_the_class_panels(organelle_project):
+    """The report's figure labels and caption describe a class model's panels, not affinities."""
+    p = organelle_project
+    snakemake(p, "--report", "report.html", "--configfile", str(p / "config" / "organelles.yaml"))
+    text = (p / "report.html").read_text()
+    assert "raw | class probabilities | classes" in text
+    assert "raw | affinities | segmentation" not in text
