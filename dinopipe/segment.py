@@ -508,12 +508,15 @@ def segment_blockwise(
     """Segment a volume too large for memory block by block, merging fragments across block faces.
 
     Pass 1 segments each block with ``method`` (its ``min_size`` left at 0) and writes
-    its fragments with globally unique ids into ``out``; for every face between a block
-    and its predecessor along an axis it collects the pairs of fragments facing each
-    other across the face and the short-range affinity (offset +-1 along that axis) of
-    each voxel pair, and merges two fragments when their mean affinity over the face
-    exceeds ``merge_threshold``. Pass 2 drops merged objects smaller than ``min_size``
-    voxels and rewrites ``out`` with consecutive ids.
+    its fragments with globally unique ids into ``out`` (:func:`fragment_block`); pass 2
+    collects, for every face between a block and its predecessor along an axis, the pairs
+    of fragments facing each other across the face and the short-range affinity (offset
+    +-1 along that axis) of each voxel pair, and merges two fragments when their mean
+    affinity over the face exceeds ``merge_threshold`` (:func:`face_merges`); then merged
+    objects smaller than ``min_size`` voxels are dropped and ids made consecutive in the
+    order of their first fragment (:func:`merge_table`) and ``out`` is rewritten
+    (:func:`relabel_block`). The same steps run as separate cluster jobs in
+    :mod:`dinopipe.segment_parts`, with the same result.
 
     Args:
         affinities: (n_offsets, z, y, x) array-like in [0, 1] (e.g. a zarr array),
@@ -534,6 +537,32 @@ def segment_blockwise(
     shape = tuple(int(s) for s in affinities.shape[1:])
     if tuple(out.shape) != shape:
         raise ValueError(f"output shape {tuple(out.shape)} differs from the affinities' {shape}")
+    offsets_t, block = check_blockwise(shape, offsets, block_shape, method, min_size)
+    windows = blocks(shape, block)
+    ids, sizes, pairs = [], [], []
+    for index, window in enumerate(windows):
+        block_ids, block_sizes = fragment_block(affinities, offsets_t, out, window, index, block, method, **params)
+        ids.append(block_ids)
+        sizes.append(block_sizes)
+    for window in windows:
+        pairs.append(face_merges(affinities, offsets_t, out, window, merge_threshold))
+    keys, values = merge_table(np.concatenate(ids), np.concatenate(sizes), np.concatenate(pairs, axis=1), min_size)
+    for window in windows:
+        relabel_block(out, out, window, keys, values)
+    n = int(values.max()) if len(values) else 0
+    logger.info("blockwise %s: %d blocks, %d fragments, %d segments", method, len(windows), len(keys), n)
+    return n
+
+
+def check_blockwise(shape: Sequence[int], offsets: Sequence[Sequence[int]], block_shape: Sequence[int], method: str,
+                    min_size: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+    """Validate blockwise segmentation arguments; return the offsets and block shape as int tuples.
+
+    Raises:
+        ValueError: a block shape that is not three positive voxel counts, a negative
+            ``min_size``, an unknown method, or no short-range offset along an axis that
+            is cut into blocks (fragments could not be merged across its faces).
+    """
     if len(block_shape) != 3 or any(int(b) < 1 for b in block_shape):
         raise ValueError(f"block_shape must be three positive integers (z, y, x), got {block_shape!r}")
     _check_min_size(min_size)
@@ -541,68 +570,147 @@ def segment_blockwise(
         raise ValueError(f"unknown segmentation method {method!r}; allowed: {sorted(METHODS)}")
     offsets_t = [tuple(int(v) for v in o) for o in offsets]
     block = tuple(int(b) for b in block_shape)
-    axis_k = [_axis_offset(offsets_t, a) for a in range(3)]
     for a in range(3):
-        if shape[a] > block[a] and axis_k[a] is None:
+        if shape[a] > block[a] and _axis_offset(offsets_t, a) is None:
             raise ValueError(f"blockwise segmentation needs a short-range offset along axis {'zyx'[a]}, got {offsets_t}")
-    windows = blocks(shape, block)
-    parent = np.zeros(1, dtype=np.int64)  # union-find over fragment ids (0: background)
-    sizes = np.zeros(1, dtype=np.int64)
-    next_id = 1
+    return offsets_t, block  # type: ignore[return-value]
 
-    def find_roots(ids: np.ndarray) -> np.ndarray:
-        roots = parent[ids]
-        while True:
-            up = parent[roots]
-            if np.array_equal(up, roots):
-                return roots
-            roots = up
 
-    for window in windows:
-        aff = np.asarray(affinities[(slice(None), *window)], dtype=np.float32)
-        labels = segment(aff, offsets_t, method=method, min_size=0, **params)
-        n = int(labels.max())
-        counts = np.bincount(labels.ravel().astype(np.int64), minlength=n + 1)[1 : n + 1]
-        labels[labels > 0] += np.uint64(next_id - 1)
-        out[window] = labels
-        parent = np.concatenate([parent, np.arange(next_id, next_id + n, dtype=np.int64)])
-        sizes = np.concatenate([sizes, counts])
-        next_id += n
-        # merge with the predecessor along each axis across the face at window[a].start
-        for a in range(3):
-            z0 = window[a].start
-            if z0 == 0 or axis_k[a] is None:
-                continue
-            k = axis_k[a]
-            face = list(window)
-            face[a] = slice(z0 - 1, z0 + 1)
-            pair = np.asarray(out[tuple(face)]).astype(np.int64)
-            lo, hi = np.take(pair, 0, axis=a), np.take(pair, 1, axis=a)
-            at = z0 - 1 if offsets_t[k][a] > 0 else z0
-            face[a] = slice(at, at + 1)
-            edge = np.take(np.asarray(affinities[(k, *face)], dtype=np.float64), 0, axis=a)
-            keep = (lo > 0) & (hi > 0)
-            if not keep.any():
-                continue
-            a_ids, b_ids, w = lo[keep], hi[keep], edge[keep]
-            pairs, inverse = np.unique(np.stack([a_ids, b_ids]), axis=1, return_inverse=True)
-            inverse = inverse.ravel()
-            mean = np.bincount(inverse, weights=w) / np.bincount(inverse)
-            for x, y in pairs[:, mean > merge_threshold].T:
-                rx, ry = find_roots(np.array([x, y]))
-                if rx != ry:
-                    parent[max(rx, ry)] = min(rx, ry)
-    roots = find_roots(np.arange(next_id))
-    object_sizes = np.bincount(roots, weights=sizes, minlength=next_id)
-    kept = (object_sizes >= max(min_size, 1)) & (np.arange(next_id) > 0)
-    final = np.zeros(next_id, dtype=np.uint64)
-    final[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.uint64)
-    lookup = final[roots]
-    for window in windows:
-        out[window] = lookup[np.asarray(out[window]).astype(np.int64)]
-    logger.info("blockwise %s: %d blocks, %d fragments, %d segments", method, len(windows), next_id - 1,
-                int(kept.sum()))
-    return int(kept.sum())
+def fragment_id_base(index: int, block_shape: Sequence[int]) -> int:
+    """The id before the first fragment of block ``index`` (C order in :func:`dinopipe.geometry.blocks`).
+
+    A block of ``prod(block_shape)`` voxels holds at most that many fragments, so blocks
+    number their fragments independently (in any job, in any order) without collisions,
+    and ascending ids follow the blocks' order.
+    """
+    return int(index) * int(np.prod([int(b) for b in block_shape]))
+
+
+def fragment_block(affinities: Any, offsets: Sequence[Sequence[int]], out: Any, window: Sequence[slice],
+                   index: int, block_shape: Sequence[int], method: str, **params: object) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one block into fragments; write them with globally unique ids into ``out``.
+
+    Args:
+        affinities: (n_offsets, z, y, x) array-like; the block's window is read.
+        offsets: The affinities' offsets (dz, dy, dx) in voxels.
+        out: Writable (z, y, x) uint64 fragment array-like (chunks dividing the block
+            shape, so that jobs writing different blocks never share a chunk).
+        window: The block's window in voxels (z, y, x), from :func:`dinopipe.geometry.blocks`.
+        index: The block's index in that list (numbers its fragments, see :func:`fragment_id_base`).
+        block_shape: The block shape (z, y, x) in voxels.
+        method: A method of :data:`METHODS` (its ``min_size`` left at 0).
+        **params: Parameters of ``method`` (``fragments`` among them for agglomeration).
+
+    Returns:
+        The block's fragment ids (uint64, ascending) and their sizes in voxels (int64).
+    """
+    window = tuple(window)
+    aff = np.asarray(affinities[(slice(None), *window)], dtype=np.float32)
+    labels = segment(aff, offsets, method=method, min_size=0, **params)
+    n = int(labels.max())
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=n + 1)[1 : n + 1]
+    base = fragment_id_base(index, block_shape)
+    labels[labels > 0] += np.uint64(base)
+    out[window] = labels
+    return np.arange(base + 1, base + n + 1, dtype=np.uint64), counts.astype(np.int64)
+
+
+def face_merges(affinities: Any, offsets: Sequence[Sequence[int]], fragments: Any, window: Sequence[slice],
+                merge_threshold: float) -> np.ndarray:
+    """The fragment pairs to merge across the faces between one block and its predecessors.
+
+    For each axis along which the block does not start at 0, the fragments on either side of
+    the face at ``window[a].start`` are paired voxel by voxel; a pair merges when the mean
+    short-range affinity (offset +-1 along the axis) over its voxel pairs exceeds
+    ``merge_threshold``. Reads only the two voxel planes of each face, so every block's faces
+    can be computed by any job once the fragments of the block and its predecessors exist.
+
+    Returns:
+        (2, m) uint64 fragment ids, one merging pair per column.
+    """
+    window = tuple(window)
+    offsets_t = [tuple(int(v) for v in o) for o in offsets]
+    found = [np.zeros((2, 0), dtype=np.uint64)]
+    for a in range(3):
+        z0 = window[a].start
+        k = _axis_offset(offsets_t, a)
+        if z0 == 0 or k is None:
+            continue
+        face = list(window)
+        face[a] = slice(z0 - 1, z0 + 1)
+        pair = np.asarray(fragments[tuple(face)]).astype(np.uint64)
+        lo, hi = np.take(pair, 0, axis=a), np.take(pair, 1, axis=a)
+        at = z0 - 1 if offsets_t[k][a] > 0 else z0
+        face[a] = slice(at, at + 1)
+        edge = np.take(np.asarray(affinities[(k, *face)], dtype=np.float64), 0, axis=a)
+        keep = (lo > 0) & (hi > 0)
+        if not keep.any():
+            continue
+        pairs, inverse = np.unique(np.stack([lo[keep], hi[keep]]), axis=1, return_inverse=True)
+        inverse = inverse.ravel()
+        mean = np.bincount(inverse, weights=edge[keep]) / np.bincount(inverse)
+        found.append(pairs[:, mean > merge_threshold])
+    return np.concatenate(found, axis=1)
+
+
+def merge_table(ids: np.ndarray, sizes: np.ndarray, pairs: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Final segment ids of all fragments: merged pairs joined, small objects dropped.
+
+    Objects are the connected components of the merge graph; one with fewer than
+    ``min_size`` voxels (at least 1) gets id 0; the others are numbered 1, 2, ... in the
+    order of their smallest fragment id (so, blocks in C order, the same numbering as
+    merging block by block).
+
+    Args:
+        ids: Every fragment id (uint64, unique).
+        sizes: Each fragment's size in voxels.
+        pairs: (2, m) fragment ids to merge (from :func:`face_merges`).
+        min_size: Smallest object kept, in voxels.
+
+    Returns:
+        ``keys`` (the fragment ids, ascending) and ``values`` (uint64 segment ids), for
+        :func:`relabel_block`.
+    """
+    _check_min_size(min_size)
+    order = np.argsort(ids, kind="stable")
+    keys = np.asarray(ids, dtype=np.uint64)[order]
+    sizes = np.asarray(sizes, dtype=np.int64)[order]
+    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+        raise ValueError("merge_table: fragment ids are not unique")
+    n = len(keys)
+    pairs = np.asarray(pairs, dtype=np.uint64).reshape(2, -1)
+    where = np.searchsorted(keys, pairs)
+    if pairs.size and (where.max() >= n or not np.array_equal(keys[np.minimum(where, n - 1)], pairs)):
+        raise ValueError("merge_table: a merging pair names a fragment that is not in the fragment list")
+    graph = sparse.coo_matrix((np.ones(where.shape[1], dtype=np.int8), (where[0], where[1])), shape=(n, n))
+    _, component = csgraph.connected_components(graph, directed=False)
+    first = np.full(component.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(n))  # each object's first fragment (ids ascending)
+    object_sizes = np.bincount(component, weights=sizes, minlength=len(first))
+    kept = object_sizes >= max(min_size, 1)
+    final = np.zeros(len(first), dtype=np.uint64)
+    rank = np.argsort(first[kept], kind="stable")
+    numbered = np.zeros(int(kept.sum()), dtype=np.uint64)
+    numbered[rank] = np.arange(1, int(kept.sum()) + 1, dtype=np.uint64)
+    final[np.flatnonzero(kept)] = numbered
+    return keys, final[component] if n else np.zeros(0, dtype=np.uint64)
+
+
+def relabel_block(fragments: Any, out: Any, window: Sequence[slice], keys: np.ndarray, values: np.ndarray) -> None:
+    """Write one block of ``fragments`` to ``out`` with each fragment id replaced by its segment id.
+
+    ``keys``/``values`` from :func:`merge_table`; id 0 stays 0. ``out`` may be ``fragments``.
+    """
+    window = tuple(window)
+    block = np.asarray(fragments[window]).astype(np.uint64)
+    result = np.zeros(block.shape, dtype=np.uint64)
+    fg = block > 0
+    if fg.any():
+        where = np.searchsorted(keys, block[fg])
+        if where.max() >= len(keys) or not np.array_equal(keys[where], block[fg]):
+            raise ValueError(f"relabel_block: fragments in window {window} missing from the merge table")
+        result[fg] = values[where]
+    out[window] = result
 
 
 def _is_short(offset: tuple[int, int, int]) -> bool:

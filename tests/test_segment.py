@@ -331,3 +331,50 @@ def test_blockwise_min_size_counts_merged_objects() -> None:
     assert same_partition(out[out > 0], truth[out > 0])
     with pytest.raises(ValueError, match="differs"):
         segment_blockwise(aff, LONG, np.zeros((2, 2, 2), np.uint64), (3, 3, 3))
+
+
+def test_merge_table_by_hand() -> None:
+    """Fragments 1..3 of block 0 and 11, 12 of block 1 (ids from fragment_id_base with 10-voxel
+    blocks); 2-11 and 11-12 merge. Objects: {1} 4 voxels, {2, 11, 12} 2+1+3, {3} 1 voxel."""
+    from dinopipe.segment import fragment_id_base, merge_table
+
+    assert fragment_id_base(0, (1, 2, 5)) == 0 and fragment_id_base(1, (1, 2, 5)) == 10
+    ids = np.array([12, 1, 11, 3, 2], dtype=np.uint64)  # any order
+    sizes = np.array([3, 4, 1, 1, 2])
+    pairs = np.array([[2, 11], [11, 12]], dtype=np.uint64)
+    keys, values = merge_table(ids, sizes, pairs, min_size=0)
+    assert keys.tolist() == [1, 2, 3, 11, 12] and values.tolist() == [1, 2, 3, 2, 2]
+    # min_size 2 drops {3} (1 voxel); the others keep the order of their first fragment
+    _, values = merge_table(ids, sizes, pairs, min_size=2)
+    assert values.tolist() == [1, 2, 0, 2, 2]
+    _, values = merge_table(ids, sizes, pairs, min_size=5)  # only {1} (4) goes
+    assert values.tolist() == [0, 1, 0, 1, 1]
+    with pytest.raises(ValueError, match="not in the fragment list"):
+        merge_table(ids, sizes, np.array([[1], [99]], dtype=np.uint64), min_size=0)
+    with pytest.raises(ValueError, match="not unique"):
+        merge_table(np.array([1, 1], dtype=np.uint64), np.array([1, 1]), np.zeros((2, 0)), min_size=0)
+
+
+def test_blockwise_steps_in_any_order_give_the_one_job_result() -> None:
+    """The steps of segment_blockwise run by separate "jobs" - blocks fragmented in reverse order,
+    faces of each block found alone, the table built from the parts - give its output exactly."""
+    from dinopipe.geometry import blocks
+    from dinopipe.segment import face_merges, fragment_block, merge_table, relabel_block, segment_blockwise
+
+    truth = blocks_truth()
+    aff = affinities_from_labels(truth, LONG)
+    rng = np.random.default_rng(3)
+    aff = np.clip(aff + rng.normal(0, 0.2, aff.shape), 0, 1).astype(np.float32)
+    block = (3, 4, 5)
+    one_job = np.zeros(truth.shape, dtype=np.uint64)
+    n = segment_blockwise(aff, LONG, one_job, block, method="mutex_watershed", min_size=3)
+    windows = blocks(truth.shape, block)
+    fragments = np.zeros(truth.shape, dtype=np.uint64)
+    parts = [fragment_block(aff, LONG, fragments, windows[i], i, block, "mutex_watershed")
+             for i in reversed(range(len(windows)))]
+    pairs = np.concatenate([face_merges(aff, LONG, fragments, w, 0.5) for w in windows[::-1]], axis=1)
+    keys, values = merge_table(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), pairs, 3)
+    out = np.zeros(truth.shape, dtype=np.uint64)
+    for w in windows:
+        relabel_block(fragments, out, w, keys, values)
+    assert n > 1 and np.array_equal(out, one_job)
