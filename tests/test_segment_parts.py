@@ -1,0 +1,87 @@
+"""Blockwise segmentation as many jobs (dinopipe.segment_parts): the steps, run part by part in
+any order, write exactly the one-job blockwise segmentation; a missing part is named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dinopipe import io
+from dinopipe.evaluate import evaluate_segmentation
+from dinopipe.segment_parts import (
+    part_blocks,
+    parts_dir,
+    run_faces,
+    run_finish,
+    run_fragments,
+    run_merge,
+    run_plan,
+    run_relabel,
+)
+from dinopipe.stages import run_segment, segment_settings
+from test_segment_stage import prediction  # noqa: F401  (fixture)
+
+
+def test_parts_take_every_jobs_th_block():
+    assert part_blocks(10, 0, 4) == [0, 4, 8] and part_blocks(10, 3, 4) == [3, 7]
+    assert part_blocks(2, 3, 4) == []  # more jobs than blocks: the extra parts have nothing to do
+    assert sorted(b for p in range(4) for b in part_blocks(10, p, 4)) == list(range(10))
+    with pytest.raises(ValueError, match="segment.jobs is 4"):
+        part_blocks(10, 4, 4)
+
+
+def run_all_parts(predictions, out, params: dict, jobs: int) -> dict:
+    """Every step as the workflow runs them, parts in reverse order (as jobs may finish)."""
+    work = parts_dir(out)
+    plan = run_plan(predictions, out, segment_settings(predictions, params), jobs, work / "plan.json")
+    parts = list(reversed(range(jobs)))
+    for p in parts:
+        run_fragments(out, p, work / f"fragments-{p}.npz")
+    for p in parts:
+        run_faces(out, p, work / f"faces-{p}.npz")
+    run_merge(work / "plan.json", [str(work / f"fragments-{p}.npz") for p in parts],
+              [str(work / f"faces-{p}.npz") for p in parts], work / "table.npz")
+    for p in parts:
+        run_relabel(out, p, work / "table.npz", work / f"done-{p}.json")
+    attrs = run_finish(out, work / "plan.json", work / "table.npz", [str(work / f"done-{p}.json") for p in parts])
+    assert plan["blocks"] > jobs
+    return attrs
+
+
+@pytest.mark.parametrize("method", ["mutex_watershed", "agglomeration"])
+def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method):  # noqa: F811
+    path, truth = prediction
+    params = {"method": method, "block_shape": [4, 8, 8], "min_size": 20, "bias_short": -0.5, "bias_long": -0.5,
+              "threshold": 0.5, "fragments": "waterz"}
+    one = run_segment(path, tmp_path / "one.zarr", params)
+    attrs = run_all_parts(path, tmp_path / "many.zarr", params, jobs=3)
+    a, b = io.read_image(tmp_path / "one.zarr"), io.read_image(tmp_path / "many.zarr")
+    assert np.array_equal(a.read(), b.read()) and a.geometry == b.geometry
+    assert evaluate_segmentation(truth, a.read())["voi_sum"] == pytest.approx(0, abs=1e-9)  # the 12 boxes
+    assert {k: v for k, v in attrs.items() if k not in ("seconds", "jobs")} == {
+        k: v for k, v in one.items() if k != "seconds"}
+    assert attrs["jobs"] == 3 and b.attrs["jobs"] == 3
+    # the work directory keeps only the small files (the workflow deletes them as temporary)
+    assert not (parts_dir(tmp_path / "many.zarr") / "fragments.zarr").exists()
+    assert not (parts_dir(tmp_path / "many.zarr") / "segmentation.zarr").exists()
+
+
+def test_a_missing_part_is_named(prediction, tmp_path):  # noqa: F811
+    path, _ = prediction
+    out = tmp_path / "seg.zarr"
+    work = parts_dir(out)
+    with pytest.raises(FileNotFoundError, match="segment_plan"):
+        run_fragments(out, 0, work / "f.npz")
+    run_plan(path, out, segment_settings(path, {"block_shape": [5, 10, 12]}), 2, work / "plan.json")
+    for p in range(2):
+        run_fragments(out, p, work / f"f{p}.npz")
+        run_faces(out, p, work / f"c{p}.npz")
+    run_merge(work / "plan.json", [str(work / "f0.npz"), str(work / "f1.npz")], [str(work / "c0.npz"),
+              str(work / "c1.npz")], work / "t.npz")
+    run_relabel(out, 1, work / "t.npz", work / "d1.json")
+    assert json.loads((work / "d1.json").read_text())["blocks"] == [1, 3, 5, 7]
+    with pytest.raises(RuntimeError, match=r"blocks \[0, 2, 4, 6\] of 8 were not relabelled"):
+        run_finish(out, work / "plan.json", work / "t.npz", [str(work / "d1.json")])
+    assert not out.exists()
