@@ -61,7 +61,7 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
     "targets": {"classes": None},
     "demo": {"organelles": None},
-    "segment": {"split_touching_nm": None},
+    "segment": {"split_touching_nm": None, "jobs": None},
 }
 
 #: Train keys that may differ between an interrupted run and its continuation: the

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import zarr
 
 from dinopipe import io
 from dinopipe.evaluate import evaluate_segmentation
@@ -85,3 +86,50 @@ def test_a_missing_part_is_named(prediction, tmp_path):  # noqa: F811
     with pytest.raises(RuntimeError, match=r"blocks \[0, 2, 4, 6\] of 8 were not relabelled"):
         run_finish(out, work / "plan.json", work / "t.npz", [str(work / "d1.json")])
     assert not out.exists()
+
+
+@pytest.mark.workflow
+@pytest.mark.slow
+def test_segment_jobs_through_snakemake(project, tmp_path):
+    """The tiny demo's predict_0 (16 x 32 x 32) in 8 blocks by 3 jobs per step: the dry run lists
+    the parts; a part killed mid-write (its output missing, its blocks scribbled over) is the
+    only fragments job the rerun does; the result is the one-job blockwise segmentation bitwise;
+    no work file is left, and nothing remains to be done."""
+    import shutil
+
+    import yaml
+
+    from test_workflow import jobs_in, snakemake, tiny_config
+
+    own = tmp_path / "own"
+    shutil.copytree(project, own, symlinks=True)
+    config = tiny_config()
+    config["segment"].update(jobs=3, block_shape=[8, 16, 16])
+    (own / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "results/segmentations/predict_0.zarr"
+    work = own / "results" / "segmentations" / "predict_0.parts"
+    steps = {"segment_plan": 1, "segment_fragments": 3, "segment_faces": 3, "segment_merge": 1, "segment_relabel": 3,
+             "segment_finish": 1}
+    planned = jobs_in(snakemake(own, "-n", target).stdout)
+    assert {k: v for k, v in planned.items() if k.startswith("segment")} == steps
+
+    # every part's fragments (kept: a run for this target alone would drop its temporary inputs),
+    # then part 1 "killed": its file gone, its blocks overwritten
+    snakemake(own, "--notemp", str(work.relative_to(own) / "faces" / "0.npz"))
+    assert sorted(p.name for p in (work / "fragments").iterdir()) == ["0.npz", "1.npz", "2.npz"]
+    (work / "fragments" / "1.npz").unlink()
+    fragments = zarr.open_group(str(work / "fragments.zarr"), mode="r+")["s0"]
+    fragments[0:8, 0:16, 16:32] = 12345  # block 1 (C order: z, y, x)
+    rerun = jobs_in(snakemake(own, "-n", target).stdout)
+    assert rerun["segment_fragments"] == 1 and "segment_plan" not in rerun
+    snakemake(own, target)
+
+    seg = io.read_image(own / target)
+    params = {**config["segment"]}
+    tuned = own / "results" / "tune" / "segment.json"
+    one = run_segment(own / "results" / "predictions" / "predict_0.zarr", tmp_path / "one.zarr", params,
+                      tuned=tuned if tuned.exists() else None)
+    assert np.array_equal(seg.read(), io.read_image(tmp_path / "one.zarr").read())
+    assert seg.attrs["jobs"] == 3 and seg.attrs["segments"] == one["segments"] > 1
+    assert not [p for p in work.rglob("*") if p.is_file()]  # temporary files deleted, stores moved or removed
+    assert jobs_in(snakemake(own, "-n", target).stdout) == {}
