@@ -12,10 +12,11 @@ same numbering):
    part's blocks into fragments with globally unique ids (the block index numbers them),
    writes them to ``fragments.zarr`` and their ids and sizes to ``fragments/{part}.npz``.
 3. :func:`run_faces` (rule ``segment_faces``, one job per part, after every part's
-   fragments): the fragment pairs that merge across the faces of the part's blocks with
-   their predecessors, in ``faces/{part}.npz``.
-4. :func:`run_merge` (rule ``segment_merge``, one job): connected components of all merges,
-   ``min_size``, consecutive ids; ``table.npz`` maps every fragment to its segment.
+   fragments): the region graph's edges of the part's blocks (across the faces with their
+   predecessors, and inside them for agglomeration), in ``faces/{part}.npz``.
+4. :func:`run_merge` (rule ``segment_merge``, one job): the merge on the whole graph
+   (:func:`dinopipe.segment.merge_table`), ``min_size``, consecutive ids; ``table.npz``
+   maps every fragment to its segment.
 5. :func:`run_relabel` (rule ``segment_relabel``, one job per part): writes the part's blocks
    of the staging store through the table.
 6. :func:`run_finish` (rule ``segment_finish``, one job): checks every part, writes the
@@ -45,9 +46,11 @@ import zarr
 from dinopipe import io
 from dinopipe.geometry import Window, blocks
 from dinopipe.segment import (
+    block_edges,
     check_blockwise,
-    face_merges,
+    concat_edges,
     fragment_block,
+    graph_merge,
     merge_table,
     relabel_block,
     sanity_warnings,
@@ -142,7 +145,7 @@ def run_fragments(out_path: str | Path, part: int, out_npz: str | Path) -> int:
     windows = _windows(plan, part)
     for i, window in windows:
         block_ids, block_sizes = fragment_block(affs, plan["offsets"], fragments, window, i, plan["block_shape"],
-                                                s["method"], **s["parameters"])
+                                                s["method"], s["block_context"], **s["parameters"])
         ids.append(block_ids)
         sizes.append(block_sizes)
     all_ids = np.concatenate(ids)
@@ -154,39 +157,42 @@ def run_fragments(out_path: str | Path, part: int, out_npz: str | Path) -> int:
 
 
 def run_faces(out_path: str | Path, part: int, out_npz: str | Path) -> int:
-    """Merging fragment pairs across the faces of one part's blocks (step 3); returns their number."""
+    """The region graph's edges of one part's blocks (step 3, :func:`dinopipe.segment.block_edges`);
+    returns their number."""
     work = parts_dir(out_path)
     plan = _read_plan(work)
     affs = io.read_image(Path(plan["predictions"]) / "affinities").array
     fragments = io.read_image(work / "fragments.zarr").array
-    threshold = float(plan["settings"]["merge_threshold"])
-    found = [face_merges(affs, plan["offsets"], fragments, window, threshold) for _, window in _windows(plan, part)]
-    pairs = np.concatenate([np.zeros((2, 0), np.uint64), *found], axis=1)
+    internal = plan["settings"]["method"] == "agglomeration"
+    pairs, sums, counts = concat_edges([block_edges(affs, plan["offsets"], fragments, window, internal)
+                                        for _, window in _windows(plan, part)])
     with io.atomic_output(out_npz) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, pairs=pairs)
-    logger.info("part %d: %d merging pairs", part, pairs.shape[1])
+            np.savez(f, pairs=pairs, sums=sums, counts=counts)
+    logger.info("part %d: %d region graph edges", part, pairs.shape[1])
     return int(pairs.shape[1])
 
 
 def run_merge(plan_json: str | Path, fragment_npzs: list[str], face_npzs: list[str], out_npz: str | Path) -> int:
     """The table fragment id -> segment id of the whole volume (step 4); returns the segment count."""
     plan = json.loads(Path(plan_json).read_text())
-    ids, sizes, pairs = [], [], []
+    s = plan["settings"]
+    ids, sizes, edges = [], [], []
     for path in fragment_npzs:
         with np.load(path) as data:
             ids.append(data["ids"])
             sizes.append(data["sizes"])
     for path in face_npzs:
         with np.load(path) as data:
-            pairs.append(data["pairs"])
-    keys, values = merge_table(np.concatenate(ids), np.concatenate(sizes), np.concatenate(pairs, axis=1),
-                               int(plan["settings"]["min_size"]))
+            edges.append((data["pairs"], data["sums"], data["counts"]))
+    t = time.perf_counter()
+    keys, values = merge_table(np.concatenate(ids), np.concatenate(sizes), concat_edges(edges), int(s["min_size"]),
+                               **graph_merge(s["method"], s["merge_threshold"], s["parameters"]))
     n = int(values.max()) if len(values) else 0
     with io.atomic_output(out_npz) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, keys=keys, values=values)
-    logger.info("%d fragments -> %d segments", len(keys), n)
+    logger.info("%d fragments -> %d segments in %.1fs", len(keys), n, time.perf_counter() - t)
     return n
 
 
@@ -224,7 +230,8 @@ def run_finish(out_path: str | Path, plan_json: str | Path, table_npz: str | Pat
     for w in warnings:
         logger.warning("segmentation %s: %s (method %s, %s)", out_path, w, s["method"], s["parameters"])
     attrs = {"method": s["method"], "parameters": s["parameters"], "min_size": s["min_size"], "blockwise": True,
-             "tuned": s["tuned"], "block_shape": plan["block_shape"], "merge_threshold": float(s["merge_threshold"]),
+             "tuned": s["tuned"], "block_shape": plan["block_shape"], "block_context": s["block_context"],
+             "merge_threshold": float(s["merge_threshold"]),
              "segments": n, "seconds": time.time() - float(plan["started"]), "warnings": warnings, "jobs": plan["jobs"]}
     io.set_attrs(work / "segmentation.zarr", attrs)
     out = Path(out_path)

@@ -419,6 +419,7 @@ DEFAULT_SEGMENT: dict[str, Any] = {
     "min_size": 0,
     "max_voxels": 100_000_000,
     "block_shape": None,
+    "block_context": 16,
     "merge_threshold": 0.5,
 }
 
@@ -430,7 +431,7 @@ def segment_settings(predictions_path: str | Path, params: Mapping[str, Any],
     ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
     parameters replace the config's. Returns ``method``, ``parameters`` (the method's own,
     keys of other methods left out), ``min_size``, ``merge_threshold``, ``block_shape``
-    (null or (z, y, x) voxels), ``max_voxels`` and ``tuned`` (bool).
+    (null or (z, y, x) voxels), ``block_context`` (voxels), ``max_voxels`` and ``tuned`` (bool).
     """
     from dinopipe.segment import METHODS, method_parameters
     from dinopipe.tune import read_choice
@@ -444,7 +445,8 @@ def segment_settings(predictions_path: str | Path, params: Mapping[str, Any],
     accepted = method_parameters(method) - {"min_size"}
     return {"method": method, "parameters": {k: v for k, v in config.items() if k in accepted and v is not None},
             "min_size": int(config["min_size"]), "merge_threshold": float(config["merge_threshold"]),
-            "block_shape": config["block_shape"], "max_voxels": int(config["max_voxels"]), "tuned": tuned is not None}
+            "block_shape": config["block_shape"], "block_context": int(config["block_context"]),
+            "max_voxels": int(config["max_voxels"]), "tuned": tuned is not None}
 
 
 def run_segment(
@@ -491,8 +493,9 @@ def run_segment(
                                   name="segmentation")
             n = segment_blockwise(affs_img.array, offsets, out, block, method=method,
                                   merge_threshold=settings["merge_threshold"], min_size=settings["min_size"],
-                                  **method_params)
-            attrs.update(block_shape=block, merge_threshold=settings["merge_threshold"])
+                                  context=settings["block_context"], **method_params)
+            attrs.update(block_shape=block, block_context=settings["block_context"],
+                         merge_threshold=settings["merge_threshold"])
         else:
             logger.info("segmenting %s in memory (%d voxels, about %.1f GB)", predictions_path, voxels,
                         voxels * bytes_per_voxel(len(offsets)) / 1e9)
