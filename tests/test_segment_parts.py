@@ -133,3 +133,50 @@ def test_segment_jobs_through_snakemake(project, tmp_path):
     assert seg.attrs["jobs"] == 3 and seg.attrs["segments"] == one["segments"] > 1
     assert not [p for p in work.rglob("*") if p.is_file()]  # temporary files deleted, stores moved or removed
     assert jobs_in(snakemake(own, "-n", target).stdout) == {}
+
+
+@pytest.mark.workflow
+@pytest.mark.slow
+def test_segment_jobs_on_the_emulated_lsf(project, tmp_path):
+    """The same volume in 3 parts per step through profiles/lsf on the emulated LSF, the first
+    fragments job killed for memory: it alone is resubmitted (with more memory), every step's
+    parts run as separate LSF jobs, and the segmentation equals the one-job blockwise one."""
+    import os
+    import shutil
+    import sys
+
+    import yaml
+
+    from lsf_emulator import lsf
+    from test_cluster import CPU_QUEUE, GPU_QUEUE, attempt_of, cluster_snakemake, profile_copy, rule_of
+    from test_workflow import tiny_config
+
+    own = tmp_path / "own"
+    shutil.copytree(project, own, symlinks=True)
+    config = tiny_config()
+    config["segment"].update(jobs=3, block_shape=[8, 16, 16])
+    (own / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    state = lsf.configure(tmp_path / "lsf", max_running=4, queues={CPU_QUEUE: {}, GPU_QUEUE: {"gpus": 4}},
+                          faults=[{"job_name": "rule_segment_fragments", "memlimit_mb": 12000, "times": 1}])
+    bin_dir = lsf.install(tmp_path / "bin", python=sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LSF_EMULATOR_DIR": str(state),
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    target = "results/segmentations/predict_0.zarr"
+    try:
+        cluster_snakemake(own, profile_copy("lsf", tmp_path), target, env=env)
+    finally:
+        lsf.kill_all(state)
+    jobs = lsf.all_jobs(state)
+    by_rule: dict[str, list[dict]] = {}
+    for job in jobs:
+        by_rule.setdefault(rule_of(job["name"]), []).append(job)
+    assert len(by_rule["segment_faces"]) == 3 and len(by_rule["segment_relabel"]) == 3
+    assert len(by_rule["segment_merge"]) == 1
+    assert "segment_plan" not in by_rule and "segment_finish" not in by_rule  # local rules
+    fragments = by_rule["segment_fragments"]
+    assert sorted((attempt_of(j["command"]), j["stat"]) for j in fragments) == [
+        (1, "DONE"), (1, "DONE"), (1, "EXIT"), (2, "DONE")]
+    tuned = own / "results" / "tune" / "segment.json"
+    run_segment(own / "results" / "predictions" / "predict_0.zarr", tmp_path / "one.zarr", config["segment"],
+                tuned=tuned if tuned.exists() else None)
+    assert np.array_equal(io.read_image(own / target).read(), io.read_image(tmp_path / "one.zarr").read())
