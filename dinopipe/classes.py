@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ClassSpec",
     "Classes",
+    "check_class_loss",
     "class_scores",
     "class_thresholds",
     "combine_class_arrays_overlap",
@@ -219,6 +220,25 @@ def parse_classes(value: Any, key: str = "targets.classes", overlap: Any = False
     return Classes(tuple(specs), overlap)
 
 
+def check_class_loss(loss: str, overlap: bool, where: str = "targets.classes_overlap") -> None:
+    """``train.loss`` against the kind of classes: exclusive classes (one softmax) are learnt
+    by ``cross_entropy``, overlapping classes (one sigmoid per class) by a per-class loss
+    (``dinopipe.losses.LOSSES``: bce, focal, dice, tversky, bce_dice; the names are checked
+    by :func:`dinopipe.train_params.resolve_train_params`). Torch-free: checked when the
+    workflow starts.
+
+    Raises:
+        ValueError: Naming ``train.loss`` and ``where`` (the overlap's source) and the losses allowed.
+    """
+    if overlap and loss == "cross_entropy":
+        raise ValueError(f"train.loss is 'cross_entropy' but the classes overlap ({where} is true): overlapping "
+                         f"classes are learnt one sigmoid per class; use bce, focal, dice, tversky or bce_dice")
+    if not overlap and loss != "cross_entropy":
+        raise ValueError(f"train.loss is {loss!r} but the classes are exclusive ({where} is false): exclusive "
+                         f"classes are learnt by one softmax with train.loss: cross_entropy (set "
+                         f"targets.classes_overlap: true for one sigmoid per class)")
+
+
 def _instance(entry: Mapping[str, Any], where: str, name: str) -> bool:
     instance = entry.get("instance", False)
     if not isinstance(instance, bool):
@@ -247,6 +267,9 @@ def combine_class_arrays(
     * background (0), known, when no array claims it and every class's array is present and
       annotated there;
     * unknown (mask 0) otherwise: some class might be there.
+
+    For overlapping classes only ``labels`` is used (the objects behind the targets'
+    affinities); their classes come from :func:`combine_class_arrays_overlap`.
 
     Args:
         arrays: Class name -> (z, y, x) integer array or None, for every class of ``classes``.
@@ -284,7 +307,7 @@ def combine_class_arrays(
             ids, inverse = np.unique(a[new], return_inverse=True)
             labels[new] = (offset + 1 + inverse.reshape(-1)).astype(np.uint64)
             offset += len(ids)
-    if overlap:
+    if overlap and not classes.overlap:
         logger.warning("%d voxels are claimed by two class arrays; the first listed class keeps them", overlap)
     mask = (claimed | annotated_all).astype(np.uint8)
     return image, mask, labels

@@ -59,9 +59,9 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 #: left out of the params while off, so that existing projects' params (and outputs) stay
 #: unchanged and nothing reruns when dinopipe gains the key.
 OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
-    "targets": {"classes": None},
+    "targets": {"classes": None, "classes_overlap": False},
     "demo": {"organelles": None},
-    "segment": {"split_touching_nm": None},
+    "segment": {"split_touching_nm": None, "class_threshold": None},
 }
 
 #: Train keys that may differ between an interrupted run and its continuation: the
