@@ -311,10 +311,9 @@ def run_targets(
                else "")
         )
     if overlap:
-        if class_targets is None:
+        if class_targets is None or class_mask is None:
             class_targets, class_mask, class_objects = timed(
                 "classes_s", overlapping_class_targets, labels, classes, mask)
-        assert class_mask is not None
         class_mask &= mask.astype(np.uint8)[None]  # the union mask, eroded
         class_targets &= class_mask
         for name, objects in class_objects.items():
