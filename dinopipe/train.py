@@ -432,6 +432,7 @@ class _Run:
         in_ch, out_ch = target_channels(
             p["target"], num_offsets=self.num_offsets, lsds=p["lsds"], num_classes=self.num_classes or 0,
             input_raw=p["input_raw"], feature_channels=first.channels if p["input_features"] else 0,
+            overlap=_overlap(self.train_vols + self.val_vols, p),
         )
         self.unet_config = UNetConfig.from_dict({**p["unet"], "in_channels": in_ch, "out_channels": out_ch})
         volumes_used = {
