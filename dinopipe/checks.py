@@ -21,7 +21,7 @@ import numpy as np
 
 from dinopipe.augment import check_offsets_closed, resolve_augment_params, transform_group
 from dinopipe.backbone_spec import known_patch_size
-from dinopipe.classes import check_class_loss, overlapping_unlabelled, parse_classes
+from dinopipe.classes import check_class_loss, class_thresholds, overlapping_unlabelled, parse_classes
 from dinopipe.geometry import Geometry
 from dinopipe.inputs import child_images, metadata_cache, source_store
 from dinopipe.runtime import DEVICE_HELP, is_device_name
@@ -75,8 +75,9 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
 
 
 def _class_problems(config: Mapping[str, Any]) -> list[str]:
-    """``targets.classes`` well formed, not overlapping ``targets.unlabelled_ids``, and set
-    exactly when ``train.target`` is ``semantic``."""
+    """``targets.classes`` well formed, not overlapping ``targets.unlabelled_ids``, set
+    exactly when ``train.target`` is ``semantic``, learnt by a loss that fits
+    ``targets.classes_overlap``, and ``segment.class_threshold`` naming only classes."""
     targets = config.get("targets") or {}
     train = config.get("train") or {}
     target = train.get("target", "affinities")
@@ -94,6 +95,11 @@ def _class_problems(config: Mapping[str, Any]) -> list[str]:
     else:
         try:
             check_class_loss(train.get("loss", "bce"), classes.overlap)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if classes.overlap:
+        try:
+            class_thresholds((config.get("segment") or {}).get("class_threshold"), classes)
         except ValueError as exc:
             problems.append(str(exc))
     both = overlapping_unlabelled(classes, targets.get("unlabelled_ids") or [])

@@ -24,7 +24,7 @@ def _config(**sections):
                         "augment": {"flip": True, "rot90": True, "transpose": True}},
               "predict": {"roles": ["predict"], "device": "auto"}, "data": {}}
     for key, value in sections.items():
-        config[key] = {**config[key], **value}
+        config[key] = {**config.get(key, {}), **value}
     return config
 
 
@@ -66,6 +66,9 @@ def test_a_good_config_has_no_problems():
      "train.loss is 'dice' but the classes are exclusive"),
     ({"targets": {"classes": [{"name": "organelle", "ids": [1, 2]}, {"name": "dark", "ids": [1]}]},
       "train": {"target": "semantic", "loss": "cross_entropy"}}, "set targets.classes_overlap: true"),
+    ({"targets": {"classes": [{"name": "organelle", "ids": [1, 2]}, {"name": "dark", "ids": [1]}],
+                  "classes_overlap": True}, "train": {"target": "semantic", "loss": "bce"},
+      "segment": {"class_threshold": {"mito": 0.6}}}, "segment.class_threshold names ['mito'], which are not classes"),
 ])
 def test_config_problems(sections, message):
     problems = check_config(_config(**sections))
