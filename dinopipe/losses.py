@@ -87,14 +87,21 @@ def weighted_bce(
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    *,
+    pos_weight: float = 1.0,
 ) -> torch.Tensor:
     """Binary cross-entropy on logits, weighted and masked.
+
+    Per element ``-(pos_weight * t log p + (1 - t) log(1 - p))``, ``p = sigmoid(logit)``
+    (torch's ``pos_weight``): a ``pos_weight`` above 1 counts the rare positives (a class
+    covering 1 % of the voxels) more, as class weights do for cross-entropy.
 
     Args:
         logits: (B, C, z, y, x) logits.
         target: (B, C, z, y, x) targets in [0, 1].
         weight: Per-voxel weights (e.g. boundary weights >= 1), or None for 1.
         mask: 1 where the target is known, or None for everywhere.
+        pos_weight: Weight of the positive term, > 0.
 
     Returns:
         Scalar: mean over masked elements of ``weight * BCE`` (``ln 2`` for logits 0
@@ -102,7 +109,8 @@ def weighted_bce(
     """
     _check_pair(logits, target, "weighted_bce")
     logits, target = _as_float(logits), _as_float(target)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    extra = {} if pos_weight == 1.0 else {"pos_weight": torch.tensor(float(pos_weight), device=logits.device)}
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none", **extra)
     return _masked_mean(bce, _broadcastable(weight, logits, "weight"), _broadcastable(mask, logits, "mask"))
 
 
@@ -329,16 +337,25 @@ def bce_dice_loss(
     *,
     smooth: float = 1.0,
     dice_weight: float = 1.0,
+    pos_weight: float = 1.0,
 ) -> torch.Tensor:
-    """:func:`weighted_bce` + ``dice_weight`` x :func:`dice_loss` (same weight and mask)."""
-    _check_bce_dice(smooth, dice_weight)
-    return weighted_bce(logits, target, weight, mask) + dice_weight * dice_loss(
+    """:func:`weighted_bce` (with ``pos_weight``) + ``dice_weight`` x :func:`dice_loss` (same
+    weight and mask)."""
+    _check_bce_dice(smooth, dice_weight, pos_weight)
+    return weighted_bce(logits, target, weight, mask, pos_weight=pos_weight) + dice_weight * dice_loss(
         logits, target, weight, mask, smooth=smooth)
 
 
-def _check_bce_dice(smooth: float, dice_weight: float) -> None:
+def _check_bce(pos_weight: float) -> None:
+    _check_number("pos_weight", pos_weight, 0)
+    if pos_weight == 0:
+        raise ValueError("loss parameter pos_weight must be > 0, got 0")
+
+
+def _check_bce_dice(smooth: float, dice_weight: float, pos_weight: float = 1.0) -> None:
     _check_number("smooth", smooth, 0)
     _check_number("dice_weight", dice_weight, 0)
+    _check_bce(pos_weight)
 
 
 def per_class_loss(
@@ -384,11 +401,11 @@ def per_class_loss(
 
 
 LOSSES: dict[str, tuple[AffinityLoss, dict[str, Any], Callable[..., None] | None]] = {
-    "bce": (weighted_bce, {}, None),
+    "bce": (weighted_bce, {"pos_weight": 1.0}, _check_bce),
     "focal": (focal_loss, {"gamma": 2.0, "alpha": 0.25}, _check_focal),
     "dice": (dice_loss, {"smooth": 1.0}, lambda smooth: _check_tversky(0.5, 0.5, smooth)),
     "tversky": (tversky_loss, {"alpha": 0.5, "beta": 0.5, "smooth": 1.0}, _check_tversky),
-    "bce_dice": (bce_dice_loss, {"smooth": 1.0, "dice_weight": 1.0}, _check_bce_dice),
+    "bce_dice": (bce_dice_loss, {"smooth": 1.0, "dice_weight": 1.0, "pos_weight": 1.0}, _check_bce_dice),
 }
 """Affinity losses by name: (function, default params, parameter check)."""
 
@@ -397,8 +414,8 @@ def build_loss(name: str, **params: Any) -> AffinityLoss:
     """An affinity loss ``loss(logits, target, weight=None, mask=None)`` by name.
 
     Args:
-        name: One of "bce", "focal" (params gamma, alpha), "dice" (smooth),
-            "tversky" (alpha, beta, smooth) or "bce_dice" (smooth, dice_weight).
+        name: One of "bce" (param pos_weight), "focal" (gamma, alpha), "dice" (smooth),
+            "tversky" (alpha, beta, smooth) or "bce_dice" (smooth, dice_weight, pos_weight).
         **params: Parameters of that loss; defaults as in the loss functions.
 
     Raises:

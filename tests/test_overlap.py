@@ -196,6 +196,12 @@ def test_bce_dice_loss_by_hand() -> None:
                                                                                            rel=1e-6)
     with pytest.raises(ValueError, match="dice_weight"):
         build_loss("bce_dice", dice_weight=-1)
+    # pos_weight counts the positive term more: (3 ln 2 + ln 2) / 2 for targets 1 and 0 at logit 0
+    logits, target = torch.zeros(1, 1, 1, 1, 2), torch.tensor([1.0, 0.0]).view(1, 1, 1, 1, 2)
+    assert float(build_loss("bce", pos_weight=3.0)(logits, target)) == pytest.approx(2 * math.log(2), rel=1e-6)
+    assert float(build_loss("bce")(logits, target)) == pytest.approx(math.log(2), rel=1e-6)
+    with pytest.raises(ValueError, match="pos_weight must be > 0"):
+        build_loss("bce", pos_weight=0)
 
 
 # --------------------------------------------------------------------------------------------
