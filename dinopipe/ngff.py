@@ -13,8 +13,10 @@ Local arrays are read memory-mapped through tensorstore (:func:`open_tensorstore
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -284,6 +286,108 @@ def write_image(
         shards=shards,
     )
     arr[...] = data
+
+
+#: Bytes of partly written shards that :class:`ShardWriter` holds before it writes them
+#: out partly (each such write reads and rewrites the shard's file).
+SHARD_BUFFER_BYTES = 1 << 30
+
+
+class ShardWriter:
+    """Writes windows of a zarr array so that a sharded array's shards are written whole.
+
+    A write into part of a shard reads, decodes, re-encodes and rewrites the shard's whole
+    file, so writing a shard block by block costs as many rewrites as it has blocks. This
+    writer copies each window into a buffer per shard and writes a shard once all its
+    voxels have arrived. Windows must tile the array without overlap (as blocks do). When
+    the partly written shards exceed ``max_bytes``, the oldest are written out as far as
+    they are (correct, but those shards are rewritten later): write in shard order (all
+    blocks of a shard one after another, :func:`shard_major`) and this never happens.
+    Unsharded arrays are written through directly. Use as a context manager: leaving it
+    writes what is still buffered (on success only).
+
+    Args:
+        array: A writable zarr array (``.shards`` None when unsharded).
+        max_bytes: Bound on buffered bytes before partial shards are written out.
+    """
+
+    def __init__(self, array: Any, max_bytes: int = SHARD_BUFFER_BYTES) -> None:
+        self.array = array
+        self.shards: tuple[int, ...] | None = tuple(array.shards) if getattr(array, "shards", None) else None
+        self.max_bytes = int(max_bytes)
+        self.partial_writes = 0  # shards written out before they were complete
+        self._open: dict[tuple[int, ...], tuple[np.ndarray, list[tuple[slice, ...]], list[int]]] = {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def _shard_window(self, index: tuple[int, ...]) -> tuple[slice, ...]:
+        assert self.shards is not None
+        return tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in zip(index, self.shards, self.array.shape))
+
+    def __setitem__(self, key: tuple[slice, ...], data: np.ndarray) -> None:
+        """Write ``data`` into ``array[key]`` (``key``: one slice with explicit bounds per
+        axis, or fewer, the rest whole)."""
+        window = tuple(key) + (slice(None),) * (len(self.shape) - len(key))
+        window = tuple(slice(*w.indices(n)[:2]) for w, n in zip(window, self.shape))
+        if self.shards is None:
+            self.array[window] = data
+            return
+        data = np.broadcast_to(data, tuple(w.stop - w.start for w in window))
+        ranges = [range(w.start // s, -(-w.stop // s)) for w, s in zip(window, self.shards)]
+        for index in itertools.product(*ranges):
+            shard = self._shard_window(index)
+            part = tuple(slice(max(w.start, t.start), min(w.stop, t.stop)) for w, t in zip(window, shard))
+            if any(p.start >= p.stop for p in part):
+                continue
+            if index not in self._open:
+                extent = tuple(t.stop - t.start for t in shard)
+                self._open[index] = (np.zeros(extent, dtype=self.array.dtype), [], [0])
+            buffer, parts, filled = self._open[index]
+            local = tuple(slice(p.start - t.start, p.stop - t.start) for p, t in zip(part, shard))
+            buffer[local] = data[tuple(slice(p.start - w.start, p.stop - w.start) for p, w in zip(part, window))]
+            parts.append(part)
+            filled[0] += math.prod(p.stop - p.start for p in part)
+            if filled[0] >= buffer.size:
+                self.array[shard] = buffer
+                del self._open[index]
+        while self._open and sum(b.nbytes for b, _, _ in self._open.values()) > self.max_bytes:
+            self._write_partial(next(iter(self._open)))
+
+    def _write_partial(self, index: tuple[int, ...]) -> None:
+        """Write the parts of one buffered shard that have arrived, and forget it."""
+        buffer, parts, _ = self._open.pop(index)
+        shard = self._shard_window(index)
+        for part in parts:
+            self.array[part] = buffer[tuple(slice(p.start - t.start, p.stop - t.start) for p, t in zip(part, shard))]
+        self.partial_writes += 1
+
+    def flush(self) -> None:
+        """Write every buffered shard as far as it is written."""
+        for index in list(self._open):
+            self._write_partial(index)
+        if self.partial_writes:
+            logger.info("%d shard(s) of %s were written in parts (windows not in shard order)",
+                        self.partial_writes, getattr(self.array, "name", "an array"))
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.flush()
+
+
+def shard_major(starts: Sequence[tuple[int, ...]], shards: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """Block starts (z, y, x voxels) reordered so that the blocks of each shard come one after
+    another (shards in C order, blocks within a shard in their given order); unchanged when
+    ``shards`` (spatial shard shape, voxels) is None."""
+    starts = list(starts)
+    if shards is None:
+        return starts
+    rank = {start: i for i, start in enumerate(starts)}
+    return sorted(starts, key=lambda st: (tuple(v // s for v, s in zip(st, shards)), rank[st]))
 
 
 def set_attrs(path: str | os.PathLike[str], attrs: Mapping[str, Any]) -> None:

@@ -230,3 +230,47 @@ def test_shard_shape_rounds_to_whole_chunks_and_names_the_key():
     with pytest.raises(ValueError, match="whole number of chunks"):
         io.create_image(Path("/nonexistent/x.zarr"), (32, 32, 32), np.uint8, (1, 1, 1), (0, 0, 0),
                         chunks=(16, 16, 16), shards=(24, 32, 32))
+
+
+class _CountingArray:
+    """A zarr array that counts the writes into it."""
+
+    def __init__(self, array):
+        self.array, self.writes = array, []
+        self.shape, self.dtype, self.shards = array.shape, array.dtype, array.shards
+
+    def __setitem__(self, key, value):
+        self.writes.append(key)
+        self.array[key] = value
+
+
+@pytest.mark.parametrize("shards", [None, (4, 16, 16, 16)])
+def test_shard_writer_writes_each_shard_once_in_shard_order(tmp_path, shards):
+    data = np.random.default_rng(1).standard_normal((4, 40, 40, 24)).astype(np.float32)
+    array = _CountingArray(io.create_image(tmp_path / "p.zarr", data.shape, np.float32, (1, 1, 1), (0, 0, 0),
+                                           channel_axis=True, chunks=(4, 8, 8, 8), shards=shards))
+    starts = [(z, y, x) for z in range(0, 40, 8) for y in range(0, 40, 8) for x in range(0, 24, 8)]
+    ordered = io.shard_major(starts, None if shards is None else shards[1:])
+    assert sorted(ordered) == sorted(starts) and (ordered == starts) == (shards is None)
+    with io.ShardWriter(array) as writer:
+        for z, y, x in ordered:
+            writer[(slice(None), slice(z, z + 8), slice(y, y + 8), slice(x, x + 8))] = \
+                data[:, z : z + 8, y : y + 8, x : x + 8]
+    np.testing.assert_array_equal(io.read_image(tmp_path / "p.zarr").read(), data)
+    # unsharded: one write per block; sharded: one per shard (3 x 3 x 2), none partial
+    assert len(array.writes) == (len(starts) if shards is None else 18) and writer.partial_writes == 0
+
+
+def test_shard_writer_bounds_its_buffer_and_stays_correct_out_of_order(tmp_path):
+    data = np.random.default_rng(2).integers(0, 1000, (40, 40, 24)).astype(np.uint64)
+    arr = io.create_image(tmp_path / "s.zarr", data.shape, np.uint64, (1, 1, 1), (0, 0, 0), chunks=(8, 8, 8),
+                          shards=(16, 16, 16))
+    shard_bytes = 16 * 16 * 16 * 8
+    with io.ShardWriter(arr, max_bytes=2 * shard_bytes) as writer:  # C order: a row of shards stays open
+        for z in range(0, 40, 8):
+            for y in range(0, 40, 8):
+                for x in range(0, 24, 8):
+                    writer[z : z + 8, y : y + 8, x : x + 8] = data[z : z + 8, y : y + 8, x : x + 8]
+            assert sum(b.nbytes for b, _, _ in writer._open.values()) <= 2 * shard_bytes
+    assert writer.partial_writes > 0
+    np.testing.assert_array_equal(io.read_image(tmp_path / "s.zarr").read(), data)
