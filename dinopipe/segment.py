@@ -503,6 +503,7 @@ def segment_blockwise(
     method: str = "mutex_watershed",
     merge_threshold: float = 0.5,
     min_size: int = 0,
+    relabel_into: Any | None = None,
     **params: object,
 ) -> int:
     """Segment a volume too large for memory block by block, merging fragments across block faces.
@@ -526,6 +527,10 @@ def segment_blockwise(
         method: A method of :data:`METHODS`.
         merge_threshold: Mean face affinity above which two fragments merge.
         min_size: Objects (after merging) with fewer voxels than this become 0.
+        relabel_into: Where pass 2 writes the final ids (same shape), instead of back into
+            ``out`` (which then holds the fragments): e.g. a sharded zarr array, written
+            one whole shard at a time (its ``shards``), while ``out`` is an unsharded
+            scratch array that pass 1 writes and reads block by block.
         **params: Parameters of ``method``.
 
     Returns:
@@ -598,8 +603,12 @@ def segment_blockwise(
     final = np.zeros(next_id, dtype=np.uint64)
     final[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.uint64)
     lookup = final[roots]
-    for window in windows:
-        out[window] = lookup[np.asarray(out[window]).astype(np.int64)]
+    target = out if relabel_into is None else relabel_into
+    if tuple(target.shape) != shape:
+        raise ValueError(f"relabel_into shape {tuple(target.shape)} differs from the affinities' {shape}")
+    shards = getattr(target, "shards", None)
+    for window in blocks(shape, tuple(shards)) if shards else windows:
+        target[window] = lookup[np.asarray(out[window]).astype(np.int64)]
     logger.info("blockwise %s: %d blocks, %d fragments, %d segments", method, len(windows), next_id - 1,
                 int(kept.sum()))
     return int(kept.sum())
