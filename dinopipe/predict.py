@@ -28,7 +28,11 @@ of the same size (on the device), the network's activations and, from raw, one g
 block of raw and features; the buffers are allocated once, and memory does not grow
 with the volume (``benchmarks/predict.py`` measures it).
 
-Output store (written atomically):
+Output store (written atomically): OME-NGFF 0.4 images on Zarr v2 chunked by block, or
+with ``shard_shape`` OME-NGFF 0.5 on Zarr v3 shards of whole blocks; the blocks are then
+taken shard by shard (:func:`dinopipe.io.shard_major`) and each shard is written once
+(:class:`dinopipe.io.ShardWriter`). Every forward pass has the full batch size, so the
+values do not depend on the block order: sharded and unsharded outputs are bitwise equal.
 
 * ``affinities``: image (n_offsets, z, y, x) float32, sigmoid probabilities in [0, 1].
 * ``lsds``: image (10, z, y, x) float32 in [0, 1] (only for models that predict LSDs).
