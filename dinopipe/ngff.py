@@ -28,7 +28,7 @@ import numpy as np
 import tensorstore as ts
 import zarr
 from numcodecs import Blosc
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, TransposeCodec
 
 from dinopipe.atomic import json_default
 from dinopipe.geometry import Geometry
@@ -165,8 +165,6 @@ def shard_shape(
 def _transpose_codecs(order: str, ndim: int) -> list[Any]:
     """Zarr v3 array-to-array codecs storing a chunk's elements in ``order`` (``"F"``: the
     transpose codec with all axes reversed, byte for byte the Zarr v2 ``order: F`` layout)."""
-    from zarr.codecs import TransposeCodec
-
     return [TransposeCodec(order=tuple(range(ndim - 1, -1, -1)))] if order == "F" else []
 
 

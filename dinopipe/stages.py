@@ -190,6 +190,10 @@ def run_features(
                     src.raw.array, src.raw.geometry, g, backbone, params, write, block_shape=blocking,
                     halo=params.block_halo, volume=volume.name, progress=bar.update, upsampler=upsampler,
                 )
+            if writer.partial_writes:
+                logger.warning("volume %s: %d feature shards were written in parts (each part rewrites the "
+                               "shard's file): make features.block_shape a multiple of features.shard_shape",
+                               volume.name, writer.partial_writes)
             t1 = time.perf_counter()
         attrs["signature"] = signature(backbone, params, src.raw.geometry, g, info["intensity_range"],
                                        info["image_size"])

@@ -5,6 +5,8 @@ fewer files, and the loader benchmark that compares the layouts runs."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -60,18 +62,23 @@ def test_sharded_stores_hold_the_unsharded_outputs_in_few_files(project, tmp_pat
 
 
 def test_the_loader_benchmark_compares_both_layouts(tmp_path):
-    """The command docs/storage.md shows, at a tiny size (its figures mean nothing here)."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--layouts-only", "--shape", "80", "--channels", "8",
-         "--crops", "2", "--steps", "1", "--paced-steps", "2", "--dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-    )
+    """The command docs/storage.md shows, at a tiny size (later flags override its defaults;
+    the figures mean nothing at this size)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "storage.md").read_text(), re.S)
+    (command,) = [line for block in blocks for line in block.splitlines() if "benchmarks/loader.py" in line]
+    args = shlex.split(command)
+    assert args[:2] == [".venv/bin/python", "benchmarks/loader.py"], command
+    tiny = ["--shape", "80", "--channels", "8", "--crops", "2", "--steps", "1", "--paced-steps", "2", "--repeats", "1",
+            "--dir", str(tmp_path)]
+    proc = subprocess.run([sys.executable, *args[1:], *tiny], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     layouts = result["layouts"]
     assert len(layouts) == 2
-    unsharded, sharded = (layouts[k] for k in sorted(layouts, key=lambda k: "shards" in k))
+    unsharded_name = next(k for k in layouts if "shards" not in k)
+    unsharded, sharded = layouts.pop(unsharded_name), layouts.popitem()[1]
+    assert result["default_layout"] == unsharded_name  # docs/storage.md: the default stays unsharded
     # 80^3 voxels: 5^3 chunk files of 16^3 vs 2^3 shard files of 64^3 (+ metadata files)
     assert unsharded["files"] == 125 + 4 and sharded["files"] == 8 + 2
-    for figures in layouts.values():
+    for figures in (unsharded, sharded):
         assert figures["loader_vs_raw_read"] > 0 and 0 <= figures["paced_data_wait_fraction"] <= 1
