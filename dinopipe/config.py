@@ -59,11 +59,12 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 
 #: Per config section, keys added after projects existed, with the value that turns them off:
 #: left out of the params while off, so that existing projects' params (and outputs) stay
-#: unchanged and nothing reruns when dinopipe gains the key.
+#: unchanged and nothing reruns when dinopipe gains the key. (``segment.block_context`` is left
+#: out at its default: it only acts on blockwise segmentations.)
 OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
     "targets": {"classes": None},
     "demo": {"organelles": None},
-    "segment": {"split_touching_nm": None},
+    "segment": {"split_touching_nm": None, "jobs": None, "block_context": 16},
 }
 
 #: Train keys that may differ between an interrupted run and its continuation: the

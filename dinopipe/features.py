@@ -49,7 +49,7 @@ from dinopipe.geometry import (
     slice_weights,
     sub_geometry,
 )
-from dinopipe.runtime import autocast_context, autocast_mode
+from dinopipe.runtime import autocast_context, autocast_mode, compute_precision
 from dinopipe.sources import intensity_range
 
 logger = logging.getLogger(__name__)
@@ -526,6 +526,8 @@ def signature(backbone: Backbone, params: FeatureParams, raw_geom: Geometry, out
         "image_size": {k: list(v) for k, v in image_size.items()},
         "max_slice_size": params.max_slice_size,
         "context_nm": params.context_nm,
+        # what the backbone computed in: "bf16"/"fp16" (CUDA autocast) or "fp32"
+        "precision": compute_precision(backbone.device, params.autocast),
         "normalisation": {
             "intensity": params.intensity,
             "low": params.low,

@@ -138,13 +138,22 @@ def autocast_mode(mode: bool | str, key: str = "autocast") -> str:
     return str(mode)
 
 
+def compute_precision(device: "torch.device", mode: bool | str) -> str:
+    """The precision a forward pass under :func:`autocast_context` computes in.
+
+    "bf16" or "fp16" on CUDA with that autocast mode, else "fp32" (CPU always runs float32).
+    """
+    mode = autocast_mode(mode)
+    return mode if device.type == "cuda" and mode != "none" else "fp32"
+
+
 def autocast_context(device: "torch.device", mode: bool | str) -> contextlib.AbstractContextManager[Any]:
     """Mixed precision for a forward pass: bf16 or fp16 autocast on CUDA; a no-op on CPU or for "none"."""
     import torch  # heavy: see resolve_device
 
-    mode = autocast_mode(mode)
-    if device.type == "cuda" and mode != "none":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+    precision = compute_precision(device, mode)
+    if precision != "fp32":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 

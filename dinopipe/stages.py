@@ -431,9 +431,38 @@ DEFAULT_SEGMENT: dict[str, Any] = {
     "min_size": 0,
     "max_voxels": 100_000_000,
     "block_shape": None,
+    "block_context": 16,
     "merge_threshold": 0.5,
     "shard_shape": None,
 }
+
+
+def segment_settings(predictions_path: str | Path, params: Mapping[str, Any],
+                     tuned: str | Path | None = None) -> dict[str, Any]:
+    """The segmentation of one volume, resolved from the ``segment`` config section.
+
+    ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
+    parameters replace the config's. Returns ``method``, ``parameters`` (the method's own,
+    keys of other methods left out), ``min_size``, ``merge_threshold``, ``block_shape``
+    (null or (z, y, x) voxels), ``block_context`` (voxels), ``max_voxels``, ``tuned`` (bool) and
+    ``shard_shape`` (the output's storage layout, runtime-only; not used by ``segment.jobs``,
+    whose parts write blocks of one store concurrently and so never share a shard).
+    """
+    from dinopipe.segment import METHODS, method_parameters
+    from dinopipe.tune import read_choice
+
+    config = {**DEFAULT_SEGMENT, **params}
+    method = config["method"]
+    if method not in METHODS:
+        raise ValueError(f"segment.method {method!r} is unknown; allowed: {sorted(METHODS)}")
+    if tuned is not None:
+        config.update(read_choice(tuned, method))
+    accepted = method_parameters(method) - {"min_size"}
+    return {"method": method, "parameters": {k: v for k, v in config.items() if k in accepted and v is not None},
+            "min_size": int(config["min_size"]), "merge_threshold": float(config["merge_threshold"]),
+            "block_shape": config["block_shape"], "block_context": int(config["block_context"]),
+            "max_voxels": int(config["max_voxels"]), "tuned": tuned is not None,
+            "shard_shape": config["shard_shape"]}
 
 
 def run_segment(
@@ -448,47 +477,35 @@ def run_segment(
     set, are segmented blockwise (:func:`dinopipe.segment.segment_blockwise`, fragments
     merged across block faces above ``merge_threshold``); ``block_shape`` null then means
     128 x 256 x 256. The default ``max_voxels`` (1e8, about 11 GB with 6 offsets, see
-    :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB.
+    :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB. With ``segment.jobs``
+    the workflow runs the blockwise steps as many jobs instead (:mod:`dinopipe.segment_parts`),
+    with the same result.
 
-    ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
-    parameters replace the config's. Predictions of a class model (``classes``) are
+    ``tuned``: see :func:`segment_settings`. Predictions of a class model (``classes``) are
     segmented by :func:`run_segment_classes` instead. A segmentation with one segment, or with more than one
     segment per 100 voxels, logs a warning, also stored in the attrs (``warnings``).
     """
-    from dinopipe.segment import (
-        METHODS,
-        bytes_per_voxel,
-        method_parameters,
-        sanity_warnings,
-        segment,
-        segment_blockwise,
-    )
-    from dinopipe.tune import read_choice
+    from dinopipe.segment import bytes_per_voxel, sanity_warnings, segment, segment_blockwise
+    from dinopipe.segment_parts import DEFAULT_BLOCK
 
     if (Path(predictions_path) / "classes").exists():
         return run_segment_classes(predictions_path, out_path, params)
-    config = {**DEFAULT_SEGMENT, **params}
-    method = config["method"]
-    if method not in METHODS:
-        raise ValueError(f"segment.method {method!r} is unknown; allowed: {sorted(METHODS)}")
-    if tuned is not None:
-        config.update(read_choice(tuned, method))
-    accepted = method_parameters(method) - {"min_size"}
-    method_params = {k: v for k, v in config.items() if k in accepted and v is not None}
+    settings = segment_settings(predictions_path, params, tuned)
+    method, method_params = settings["method"], settings["parameters"]
     affs_img = io.read_image(Path(predictions_path) / "affinities")
     offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
     g = affs_img.geometry
     voxels = int(np.prod(g.shape))
-    blockwise = config["block_shape"] is not None or voxels > int(config["max_voxels"])
-    block = [min(int(b), n) for b, n in zip(config["block_shape"] or (128, 256, 256), g.shape)]
+    blockwise = settings["block_shape"] is not None or voxels > settings["max_voxels"]
+    block = [min(int(b), n) for b, n in zip(settings["block_shape"] or DEFAULT_BLOCK, g.shape)]
     t = time.perf_counter()
-    attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": config["min_size"],
-                             "blockwise": blockwise, "tuned": tuned is not None}
+    attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": settings["min_size"],
+                             "blockwise": blockwise, "tuned": settings["tuned"]}
     with io.atomic_output(out_path, what=f"segmentation of {predictions_path}", expected_bytes=8 * voxels) as tmp:
         if blockwise:
             logger.info("segmenting %s blockwise (%d voxels, max_voxels %d): blocks of %s", predictions_path,
-                        voxels, int(config["max_voxels"]), block)
-            shards = io.shard_shape(g.shape, block, config["shard_shape"], channel_axis=False,
+                        voxels, settings["max_voxels"], block)
+            shards = io.shard_shape(g.shape, block, settings["shard_shape"], channel_axis=False,
                                     key="segment.shard_shape")
             out = io.create_image(tmp, g.shape, np.uint64, g.voxel_size, g.translation, chunks=block,
                                   name="segmentation", shards=shards)
@@ -497,21 +514,22 @@ def run_segment(
             scratch = None if shards is None else io.create_image(
                 tmp / "fragments", g.shape, np.uint64, g.voxel_size, g.translation, chunks=block)
             n = segment_blockwise(affs_img.array, offsets, out if scratch is None else scratch, block, method=method,
-                                  merge_threshold=float(config["merge_threshold"]),
-                                  min_size=int(config["min_size"]), relabel_into=None if scratch is None else out,
+                                  merge_threshold=settings["merge_threshold"], min_size=settings["min_size"],
+                                  context=settings["block_context"], relabel_into=None if scratch is None else out,
                                   **method_params)
             if scratch is not None:
                 shutil.rmtree(tmp / "fragments")
-            attrs.update(block_shape=block, merge_threshold=float(config["merge_threshold"]))
+            attrs.update(block_shape=block, block_context=settings["block_context"],
+                         merge_threshold=settings["merge_threshold"])
         else:
             logger.info("segmenting %s in memory (%d voxels, about %.1f GB)", predictions_path, voxels,
                         voxels * bytes_per_voxel(len(offsets)) / 1e9)
             labels = segment(affs_img.read().astype(np.float32), offsets, method=method,
-                             min_size=int(config["min_size"]), **method_params)
+                             min_size=settings["min_size"], **method_params)
             n = int(labels.max())
             chunks = io.default_chunks(g.shape, channel_axis=False)
             io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation",
-                           chunks=chunks, shards=io.shard_shape(g.shape, chunks, config["shard_shape"],
+                           chunks=chunks, shards=io.shard_shape(g.shape, chunks, settings["shard_shape"],
                                                                 channel_axis=False, key="segment.shard_shape"))
         warnings = sanity_warnings(n, voxels)
         for w in warnings:

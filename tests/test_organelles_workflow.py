@@ -102,3 +102,14 @@ def test_the_model_learns_the_classes(organelle_project):
         iou = float(rows["org_predict_0"][f"iou_{name}"])
         assert iou > max(MIN_IOU, frequency), (name, iou, frequency)
     assert float(rows["org_predict_0"]["f1_dark"]) > 0
+
+
+def test_the_report_names_the_class_panels(organelle_project):
+    """The report's figure labels and caption describe a class model's panels, not affinities."""
+    p = organelle_project
+    snakemake(p, "--report", "report.html", "--configfile", str(p / "config" / "organelles.yaml"))
+    text = (p / "report.html").read_text()
+    assert "raw | class probabilities | classes" in text  # the figure's label
+    # its caption (the report also embeds the rules' code, which names both labels)
+    assert "probabilities of the first three foreground classes" in text
+    assert "predicted affinities to the z, y and x neighbours" not in text

@@ -97,11 +97,15 @@ def test_optional_keys_are_left_out_while_off():
 # --------------------------------------------------------------------------- dry runs
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_runtime_only_keys_rerun_nothing(project):
     out = _dry_run(project, _changed(**RUNTIME_CHANGES), "runtime")
     assert "Nothing to be done" in out, out
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_key_order_and_unused_settings_rerun_nothing(project):
     def reverse(value: Any) -> Any:
         return {k: reverse(value[k]) for k in reversed(list(value))} if isinstance(value, dict) else value
@@ -125,6 +129,8 @@ RESULT_CHANGES = [
 ]
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "expected"), RESULT_CHANGES, ids=lambda v: str(v)[:40])
 def test_result_changing_keys_rerun_exactly_their_dependants(project, change, expected):
     out = _dry_run(project, _changed(**change), "result")
@@ -135,6 +141,8 @@ def test_result_changing_keys_rerun_exactly_their_dependants(project, change, ex
     assert re.search(rf"rule {first}:.*?reason: [^\n]*[Pp]arams have changed", out, re.S), out
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_a_role_change_reruns_neither_features_nor_targets(project):
     sheet = (project / "config" / "volumes.tsv").read_text()
     moved = project / "config" / "moved.tsv"
@@ -156,6 +164,8 @@ def _sheet_row(project: Path, name: str) -> Any:
     return type(volume)(**{**volume.__dict__, "raw": str(project / volume.raw), "labels": str(project / volume.labels)})
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_runtime_only_keys_leave_every_output_as_it_was(project, tmp_path):
     """Recompute features, training and prediction with every runtime-only key changed (and
     one thread instead of two): bitwise the project's outputs. The one exception is torch's
@@ -198,6 +208,8 @@ def own_project(project, tmp_path) -> Path:
     return directory
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_a_targets_change_never_serves_the_stale_model(own_project):
     """The reported bug: lsd_sigma_nm 64 -> 48, then `snakemake results/model/checkpoint.pt`
     rewrote the targets and 'resumed' at step 12 of 12, leaving the old checkpoint."""
@@ -216,6 +228,8 @@ def test_a_targets_change_never_serves_the_stale_model(own_project):
     assert len(curve) == 14  # header, step 0, 12 steps: trained again, all of it
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_the_documented_command_recomputes_one_volume_downstream(project):
     """docs: a raw store changed in place is not seen by Snakemake; this reruns one volume."""
     command = ["--forcerun", "results/features/train_1.zarr", "results/targets/train_1.zarr"]
@@ -227,6 +241,8 @@ def test_the_documented_command_recomputes_one_volume_downstream(project):
     assert not re.search(r"output: results/features/(train_0|validate_0|predict_0)\.zarr", out.stdout)
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_a_config_file_replaces_the_demo_config_only_when_asked(project):
     """config/README.md: `--configfile my.yaml` is merged over config/config.yaml (the demo's
     values); with --replace-workflow-config missing keys take the schema defaults."""

@@ -9,6 +9,7 @@ from dinopipe.runtime import (
     AUTOCAST,
     autocast_context,
     autocast_mode,
+    compute_precision,
     is_device_name,
     release_freed_memory,
     resident_mb,
@@ -49,6 +50,13 @@ def test_autocast_is_a_no_op_on_cpu():
     for mode in (*AUTOCAST, True):
         with autocast_context(torch.device("cpu"), mode):
             assert (x @ x).dtype == torch.float32
+
+
+def test_the_precision_recorded_is_the_one_computed_in():
+    """CPU always computes in float32, whatever the mode; CUDA in the autocast mode's dtype."""
+    assert [compute_precision(torch.device("cpu"), m) for m in (*AUTOCAST, True)] == ["fp32"] * 4
+    cuda = torch.device("cuda:0")  # a device object only: nothing runs on it
+    assert [compute_precision(cuda, m) for m in (*AUTOCAST, True, False)] == ["bf16", "fp16", "fp32", "bf16", "fp32"]
 
 
 def test_every_stage_refuses_the_same_bad_names():

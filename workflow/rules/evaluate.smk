@@ -64,6 +64,10 @@ rule evaluation_summary:
         "../scripts/evaluation_summary.py"
 
 
+# the report figure's panels: a class model shows class probabilities and the class image
+SLICE_FIGURE = "raw | class probabilities | classes" if CLASSES else "raw | affinities | segmentation"
+
+
 rule report_slices:
     input:
         predictions="results/predictions/{volume}.zarr",
@@ -74,7 +78,7 @@ rule report_slices:
             "results/report/{volume}.png",
             caption="../report/slices.rst",
             category="Predictions",
-            labels={"volume": "{volume}", "figure": "raw | affinities | segmentation"},
+            labels={"volume": "{volume}", "figure": SLICE_FIGURE},
         ),
     log:
         "logs/report_slices/{volume}.log",
