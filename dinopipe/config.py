@@ -44,9 +44,11 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 RUNTIME_KEYS: Mapping[str, frozenset[str]] = {
     # a check's policy: an error, or a warning and the same output
     "data": frozenset({"missing_chunks"}),
-    "features": frozenset({"batch_size", "device"}),
+    # shard_shape: the storage layout (files per chunk or per shard), never the values
+    "features": frozenset({"batch_size", "device", "shard_shape"}),
     "train": frozenset({"device", "num_threads", "loader_workers", "prefetch", "resume", "tensorboard"}),
-    "predict": frozenset({"device"}),
+    "predict": frozenset({"device", "shard_shape"}),
+    "segment": frozenset({"shard_shape"}),
 }
 
 #: Per config section, the keys that choose which jobs run rather than what a job computes.

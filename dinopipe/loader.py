@@ -51,7 +51,7 @@ from dinopipe.augment import (
     transform_lsds,
 )
 from dinopipe.features import check_compatible
-from dinopipe.ngff import open_tensorstore, read_image, read_into
+from dinopipe.ngff import chunk_order, open_tensorstore, read_image, read_into
 from dinopipe.targets import NUM_LSD_CHANNELS, boundary_voxels
 
 logger = logging.getLogger(__name__)
@@ -64,13 +64,8 @@ TARGET_TYPES = ("affinities", "semantic")
 
 
 def open_array(path: str | Path) -> ts.TensorStore:
-    """Open one zarr v2 array read-only, memory-mapped (once per volume and array)."""
+    """Open one Zarr v2 or v3 (sharded) array read-only, memory-mapped (once per volume and array)."""
     return open_tensorstore(path)
-
-
-def chunk_order(array: ts.TensorStore) -> str:
-    """Element order inside the array's chunks: ``"C"`` or ``"F"`` (zarr v2 ``order``)."""
-    return str(array.spec().to_json().get("metadata", {}).get("order", "C"))
 
 
 def empty_features(shape: Sequence[int], order: str) -> np.ndarray:

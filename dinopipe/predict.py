@@ -28,7 +28,11 @@ of the same size (on the device), the network's activations and, from raw, one g
 block of raw and features; the buffers are allocated once, and memory does not grow
 with the volume (``benchmarks/predict.py`` measures it).
 
-Output store (written atomically):
+Output store (written atomically): OME-NGFF 0.4 images on Zarr v2 chunked by block, or
+with ``shard_shape`` OME-NGFF 0.5 on Zarr v3 shards of whole blocks; the blocks are then
+taken shard by shard (:func:`dinopipe.io.shard_major`) and each shard is written once
+(:class:`dinopipe.io.ShardWriter`). Every forward pass has the full batch size, so the
+values do not depend on the block order: sharded and unsharded outputs are bitwise equal.
 
 * ``affinities``: image (n_offsets, z, y, x) float32, sigmoid probabilities in [0, 1].
 * ``lsds``: image (10, z, y, x) float32 in [0, 1] (only for models that predict LSDs).
@@ -74,7 +78,8 @@ from dinopipe.features import (
 )
 from dinopipe.geometry import Geometry, blocks, grow_window, inner_window, patch_alignment, sub_geometry
 from dinopipe.logs import Progress
-from dinopipe.ngff import create_image, open_tensorstore, read_image, read_into
+from dinopipe.ngff import ShardWriter, create_image, open_tensorstore, read_image, read_into, shard_major
+from dinopipe.ngff import shard_shape as round_shard_shape
 from dinopipe.runtime import autocast_context, autocast_mode, release_freed_memory, resolve_device
 from dinopipe.sources import RawOnGridReader, intensity_range, open_sources, source_args
 from dinopipe.targets import NUM_LSD_CHANNELS
@@ -274,19 +279,20 @@ class _BlockStager:
     TILE_BYTES = 8 << 20
 
     def __init__(self, readers: Sequence[Any], shape: Sequence[int], block: Sequence[int], halo: int,
-                 batch_size: int, device: torch.device, convert_on_host: bool | None = None) -> None:
+                 batch_size: int, device: torch.device, convert_on_host: bool | None = None,
+                 starts: Sequence[tuple[int, ...]] | None = None) -> None:
         self.readers, self.shape, self.block, self.halo = readers, tuple(shape), tuple(block), halo
+        self.starts = list(_block_starts(shape, block)) if starts is None else list(starts)
         self.batch_size, self.device = batch_size, device
         channels = sum(r.channels for r in readers)
         dtype = np.result_type(*[r.dtype for r in readers])
         padded = tuple(b + 2 * halo for b in block)
-        self.gather = np.empty((batch_size, *padded, channels), dtype=dtype)
+        self.gather = np.zeros((batch_size, *padded, channels), dtype=dtype)
         self.scratch = np.empty(_max_plane((channels, *padded)), dtype=dtype)  # for mirroring, see _read_block
         self.convert_on_host = device.type == "cpu" if convert_on_host is None else convert_on_host
         self.inputs = (torch.empty((batch_size, channels, *padded), dtype=torch.float32) if self.convert_on_host
                        else None)
         self.read_s = self.wait_s = 0.0
-        self._count = 0
         self._free = threading.Semaphore(1)  # held by whoever may write ``gather``
         self._ready: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
@@ -302,7 +308,7 @@ class _BlockStager:
         self._thread.join()
 
     def _batches(self) -> Iterator[list[tuple[int, ...]]]:
-        starts = _block_starts(self.shape, self.block)
+        starts = iter(self.starts)
         while batch := list(islice(starts, self.batch_size)):
             yield batch
 
@@ -331,18 +337,22 @@ class _BlockStager:
                 return
             if isinstance(item, BaseException):
                 raise item
-            self._count = len(item)
             yield item
 
     def to_device(self) -> torch.Tensor:
         """The batch as float32 (batch, C, z, y, x) on the device; lets the thread read the next.
 
-        On the host path the tensor is a view of ``inputs``, valid until the next call.
+        Always ``batch_size`` blocks: a last, shorter batch is filled up with the blocks of
+        the batch before (whose outputs the caller drops), so every block goes through the
+        network in a batch of the same size, and its output does not depend on which blocks
+        share its batch (torch's CPU kernels depend on the batch size) nor on the block
+        order (shard by shard for sharded outputs). On the host path the tensor is a view
+        of ``inputs``, valid until the next call.
         """
-        gather = torch.from_numpy(self.gather[: self._count])
+        gather = torch.from_numpy(self.gather)
         try:
             if self.inputs is not None:
-                inputs = self.inputs[: self._count]
+                inputs = self.inputs
                 _, _, rows, cols, channels = gather.shape
                 step = max(1, self.TILE_BYTES // (cols * channels * gather.element_size()))
                 for b in range(gather.shape[0]):
@@ -356,11 +366,14 @@ class _BlockStager:
         return x.permute(0, 4, 1, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)
 
 
-def _empty_image(path: Path, channels: int, grid: Geometry, chunks: Sequence[int], attrs: Mapping[str, Any]) -> Any:
-    """Create a float32 (channels, z, y, x) image on ``grid``; return its writable array."""
+def _empty_image(path: Path, channels: int, grid: Geometry, chunks: Sequence[int], attrs: Mapping[str, Any],
+                 shards: Sequence[int] | None = None) -> Any:
+    """Create a float32 (channels, z, y, x) image on ``grid`` (sharded by ``shards``, spatial
+    voxels, when given); return its writable array."""
     return create_image(
         path, (channels, *grid.shape), np.float32, grid.voxel_size, grid.translation,
         channel_axis=True, chunks=(channels, *chunks), attrs=attrs,
+        shards=None if shards is None else (channels, *shards),
     )
 
 
@@ -411,6 +424,7 @@ def predict_blocks(
     batch_size: int = 1,
     autocast: bool | str = "bf16",
     attrs: Mapping[str, Any] | None = None,
+    shard_shape: int | None = None,
 ) -> dict[str, Any]:
     """Predict affinities (and LSDs), or class probabilities, on ``grid`` block by block; write the
     output store atomically (see the module docstring for its layout).
@@ -431,6 +445,10 @@ def predict_blocks(
         autocast: Mixed precision on CUDA (:data:`dinopipe.runtime.AUTOCAST`); CPU always runs
             float32. Recorded as ``precision`` in the output's attrs.
         attrs: Extra provenance stored in the root attrs.
+        shard_shape: Spatial shard edge (voxels) of a sharded Zarr v3 / OME-NGFF 0.5 output,
+            rounded up to whole blocks (:func:`dinopipe.io.shard_shape`); the blocks are then
+            predicted shard by shard and each shard is written once. None: Zarr v2, one file
+            per block. The values are the same either way.
 
     Returns:
         Statistics: ``blocks``, ``block_shape``, ``halo`` and seconds: reading and
@@ -455,6 +473,7 @@ def predict_blocks(
     if block != tuple(block_shape):
         logger.info("block shape %s adjusted to %s (multiples of %d, at most the volume)", block_shape, block, divisor)
     chunks = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
+    shards = round_shard_shape(shape, chunks, shard_shape, channel_axis=False, key="predict.shard_shape")
     num_blocks = math.prod(-(-s // b) for s, b in zip(shape, block, strict=True))
     dev = resolve_device(device, "predict.device")
     mode = autocast_mode(autocast, "predict.autocast")  # an unknown mode fails before any block
@@ -469,13 +488,15 @@ def predict_blocks(
     if overlap:
         class_attrs["classes_overlap"] = True
     with atomic_output(out_path, what=f"predictions {Path(out_path).name}", expected_bytes=size) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2 if shards is None else 3)
         if semantic:
-            aff_out = _empty_image(tmp / "classes", head, grid, chunks, class_attrs)
+            aff_out = ShardWriter(_empty_image(tmp / "classes", head, grid, chunks, class_attrs, shards))
         else:
-            aff_out = _empty_image(tmp / "affinities", num_offsets, grid, chunks, {"offsets": offsets})
-        lsd_out = _empty_image(tmp / "lsds", NUM_LSD_CHANNELS, grid, chunks, {}) if lsds else None
-        stager = _BlockStager(readers, shape, block, halo, min(batch_size, num_blocks), dev)
+            aff_out = ShardWriter(_empty_image(tmp / "affinities", num_offsets, grid, chunks, {"offsets": offsets},
+                                               shards))
+        lsd_out = ShardWriter(_empty_image(tmp / "lsds", NUM_LSD_CHANNELS, grid, chunks, {}, shards)) if lsds else None
+        starts = shard_major(list(_block_starts(shape, block)), shards)
+        stager = _BlockStager(readers, shape, block, halo, min(batch_size, num_blocks), dev, starts=starts)
         with stager, Progress(num_blocks, f"predict {Path(out_path).name}", "block") as progress:
             for batch_starts in stager:  # read by the stager's thread while the network ran on the batch before
                 t1 = time.perf_counter()
@@ -508,6 +529,11 @@ def predict_blocks(
                 stats["forward_s"] += t2 - t1
                 stats["write_s"] += t3 - t2
                 progress.update(len(batch_starts))
+            t3 = time.perf_counter()
+            for writer in (aff_out, lsd_out):
+                if writer is not None:
+                    writer.flush()  # nothing left when blocks came shard by shard
+            stats["write_s"] += time.perf_counter() - t3
         stats["read_s"], stats["wait_s"] = stager.read_s, stager.wait_s
         stats["total_s"] = time.perf_counter() - t_start
         root.attrs["dinopipe"] = json.loads(json.dumps({
@@ -567,6 +593,7 @@ def predict_volume(
     *,
     volume: Any = None,
     data: Mapping[str, Any] | None = None,
+    shard_shape: int | None = None,
 ) -> dict[str, Any]:
     """Predict affinities (and LSDs) for a whole cached feature volume, block by block.
 
@@ -574,7 +601,7 @@ def predict_volume(
         features_path: Feature image (C, z, y, x), e.g. ``results/features/{volume}.zarr``.
         checkpoint_dir: Training output folder (``model_config.json`` + ``checkpoint.pt``).
         out_path: Output store, e.g. ``results/predictions/{volume}.zarr``.
-        block_shape, device, batch_size, autocast: See :func:`predict_blocks`.
+        block_shape, device, batch_size, autocast, shard_shape: See :func:`predict_blocks`.
         volume: The volume's sheet row (:class:`dinopipe.sheet.Volume`); needed only for
             models with ``input_raw``, to read the raw.
         data: The ``data`` config section (scale choice) for reading that raw.
@@ -599,7 +626,7 @@ def predict_volume(
         readers.append(_raw_reader_for(volume, data, features.geometry, checkpoint_dir))
     return predict_blocks(
         readers, features.geometry, model, config, out_path, block_shape=block_shape, device=device,
-        batch_size=batch_size, autocast=autocast,
+        batch_size=batch_size, autocast=autocast, shard_shape=shard_shape,
         attrs={"source": "features", "features": features_path, "checkpoint": checkpoint_dir},
     )
 
@@ -615,6 +642,7 @@ def predict_from_raw(
     batch_size: int = 1,
     autocast: bool | str = "bf16",
     feature_halo: int | None = None,
+    shard_shape: int | None = None,
 ) -> dict[str, Any]:
     """Predict end to end from raw: features are computed per block (with their own halo), never cached.
 
@@ -624,7 +652,7 @@ def predict_from_raw(
         out_path: Output store.
         features: The ``features`` config section (must match the model's training features).
         data: The ``data`` config section (scale choice, output grid).
-        block_shape, device, batch_size, autocast: See :func:`predict_blocks`.
+        block_shape, device, batch_size, autocast, shard_shape: See :func:`predict_blocks`.
         feature_halo: Backbone context in label voxels around each block + UNet halo;
             default ``features.block_halo``.
 
@@ -639,7 +667,7 @@ def predict_from_raw(
     if not takes_features(config):  # a UNet on the raw alone: no backbone needed
         return predict_blocks(
             [RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)], src.grid, model, config, out_path,
-            block_shape=block_shape, device=device, batch_size=batch_size, autocast=autocast,
+            block_shape=block_shape, device=device, batch_size=batch_size, autocast=autocast, shard_shape=shard_shape,
             attrs={"source": "raw", "volume": volume.name, "raw": volume.raw, "checkpoint": checkpoint_dir},
         )
     backbone = load_backbone(params.backbone, params.revision, seed=params.seed, device=params.device)
@@ -658,7 +686,7 @@ def predict_from_raw(
         readers.append(RawOnGridReader(src.raw.array, src.raw.geometry, src.grid))
     return predict_blocks(
         readers, src.grid, model, config, out_path, block_shape=block_shape, device=device,
-        batch_size=batch_size, autocast=autocast,
+        batch_size=batch_size, autocast=autocast, shard_shape=shard_shape,
         attrs={"source": "raw", "volume": volume.name, "raw": volume.raw, "checkpoint": checkpoint_dir,
                "feature_halo": halo, "computed_feature_signature": sig},
     )

@@ -505,6 +505,7 @@ def segment_blockwise(
     merge_threshold: float = 0.5,
     min_size: int = 0,
     context: int | Sequence[int] = 0,
+    relabel_into: Any | None = None,
     **params: object,
 ) -> int:
     """Segment a volume too large for memory block by block: fragments per block, a global merge.
@@ -543,6 +544,10 @@ def segment_blockwise(
         min_size: Objects (after merging) with fewer voxels than this become 0.
         context: Voxels read around each block to compute its fragments (see
             :func:`fragment_block`).
+        relabel_into: Where step 4 writes the final ids (same shape), instead of back into
+            ``out`` (which then holds the fragments): e.g. a sharded zarr array, written
+            one whole shard at a time (its ``shards``), while ``out`` is an unsharded
+            scratch array that steps 1 and 2 write and read block by block.
         **params: Parameters of ``method``.
 
     Returns:
@@ -564,8 +569,12 @@ def segment_blockwise(
         edges.append(block_edges(affinities, offsets_t, out, window, internal))
     keys, values = merge_table(np.concatenate(ids), np.concatenate(sizes), concat_edges(edges), min_size,
                                **graph_merge(method, merge_threshold, params))
-    for window in windows:
-        relabel_block(out, out, window, keys, values)
+    target = out if relabel_into is None else relabel_into
+    if tuple(target.shape) != shape:
+        raise ValueError(f"relabel_into shape {tuple(target.shape)} differs from the affinities' {shape}")
+    shards = getattr(target, "shards", None)  # a sharded target: whole shards, each written once
+    for window in blocks(shape, tuple(shards)) if shards else windows:
+        relabel_block(out, target, window, keys, values)
     n = int(values.max()) if len(values) else 0
     logger.info("blockwise %s: %d blocks, %d fragments, %d segments", method, len(windows), len(keys), n)
     return n

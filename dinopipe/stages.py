@@ -14,6 +14,7 @@ import json
 import logging
 import platform
 import resource
+import shutil
 import socket
 import time
 import zlib
@@ -154,6 +155,8 @@ def run_features(
     }
     g = src.grid
     chunks = io.default_chunks((backbone.channels, *g.shape), channel_axis=True, spatial=io.FEATURE_CHUNK)
+    shards = io.shard_shape((backbone.channels, *g.shape), chunks, params.shard_shape, channel_axis=True,
+                            key="features.shard_shape")
     size = backbone.channels * int(np.prod(g.shape)) * np.dtype(np.float16).itemsize
     with io.atomic_output(out_path, what=f"features of volume {volume.name!r}", expected_bytes=size) as tmp, \
             Progress(None, f"features {volume.name}", "slice") as bar:
@@ -173,21 +176,30 @@ def run_features(
             t1 = time.perf_counter()
             io.write_image(tmp, feats.astype(np.float16), g.voxel_size, g.translation, channel_axis=True,
                            name=f"{volume.name} DINOv3 features", chunks=chunks, compress=False,
-                           order=io.FEATURE_ORDER)
+                           order=io.FEATURE_ORDER, shards=shards)
         else:
             out = io.create_image(tmp, (backbone.channels, *g.shape), np.float16, g.voxel_size, g.translation,
                                   channel_axis=True, name=f"{volume.name} DINOv3 features", chunks=chunks,
-                                  compress=False, order=io.FEATURE_ORDER)
+                                  compress=False, order=io.FEATURE_ORDER, shards=shards)
             logger.info("volume %s: blockwise features, blocks of %s voxels, halo %d", volume.name, blocking,
                         params.block_halo)
+            if shards is not None and any(b % s and b < n for b, s, n in zip(blocking, shards[1:], g.shape)):
+                logger.info("volume %s: blocks %s are not whole shards %s (features.block_shape vs "
+                            "features.shard_shape): shards on block faces are buffered until complete",
+                            volume.name, blocking, list(shards[1:]))
 
-            def write(core: tuple[slice, ...], block: np.ndarray) -> None:
-                out[(slice(None), *core)] = block.astype(np.float16)
+            with io.ShardWriter(out) as writer:
+                def write(core: tuple[slice, ...], block: np.ndarray) -> None:
+                    writer[(slice(None), *core)] = block.astype(np.float16)
 
-            info = extract_features_blockwise(
-                src.raw.array, src.raw.geometry, g, backbone, params, write, block_shape=blocking,
-                halo=params.block_halo, volume=volume.name, progress=bar.update, upsampler=upsampler,
-            )
+                info = extract_features_blockwise(
+                    src.raw.array, src.raw.geometry, g, backbone, params, write, block_shape=blocking,
+                    halo=params.block_halo, volume=volume.name, progress=bar.update, upsampler=upsampler,
+                )
+            if writer.partial_writes:
+                logger.warning("volume %s: %d feature shards were written in parts (each part rewrites the "
+                               "shard's file): make features.block_shape a multiple of features.shard_shape",
+                               volume.name, writer.partial_writes)
             t1 = time.perf_counter()
         attrs["signature"] = signature(backbone, params, src.raw.geometry, g, info["intensity_range"],
                                        info["image_size"])
@@ -463,6 +475,7 @@ DEFAULT_SEGMENT: dict[str, Any] = {
     "block_shape": None,
     "block_context": 16,
     "merge_threshold": 0.5,
+    "shard_shape": None,
 }
 
 
@@ -473,7 +486,9 @@ def segment_settings(predictions_path: str | Path, params: Mapping[str, Any],
     ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
     parameters replace the config's. Returns ``method``, ``parameters`` (the method's own,
     keys of other methods left out), ``min_size``, ``merge_threshold``, ``block_shape``
-    (null or (z, y, x) voxels), ``block_context`` (voxels), ``max_voxels`` and ``tuned`` (bool).
+    (null or (z, y, x) voxels), ``block_context`` (voxels), ``max_voxels``, ``tuned`` (bool) and
+    ``shard_shape`` (the output's storage layout, runtime-only; not used by ``segment.jobs``,
+    whose parts write blocks of one store concurrently and so never share a shard).
     """
     from dinopipe.segment import METHODS, method_parameters
     from dinopipe.tune import read_choice
@@ -488,7 +503,8 @@ def segment_settings(predictions_path: str | Path, params: Mapping[str, Any],
     return {"method": method, "parameters": {k: v for k, v in config.items() if k in accepted and v is not None},
             "min_size": int(config["min_size"]), "merge_threshold": float(config["merge_threshold"]),
             "block_shape": config["block_shape"], "block_context": int(config["block_context"]),
-            "max_voxels": int(config["max_voxels"]), "tuned": tuned is not None}
+            "max_voxels": int(config["max_voxels"]), "tuned": tuned is not None,
+            "shard_shape": config["shard_shape"]}
 
 
 def run_segment(
@@ -531,11 +547,20 @@ def run_segment(
         if blockwise:
             logger.info("segmenting %s blockwise (%d voxels, max_voxels %d): blocks of %s", predictions_path,
                         voxels, settings["max_voxels"], block)
+            shards = io.shard_shape(g.shape, block, settings["shard_shape"], channel_axis=False,
+                                    key="segment.shard_shape")
             out = io.create_image(tmp, g.shape, np.uint64, g.voxel_size, g.translation, chunks=block,
-                                  name="segmentation")
-            n = segment_blockwise(affs_img.array, offsets, out, block, method=method,
+                                  name="segmentation", shards=shards)
+            # sharded: the fragments go to an unsharded scratch array read back block by block,
+            # the final ids into the output one whole shard at a time
+            scratch = None if shards is None else io.create_image(
+                tmp / "fragments", g.shape, np.uint64, g.voxel_size, g.translation, chunks=block)
+            n = segment_blockwise(affs_img.array, offsets, out if scratch is None else scratch, block, method=method,
                                   merge_threshold=settings["merge_threshold"], min_size=settings["min_size"],
-                                  context=settings["block_context"], **method_params)
+                                  context=settings["block_context"], relabel_into=None if scratch is None else out,
+                                  **method_params)
+            if scratch is not None:
+                shutil.rmtree(tmp / "fragments")
             attrs.update(block_shape=block, block_context=settings["block_context"],
                          merge_threshold=settings["merge_threshold"])
         else:
@@ -544,7 +569,10 @@ def run_segment(
             labels = segment(affs_img.read().astype(np.float32), offsets, method=method,
                              min_size=settings["min_size"], **method_params)
             n = int(labels.max())
-            io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation")
+            chunks = io.default_chunks(g.shape, channel_axis=False)
+            io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation",
+                           chunks=chunks, shards=io.shard_shape(g.shape, chunks, settings["shard_shape"],
+                                                                channel_axis=False, key="segment.shard_shape"))
         warnings = sanity_warnings(n, voxels)
         for w in warnings:
             logger.warning("segmentation %s: %s (method %s, %s)", out_path, w, method, method_params)
@@ -933,6 +961,7 @@ DEFAULT_PREDICT: dict[str, Any] = {
     "feature_halo": None,
     "device": "auto",
     "autocast": "bf16",
+    "shard_shape": None,
 }
 
 
@@ -958,6 +987,7 @@ def run_predict(
         "device": params["device"],
         "batch_size": int(params["batch_size"]),
         "autocast": params["autocast"],
+        "shard_shape": params["shard_shape"],
     }
     source = params["source"]
     if source == "raw":
