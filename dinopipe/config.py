@@ -62,9 +62,9 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 #: unchanged and nothing reruns when dinopipe gains the key. (``segment.block_context`` is left
 #: out at its default: it only acts on blockwise segmentations.)
 OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
-    "targets": {"classes": None},
+    "targets": {"classes": None, "classes_overlap": False},
     "demo": {"organelles": None},
-    "segment": {"split_touching_nm": None, "jobs": None, "block_context": 16},
+    "segment": {"split_touching_nm": None, "class_threshold": None, "jobs": None, "block_context": 16},
 }
 
 #: Train keys that may differ between an interrupted run and its continuation: the

@@ -37,9 +37,11 @@ values do not depend on the block order: sharded and unsharded outputs are bitwi
 * ``affinities``: image (n_offsets, z, y, x) float32, sigmoid probabilities in [0, 1].
 * ``lsds``: image (10, z, y, x) float32 in [0, 1] (only for models that predict LSDs).
 * class models (``target: semantic``, :mod:`dinopipe.classes`) write ``classes`` instead:
-  image (num_classes, z, y, x) float32, softmax probabilities (class 0 background).
+  image (num_classes, z, y, x) float32, softmax probabilities (class 0 background); for
+  overlapping classes (``classes_overlap`` in ``model_config.json``) one sigmoid
+  probability per class (no background channel), blockwise as well.
 * root attrs ``["dinopipe"]``: ``target``, ``offsets`` (and for class models
-  ``class_names``, ``instance_classes``) and provenance (source, checkpoint, block shape,
+  ``class_names``, ``instance_classes``, ``classes_overlap``) and provenance (source, checkpoint, block shape,
   halo, feature signature, timings).
 
 Both images carry the label grid's voxel size and translation (nm).
@@ -481,7 +483,10 @@ def predict_blocks(
     stats: dict[str, Any] = {"blocks": num_blocks, "block_shape": list(block), "halo": halo,
                              "read_s": 0.0, "wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
     size = (head + (NUM_LSD_CHANNELS if lsds else 0)) * math.prod(shape) * 4
+    overlap = semantic and bool(config.get("classes_overlap", False))  # one sigmoid per class
     class_attrs = {k: config.get(k) for k in ("class_names", "instance_classes")} if semantic else {}
+    if overlap:
+        class_attrs["classes_overlap"] = True
     with atomic_output(out_path, what=f"predictions {Path(out_path).name}", expected_bytes=size) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2 if shards is None else 3)
         if semantic:
@@ -499,7 +504,9 @@ def predict_blocks(
                 with torch.no_grad(), autocast_context(dev, mode):
                     output = model(x)
                 del x
-                if semantic:
+                if overlap:
+                    aff, lsd = torch.sigmoid(output.float()).cpu().numpy(), None
+                elif semantic:
                     aff, lsd = torch.softmax(output.float(), dim=1).cpu().numpy(), None
                 else:
                     aff_logits, lsd = split_output(output.float(), num_offsets)

@@ -29,12 +29,18 @@ import zarr
 from dinopipe import __version__, io
 from dinopipe.classes import (
     Classes,
+    class_thresholds,
     combine_class_arrays,
+    combine_class_arrays_overlap,
     evaluate_classes,
+    evaluate_overlapping,
+    overlapping_class_targets,
     parse_classes,
     segment_classes,
+    segment_overlapping,
     summary_columns,
 )
+from dinopipe.config import OPTIONAL_KEYS
 from dinopipe.inputs import child_images
 from dinopipe.logs import Progress
 from dinopipe.runtime import allotted_cpus
@@ -217,6 +223,7 @@ DEFAULT_TARGETS: dict[str, Any] = {
     "unlabelled_ids": [],
     "mask_erosion_nm": 0.0,
     "classes": None,
+    "classes_overlap": False,
 }
 
 
@@ -240,6 +247,13 @@ def run_targets(
     its volumes instead).
     Classes with an ``array`` each read their own image of the labels group (a CellMap crop,
     :func:`dinopipe.classes.combine_class_arrays`); ``labels`` then holds their objects.
+
+    Overlapping classes (``classes_overlap``) write, instead of ``semantic``, ``classes``
+    (C, z, y, x) uint8 0/1 per class, ``class_mask`` (C, z, y, x) uint8, where each class is
+    annotated (within ``mask``, their union, eroded as ``mask_erosion_nm`` says), and under
+    ``class_objects/{name}`` the truth objects of each instance class (uint64); root attrs
+    ``num_classes`` (C), ``class_names``, ``instance_classes``, ``classes_overlap``,
+    ``class_voxels`` (voxels in the class) and ``class_annotated_voxels`` per class.
     """
     from dinopipe import targets as tg
 
@@ -261,7 +275,11 @@ def run_targets(
     workers = allotted_cpus(threads)
     vs = src.grid.voxel_size
     where = f"volume {volume.name!r}: labels {volume.labels}"
-    classes = parse_classes(params["classes"])
+    classes = parse_classes(params["classes"], overlap=params["classes_overlap"])
+    overlap = classes is not None and classes.overlap
+    class_targets: np.ndarray | None = None  # overlapping classes: (C, z, y, x) 0/1, annotation, objects
+    class_mask: np.ndarray | None = None
+    class_objects: dict[str, np.ndarray] = {}
     class_group = bool(child_images(volume.labels))
     if class_group and (classes is None or not classes.from_arrays):
         raise ValueError(f"{where} are a group of class images (a CellMap crop), which needs targets.classes with "
@@ -279,6 +297,10 @@ def run_targets(
             logger.warning("%s: no class array %s: those classes are not annotated in this crop", where, missing)
         semantic, known, labels = timed("semantic_s", combine_class_arrays, arrays, classes,
                                         params["unlabelled_ids"])
+        if overlap:  # each class keeps its own annotation; the mask is their union
+            class_targets, class_mask, class_objects = timed(
+                "classes_s", combine_class_arrays_overlap, arrays, classes, params["unlabelled_ids"])
+            semantic, known = None, class_mask.any(axis=0).astype(np.uint8)
         del arrays
         # erosion of the known region as for id labels: unknown voxels are id 1 here
         mask = timed("mask_s", tg.compute_mask, (known == 0).view(np.uint8), [1], params["mask_erosion_nm"],
@@ -300,7 +322,21 @@ def run_targets(
             + (f" or eroded away by targets.mask_erosion_nm {params['mask_erosion_nm']}" if params["mask_erosion_nm"]
                else "")
         )
-    if classes is not None:
+    if overlap:
+        if class_targets is None or class_mask is None:
+            class_targets, class_mask, class_objects = timed(
+                "classes_s", overlapping_class_targets, labels, classes, mask)
+        class_mask &= mask.astype(np.uint8)[None]  # the union mask, eroded
+        class_targets &= class_mask
+        for name, objects in class_objects.items():
+            objects[mask == 0] = 0
+        positives = class_targets.reshape(classes.num_classes, -1).sum(axis=1)
+        annotated = class_mask.reshape(classes.num_classes, -1).sum(axis=1)
+        class_attrs = {"num_classes": classes.num_classes, "class_voxels": positives.tolist(),
+                       "class_annotated_voxels": annotated.tolist(), **classes.to_attrs()}
+        logger.info("volume %s: voxels per class %s of annotated %s", volume.name,
+                    dict(zip(classes.names, positives.tolist())), dict(zip(classes.names, annotated.tolist())))
+    elif classes is not None:
         if semantic is None:
             semantic, class_weights = timed("semantic_s", tg.compute_semantic_targets, labels, classes.class_map(),
                                             classes.num_classes, mask)
@@ -332,9 +368,15 @@ def run_targets(
         io.write_image(tmp / "raw", raw, g.voxel_size, g.translation)
         if semantic is not None:
             io.write_image(tmp / "semantic", semantic, g.voxel_size, g.translation)
+        if class_targets is not None and class_mask is not None:
+            io.write_image(tmp / "classes", class_targets, g.voxel_size, g.translation, channel_axis=True)
+            io.write_image(tmp / "class_mask", class_mask, g.voxel_size, g.translation, channel_axis=True)
+            for name, objects in class_objects.items():
+                io.write_image(tmp / "class_objects" / name, objects, g.voxel_size, g.translation, name=name)
         timings["write_s"] = time.perf_counter() - t
-        # classes only when configured: targets of projects without classes keep their attrs
-        stored = {k: v for k, v in params.items() if k != "classes" or v is not None}
+        # optional keys only when on: targets of projects without classes keep their attrs
+        off = OPTIONAL_KEYS["targets"]
+        stored = {k: v for k, v in params.items() if not (k in off and v == off[k])}
         attrs = {"volume": volume.name, **stored, **class_attrs, "grid": g.to_dict(), "sources": src.provenance(),
                  "timings": timings, "store_id": io.new_store_id()}
         root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
@@ -550,6 +592,12 @@ def run_segment_classes(predictions_path: str | Path, out_path: str | Path, para
     so napari and neuroglancer open both. Root attrs:
     ``method`` "classes", ``class_names``, ``instance_classes``, ``min_size`` and the object
     count per instance class (``segments``). The volume is segmented in memory.
+
+    Overlapping classes (``classes_overlap`` in the predictions' attrs) cannot share one argmax
+    image: each class is its probability above ``segment.class_threshold``
+    (:func:`dinopipe.classes.segment_overlapping`), the image is (C, z, y, x) uint8 0/1, and
+    ``labels/`` holds one label image per class (objects, uint64, for instance classes; the
+    0/1 mask, uint8, for the others); the thresholds are recorded under ``parameters``.
     """
     probs_img = io.read_image(Path(predictions_path) / "classes")
     pred_attrs = dict(zarr.open_group(str(predictions_path), mode="r").attrs.get("dinopipe", {}))
@@ -558,20 +606,29 @@ def run_segment_classes(predictions_path: str | Path, out_path: str | Path, para
     split = params.get("split_touching_nm")
     g = probs_img.geometry
     t = time.perf_counter()
-    image, instances = segment_classes(probs_img.read(), classes, min_size, split, g.voxel_size)
+    parameters: dict[str, Any] = {} if split is None else {"split_touching_nm": split}
+    if classes.overlap:
+        thresholds = class_thresholds(params.get("class_threshold"), classes)
+        image, instances = segment_overlapping(probs_img.read(), classes, thresholds, min_size, split, g.voxel_size)
+        parameters["class_threshold"] = dict(zip(classes.names, thresholds))
+        class_voxels = dict(zip(classes.names, image.reshape(classes.num_classes, -1).sum(axis=1).tolist()))
+        # one label image per class: objects of instance classes, the class mask of the others
+        label_images: dict[str, np.ndarray] = {n: instances.get(n, image[k]) for k, n in enumerate(classes.names)}
+    else:
+        image, instances = segment_classes(probs_img.read(), classes, min_size, split, g.voxel_size)
+        class_voxels = dict(zip(classes.names, np.bincount(image.ravel(), minlength=classes.num_classes).tolist()))
+        label_images = dict(instances)
     counts = {name: int(objects.max()) for name, objects in instances.items()}
-    attrs: dict[str, Any] = {"method": "classes", "parameters": {} if split is None else {"split_touching_nm": split},
+    attrs: dict[str, Any] = {"method": "classes", "parameters": parameters,
                              "min_size": min_size, **classes.to_attrs(),
-                             "segments": counts, "seconds": time.perf_counter() - t,
-                             "class_voxels": dict(zip(classes.names, np.bincount(
-                                 image.ravel(), minlength=classes.num_classes).tolist()))}
-    size = int(np.prod(g.shape)) * (1 + 8 * len(instances))
+                             "segments": counts, "seconds": time.perf_counter() - t, "class_voxels": class_voxels}
+    size = int(image.size) + 8 * int(np.prod(g.shape)) * len(label_images)
     with io.atomic_output(out_path, what=f"class segmentation of {predictions_path}", expected_bytes=size) as tmp:
-        io.write_image(tmp, image, g.voxel_size, g.translation, name="classes")
-        if instances:
+        io.write_image(tmp, image, g.voxel_size, g.translation, name="classes", channel_axis=classes.overlap)
+        if label_images:
             labels = zarr.open_group(str(tmp / "labels"), mode="w", zarr_format=2)
-            labels.attrs["labels"] = list(instances)
-            for name, objects in instances.items():
+            labels.attrs["labels"] = list(label_images)
+            for name, objects in label_images.items():
                 io.write_image(tmp / "labels" / name, objects, g.voxel_size, g.translation, name=name)
                 zarr.open_group(str(tmp / "labels" / name), mode="a").attrs["image-label"] = {
                     "version": "0.4", "source": {"image": "../../"}}
@@ -668,18 +725,28 @@ def run_evaluate_classes(volume: str, segmentation_path: str | Path, targets_pat
     """Score a class segmentation (:func:`run_segment_classes`) against the targets' ``semantic``,
     ``labels`` and ``mask`` (:func:`dinopipe.classes.evaluate_classes`) into a JSON: per class
     IoU, Dice, precision, recall and, for instance classes, matched objects, F1 at IoU 0.5 and
-    Hausdorff distances (nm), plus the flat summary columns (``iou_{class}``, ``f1_{class}``, ...)."""
+    Hausdorff distances (nm), plus the flat summary columns (``iou_{class}``, ``f1_{class}``, ...).
+    Overlapping classes are scored each within its own annotation (the targets' ``classes``,
+    ``class_mask`` and ``class_objects``, :func:`dinopipe.classes.evaluate_overlapping`)."""
     seg = io.read_image(segmentation_path)
     classes = Classes.from_attrs(seg.attrs or {}, f"segmentation {segmentation_path}")
     target_attrs = dict(zarr.open_group(str(targets_path), mode="r").attrs.get("dinopipe", {}))
-    if target_attrs.get("class_names") != classes.names:
-        raise ValueError(f"volume {volume!r}: the classes of segmentation {segmentation_path} ({classes.names}) differ "
-                         f"from those of its targets {targets_path} ({target_attrs.get('class_names')})")
+    if target_attrs.get("class_names") != classes.names or bool(target_attrs.get("classes_overlap")) != classes.overlap:
+        raise ValueError(f"volume {volume!r}: the classes of segmentation {segmentation_path} ({classes.names}, "
+                         f"overlapping: {classes.overlap}) differ from those of its targets {targets_path} "
+                         f"({target_attrs.get('class_names')}, overlapping: {bool(target_attrs.get('classes_overlap'))})")
     instances = {n: io.read_image(Path(segmentation_path) / "labels" / n).read() for _, n in classes.instance_classes()}
-    truth = io.read_image(Path(targets_path) / "semantic").read()
-    labels = io.read_image(Path(targets_path) / "labels").read()
-    mask = io.read_image(Path(targets_path) / "mask").read()
-    scores = evaluate_classes(truth, labels, mask, seg.read(), instances, classes, seg.geometry.voxel_size)
+    if classes.overlap:
+        truth_objects = {n: io.read_image(Path(targets_path) / "class_objects" / n).read()
+                         for _, n in classes.instance_classes()}
+        scores = evaluate_overlapping(
+            io.read_image(Path(targets_path) / "classes").read(), io.read_image(Path(targets_path) / "class_mask").read(),
+            truth_objects, seg.read(), instances, classes, seg.geometry.voxel_size)
+    else:
+        truth = io.read_image(Path(targets_path) / "semantic").read()
+        labels = io.read_image(Path(targets_path) / "labels").read()
+        mask = io.read_image(Path(targets_path) / "mask").read()
+        scores = evaluate_classes(truth, labels, mask, seg.read(), instances, classes, seg.geometry.voxel_size)
     result = {"volume": volume, "mean_iou": scores["mean_iou"], "mean_dice": scores["mean_dice"],
               "overall_score": scores["overall_score"], "semantic_score": scores["semantic_score"],
               "instance_score": scores["instance_score"], **summary_columns(scores),

@@ -180,3 +180,19 @@ def test_segment_jobs_on_the_emulated_lsf(project, tmp_path):
     run_segment(own / "results" / "predictions" / "predict_0.zarr", tmp_path / "one.zarr", config["segment"],
                 tuned=tuned if tuned.exists() else None)
     assert np.array_equal(io.read_image(own / target).read(), io.read_image(tmp_path / "one.zarr").read())
+
+
+def test_the_documented_settings_validate():
+    """docs/cluster.md's `segment:` block is a valid config section (schema of the workflow)."""
+    import re
+
+    import yaml
+
+    from dinopipe.config import validate_config
+    from test_workflow import ROOT
+
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("segment:")]
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["segment"].update(yaml.safe_load(block)["segment"])
+    assert validate_config(config)["segment"]["jobs"] == 500
