@@ -6,11 +6,7 @@ evaluation scores each class within its annotation; and the model learns the cla
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +15,8 @@ import yaml
 import zarr
 
 from dinopipe import io
-from test_workflow import ROOT, SNAKEMAKE, jobs_in, snakemake
+from test_organelles_workflow import organelle_demo_project, summary_rows
+from test_workflow import ROOT, jobs_in, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
@@ -47,24 +44,9 @@ def tiny_overlap_config() -> dict:
 
 @pytest.fixture(scope="module")
 def overlap_project(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("organelles_overlap")
-    (directory / "config").mkdir()
-    shutil.copy(ROOT / "config" / "config.yaml", directory / "config" / "config.yaml")
-    shutil.copy(ROOT / "config" / "organelles.tsv", directory / "config" / "organelles.tsv")
-    (directory / "config" / "organelles_overlap.yaml").write_text(yaml.safe_dump(tiny_overlap_config()))
-    # the README's command (`snakemake --configfile config/organelles_overlap.yaml`), the config
-    # file given by its absolute path: snakemake resolves --configfile from where it is started
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([*SNAKEMAKE, "--directory", str(directory), "--cores", "2", "--configfile",
-                           str(directory / "config" / "organelles_overlap.yaml")], capture_output=True, text=True,
-                          env=env, timeout=2400)
-    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    return directory
-
-
-def _summary(project: Path) -> dict[str, dict[str, str]]:
-    with open(project / "results" / "evaluation" / "summary.tsv") as f:
-        return {r["volume"]: r for r in csv.DictReader(f, delimiter="\t")}
+    """The README's `snakemake --configfile config/organelles_overlap.yaml`, shrunk."""
+    return organelle_demo_project(tmp_path_factory.mktemp("organelles_overlap"), "organelles_overlap.yaml",
+                                  tiny_overlap_config())
 
 
 def test_every_stage_handles_overlapping_classes(overlap_project):
@@ -94,7 +76,7 @@ def test_every_stage_handles_overlapping_classes(overlap_project):
         assert set(scores["classes"]) == set(NAMES)
         assert "instances" in scores["classes"]["dark"] and "instances" not in scores["classes"]["bright"]
     assert not (p / "results" / "tune").exists() and not (p / "results" / "evaluation" / "baseline.json").exists()
-    rows = _summary(p)
+    rows = summary_rows(p)
     assert set(rows) == {"org_validate_0", "org_predict_0"}
     assert {"mean_iou", "iou_organelle", "iou_dark", "iou_bright", "f1_dark", "overall_score"} <= set(
         rows["org_predict_0"])
@@ -110,7 +92,7 @@ def test_every_stage_handles_overlapping_classes(overlap_project):
 
 def test_the_model_learns_the_overlapping_classes(overlap_project):
     p = overlap_project
-    rows = _summary(p)
+    rows = summary_rows(p)
     targets = p / "results" / "targets" / "org_predict_0.zarr"
     truth = io.read_image(targets / "classes").read() > 0
     known = io.read_image(targets / "class_mask").read() > 0

@@ -39,25 +39,31 @@ def tiny_organelle_config() -> dict:
     return config
 
 
-@pytest.fixture(scope="module")
-def organelle_project(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("organelles")
+def organelle_demo_project(directory: Path, name: str, config: dict) -> Path:
+    """The organelle demo run to the end in ``directory`` with config/``name`` replaced by ``config``.
+
+    The command of the README's "Labels as classes" section, the config file given by its
+    absolute path (snakemake resolves --configfile from where it is started, not --directory);
+    about 8 minutes on 2 busy cores, mostly training: a longer limit than test_workflow.snakemake's.
+    """
     (directory / "config").mkdir()
     shutil.copy(ROOT / "config" / "config.yaml", directory / "config" / "config.yaml")
     shutil.copy(ROOT / "config" / "organelles.tsv", directory / "config" / "organelles.tsv")
-    (directory / "config" / "organelles.yaml").write_text(yaml.safe_dump(tiny_organelle_config()))
-    # the command of the README's "Labels as classes" section (the config file given by its
-    # absolute path: snakemake resolves --configfile from where it is started, not --directory)
-    # about 8 minutes on 2 busy cores, mostly training: a longer limit than test_workflow.snakemake's
+    (directory / "config" / name).write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([*SNAKEMAKE, "--directory", str(directory), "--cores", "2", "--configfile",
-                           str(directory / "config" / "organelles.yaml")], capture_output=True, text=True, env=env,
-                          timeout=2400)
+                           str(directory / "config" / name)], capture_output=True, text=True, env=env, timeout=2400)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     return directory
 
 
-def _summary(project: Path) -> dict[str, dict[str, str]]:
+@pytest.fixture(scope="module")
+def organelle_project(tmp_path_factory) -> Path:
+    return organelle_demo_project(tmp_path_factory.mktemp("organelles"), "organelles.yaml", tiny_organelle_config())
+
+
+def summary_rows(project: Path) -> dict[str, dict[str, str]]:
+    """results/evaluation/summary.tsv by volume."""
     with open(project / "results" / "evaluation" / "summary.tsv") as f:
         return {r["volume"]: r for r in csv.DictReader(f, delimiter="\t")}
 
@@ -82,7 +88,7 @@ def test_every_stage_handles_classes(organelle_project):
         assert "instances" in scores["classes"]["dark"] and "instances" not in scores["classes"]["bright"]
     # no tuning and no instance baseline for a class model
     assert not (p / "results" / "tune").exists() and not (p / "results" / "evaluation" / "baseline.json").exists()
-    rows = _summary(p)
+    rows = summary_rows(p)
     assert set(rows) == {"org_validate_0", "org_predict_0"}
     assert {"mean_iou", "iou_dark", "iou_bright", "f1_dark", "hausdorff_nm_dark", "overall_score"} <= set(
         rows["org_predict_0"])
@@ -92,7 +98,7 @@ def test_every_stage_handles_classes(organelle_project):
 
 def test_the_model_learns_the_classes(organelle_project):
     p = organelle_project
-    rows = _summary(p)
+    rows = summary_rows(p)
     targets = p / "results" / "targets" / "org_predict_0.zarr"
     truth = io.read_image(targets / "semantic").read()
     known = io.read_image(targets / "mask").read().astype(bool)
