@@ -62,6 +62,7 @@ OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
     "targets": {"classes": None},
     "demo": {"organelles": None},
     "segment": {"split_touching_nm": None},
+    "predict": {"distributed": None},
 }
 
 #: Train keys that may differ between an interrupted run and its continuation: the

@@ -1,0 +1,140 @@
+"""Distributed prediction through real Snakemake: one volume in 8 blocks over 4 part jobs, locally
+and through profiles/lsf on the emulated LSF (tests/lsf_emulator), against the single-job prediction.
+
+One project (module-scoped) is run in steps as a user would meet them: two parts by name, a
+third part interrupted mid-write (a chunk half written, no marker), a dry run that lists the
+parts that remain, the rerun that finishes the volume. The same project's prediction is then
+repeated through the emulated LSF with one part job killed (for memory) and resubmitted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from dinopipe.config import job_settings, result_params
+from dinopipe.stages import run_predict, volume_from_dict
+from lsf_emulator import lsf
+from test_cluster import CPU_QUEUE, GPU_QUEUE, cluster_snakemake, profile_copy, rule_of
+from test_workflow import jobs_in, snakemake, tiny_config, write_project
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+
+VOLUME = "predict_0"
+PARTS = f"results/predictions/{VOLUME}.parts"
+
+
+def distributed_config() -> dict:
+    """The tiny demo (label grid 16 x 32 x 32) in 8 blocks of 8 x 16 x 16, 2 blocks per part job."""
+    config = tiny_config()
+    config["predict"]["block_shape"] = [8, 16, 16]
+    config["predict"]["distributed"] = {"blocks_per_job": 2}
+    return config
+
+
+def single_job_prediction(project: Path, out: Path) -> Path:
+    """What rule predict writes for the volume (same params, one job), by its library call."""
+    from dinopipe.sheet import read_sheet
+
+    config = distributed_config()
+    config["predict"] = {**config["predict"], "device": "cpu"}
+    (row,) = [v for v in read_sheet(str(project / "config" / "volumes.tsv")) if v.name == VOLUME]
+    cwd = os.getcwd()
+    os.chdir(project)  # the sheet's paths are relative to the project
+    try:
+        run_predict(f"results/features/{VOLUME}.zarr", "results/model", str(out),
+                    job_settings({**result_params(config, "predict"), "distributed": None}, config, "predict"),
+                    threads=1, volume=volume_from_dict(row.to_record()))
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def arrays(store: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(store), mode="r")
+    return {name: np.asarray(group[name]["s0"][...]) for name in sorted(group.group_keys())}
+
+
+def assert_bitwise_equal(store: Path, reference: Path) -> None:
+    got, want = arrays(store), arrays(reference)
+    assert list(got) == list(want) == ["affinities", "lsds"]
+    for name in want:
+        assert want[name].std() > 1e-4, name
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("distributed")
+    project = base / "project"
+    write_project(project, distributed_config())
+    out: dict = {"dir": project, "base": base}
+    # two parts by name (what `snakemake PARTS/0.done` does for one part): trains the model first
+    out["named"] = snakemake(project, f"{PARTS}/0.done", f"{PARTS}/1.done")
+    # part 2 interrupted mid-write: one of its chunks half written, no marker
+    chunk = project / PARTS / "staging.zarr" / "affinities" / "s0" / "0" / "1" / "0" / "0"
+    assert not chunk.exists()
+    chunk.parent.mkdir(parents=True, exist_ok=True)
+    chunk.write_bytes(b"\x02\x01half a chunk")
+    out["dry"] = snakemake(project, "-n", f"results/predictions/{VOLUME}.zarr")
+    out["finish"] = snakemake(project, f"results/predictions/{VOLUME}.zarr")
+    out["after"] = snakemake(project, "-n", f"results/predictions/{VOLUME}.zarr")
+    out["reference"] = single_job_prediction(project, base / "single.zarr")
+    return out
+
+
+def test_dry_run_lists_the_parts_that_remain(steps):
+    assert jobs_in(steps["named"].stdout + steps["named"].stderr).get("predict_part") == 2
+    dry = steps["dry"].stdout + steps["dry"].stderr
+    assert jobs_in(dry) == {"predict_part": 2, "predict_finish": 1}, dry
+    # each remaining job names its blocks
+    assert "predict predict_0: part 2 of 4 of predict_0: blocks 4-5 of 8" in dry
+    assert "part 3 of 4 of predict_0: blocks 6-7 of 8" in dry
+    assert "Nothing to be done" in steps["after"].stdout + steps["after"].stderr
+
+
+def test_interrupted_part_is_redone_and_equals_the_single_job_bitwise(steps):
+    project = steps["dir"]
+    store = project / "results" / "predictions" / f"{VOLUME}.zarr"
+    assert_bitwise_equal(store, steps["reference"])
+    assert zarr.open_group(str(store)).attrs["dinopipe"]["distributed"] == {"parts": 4, "blocks_per_part": 2,
+                                                                            "blocks": 8}
+    assert sorted(p.name for p in (project / PARTS).glob("*.done")) == ["0.done", "1.done", "2.done", "3.done"]
+    assert not (project / PARTS / "staging.zarr").exists()
+    log = (project / "logs" / "predict_part" / VOLUME / "2.log").read_text()
+    assert "blocks 4-5 of 8" in log
+
+
+def test_lsf_distributed_prediction_with_a_killed_part(steps):
+    """The prediction again through profiles/lsf on the emulated LSF: part 2's job is killed for
+    memory on its first attempt and resubmitted; the store equals the single-job one bitwise."""
+    base = steps["base"]
+    project = base / "cluster"
+    shutil.copytree(steps["dir"], project, symlinks=True)
+    shutil.rmtree(project / "results" / "predictions")
+    killed = f"rule_predict_part:volume={VOLUME},part=2"
+    state = lsf.configure(base / "lsf", max_running=4, queues={CPU_QUEUE: {}, GPU_QUEUE: {"gpus": 4}},
+                          faults=[{"job_name": killed, "memlimit_mb": 40000}])
+    bin_dir = lsf.install(base / "bin", python=sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LSF_EMULATOR_DIR": str(state),
+           "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = cluster_snakemake(project, profile_copy("lsf", base), f"results/predictions/{VOLUME}.zarr", env=env)
+    finally:
+        lsf.kill_all(state)
+    jobs = lsf.all_jobs(state)
+    assert sorted(rule_of(j["name"]) for j in jobs) == ["predict_create", "predict_finish",
+                                                      *["predict_part"] * 5], [j["name"] for j in jobs]
+    tries = [j for j in jobs if killed in j["name"]]
+    assert [(j["stat"], j["mem_total_mb"]) for j in tries] == [("EXIT", 32000), ("DONE", 64000)]
+    parts = [j for j in jobs if rule_of(j["name"]) == "predict_part"]
+    assert all(j["queue"] == GPU_QUEUE and j["gpus"] == 1 for j in parts)
+    assert re.search(r"part 2 of 4 of predict_0: blocks 4-5 of 8", proc.stdout + proc.stderr)
+    assert_bitwise_equal(project / "results" / "predictions" / f"{VOLUME}.zarr", steps["reference"])
