@@ -54,6 +54,7 @@ FEATURES = {"backbone": "tiny-vit", "planes": ["xy", "xz", "yz"], "stride": None
 OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 0], [0, 3, 0], [0, 0, 3]]
 DRY_BLOCKS = 4096
 VOXEL = [16.0, 16.0, 16.0]
+DATA = {"output_voxel_size": VOXEL}  # the volumes have no labels: predict on the 16 nm grid
 
 CHILD = """
 import json, sys
@@ -70,7 +71,8 @@ with logged(args.pop("log")):
 def child(function: str, *args, log: Path, **kwargs) -> dict:
     """Run one dinopipe.stages function in a fresh Python, as one cluster job: CPU s, peak RSS MB."""
     payload = json.dumps({"function": function, "args": list(args), "log": str(log), **kwargs}, default=str)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, payload], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, payload], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.DEVNULL)  # the child logs into ``log``
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise RuntimeError(f"{function} failed ({status}); see {log}:\n{Path(log).read_text()[-3000:]}")
@@ -117,7 +119,7 @@ def distributed_run(root: Path, model: Path, volume: dict, tag: str, parts: list
     d = root / f"{tag}.parts"
     plan, staging = d / "plan.json", d / "staging.zarr"
     p = params(distributed={"blocks_per_job": BLOCKS_PER_JOB})
-    common = {"volume": volume, "features": FEATURES, "data": {}, "threads": 1}
+    common = {"volume": volume, "features": FEATURES, "data": DATA, "threads": 1}
     runs = {"create": child("run_predict_create", None, model, staging, plan, p, log=root / f"{tag}-create.log",
                             **common)}
     names = part_names(plan) if parts is None else [str(i) for i in parts]
@@ -141,14 +143,16 @@ def dry_run_seconds(root: Path, blocks: int, per_job: int) -> float:
     (project / "config").mkdir(parents=True)
     data = root / "dry-data.zarr"
     if not data.exists():
-        run_demo_data("d", data, seed=0, label_shape=[8, 16, 16], label_voxel_size=VOXEL, raw_factor=[2, 2, 2])
+        run_demo_data("d", data, seed=0, label_shape=[24, 32, 32], label_voxel_size=VOXEL, raw_factor=[2, 2, 2])
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config["predict"]["distributed"] = {"blocks_per_job": per_job}
+    config["data"]["output_voxel_size"] = VOXEL
     (project / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     (project / "config" / "volumes.tsv").write_text(
         "name\traw\tlabels\trole\troi\n"
         f"t\t{data}/raw\t{data}/labels\ttrain\t\nbig\t{data}/raw\t\tpredict\t\n")
     t0 = time.time() - 100
+    os.utime(data, (t0 - 10, t0 - 10))  # the input store (dated by its folder) before every output
     for i, rel in enumerate(["results/features/t.zarr/", "results/features/big.zarr/", "results/targets/t.zarr/",
                              "results/model/checkpoint.pt", "results/model/model_config.json",
                              "results/predictions/big.parts/staging.zarr/", "results/predictions/big.parts/plan.json"]):
@@ -164,7 +168,7 @@ def dry_run_seconds(root: Path, blocks: int, per_job: int) -> float:
             write_plan(path, plan, volume="big", plan_id="x", extra={"images": ["affinities"], "known": {}})
         os.utime(path, (t0 + i, t0 + i))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile"), "--directory",
-           str(project), "--cores", "1", "-n", "--rerun-triggers", "mtime", "results/predictions/big.zarr"]
+           str(project), "--cores", "1", "-n", "results/predictions/big.zarr", "--rerun-triggers", "mtime"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -186,6 +190,8 @@ def dry_run_seconds(root: Path, blocks: int, per_job: int) -> float:
 def main() -> None:
     import logging
 
+    from dinopipe.atomic import directory_size
+
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dinopipe-distributed-") as tmp:
@@ -193,16 +199,17 @@ def main() -> None:
         model = make_model(root)
         v1 = make_volume(root, "v1", GRIDS["1x"], seed=1)
         v8 = make_volume(root, "v8", GRIDS["8x"], seed=8)
-        common = {"volume": v1, "features": FEATURES, "data": {}, "threads": 1}
+        common = {"volume": v1, "features": FEATURES, "data": DATA, "threads": 1}
         # single job from raw (what rule predict runs), and features + predict from features
         single = child("run_predict", None, model, root / "single.zarr", params(), log=root / "single.log", **common)
-        feats = child("run_features", out_path=root / "features.zarr", features=FEATURES, data={}, volume=v1, threads=1,
+        feats = child("run_features", out_path=root / "features.zarr", features=FEATURES, data=DATA, volume=v1, threads=1,
                       log=root / "features.log")
         cached = child("run_predict", root / "features.zarr", model, root / "cached.zarr", params(source="features"),
-                       log=root / "cached.log", volume=v1, data={}, threads=1)
+                       log=root / "cached.log", volume=v1, data=DATA, threads=1)
         dist = distributed_run(root, model, v1, "v1")
         a, b = (zarr.open_group(str(root / s), mode="r") for s in ("single.zarr", "v1.zarr"))
         bitwise = all(np.array_equal(a[n]["s0"][...], b[n]["s0"][...]) for n in ("affinities", "lsds"))
+        stored = directory_size(root / "v1.zarr") / sum(b[n]["s0"].nbytes for n in ("affinities", "lsds"))
         one8 = distributed_run(root, model, v8, "v8", parts=[0])
         dist_cpu = dist["create"]["cpu_s"] + sum(p["cpu_s"] for p in dist["parts"]) + dist["finish"]["cpu_s"]
         blocks = int(np.prod(GRIDS["1x"]))
@@ -230,6 +237,7 @@ def main() -> None:
                       f"{DRY_BLOCKS}_blocks_{BLOCKS_PER_JOB}_per_job": round(dry_grouped, 2)},
         "dry_run_ms_per_block_1_per_job": round(1000 * (dry_each - dry_one) / (DRY_BLOCKS - BLOCKS_PER_JOB), 3),
         "dry_run_ms_per_block": round(1000 * (dry_grouped - dry_one) / (DRY_BLOCKS - BLOCKS_PER_JOB), 3),
+        "stored_over_uncompressed": round(stored, 3),
         "part_peak_rss_mb": {"1x": round(rss1, 1), "8x": round(rss8, 1)},
         "part_rss_ratio_8x_over_1x": round(rss8 / rss1, 3),
         "cpus": os.cpu_count(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -23,12 +24,14 @@ from dinopipe.config import job_settings, result_params
 from dinopipe.stages import run_predict, volume_from_dict
 from lsf_emulator import lsf
 from test_cluster import CPU_QUEUE, GPU_QUEUE, cluster_snakemake, profile_copy, rule_of
-from test_workflow import jobs_in, snakemake, tiny_config, write_project
+from test_cluster_docs import DOC_VOLUME, documented_commands
+from test_workflow import ROOT, jobs_in, snakemake, tiny_config, write_project
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 VOLUME = "predict_0"
 PARTS = f"results/predictions/{VOLUME}.parts"
+DOCS = ROOT / "docs" / "distributed.md"
 
 
 def distributed_config() -> dict:
@@ -70,23 +73,42 @@ def assert_bitwise_equal(store: Path, reference: Path) -> None:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def documented() -> list[str]:
+    """The snakemake commands of docs/distributed.md's bash blocks, for the test volume."""
+    commands = documented_commands(DOCS, prefix="snakemake ")
+    assert len(commands) == 4, commands
+    return [c.replace(DOC_VOLUME, VOLUME) for c in commands]
+
+
+def run_documented(project: Path, command: str):
+    args = shlex.split(command)[1:]
+    assert "--profile" not in args
+    return snakemake(project, *args)
+
+
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("distributed")
     project = base / "project"
     write_project(project, distributed_config())
     out: dict = {"dir": project, "base": base}
-    # two parts by name (what `snakemake PARTS/0.done` does for one part): trains the model first
+    dry, one_part, rest, _ = documented()
+    # two parts by name: trains the model first
     out["named"] = snakemake(project, f"{PARTS}/0.done", f"{PARTS}/1.done")
     # part 2 interrupted mid-write: one of its chunks half written, no marker
     chunk = project / PARTS / "staging.zarr" / "affinities" / "s0" / "0" / "1" / "0" / "0"
     assert not chunk.exists()
     chunk.parent.mkdir(parents=True, exist_ok=True)
     chunk.write_bytes(b"\x02\x01half a chunk")
-    out["dry"] = snakemake(project, "-n", f"results/predictions/{VOLUME}.zarr")
-    out["finish"] = snakemake(project, f"results/predictions/{VOLUME}.zarr")
+    out["dry"] = run_documented(project, dry)
+    out["part"] = run_documented(project, one_part)  # part 2 by name: redone over the half-written chunk
+    out["rest"] = run_documented(project, rest)
     out["after"] = snakemake(project, "-n", f"results/predictions/{VOLUME}.zarr")
     out["reference"] = single_job_prediction(project, base / "single.zarr")
+    out["first"] = arrays(project / "results" / "predictions" / f"{VOLUME}.zarr")
+    # docs/distributed.md, "Not yet": recompute a finished volume
+    (command,) = re.findall(r"`(snakemake --forcerun predict_create [^`]+)`", DOCS.read_text())
+    out["again"] = run_documented(project, command.replace(DOC_VOLUME, VOLUME))
     return out
 
 
@@ -94,22 +116,33 @@ def test_dry_run_lists_the_parts_that_remain(steps):
     assert jobs_in(steps["named"].stdout + steps["named"].stderr).get("predict_part") == 2
     dry = steps["dry"].stdout + steps["dry"].stderr
     assert jobs_in(dry) == {"predict_part": 2, "predict_finish": 1}, dry
-    # each remaining job names its blocks
+    # each remaining job names its blocks, as docs/distributed.md shows
     assert "predict predict_0: part 2 of 4 of predict_0: blocks 4-5 of 8" in dry
     assert "part 3 of 4 of predict_0: blocks 6-7 of 8" in dry
+    example = re.search(r"`(predict vol_003: part 2 of 4 [^`]+)`", DOCS.read_text()).group(1)
+    assert example.replace(DOC_VOLUME, VOLUME) in dry
+    assert jobs_in(steps["part"].stdout + steps["part"].stderr) == {"predict_part": 1}
+    assert jobs_in(steps["rest"].stdout + steps["rest"].stderr) == {"predict_part": 1, "predict_finish": 1}
     assert "Nothing to be done" in steps["after"].stdout + steps["after"].stderr
 
 
 def test_interrupted_part_is_redone_and_equals_the_single_job_bitwise(steps):
     project = steps["dir"]
     store = project / "results" / "predictions" / f"{VOLUME}.zarr"
-    assert_bitwise_equal(store, steps["reference"])
+    for name, array in steps["first"].items():
+        np.testing.assert_array_equal(array, arrays(steps["reference"])[name], err_msg=name)
     assert zarr.open_group(str(store)).attrs["dinopipe"]["distributed"] == {"parts": 4, "blocks_per_part": 2,
                                                                             "blocks": 8}
     assert sorted(p.name for p in (project / PARTS).glob("*.done")) == ["0.done", "1.done", "2.done", "3.done"]
     assert not (project / PARTS / "staging.zarr").exists()
     log = (project / "logs" / "predict_part" / VOLUME / "2.log").read_text()
     assert "blocks 4-5 of 8" in log
+
+
+def test_forcerun_recomputes_a_finished_volume(steps):
+    assert jobs_in(steps["again"].stdout + steps["again"].stderr) == {
+        "predict_create": 1, "predict_part": 4, "predict_finish": 1}
+    assert_bitwise_equal(steps["dir"] / "results" / "predictions" / f"{VOLUME}.zarr", steps["reference"])
 
 
 def test_lsf_distributed_prediction_with_a_killed_part(steps):
@@ -125,8 +158,11 @@ def test_lsf_distributed_prediction_with_a_killed_part(steps):
     bin_dir = lsf.install(base / "bin", python=sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LSF_EMULATOR_DIR": str(state),
            "PYTHONUNBUFFERED": "1"}
+    command = documented()[3]
+    assert command.startswith("snakemake --profile profiles/lsf --workflow-profile none ")
+    args = shlex.split(command)[5:]
     try:
-        proc = cluster_snakemake(project, profile_copy("lsf", base), f"results/predictions/{VOLUME}.zarr", env=env)
+        proc = cluster_snakemake(project, profile_copy("lsf", base), *args, env=env)
     finally:
         lsf.kill_all(state)
     jobs = lsf.all_jobs(state)
