@@ -249,7 +249,7 @@ def check_blocks_stored(staging: str | os.PathLike[str], images: Sequence[str], 
             raise ValueError(
                 f"volume {volume!r}: {Path(staging) / name}: {count.expected - count.present} of {count.expected} "
                 f"blocks are not stored (first missing chunk: {', '.join(count.missing)}) although every part "
-                "is marked done; rerun the workflow with --forcerun predict_create to predict the volume again"
+                f"is marked done; predict the volume again: snakemake results/predictions/{volume}.zarr --forcerun predict_create"
             )
 
 
@@ -270,7 +270,8 @@ def finish_store(plan_path: str | os.PathLike[str], staging: str | os.PathLike[s
     root = zarr.open_group(str(staging), mode="r+")
     if (root.attrs.get("dinopipe") or {}).get("plan_id") != record["plan_id"]:
         raise ValueError(f"volume {record['volume']!r}: staging store {staging} was not created for plan {plan_path}; "
-                         "rerun the workflow with --forcerun predict_create")
+                         f"predict the volume again: snakemake results/predictions/{record['volume']}.zarr "
+                         "--forcerun predict_create")
     check_blocks_stored(staging, record["images"], record["volume"])
     keys = ("read_s", "wait_s", "forward_s", "write_s", "total_s")
     timings = {k: float(sum(p.get("timings", {}).get(k, 0.0) for p in parts)) for k in keys}

@@ -995,7 +995,7 @@ def run_predict_part(
         raise ValueError(
             f"volume {record['volume']!r}: the plan {plan_path} has shape {list(plan.shape)}, blocks "
             f"{list(plan.block)} and halo {record['halo']}, but this job computes {list(layout.shape)}, "
-            f"{list(layout.block)} and {layout.halo}: rerun predict_create (snakemake --forcerun predict_create)"
+            f"{list(layout.block)} and {layout.halo}: rerun predict_create (snakemake results/predictions/{record['volume']}.zarr --forcerun predict_create)"
         )
     outputs = [zarr.open_array(str(Path(staging) / n / "s0"), mode="r+") for n in record["images"]]
     dev = resolve_device(params["device"], "predict.device")

@@ -73,11 +73,15 @@ def assert_bitwise_equal(store: Path, reference: Path) -> None:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def documented() -> list[str]:
-    """The snakemake commands of docs/distributed.md's bash blocks, for the test volume."""
-    commands = documented_commands(DOCS, prefix="snakemake ")
-    assert len(commands) == 4, commands
-    return [c.replace(DOC_VOLUME, VOLUME) for c in commands]
+def documented(cluster: bool = False) -> list[str]:
+    """The snakemake commands of docs/distributed.md's bash blocks for the test volume: the local
+    ones, or (``cluster``) those through profiles/lsf; each is run by a test here."""
+    commands = list(dict.fromkeys(c.replace(DOC_VOLUME, VOLUME) for c in documented_commands(DOCS, "snakemake ")))
+    local = [c for c in commands if "--profile" not in c]
+    lsf_ = [c for c in commands if c.startswith("snakemake --profile profiles/lsf --workflow-profile none ")]
+    assert len(local) + len(lsf_) == len(commands), commands
+    assert len(local) == 3 and len(lsf_) == 2, commands
+    return lsf_ if cluster else local
 
 
 def run_documented(project: Path, command: str):
@@ -92,7 +96,7 @@ def steps(tmp_path_factory) -> dict:
     project = base / "project"
     write_project(project, distributed_config())
     out: dict = {"dir": project, "base": base}
-    dry, one_part, rest, _ = documented()
+    dry, one_part, rest = documented()
     # two parts by name: trains the model first
     out["named"] = snakemake(project, f"{PARTS}/0.done", f"{PARTS}/1.done")
     # part 2 interrupted mid-write: one of its chunks half written, no marker
@@ -107,7 +111,7 @@ def steps(tmp_path_factory) -> dict:
     out["reference"] = single_job_prediction(project, base / "single.zarr")
     out["first"] = arrays(project / "results" / "predictions" / f"{VOLUME}.zarr")
     # docs/distributed.md, "Not yet": recompute a finished volume
-    (command,) = re.findall(r"`(snakemake --forcerun predict_create [^`]+)`", DOCS.read_text())
+    (command,) = re.findall(r"`(snakemake \S+ --forcerun predict_create)`", DOCS.read_text())
     out["again"] = run_documented(project, command.replace(DOC_VOLUME, VOLUME))
     return out
 
@@ -158,14 +162,18 @@ def test_lsf_distributed_prediction_with_a_killed_part(steps):
     bin_dir = lsf.install(base / "bin", python=sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LSF_EMULATOR_DIR": str(state),
            "PYTHONUNBUFFERED": "1"}
-    command = documented()[3]
-    assert command.startswith("snakemake --profile profiles/lsf --workflow-profile none ")
-    args = shlex.split(command)[5:]
+    dry, launch = sorted(documented(cluster=True), key=lambda c: " -n " not in c)
+    profile = profile_copy("lsf", base)
     try:
-        proc = cluster_snakemake(project, profile_copy("lsf", base), *args, env=env)
+        before = cluster_snakemake(project, profile, *shlex.split(dry)[5:], env=env)
+        proc = cluster_snakemake(project, profile, *shlex.split(launch)[5:], env=env)
+        after = cluster_snakemake(project, profile, *shlex.split(dry)[5:], env=env)
     finally:
         lsf.kill_all(state)
     jobs = lsf.all_jobs(state)
+    # before the plan exists the dry run knows the create and finish jobs, not the parts
+    assert jobs_in(before.stdout + before.stderr) == {"predict_create": 1, "predict_finish": 1}
+    assert "Nothing to be done" in after.stdout + after.stderr
     assert sorted(rule_of(j["name"]) for j in jobs) == ["predict_create", "predict_finish",
                                                       *["predict_part"] * 5], [j["name"] for j in jobs]
     tries = [j for j in jobs if killed in j["name"]]
