@@ -18,7 +18,13 @@ chunking that is compared. Figures:
   amplification at chunk borders, decompression, copies), not the disk. The raw rate is
   measured three times, interleaved with the loader runs, and its median is the
   denominator. It is reported for each chunking; the headline figure uses the chunking the
-  features stage writes (``io.FEATURE_CHUNK``, ``io.FEATURE_ORDER``).
+  features stage writes (``io.FEATURE_CHUNK``, ``io.FEATURE_ORDER``). Each layout also
+  reports the files its store holds and the seconds to write it.
+* ``layouts``: the storage layouts side by side, unsharded (Zarr v2, one file per
+  ``io.FEATURE_CHUNK``^3 chunk) and sharded (Zarr v3 / OME-NGFF 0.5, ``SHARD``^3 shards of
+  those chunks: ``features.shard_shape``), each with ``loader_vs_raw_read`` (plain and
+  augmented), ``paced_data_wait_fraction``, ``files`` and ``write_s`` (the store written
+  as the features stage writes it blockwise: slabs through ``io.ShardWriter``).
   ``loader_vs_raw_read_augmented`` adds flips, rotations and transposes: the loader hands
   features over untransformed and ``to_device`` transforms them on the device, so it should
   match (the device-side cost is inside the training step below).
@@ -40,6 +46,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -52,29 +59,45 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinopipe import io  # noqa: E402
+from dinopipe.config import schema_defaults  # noqa: E402
 from dinopipe.loader import CropSampler, Prefetcher, open_volume  # noqa: E402
 from dinopipe.train import train  # noqa: E402
 
-SHAPE = (128, 128, 128)
-CHANNELS = 384
+SHAPE = (128, 128, 128)  # set by --shape
+CHANNELS = 384  # set by --channels
+#: Spatial shard edge of the sharded layout compared with the unsharded one (``features.shard_shape``).
+SHARD = 64
 CROP = (64, 64, 64)
 VOXEL = (8.0, 8.0, 8.0)
 OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 0], [0, 3, 0], [0, 0, 3]]
-# (name, spatial chunk edge, element order inside chunks); all uncompressed (zstd saves ~6 %
-# on float16 features and read 3.6x slower than raw 32^3 chunks in an earlier run)
-CHUNKINGS = [("32^3 C-order", 32, "C"), ("32^3 F-order", 32, "F"),
-             (f"{io.FEATURE_CHUNK}^3 {io.FEATURE_ORDER}-order (default)", io.FEATURE_CHUNK, io.FEATURE_ORDER)]
-DEFAULT = CHUNKINGS[2][0]
+# (name, spatial chunk edge, element order inside chunks, spatial shard edge or None); all
+# uncompressed (zstd saves ~6 % on float16 features and read 3.6x slower than raw 32^3 chunks
+# in an earlier run)
+UNSHARDED = f"{io.FEATURE_CHUNK}^3 {io.FEATURE_ORDER}-order"
+SHARDED = f"{UNSHARDED}, {SHARD}^3 shards"
+CHUNKINGS = [("32^3 C-order", 32, "C", None), ("32^3 F-order", 32, "F", None),
+             (UNSHARDED, io.FEATURE_CHUNK, io.FEATURE_ORDER, None),
+             (SHARDED, io.FEATURE_CHUNK, io.FEATURE_ORDER, SHARD)]
+#: The layouts compared side by side (paced consumer, files, write time).
+LAYOUTS = (UNSHARDED, SHARDED)
+#: The layout the features stage writes by default (``features.shard_shape`` in the schema).
+DEFAULT = SHARDED if schema_defaults("features")["shard_shape"] else UNSHARDED
 AUGMENT = {"flip": True, "rot90": True, "transpose": True}
 STEP_S = 0.05  # a GPU-like training step
 PACED_BATCH = 2
 
 
-def write_features(path: Path, data_slabs, chunk: int, order: str) -> None:
-    arr = io.create_image(path, (CHANNELS, *SHAPE), np.float16, VOXEL, (0.0, 0.0, 0.0), channel_axis=True,
-                          chunks=(CHANNELS, chunk, chunk, chunk), compress=False, order=order)
-    for z0, slab in data_slabs():
-        arr[:, z0 : z0 + slab.shape[1]] = slab
+def write_features(path: Path, data_slabs, chunk: int, order: str, shard: int | None = None) -> None:
+    shape, chunks = (CHANNELS, *SHAPE), (CHANNELS, chunk, chunk, chunk)
+    arr = io.create_image(path, shape, np.float16, VOXEL, (0.0, 0.0, 0.0), channel_axis=True, chunks=chunks,
+                          compress=False, order=order, shards=io.shard_shape(shape, chunks, shard, channel_axis=True))
+    with io.ShardWriter(arr) as writer:
+        for z0, slab in data_slabs():
+            writer[:, z0 : z0 + slab.shape[1]] = slab
+
+
+def count_files(path: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
 
 
 def slabs(seed: int, step: int = 16):
@@ -88,7 +111,9 @@ def slabs(seed: int, step: int = 16):
 
 def write_targets(path: Path) -> None:
     rng = np.random.default_rng(1)
-    labels = (rng.integers(1, 50, size=(16, 16, 16)).repeat(8, 0).repeat(8, 1).repeat(8, 2)).astype(np.uint64)
+    cells = tuple(-(-n // 8) for n in SHAPE)
+    labels = rng.integers(1, 50, size=cells).repeat(8, 0).repeat(8, 1).repeat(8, 2)
+    labels = labels[: SHAPE[0], : SHAPE[1], : SHAPE[2]].astype(np.uint64)
     from dinopipe.targets import compute_affinities
 
     root = zarr.open_group(str(path), mode="w", zarr_format=2)
@@ -163,7 +188,14 @@ def main() -> None:
     parser.add_argument("--paced-steps", type=int, default=40, help="steps of the paced and null consumers")
     parser.add_argument("--workers", type=int, default=2, help="loader threads")
     parser.add_argument("--dir", default=None, help="folder for the stores (default: a temporary one)")
+    parser.add_argument("--repeats", type=int, default=1, help="measurements of every chunking (medians reported)")
+    parser.add_argument("--layouts-only", action="store_true",
+                        help="only the unsharded and sharded layouts of the features stage, not the 32^3 chunkings")
+    parser.add_argument("--shape", type=int, default=128, help="volume edge in voxels (> 64, the crop)")
+    parser.add_argument("--channels", type=int, default=384, help="feature channels")
     args = parser.parse_args()
+    global SHAPE, CHANNELS
+    SHAPE, CHANNELS = (args.shape,) * 3, args.channels
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -180,38 +212,55 @@ def main() -> None:
         results = {}
         bases = []
         crop_bytes = CHANNELS * int(np.prod(CROP)) * 2
-        for name, chunk, order in CHUNKINGS:
-            features = root / f"features_{chunk}_{order}.zarr"
-            t0 = time.perf_counter()
-            write_features(features, slabs(0), chunk, order)
-            write_s = time.perf_counter() - t0
-            bases.append(raw_rate(raw, crop_bytes, args.crops))
-            rate, _ = loader_rate(features, targets, args.crops, args.workers, None)
-            size = io.directory_size(features)
-            results[name] = {"chunk": chunk, "order": order, "loader_bytes_per_s": rate, "store_gib": size / 2**30,
-                             "write_s": write_s}
-            print(f"{name:28s} loader {rate / 2**20:7.0f} MiB/s  raw file {bases[-1] / 2**20:7.0f} MiB/s  "
-                  f"store {size / 2**30:5.2f} GiB  written in {write_s:5.1f} s")
-            if name != DEFAULT:
-                import shutil
-
-                shutil.rmtree(features)
+        chunkings = [c for c in CHUNKINGS if c[0] in LAYOUTS] if args.layouts_only else CHUNKINGS
+        for repeat in range(args.repeats):
+            for name, chunk, order, shard in chunkings:
+                features = root / f"features_{chunk}_{order}_{shard}.zarr"
+                t0 = time.perf_counter()
+                write_features(features, slabs(0), chunk, order, shard)
+                write_s = time.perf_counter() - t0
+                bases.append(raw_rate(raw, crop_bytes, args.crops))
+                rate, _ = loader_rate(features, targets, args.crops, args.workers, None)
+                size = io.directory_size(features)
+                r = results.setdefault(name, {"chunk": chunk, "order": order, "shard": shard, "runs": []})
+                run = {"loader_bytes_per_s": rate, "store_gib": size / 2**30, "write_s": write_s,
+                       "files": count_files(features)}
+                print(f"{name:34s} loader {rate / 2**20:7.0f} MiB/s  raw file {bases[-1] / 2**20:7.0f} MiB/s  "
+                      f"store {size / 2**30:5.2f} GiB in {run['files']:6d} files, written in {write_s:5.1f} s")
+                if name in LAYOUTS:
+                    run["augmented_bytes_per_s"], _ = loader_rate(features, targets, args.crops, args.workers, AUGMENT)
+                    run["paced_wait"], run["paced_rate"] = paced(features, targets, args.paced_steps, args.workers,
+                                                                 STEP_S)
+                    _, run["null_rate"] = paced(features, targets, args.paced_steps, args.workers, None)
+                    print(f"{name:34s} augmented {run['augmented_bytes_per_s'] / 2**20:7.0f} MiB/s; paced consumer "
+                          f"({1000 * STEP_S:.0f} ms per step, batch {PACED_BATCH}, augmented) waiting "
+                          f"{100 * run['paced_wait']:.1f} % of the time; null consumer {run['null_rate']:.1f} batches/s")
+                r["runs"].append(run)
+                if name != DEFAULT or repeat < args.repeats - 1:
+                    shutil.rmtree(features)
         base = float(np.median(bases))
+
+        def median(name: str, key: str) -> float:
+            return float(np.median([run[key] for run in results[name]["runs"]]))
+
         for name, r in results.items():
-            r["ratio"] = r["loader_bytes_per_s"] / base
-            print(f"{name:28s} ratio to the median raw rate ({base / 2**20:.0f} MiB/s): {r['ratio']:5.2f}")
+            r["ratio"] = median(name, "loader_bytes_per_s") / base
+            r["write_s"], r["files"], r["store_gib"] = median(name, "write_s"), median(name, "files"), median(
+                name, "store_gib")
+            if name in LAYOUTS:
+                r["ratio_augmented"] = median(name, "augmented_bytes_per_s") / base
+                r["paced_wait"], r["null_rate"] = median(name, "paced_wait"), median(name, "null_rate")
+            print(f"{name:34s} ratio to the median raw rate ({base / 2**20:.0f} MiB/s): {r['ratio']:5.2f}")
         best = max(results, key=lambda k: results[k]["ratio"])
-        chunk, order = results[DEFAULT]["chunk"], results[DEFAULT]["order"]
-        features = root / f"features_{chunk}_{order}.zarr"
-        augmented, _ = loader_rate(features, targets, args.crops, args.workers, AUGMENT)
-        print(f"{DEFAULT} with flips/rotations/transposes: loader {augmented / 2**20:7.0f} MiB/s, "
-              f"ratio {augmented / base:5.2f}")
-        paced_wait, paced_rate = paced(features, targets, args.paced_steps, args.workers, STEP_S)
-        _, null_rate = paced(features, targets, args.paced_steps, args.workers, None)
-        print(f"paced consumer ({1000 * STEP_S:.0f} ms per step, batch {PACED_BATCH}, augmented): waiting "
-              f"{100 * paced_wait:.1f} % of the time, {paced_rate:.1f} steps/s; null consumer: loader "
-              f"{null_rate:.1f} batches/s ({null_rate * PACED_BATCH * crop_bytes / 2**30:.2f} GiB/s of features), "
-              f"needed {1 / STEP_S:.0f}")
+        print("layouts side by side (medians of", args.repeats, "runs):")
+        for name in LAYOUTS:
+            r = results[name]
+            print(f"  {name:34s} loader/raw {r['ratio']:5.2f} (augmented {r['ratio_augmented']:5.2f}), paced wait "
+                  f"{100 * r['paced_wait']:5.1f} %, {int(r['files']):6d} files, written in {r['write_s']:5.1f} s")
+        chunk, order, shard = results[DEFAULT]["chunk"], results[DEFAULT]["order"], results[DEFAULT]["shard"]
+        features = root / f"features_{chunk}_{order}_{shard}.zarr"
+        augmented, paced_wait, null_rate = (results[DEFAULT]["ratio_augmented"] * base, results[DEFAULT]["paced_wait"],
+                                            results[DEFAULT]["null_rate"])
         summary = train([(str(features), str(targets))], [], root / "model", {
             "steps": args.steps, "batch_size": 1, "crop_shape": list(CROP), "validate_every": args.steps,
             "unet": {"levels": 2, "base_channels": 8}, "num_threads": 2, "tensorboard": False,
@@ -220,8 +269,8 @@ def main() -> None:
         wait = summary["data_wait_fraction"]
         step_s = summary["seconds"] / args.steps
         print(f"training with {DEFAULT}: {step_s:.2f} s per step, waiting for data {100 * wait:.1f} % of step time")
-        print(f"fastest chunking here: {best}; the features stage writes (C, {chunk}, {chunk}, {chunk}), "
-              f"uncompressed, order {order}")
+        print(f"fastest chunking here: {best}; the features stage writes (C, {chunk}, {chunk}, {chunk}) chunks, "
+              f"uncompressed, order {order}, " + (f"in {shard}^3 shards" if shard else "unsharded"))
     print(json.dumps({
         "benchmark": "loader",
         "loader_vs_raw_read": round(results[DEFAULT]["ratio"], 3),
@@ -231,11 +280,19 @@ def main() -> None:
         "loader_batches_per_s": round(null_rate, 2),
         "needed_batches_per_s": round(1 / STEP_S, 2),
         "data_wait_fraction": round(wait, 4),
+        "default_layout": DEFAULT,
         "chunks": [CHANNELS, chunk, chunk, chunk],
         "chunk_order": order,
+        "shards": None if shard is None else [CHANNELS, shard, shard, shard],
         "raw_mib_s": [round(b / 2**20, 1) for b in bases],
-        "per_chunking": {k: {"ratio": round(v["ratio"], 3), "loader_mib_s": round(v["loader_bytes_per_s"] / 2**20, 1),
-                             "store_gib": round(v["store_gib"], 3)} for k, v in results.items()},
+        "per_chunking": {k: {"ratio": round(v["ratio"], 3), "store_gib": round(v["store_gib"], 3),
+                             "files": int(v["files"]), "write_s": round(v["write_s"], 2)} for k, v in results.items()},
+        "layouts": {k: {"loader_vs_raw_read": round(results[k]["ratio"], 3),
+                        "loader_vs_raw_read_augmented": round(results[k]["ratio_augmented"], 3),
+                        "paced_data_wait_fraction": round(results[k]["paced_wait"], 4),
+                        "files": int(results[k]["files"]), "write_s": round(results[k]["write_s"], 2)}
+                    for k in LAYOUTS},
+        "repeats": args.repeats,
         "seconds_per_step": round(step_s, 3),
         "goals": {"loader_vs_raw_read": ">= 0.5", "paced_data_wait_fraction": "<= 0.1",
                   "data_wait_fraction": "<= 0.1"},

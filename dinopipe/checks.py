@@ -21,7 +21,7 @@ import numpy as np
 
 from dinopipe.augment import check_offsets_closed, resolve_augment_params, transform_group
 from dinopipe.backbone_spec import known_patch_size
-from dinopipe.classes import overlapping_unlabelled, parse_classes
+from dinopipe.classes import check_class_loss, class_thresholds, overlapping_unlabelled, parse_classes
 from dinopipe.geometry import Geometry
 from dinopipe.inputs import child_images, metadata_cache, source_store
 from dinopipe.runtime import DEVICE_HELP, is_device_name
@@ -75,12 +75,14 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
 
 
 def _class_problems(config: Mapping[str, Any]) -> list[str]:
-    """``targets.classes`` well formed, not overlapping ``targets.unlabelled_ids``, and set
-    exactly when ``train.target`` is ``semantic``."""
+    """``targets.classes`` well formed, not overlapping ``targets.unlabelled_ids``, set
+    exactly when ``train.target`` is ``semantic``, learnt by a loss that fits
+    ``targets.classes_overlap``, and ``segment.class_threshold`` naming only classes."""
     targets = config.get("targets") or {}
-    target = (config.get("train") or {}).get("target", "affinities")
+    train = config.get("train") or {}
+    target = train.get("target", "affinities")
     try:
-        classes = parse_classes(targets.get("classes"))
+        classes = parse_classes(targets.get("classes"), overlap=targets.get("classes_overlap", False))
     except ValueError as exc:
         return [str(exc)]
     if classes is None:
@@ -90,6 +92,16 @@ def _class_problems(config: Mapping[str, Any]) -> list[str]:
     if target != "semantic":
         problems.append(f"targets.classes is set but train.target is {target!r}; a class model needs "
                         "train.target: semantic (and train.loss: cross_entropy)")
+    else:
+        try:
+            check_class_loss(train.get("loss", "bce"), classes.overlap)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if classes.overlap:
+        try:
+            class_thresholds((config.get("segment") or {}).get("class_threshold"), classes)
+        except ValueError as exc:
+            problems.append(str(exc))
     both = overlapping_unlabelled(classes, targets.get("unlabelled_ids") or [])
     if both:
         problems.append(f"label id(s) {both} are in targets.classes and in targets.unlabelled_ids; an id is either "
@@ -188,7 +200,8 @@ def check_class_labels(config: Mapping[str, Any], volumes: Sequence[Volume], gen
     """Labels that do not fit ``targets.classes``: a group of class images (a CellMap crop)
     needs classes with an ``array`` each, and such classes need labels that are such a group."""
     try:
-        classes = parse_classes((config.get("targets") or {}).get("classes"))
+        targets = config.get("targets") or {}
+        classes = parse_classes(targets.get("classes"), overlap=targets.get("classes_overlap", False))
     except ValueError:
         return []  # reported by check_config
     arrays = classes is not None and classes.from_arrays

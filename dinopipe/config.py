@@ -44,9 +44,11 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 RUNTIME_KEYS: Mapping[str, frozenset[str]] = {
     # a check's policy: an error, or a warning and the same output
     "data": frozenset({"missing_chunks"}),
-    "features": frozenset({"batch_size", "device"}),
+    # shard_shape: the storage layout (files per chunk or per shard), never the values
+    "features": frozenset({"batch_size", "device", "shard_shape"}),
     "train": frozenset({"device", "num_threads", "loader_workers", "prefetch", "resume", "tensorboard"}),
-    "predict": frozenset({"device"}),
+    "predict": frozenset({"device", "shard_shape"}),
+    "segment": frozenset({"shard_shape"}),
 }
 
 #: Per config section, the keys that choose which jobs run rather than what a job computes.
@@ -57,11 +59,12 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 
 #: Per config section, keys added after projects existed, with the value that turns them off:
 #: left out of the params while off, so that existing projects' params (and outputs) stay
-#: unchanged and nothing reruns when dinopipe gains the key.
+#: unchanged and nothing reruns when dinopipe gains the key. (``segment.block_context`` is left
+#: out at its default: it only acts on blockwise segmentations.)
 OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
-    "targets": {"classes": None},
+    "targets": {"classes": None, "classes_overlap": False},
     "demo": {"organelles": None},
-    "segment": {"split_touching_nm": None},
+    "segment": {"split_touching_nm": None, "class_threshold": None, "jobs": None, "block_context": 16},
     "predict": {"distributed": None},
 }
 

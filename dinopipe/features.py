@@ -95,6 +95,11 @@ class FeatureParams:
             faces of a crop (labels covering part of the raw, an ROI, a block); None:
             :data:`CONTEXT_PATCHES` patches of the backbone at the raw's in-plane voxel size
             (e.g. 64 raw pixels for a ViT with 16-pixel patches); 0: none.
+
+        shard_shape: Storage layout of the written store (runtime-only, never the values):
+            spatial shard edge in output voxels, rounded up to whole
+            :data:`dinopipe.io.FEATURE_CHUNK` chunks (:func:`dinopipe.io.shard_shape`), for a
+            sharded Zarr v3 / OME-NGFF 0.5 store; None: Zarr v2, one file per chunk.
     """
 
     backbone: str = "tiny-vit"
@@ -114,6 +119,7 @@ class FeatureParams:
     max_memory_mb: float = 8192.0
     upsampler: str | None = None
     context_nm: float | None = None
+    shard_shape: int | None = None
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> FeatureParams:
@@ -138,6 +144,9 @@ class FeatureParams:
         autocast_mode(self.autocast, "features.autocast")
         if self.context_nm is not None and not self.context_nm >= 0:
             raise ValueError(f"features.context_nm must be >= 0 nm or null, got {self.context_nm}")
+        if self.shard_shape is not None and (isinstance(self.shard_shape, bool) or not isinstance(self.shard_shape, int)
+                                             or self.shard_shape < 1):
+            raise ValueError(f"features.shard_shape must be a positive integer (voxels) or null, got {self.shard_shape!r}")
         if self.block_shape is not None and (len(self.block_shape) != 3 or min(self.block_shape) < 1):
             raise ValueError(f"features.block_shape must be 3 positive voxel counts (z, y, x), got {self.block_shape}")
 

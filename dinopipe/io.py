@@ -3,8 +3,8 @@
 * :mod:`dinopipe.atomic` — outputs written under a temporary name and renamed into place
   (a killed job never leaves an output that looks complete), write faults that name the
   output, JSON files, store ids.
-* :mod:`dinopipe.ngff` — the OME-NGFF writer (0.4, Zarr v2, one scale ``s0``) and reader,
-  memory-mapped tensorstore access.
+* :mod:`dinopipe.ngff` — the OME-NGFF writer (one scale ``s0``: 0.4 on Zarr v2, or 0.5 on
+  sharded Zarr v3) and reader of both, memory-mapped tensorstore access.
 * :mod:`dinopipe.inputs` — input volumes as users bring them: OME-NGFF 0.4/0.5 groups,
   plain Zarr/N5 arrays, HDF5 datasets.
 * :mod:`dinopipe.chunks` — counting stored chunks (an incomplete copy reads as zeros).
@@ -41,9 +41,13 @@ from dinopipe.ngff import (
     FEATURE_CHUNK,
     FEATURE_ORDER,
     MEMMAP_CONTEXT,
+    SHARD_BUFFER_BYTES,
+    SHARDED_NGFF_VERSION,
     SPATIAL_AXES,
     UNITS_NM,
     Image,
+    ShardWriter,
+    chunk_order,
     create_image,
     default_chunks,
     ngff_levels,
@@ -52,13 +56,18 @@ from dinopipe.ngff import (
     read_image,
     read_into,
     set_attrs,
+    shard_major,
+    shard_shape,
     write_image,
+    zarr_format_of,
 )
 
 __all__ = [
     "NEARLY_FULL_BYTES", "atomic_output", "directory_size", "glob_escape", "json_default", "new_store_id",
     "write_json", "ChunkCount", "count_chunks", "Geometry", "SourceArray", "child_images", "metadata_cache", "multiscale_levels",
     "open_source", "source_levels", "source_store", "split_hdf5", "FEATURE_CHUNK", "FEATURE_ORDER",
-    "MEMMAP_CONTEXT", "SPATIAL_AXES", "UNITS_NM", "Image", "create_image", "default_chunks", "ngff_levels",
-    "ngff_multiscale", "open_tensorstore", "read_image", "read_into", "set_attrs", "write_image",
+    "MEMMAP_CONTEXT", "SHARD_BUFFER_BYTES", "SHARDED_NGFF_VERSION", "SPATIAL_AXES", "UNITS_NM", "Image",
+    "ShardWriter", "chunk_order", "create_image",
+    "default_chunks", "ngff_levels", "ngff_multiscale", "open_tensorstore", "read_image", "read_into", "set_attrs",
+    "shard_major", "shard_shape", "write_image", "zarr_format_of",
 ]

@@ -51,7 +51,7 @@ from dinopipe.augment import (
     transform_lsds,
 )
 from dinopipe.features import check_compatible
-from dinopipe.ngff import open_tensorstore, read_image, read_into
+from dinopipe.ngff import chunk_order, open_tensorstore, read_image, read_into
 from dinopipe.targets import NUM_LSD_CHANNELS, boundary_voxels
 
 logger = logging.getLogger(__name__)
@@ -64,13 +64,8 @@ TARGET_TYPES = ("affinities", "semantic")
 
 
 def open_array(path: str | Path) -> ts.TensorStore:
-    """Open one zarr v2 array read-only, memory-mapped (once per volume and array)."""
+    """Open one Zarr v2 or v3 (sharded) array read-only, memory-mapped (once per volume and array)."""
     return open_tensorstore(path)
-
-
-def chunk_order(array: ts.TensorStore) -> str:
-    """Element order inside the array's chunks: ``"C"`` or ``"F"`` (zarr v2 ``order``)."""
-    return str(array.spec().to_json().get("metadata", {}).get("order", "C"))
 
 
 def empty_features(shape: Sequence[int], order: str) -> np.ndarray:
@@ -123,7 +118,7 @@ class VolumeStores:
         features_path, targets_path: Where the stores are.
         arrays: ``features`` (C, z, y, x) float16 and the target arrays by name
             (``affinities``, ``lsds``, ``boundary_weights``, ``mask``, ``raw``,
-            ``labels``, ``semantic`` as present and needed).
+            ``labels``, ``semantic`` or ``classes`` and ``class_mask`` as present and needed).
         offsets: Affinity offsets (z, y, x) of the affinity channels.
         signature: The features' signature (or None).
         shape: Spatial shape (z, y, x) in voxels.
@@ -223,7 +218,9 @@ def open_volume(
         targets_path: Targets store (group of OME-NGFF images).
         lsds: Open the LSDs.
         raw: Open ``raw`` (the raw image on the label grid).
-        target: ``"affinities"`` or ``"semantic"`` (opens ``semantic`` instead).
+        target: ``"affinities"`` or ``"semantic"`` (opens ``semantic`` instead, or for
+            overlapping classes, ``classes_overlap`` in the targets' attrs, ``classes`` and
+            ``class_mask``, (C, z, y, x) each).
         extra: Further target images to open when present (e.g. ``"labels"`` and ``"raw"``
             for image summaries).
         boundary: Open ``labels`` and count the boundary voxels per block
@@ -272,6 +269,12 @@ def open_volume(
         wanted.update({"affinities": len(offsets), "boundary_weights": None})
         if lsds:
             wanted["lsds"] = NUM_LSD_CHANNELS
+    elif attrs.get("classes_overlap"):  # overlapping classes: 0/1 per class, each with its annotation
+        num = attrs.get("num_classes")
+        if not isinstance(num, int) or num < 1:
+            raise ValueError(f"volume {name}: targets {targets_path} record overlapping classes but no "
+                             f"'num_classes' in their 'dinopipe' attributes; recompute the targets")
+        wanted.update({"classes": num, "class_mask": num})
     else:
         wanted["semantic"] = None
     if raw:
@@ -488,7 +491,7 @@ class CropSampler:
         if self.target == "affinities":
             keys = ["boundary_weights", *(["lsds"] if self.lsds else [])]
         else:
-            keys = ["semantic"]
+            keys = ["classes", "class_mask"] if "classes" in volume.arrays else ["semantic"]
         if self.raw:
             keys.append("raw")
         if mask is None:
@@ -619,7 +622,8 @@ def to_device(batch: Mapping[str, np.ndarray], device: torch.device) -> dict[str
     Features are copied to the device as they are (float16, any layout), then made
     contiguous float32 and transformed by the batch's ``transforms`` there; the host buffer
     is not referenced afterwards (:meth:`CropSampler.recycle` may reuse it).
-    ``weights``, ``mask`` and ``raw`` gain a channel axis; ``semantic`` becomes int64.
+    ``weights``, ``mask`` and ``raw`` gain a channel axis; ``semantic`` becomes int64, everything
+    else (``classes``, ``class_mask`` of overlapping classes included) float32.
     """
     out = {}
     transforms = batch.get("transforms")

@@ -17,7 +17,9 @@ All losses are computed in float32, whatever the dtype of their inputs (e.g. bf1
 under autocast).
 
 Semantic targets (one class per voxel) use :func:`weighted_cross_entropy` with class
-weights.
+weights. Overlapping classes (one sigmoid per class) use :func:`per_class_loss`: any of the
+losses below on each class channel, masked by that class's annotation mask, then averaged
+with class weights over the classes annotated in the batch.
 
 Every affinity loss has the signature ``loss(logits, target, weight=None,
 mask=None, **params)``; :func:`build_loss` binds the params by name.
@@ -85,14 +87,21 @@ def weighted_bce(
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    *,
+    pos_weight: float = 1.0,
 ) -> torch.Tensor:
     """Binary cross-entropy on logits, weighted and masked.
+
+    Per element ``-(pos_weight * t log p + (1 - t) log(1 - p))``, ``p = sigmoid(logit)``
+    (torch's ``pos_weight``): a ``pos_weight`` above 1 counts the rare positives (a class
+    covering 1 % of the voxels) more, as class weights do for cross-entropy.
 
     Args:
         logits: (B, C, z, y, x) logits.
         target: (B, C, z, y, x) targets in [0, 1].
         weight: Per-voxel weights (e.g. boundary weights >= 1), or None for 1.
         mask: 1 where the target is known, or None for everywhere.
+        pos_weight: Weight of the positive term, > 0.
 
     Returns:
         Scalar: mean over masked elements of ``weight * BCE`` (``ln 2`` for logits 0
@@ -100,7 +109,8 @@ def weighted_bce(
     """
     _check_pair(logits, target, "weighted_bce")
     logits, target = _as_float(logits), _as_float(target)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    extra = {} if pos_weight == 1.0 else {"pos_weight": torch.tensor(float(pos_weight), device=logits.device)}
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none", **extra)
     return _masked_mean(bce, _broadcastable(weight, logits, "weight"), _broadcastable(mask, logits, "mask"))
 
 
@@ -319,11 +329,83 @@ def _check_tversky(alpha: float, beta: float, smooth: float) -> None:
     _check_number("smooth", smooth, 0)
 
 
+def bce_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    smooth: float = 1.0,
+    dice_weight: float = 1.0,
+    pos_weight: float = 1.0,
+) -> torch.Tensor:
+    """:func:`weighted_bce` (with ``pos_weight``) + ``dice_weight`` x :func:`dice_loss` (same
+    weight and mask)."""
+    _check_bce_dice(smooth, dice_weight, pos_weight)
+    return weighted_bce(logits, target, weight, mask, pos_weight=pos_weight) + dice_weight * dice_loss(
+        logits, target, weight, mask, smooth=smooth)
+
+
+def _check_bce(pos_weight: float) -> None:
+    _check_number("pos_weight", pos_weight, 0)
+    if pos_weight == 0:
+        raise ValueError("loss parameter pos_weight must be > 0, got 0")
+
+
+def _check_bce_dice(smooth: float, dice_weight: float, pos_weight: float = 1.0) -> None:
+    _check_number("smooth", smooth, 0)
+    _check_number("dice_weight", dice_weight, 0)
+    _check_bce(pos_weight)
+
+
+def per_class_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    loss: AffinityLoss,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A sigmoid loss per class of overlapping classes, each masked by its own annotation mask.
+
+    ``L_c = loss(logits[:, c], target[:, c], mask=mask[:, c])`` for every class ``c`` whose
+    mask is not empty in the batch; the result is ``sum(w_c L_c) / sum(w_c)`` over those
+    classes (``w`` the class weights, 1 by default), 0 when no class is annotated. Each class
+    is thus normalised by its own annotated voxels (a class annotated in few crops counts as
+    much as one annotated everywhere), and a class not annotated in a crop (CellMap: the crop
+    lacks its array) contributes nothing there.
+
+    Args:
+        logits: (B, C, z, y, x) class logits.
+        target: (B, C, z, y, x) 0/1 class targets.
+        mask: (B, C, z, y, x) 1 where class ``c`` is annotated.
+        loss: A loss ``loss(logits, target, weight, mask)`` (:func:`build_loss`).
+        class_weights: (C,) weights >= 0, or None for 1.
+    """
+    _check_pair(logits, target, "per_class_loss")
+    if mask.shape != logits.shape:
+        raise ValueError(f"per_class_loss: mask shape {tuple(mask.shape)} must be the logits' shape "
+                         f"{tuple(logits.shape)} (one annotation mask per class)")
+    num = logits.shape[1]
+    if class_weights is not None and class_weights.shape != (num,):
+        raise ValueError(f"per_class_loss: {tuple(class_weights.shape)} class weights for {num} classes")
+    total = logits.new_zeros((), dtype=torch.float32)
+    norm = logits.new_zeros((), dtype=torch.float32)
+    for c in range(num):
+        m = mask[:, c : c + 1]
+        if not bool((m > 0).any()):
+            continue
+        w = 1.0 if class_weights is None else _as_float(class_weights[c]).to(logits.device)
+        total = total + w * loss(logits[:, c : c + 1], target[:, c : c + 1], None, m)
+        norm = norm + w
+    return total / norm if float(norm) > 0 else total
+
+
 LOSSES: dict[str, tuple[AffinityLoss, dict[str, Any], Callable[..., None] | None]] = {
-    "bce": (weighted_bce, {}, None),
+    "bce": (weighted_bce, {"pos_weight": 1.0}, _check_bce),
     "focal": (focal_loss, {"gamma": 2.0, "alpha": 0.25}, _check_focal),
     "dice": (dice_loss, {"smooth": 1.0}, lambda smooth: _check_tversky(0.5, 0.5, smooth)),
     "tversky": (tversky_loss, {"alpha": 0.5, "beta": 0.5, "smooth": 1.0}, _check_tversky),
+    "bce_dice": (bce_dice_loss, {"smooth": 1.0, "dice_weight": 1.0, "pos_weight": 1.0}, _check_bce_dice),
 }
 """Affinity losses by name: (function, default params, parameter check)."""
 
@@ -332,8 +414,8 @@ def build_loss(name: str, **params: Any) -> AffinityLoss:
     """An affinity loss ``loss(logits, target, weight=None, mask=None)`` by name.
 
     Args:
-        name: One of "bce", "focal" (params gamma, alpha), "dice" (smooth) or
-            "tversky" (alpha, beta, smooth).
+        name: One of "bce" (param pos_weight), "focal" (gamma, alpha), "dice" (smooth),
+            "tversky" (alpha, beta, smooth) or "bce_dice" (smooth, dice_weight, pos_weight).
         **params: Parameters of that loss; defaults as in the loss functions.
 
     Raises:

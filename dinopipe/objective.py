@@ -16,7 +16,7 @@ import torch
 from dinopipe.augment import feature_noise, raw_intensity
 from dinopipe.evaluate import balanced_accuracy
 from dinopipe.loader import CropSampler, to_device
-from dinopipe.losses import affinity_lsd_loss, build_loss, weighted_cross_entropy
+from dinopipe.losses import affinity_lsd_loss, build_loss, per_class_loss, weighted_cross_entropy
 from dinopipe.runtime import autocast_context
 from dinopipe.unet import UNet3D, split_output
 
@@ -25,11 +25,15 @@ class Objective:
     """Network input, loss and confusion counts of a batch, for either target type."""
 
     def __init__(self, p: Mapping[str, Any], num_offsets: int, class_weights: list[float] | None,
-                 device: torch.device) -> None:
+                 device: torch.device, overlap: bool = False) -> None:
+        """``overlap``: overlapping classes (``targets.classes_overlap``): one sigmoid per class,
+        ``p["loss"]`` per class within each class's annotation mask (:func:`per_class_loss`)."""
         self.p, self.num_offsets, self.device = p, num_offsets, device
         self.semantic = p["target"] == "semantic"
+        self.overlap = self.semantic and overlap
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, device=device)
-        self.aff_loss = None if self.semantic else build_loss(p["loss"], **p["loss_params"])
+        sigmoid = not self.semantic or self.overlap
+        self.aff_loss = build_loss(p["loss"], **p["loss_params"]) if sigmoid else None
 
     def inputs(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """The network input; with ``generator`` (training), feature and raw intensity augmentation."""
@@ -48,6 +52,9 @@ class Objective:
 
     def loss(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         output = output.float()
+        if self.overlap:
+            assert self.aff_loss is not None
+            return per_class_loss(output, batch["classes"], batch["class_mask"], self.aff_loss, self.class_weights)
         if self.semantic:
             return weighted_cross_entropy(output, batch["semantic"], self.class_weights, batch["mask"])
         aff_logits, lsd_pred = split_output(output, self.num_offsets)
@@ -58,10 +65,17 @@ class Objective:
 
     def confusion(self, output: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
         """(TP, FP, FN, TN) over masked elements per channel: per offset, positive = affinity
-        (predicted > 0.5, target 1); or per class, that class against the rest."""
+        (predicted > 0.5, target 1); or per class, that class against the rest (overlapping
+        classes: probability > 0.5, within the class's annotation mask)."""
         mask = batch["mask"] > 0
         if mask.dim() < output.dim():
             mask = mask.unsqueeze(1)
+        if self.overlap:  # per class, within its own annotation
+            pred, truth, known = output > 0, batch["classes"] > 0.5, batch["class_mask"] > 0
+            counts = [[int((p & t & m).sum()), int((p & ~t & m).sum()), int((~p & t & m).sum()),
+                       int((~p & ~t & m).sum())]
+                      for p, t, m in ((pred[:, c], truth[:, c], known[:, c]) for c in range(output.shape[1]))]
+            return np.array(counts, dtype=np.int64)
         if self.semantic:
             pred = output.argmax(1, keepdim=True)
             truth = batch["semantic"].unsqueeze(1)

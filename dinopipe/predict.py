@@ -28,14 +28,20 @@ of the same size (on the device), the network's activations and, from raw, one g
 block of raw and features; the buffers are allocated once, and memory does not grow
 with the volume (``benchmarks/predict.py`` measures it).
 
-Output store (written atomically):
+Output store (written atomically): OME-NGFF 0.4 images on Zarr v2 chunked by block, or
+with ``shard_shape`` OME-NGFF 0.5 on Zarr v3 shards of whole blocks; the blocks are then
+taken shard by shard (:func:`dinopipe.io.shard_major`) and each shard is written once
+(:class:`dinopipe.io.ShardWriter`). Every forward pass has the full batch size, so the
+values do not depend on the block order: sharded and unsharded outputs are bitwise equal.
 
 * ``affinities``: image (n_offsets, z, y, x) float32, sigmoid probabilities in [0, 1].
 * ``lsds``: image (10, z, y, x) float32 in [0, 1] (only for models that predict LSDs).
 * class models (``target: semantic``, :mod:`dinopipe.classes`) write ``classes`` instead:
-  image (num_classes, z, y, x) float32, softmax probabilities (class 0 background).
+  image (num_classes, z, y, x) float32, softmax probabilities (class 0 background); for
+  overlapping classes (``classes_overlap`` in ``model_config.json``) one sigmoid
+  probability per class (no background channel), blockwise as well.
 * root attrs ``["dinopipe"]``: ``target``, ``offsets`` (and for class models
-  ``class_names``, ``instance_classes``) and provenance (source, checkpoint, block shape,
+  ``class_names``, ``instance_classes``, ``classes_overlap``) and provenance (source, checkpoint, block shape,
   halo, feature signature, timings).
 
 Both images carry the label grid's voxel size and translation (nm).
@@ -72,7 +78,8 @@ from dinopipe.features import (
 )
 from dinopipe.geometry import Geometry, blocks, grow_window, inner_window, patch_alignment, sub_geometry
 from dinopipe.logs import Progress
-from dinopipe.ngff import create_image, open_tensorstore, read_image, read_into
+from dinopipe.ngff import ShardWriter, create_image, open_tensorstore, read_image, read_into, shard_major
+from dinopipe.ngff import shard_shape as round_shard_shape
 from dinopipe.runtime import autocast_context, autocast_mode, release_freed_memory, resolve_device
 from dinopipe.sources import RawOnGridReader, intensity_range, open_sources, source_args
 from dinopipe.targets import NUM_LSD_CHANNELS
@@ -241,8 +248,7 @@ def _max_plane(shape: Sequence[int]) -> int:
 class _BlockStager:
     """Padded input blocks, read by a background thread one batch ahead of the network.
 
-    Iterating yields the block starts of each batch once its blocks are read (all blocks
-    tiling ``shape`` in C order, or the given ``starts`` in their order); then
+    Iterating yields the block starts of each batch once its blocks are read; then
     :meth:`to_device` returns them as a float32 (batch, C, z, y, x) tensor on the device.
     The thread reads the next batch (in the readers, and mirroring halos) while the
     network runs on the current one: behind a GPU the reading is hidden; on a CPU whose
@@ -274,20 +280,19 @@ class _BlockStager:
 
     def __init__(self, readers: Sequence[Any], shape: Sequence[int], block: Sequence[int], halo: int,
                  batch_size: int, device: torch.device, convert_on_host: bool | None = None,
-                 starts: Sequence[Sequence[int]] | None = None) -> None:
+                 starts: Sequence[tuple[int, ...]] | None = None) -> None:
         self.readers, self.shape, self.block, self.halo = readers, tuple(shape), tuple(block), halo
-        self.starts = None if starts is None else [tuple(int(v) for v in s) for s in starts]
+        self.starts = list(_block_starts(shape, block)) if starts is None else list(starts)
         self.batch_size, self.device = batch_size, device
         channels = sum(r.channels for r in readers)
         dtype = np.result_type(*[r.dtype for r in readers])
         padded = tuple(b + 2 * halo for b in block)
-        self.gather = np.empty((batch_size, *padded, channels), dtype=dtype)
+        self.gather = np.zeros((batch_size, *padded, channels), dtype=dtype)
         self.scratch = np.empty(_max_plane((channels, *padded)), dtype=dtype)  # for mirroring, see _read_block
         self.convert_on_host = device.type == "cpu" if convert_on_host is None else convert_on_host
         self.inputs = (torch.empty((batch_size, channels, *padded), dtype=torch.float32) if self.convert_on_host
                        else None)
         self.read_s = self.wait_s = 0.0
-        self._count = 0
         self._free = threading.Semaphore(1)  # held by whoever may write ``gather``
         self._ready: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
@@ -303,7 +308,7 @@ class _BlockStager:
         self._thread.join()
 
     def _batches(self) -> Iterator[list[tuple[int, ...]]]:
-        starts = iter(self.starts) if self.starts is not None else _block_starts(self.shape, self.block)
+        starts = iter(self.starts)
         while batch := list(islice(starts, self.batch_size)):
             yield batch
 
@@ -332,18 +337,22 @@ class _BlockStager:
                 return
             if isinstance(item, BaseException):
                 raise item
-            self._count = len(item)
             yield item
 
     def to_device(self) -> torch.Tensor:
         """The batch as float32 (batch, C, z, y, x) on the device; lets the thread read the next.
 
-        On the host path the tensor is a view of ``inputs``, valid until the next call.
+        Always ``batch_size`` blocks: a last, shorter batch is filled up with the blocks of
+        the batch before (whose outputs the caller drops), so every block goes through the
+        network in a batch of the same size, and its output does not depend on which blocks
+        share its batch (torch's CPU kernels depend on the batch size) nor on the block
+        order (shard by shard for sharded outputs). On the host path the tensor is a view
+        of ``inputs``, valid until the next call.
         """
-        gather = torch.from_numpy(self.gather[: self._count])
+        gather = torch.from_numpy(self.gather)
         try:
             if self.inputs is not None:
-                inputs = self.inputs[: self._count]
+                inputs = self.inputs
                 _, _, rows, cols, channels = gather.shape
                 step = max(1, self.TILE_BYTES // (cols * channels * gather.element_size()))
                 for b in range(gather.shape[0]):
@@ -357,11 +366,14 @@ class _BlockStager:
         return x.permute(0, 4, 1, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)
 
 
-def _empty_image(path: Path, channels: int, grid: Geometry, chunks: Sequence[int], attrs: Mapping[str, Any]) -> Any:
-    """Create a float32 (channels, z, y, x) image on ``grid``; return its writable array."""
+def _empty_image(path: Path, channels: int, grid: Geometry, chunks: Sequence[int], attrs: Mapping[str, Any],
+                 shards: Sequence[int] | None = None) -> Any:
+    """Create a float32 (channels, z, y, x) image on ``grid`` (sharded by ``shards``, spatial
+    voxels, when given); return its writable array."""
     return create_image(
         path, (channels, *grid.shape), np.float32, grid.voxel_size, grid.translation,
         channel_axis=True, chunks=(channels, *chunks), attrs=attrs,
+        shards=None if shards is None else (channels, *shards),
     )
 
 
@@ -414,7 +426,11 @@ class BlockLayout(NamedTuple):
         head: Channels of the first output image (offsets, or classes).
         lsds: Whether ``lsds`` is written.
         offsets: The affinity offsets (voxels, z, y, x).
-        class_attrs: ``class_names`` and ``instance_classes`` of a class model, else empty.
+        class_attrs: ``class_names``, ``instance_classes`` (and ``classes_overlap``) of a
+            class model, else empty.
+        shards: Spatial shard shape (z, y, x voxels, whole blocks) of a sharded Zarr v3
+            output, or None (Zarr v2, one chunk file per block and image).
+        overlap: A class model with overlapping classes (one sigmoid per class).
     """
 
     shape: tuple[int, ...]
@@ -427,6 +443,8 @@ class BlockLayout(NamedTuple):
     lsds: bool
     offsets: list[Any]
     class_attrs: dict[str, Any]
+    shards: tuple[int, ...] | None = None
+    overlap: bool = False
 
     @property
     def images(self) -> list[tuple[str, int]]:
@@ -441,9 +459,10 @@ class BlockLayout(NamedTuple):
 
 
 def block_layout(model: UNet3D, config: Mapping[str, Any], shape: Sequence[int],
-                 block_shape: Sequence[int]) -> BlockLayout:
+                 block_shape: Sequence[int], shard_shape: int | None = None) -> BlockLayout:
     """The block grid and output images of a prediction of ``shape`` (z, y, x voxels) with
-    ``model`` (its ``config`` from :func:`load_model`) in blocks of ``block_shape`` voxels."""
+    ``model`` (its ``config`` from :func:`load_model`) in blocks of ``block_shape`` voxels
+    (``shard_shape``: see :func:`predict_blocks`)."""
     offsets = config["offsets"]
     semantic = config.get("target", "affinities") == "semantic"
     lsds = not semantic and model.config.out_channels == len(offsets) + NUM_LSD_CHANNELS
@@ -455,20 +474,27 @@ def block_layout(model: UNet3D, config: Mapping[str, Any], shape: Sequence[int],
     )
     if block != tuple(block_shape):
         logger.info("block shape %s adjusted to %s (multiples of %d, at most the volume)", block_shape, block, divisor)
+    chunks = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
+    shards = round_shard_shape(shape, chunks, shard_shape, channel_axis=False, key="predict.shard_shape")
+    overlap = semantic and bool(config.get("classes_overlap", False))  # one sigmoid per class
+    class_attrs = {k: config.get(k) for k in ("class_names", "instance_classes")} if semantic else {}
+    if overlap:
+        class_attrs["classes_overlap"] = True
     return BlockLayout(
-        shape=shape, block=block, halo=halo, chunks=tuple(min(b, s) for b, s in zip(block, shape, strict=True)),
+        shape=shape, block=block, halo=halo, chunks=chunks,
         num_blocks=math.prod(-(-s // b) for s, b in zip(shape, block, strict=True)), semantic=semantic,
         head=model.config.out_channels if semantic else len(offsets), lsds=lsds, offsets=offsets,
-        class_attrs={k: config.get(k) for k in ("class_names", "instance_classes")} if semantic else {},
+        class_attrs=class_attrs, shards=None if shards is None else tuple(shards), overlap=overlap,
     )
 
 
 def create_outputs(path: Path, layout: BlockLayout, grid: Geometry) -> list[Any]:
     """Create the empty prediction store at ``path`` (a new folder: write it under
-    :func:`atomic_output`); return its writable arrays in the order of ``layout.images``."""
-    zarr.open_group(str(path), mode="w", zarr_format=2)
+    :func:`atomic_output`; Zarr v3 when sharded); return its writable arrays in the order of
+    ``layout.images``."""
+    zarr.open_group(str(path), mode="w", zarr_format=2 if layout.shards is None else 3)
     image_attrs = {"classes": layout.class_attrs, "affinities": {"offsets": layout.offsets}, "lsds": {}}
-    return [_empty_image(path / name, channels, grid, layout.chunks, image_attrs[name])
+    return [_empty_image(path / name, channels, grid, layout.chunks, image_attrs[name], layout.shards)
             for name, channels in layout.images]
 
 
@@ -514,9 +540,10 @@ def predict_into(
         layout: From :func:`block_layout`.
         model: The network (moved to ``device`` by the caller).
         outputs: Writable arrays (C, z, y, x) on the layout's grid, in the order of
-            ``layout.images``.
+            ``layout.images`` (each written through a :class:`dinopipe.io.ShardWriter`: a
+            sharded array's shards are written whole, so ``starts`` must cover whole shards).
         starts: Block starts (z, y, x voxels, multiples of ``layout.block``), in the order
-            predicted; None: every block in C order.
+            predicted; None: every block, shard by shard (:func:`dinopipe.io.shard_major`).
         device, mode: Torch device and autocast mode (:func:`dinopipe.runtime.autocast_mode`).
         batch_size: Blocks per forward pass.
         label: Name for progress messages.
@@ -530,6 +557,9 @@ def predict_into(
     if count == 0:
         return stats
     num_offsets = len(layout.offsets)
+    if starts is None:
+        starts = shard_major(list(_block_starts(shape, block)), layout.shards)
+    writers = [ShardWriter(array) for array in outputs]
     stager = _BlockStager(readers, shape, block, halo, min(batch_size, count), device, starts=starts)
     with stager, Progress(count, label, "block") as progress:
         for batch_starts in stager:  # read by the stager's thread while the network ran on the batch before
@@ -538,7 +568,9 @@ def predict_into(
             with torch.no_grad(), autocast_context(device, mode):
                 output = model(x)
             del x
-            if layout.semantic:
+            if layout.overlap:
+                aff, lsd = torch.sigmoid(output.float()).cpu().numpy(), None
+            elif layout.semantic:
                 aff, lsd = torch.softmax(output.float(), dim=1).cpu().numpy(), None
             else:
                 aff_logits, lsd = split_output(output.float(), num_offsets)
@@ -551,9 +583,9 @@ def predict_into(
                 core = [min(b, s - st) for b, s, st in zip(block, shape, start, strict=True)]
                 src = (slice(None), *(slice(halo, halo + c) for c in core))
                 dst = (slice(None), *(slice(st, st + c) for st, c in zip(start, core, strict=True)))
-                outputs[0][dst] = aff[i][src]
-                if len(outputs) > 1 and lsd_np is not None:
-                    outputs[1][dst] = lsd_np[i][src]
+                writers[0][dst] = aff[i][src]
+                if len(writers) > 1 and lsd_np is not None:
+                    writers[1][dst] = lsd_np[i][src]
             del aff, lsd_np
             if device.type == "cpu":  # the network's intermediates are host memory
                 release_freed_memory()
@@ -561,6 +593,10 @@ def predict_into(
             stats["forward_s"] += t2 - t1
             stats["write_s"] += t3 - t2
             progress.update(len(batch_starts))
+        t3 = time.perf_counter()
+        for writer in writers:
+            writer.flush()  # nothing left when blocks came shard by shard
+        stats["write_s"] += time.perf_counter() - t3
     stats["read_s"], stats["wait_s"] = stager.read_s, stager.wait_s
     return stats
 
@@ -577,6 +613,7 @@ def predict_blocks(
     batch_size: int = 1,
     autocast: bool | str = "bf16",
     attrs: Mapping[str, Any] | None = None,
+    shard_shape: int | None = None,
 ) -> dict[str, Any]:
     """Predict affinities (and LSDs), or class probabilities, on ``grid`` block by block; write the
     output store atomically (see the module docstring for its layout).
@@ -597,6 +634,10 @@ def predict_blocks(
         autocast: Mixed precision on CUDA (:data:`dinopipe.runtime.AUTOCAST`); CPU always runs
             float32. Recorded as ``precision`` in the output's attrs.
         attrs: Extra provenance stored in the root attrs.
+        shard_shape: Spatial shard edge (voxels) of a sharded Zarr v3 / OME-NGFF 0.5 output,
+            rounded up to whole blocks (:func:`dinopipe.io.shard_shape`); the blocks are then
+            predicted shard by shard and each shard is written once. None: Zarr v2, one file
+            per block. The values are the same either way.
 
     Returns:
         Statistics: ``blocks``, ``block_shape``, ``halo`` and seconds: reading and
@@ -607,7 +648,7 @@ def predict_blocks(
     """
     _check_block_args(block_shape, batch_size)
     t_start = time.perf_counter()
-    layout = block_layout(model, config, grid.shape, block_shape)
+    layout = block_layout(model, config, grid.shape, block_shape, shard_shape)
     dev = resolve_device(device, "predict.device")
     mode = autocast_mode(autocast, "predict.autocast")  # an unknown mode fails before any block
     precision = mode if dev.type == "cuda" else "none"
@@ -767,6 +808,7 @@ def predict_volume(
     *,
     volume: Any = None,
     data: Mapping[str, Any] | None = None,
+    shard_shape: int | None = None,
 ) -> dict[str, Any]:
     """Predict affinities (and LSDs) for a whole cached feature volume, block by block.
 
@@ -774,7 +816,7 @@ def predict_volume(
         features_path: Feature image (C, z, y, x), e.g. ``results/features/{volume}.zarr``.
         checkpoint_dir: Training output folder (``model_config.json`` + ``checkpoint.pt``).
         out_path: Output store, e.g. ``results/predictions/{volume}.zarr``.
-        block_shape, device, batch_size, autocast: See :func:`predict_blocks`.
+        block_shape, device, batch_size, autocast, shard_shape: See :func:`predict_blocks`.
         volume: The volume's sheet row (:class:`dinopipe.sheet.Volume`); needed only for
             models with ``input_raw``, to read the raw.
         data: The ``data`` config section (scale choice) for reading that raw.
@@ -790,7 +832,7 @@ def predict_volume(
     inputs = feature_inputs(features_path, checkpoint_dir, volume=volume, data=data)
     return predict_blocks(
         inputs.readers, inputs.grid, inputs.model, inputs.config, out_path, block_shape=block_shape, device=device,
-        batch_size=batch_size, autocast=autocast, attrs=inputs.attrs,
+        batch_size=batch_size, autocast=autocast, attrs=inputs.attrs, shard_shape=shard_shape,
     )
 
 
@@ -805,6 +847,7 @@ def predict_from_raw(
     batch_size: int = 1,
     autocast: bool | str = "bf16",
     feature_halo: int | None = None,
+    shard_shape: int | None = None,
 ) -> dict[str, Any]:
     """Predict end to end from raw: features are computed per block (with their own halo), never cached.
 
@@ -814,7 +857,7 @@ def predict_from_raw(
         out_path: Output store.
         features: The ``features`` config section (must match the model's training features).
         data: The ``data`` config section (scale choice, output grid).
-        block_shape, device, batch_size, autocast: See :func:`predict_blocks`.
+        block_shape, device, batch_size, autocast, shard_shape: See :func:`predict_blocks`.
         feature_halo: Backbone context in label voxels around each block + UNet halo;
             default ``features.block_halo``.
 
@@ -825,5 +868,5 @@ def predict_from_raw(
     inputs = raw_inputs(volume, checkpoint_dir, features, data, feature_halo)
     return predict_blocks(
         inputs.readers, inputs.grid, inputs.model, inputs.config, out_path, block_shape=block_shape, device=device,
-        batch_size=batch_size, autocast=autocast, attrs=inputs.attrs,
+        batch_size=batch_size, autocast=autocast, attrs=inputs.attrs, shard_shape=shard_shape,
     )

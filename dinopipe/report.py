@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import zarr
 from PIL import Image
 
 from dinopipe import io
@@ -87,7 +88,8 @@ def write_slices(
     """Write the example slice figure of one volume (the middle z slice by default).
 
     For a class model (``classes`` in the predictions): raw | probabilities of classes 1-3
-    as RGB | the class image over the raw in :data:`CLASS_COLOURS`.
+    as RGB | the class image over the raw in :data:`CLASS_COLOURS`. Overlapping classes:
+    probabilities of classes 0-2, and each voxel coloured by the last listed class it is in.
 
     Args:
         raw: (z, y, x) raw in [0, 1] on the label grid, or a callable ``z -> (y, x)``.
@@ -107,10 +109,20 @@ def write_slices(
         raise ValueError(f"slice z={z} outside the volume's {depth} slices ({predictions_path})")
     raw_slice = raw(z) if callable(raw) else np.asarray(raw[z])
     aff_slice = np.asarray(affs.array[:, z])
+    overlap = classes and bool(zarr.open_group(str(predictions_path), mode="r").attrs.get("dinopipe", {}).get(
+        "classes_overlap"))
     if classes:  # the foreground classes' probabilities (background left out), three at most
-        fg = aff_slice[1:4]
+        fg = aff_slice[0:3] if overlap else aff_slice[1:4]
         aff_slice = np.concatenate([fg, np.zeros((3 - len(fg), *fg.shape[1:]), fg.dtype)]) if len(fg) > 1 else fg
-    labels = np.asarray(io.read_image(segmentation_path).array[z]) if segmentation_path else None
+    labels = None
+    if segmentation_path:
+        seg = io.read_image(segmentation_path)
+        if seg.channel_axis:  # overlapping classes, (C, z, y, x) 0/1: the last listed class on top
+            masks = np.asarray(seg.array[:, z])
+            labels = np.max(masks.astype(np.uint16) * np.arange(1, len(masks) + 1, dtype=np.uint16)[:, None, None],
+                            axis=0).astype(np.uint8)
+        else:
+            labels = np.asarray(seg.array[z])
     figure = slice_panels(raw_slice, aff_slice, labels, classes=classes)
     with io.atomic_output(out_png) as tmp:
         figure.save(tmp, format="PNG")

@@ -23,12 +23,13 @@ block plus one id per fragment.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import inspect
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import mwatershed
@@ -36,7 +37,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
-from dinopipe.geometry import blocks
+from dinopipe.geometry import blocks, grow_window, inner_window
 
 logger = logging.getLogger(__name__)
 
@@ -503,17 +504,31 @@ def segment_blockwise(
     method: str = "mutex_watershed",
     merge_threshold: float = 0.5,
     min_size: int = 0,
+    context: int | Sequence[int] = 0,
+    relabel_into: Any | None = None,
     **params: object,
 ) -> int:
-    """Segment a volume too large for memory block by block, merging fragments across block faces.
+    """Segment a volume too large for memory block by block: fragments per block, a global merge.
 
-    Pass 1 segments each block with ``method`` (its ``min_size`` left at 0) and writes
-    its fragments with globally unique ids into ``out``; for every face between a block
-    and its predecessor along an axis it collects the pairs of fragments facing each
-    other across the face and the short-range affinity (offset +-1 along that axis) of
-    each voxel pair, and merges two fragments when their mean affinity over the face
-    exceeds ``merge_threshold``. Pass 2 drops merged objects smaller than ``min_size``
-    voxels and rewrites ``out`` with consecutive ids.
+    The extract-fragments -> agglomerate -> relabel design of the lsd pipeline, in four steps
+    that any job can run (:mod:`dinopipe.segment_parts` runs them as cluster jobs, with the
+    same result):
+
+    1. :func:`fragment_block` splits each block into fragments with globally unique ids,
+       written to ``out``. For ``agglomeration`` these are the method's fragments only (no
+       merging inside the block); for the other methods, the block's segmentation.
+    2. :func:`block_edges` collects the region graph: for each pair of touching fragments, the
+       sum and count of the short-range affinities between them, across the faces between a
+       block and its predecessors and, for ``agglomeration``, inside blocks too.
+    3. :func:`merge_table` merges on that graph. ``agglomeration``: hierarchically, regions
+       joining while the mean affinity on their whole common boundary exceeds the method's
+       ``threshold`` (waterz's mean-affinity agglomeration on the global graph, so the result
+       barely depends on the block size: only the fragments cut by block faces differ from
+       the one-piece segmentation). Other methods: pairs facing each other across a block face
+       join when their mean affinity over the face exceeds ``merge_threshold`` (the
+       segmentation within a block is final). Objects smaller than ``min_size`` voxels are
+       dropped and ids made consecutive in the order of their first fragment.
+    4. :func:`relabel_block` rewrites ``out`` through that table.
 
     Args:
         affinities: (n_offsets, z, y, x) array-like in [0, 1] (e.g. a zarr array),
@@ -524,8 +539,15 @@ def segment_blockwise(
             zarr array whose chunks divide ``block_shape``).
         block_shape: Block shape (z, y, x) in voxels.
         method: A method of :data:`METHODS`.
-        merge_threshold: Mean face affinity above which two fragments merge.
+        merge_threshold: Mean face affinity above which two fragments merge (methods other
+            than ``agglomeration``).
         min_size: Objects (after merging) with fewer voxels than this become 0.
+        context: Voxels read around each block to compute its fragments (see
+            :func:`fragment_block`).
+        relabel_into: Where step 4 writes the final ids (same shape), instead of back into
+            ``out`` (which then holds the fragments): e.g. a sharded zarr array, written
+            one whole shard at a time (its ``shards``), while ``out`` is an unsharded
+            scratch array that steps 1 and 2 write and read block by block.
         **params: Parameters of ``method``.
 
     Returns:
@@ -534,6 +556,39 @@ def segment_blockwise(
     shape = tuple(int(s) for s in affinities.shape[1:])
     if tuple(out.shape) != shape:
         raise ValueError(f"output shape {tuple(out.shape)} differs from the affinities' {shape}")
+    offsets_t, block = check_blockwise(shape, offsets, block_shape, method, min_size)
+    windows = blocks(shape, block)
+    ids, sizes, edges = [], [], []
+    for index, window in enumerate(windows):
+        block_ids, block_sizes = fragment_block(affinities, offsets_t, out, window, index, block, method, context,
+                                                **params)
+        ids.append(block_ids)
+        sizes.append(block_sizes)
+    internal = method == "agglomeration"
+    for window in windows:
+        edges.append(block_edges(affinities, offsets_t, out, window, internal))
+    keys, values = merge_table(np.concatenate(ids), np.concatenate(sizes), concat_edges(edges), min_size,
+                               **graph_merge(method, merge_threshold, params))
+    target = out if relabel_into is None else relabel_into
+    if tuple(target.shape) != shape:
+        raise ValueError(f"relabel_into shape {tuple(target.shape)} differs from the affinities' {shape}")
+    shards = getattr(target, "shards", None)  # a sharded target: whole shards, each written once
+    for window in blocks(shape, tuple(shards)) if shards else windows:
+        relabel_block(out, target, window, keys, values)
+    n = int(values.max()) if len(values) else 0
+    logger.info("blockwise %s: %d blocks, %d fragments, %d segments", method, len(windows), len(keys), n)
+    return n
+
+
+def check_blockwise(shape: Sequence[int], offsets: Sequence[Sequence[int]], block_shape: Sequence[int], method: str,
+                    min_size: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+    """Validate blockwise segmentation arguments; return the offsets and block shape as int tuples.
+
+    Raises:
+        ValueError: a block shape that is not three positive voxel counts, a negative
+            ``min_size``, an unknown method, or no short-range offset along an axis that
+            is cut into blocks (fragments could not be joined across its faces).
+    """
     if len(block_shape) != 3 or any(int(b) < 1 for b in block_shape):
         raise ValueError(f"block_shape must be three positive integers (z, y, x), got {block_shape!r}")
     _check_min_size(min_size)
@@ -541,68 +596,266 @@ def segment_blockwise(
         raise ValueError(f"unknown segmentation method {method!r}; allowed: {sorted(METHODS)}")
     offsets_t = [tuple(int(v) for v in o) for o in offsets]
     block = tuple(int(b) for b in block_shape)
-    axis_k = [_axis_offset(offsets_t, a) for a in range(3)]
-    for a in range(3):
-        if shape[a] > block[a] and axis_k[a] is None:
+    needed = range(3) if method == "agglomeration" else [a for a in range(3) if shape[a] > block[a]]
+    for a in needed:
+        if _axis_offset(offsets_t, a) is None:
             raise ValueError(f"blockwise segmentation needs a short-range offset along axis {'zyx'[a]}, got {offsets_t}")
-    windows = blocks(shape, block)
-    parent = np.zeros(1, dtype=np.int64)  # union-find over fragment ids (0: background)
-    sizes = np.zeros(1, dtype=np.int64)
-    next_id = 1
+    return offsets_t, block  # type: ignore[return-value]
 
-    def find_roots(ids: np.ndarray) -> np.ndarray:
-        roots = parent[ids]
-        while True:
-            up = parent[roots]
-            if np.array_equal(up, roots):
-                return roots
-            roots = up
 
-    for window in windows:
-        aff = np.asarray(affinities[(slice(None), *window)], dtype=np.float32)
-        labels = segment(aff, offsets_t, method=method, min_size=0, **params)
-        n = int(labels.max())
-        counts = np.bincount(labels.ravel().astype(np.int64), minlength=n + 1)[1 : n + 1]
-        labels[labels > 0] += np.uint64(next_id - 1)
-        out[window] = labels
-        parent = np.concatenate([parent, np.arange(next_id, next_id + n, dtype=np.int64)])
-        sizes = np.concatenate([sizes, counts])
-        next_id += n
-        # merge with the predecessor along each axis across the face at window[a].start
-        for a in range(3):
-            z0 = window[a].start
-            if z0 == 0 or axis_k[a] is None:
+def graph_merge(method: str, merge_threshold: float, params: Mapping[str, object]) -> dict[str, Any]:
+    """How :func:`merge_table` merges the region graph of ``method``'s blocks.
+
+    ``agglomeration``: mean linkage at the method's ``threshold`` (default 0.5); the other
+    methods: single linkage of face pairs at ``merge_threshold``.
+    """
+    if method == "agglomeration":
+        return {"linkage": "mean", "threshold": float(params.get("threshold", 0.5))}  # type: ignore[arg-type]
+    return {"linkage": "single", "threshold": float(merge_threshold)}
+
+
+def fragment_id_base(index: int, block_shape: Sequence[int]) -> int:
+    """The id before the first fragment of block ``index`` (C order in :func:`dinopipe.geometry.blocks`).
+
+    A block of ``prod(block_shape)`` voxels holds at most that many fragments, so blocks
+    number their fragments independently (in any job, in any order) without collisions,
+    and ascending ids follow the blocks' order.
+    """
+    return int(index) * int(np.prod([int(b) for b in block_shape]))
+
+
+def fragment_block(affinities: Any, offsets: Sequence[Sequence[int]], out: Any, window: Sequence[slice],
+                   index: int, block_shape: Sequence[int], method: str, context: int | Sequence[int] = 0,
+                   **params: object) -> tuple[np.ndarray, np.ndarray]:
+    """Split one block into fragments; write them with globally unique ids into ``out``.
+
+    ``agglomeration``: the method's fragments, unmerged (its ``threshold`` applies to the
+    global graph, :func:`merge_table`); other methods: the block's segmentation. ``min_size``
+    is left at 0 (it applies to the merged objects).
+
+    Args:
+        affinities: (n_offsets, z, y, x) array-like; the block's window is read.
+        offsets: The affinities' offsets (dz, dy, dx) in voxels.
+        out: Writable (z, y, x) uint64 fragment array-like (chunks dividing the block
+            shape, so that jobs writing different blocks never share a chunk).
+        window: The block's window in voxels (z, y, x), from :func:`dinopipe.geometry.blocks`.
+        index: The block's index in that list (numbers its fragments, see :func:`fragment_id_base`).
+        block_shape: The block shape (z, y, x) in voxels.
+        method: A method of :data:`METHODS`.
+        context: Voxels (one value or per axis) read around the block: the block is segmented
+            with them and cropped, so that fragments near its faces follow the objects beyond
+            (seeds of the distance fragments outside the block, the watershed's flooding).
+        **params: Parameters of ``method`` (``fragments`` among them for agglomeration).
+
+    Returns:
+        The block's fragment ids (uint64, ascending) and their sizes in voxels (int64).
+    """
+    window = tuple(window)
+    shape = tuple(int(n) for n in affinities.shape[1:])
+    grown = grow_window(window, context, shape)
+    aff = np.asarray(affinities[(slice(None), *grown)], dtype=np.float32)
+    if method == "agglomeration":
+        params = {**params, "threshold": 1.0}  # regions merge while their mean affinity exceeds 1: never
+    labels = segment(aff, offsets, method=method, min_size=0, **params)
+    labels = relabel_consecutive(labels[inner_window(window, grown)])  # ids of the fragments in the core
+    n = int(labels.max())
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=n + 1)[1 : n + 1]
+    base = fragment_id_base(index, block_shape)
+    labels[labels > 0] += np.uint64(base)
+    out[window] = labels
+    return np.arange(base + 1, base + n + 1, dtype=np.uint64), counts.astype(np.int64)
+
+
+#: The region graph's edges: fragment pairs (2, m) uint64 (smaller id first), the sum of the
+#: short-range affinities between each pair (float64) and their number (int64).
+Edges = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _aggregate(lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> Edges:
+    """Voxel pairs -> one edge per fragment pair (sum and count of the affinities)."""
+    keep = (lo > 0) & (hi > 0) & (lo != hi)
+    if not keep.any():
+        return np.zeros((2, 0), np.uint64), np.zeros(0), np.zeros(0, np.int64)
+    a, b = lo[keep].astype(np.uint64), hi[keep].astype(np.uint64)
+    pairs, inverse = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)]), axis=1, return_inverse=True)
+    inverse = inverse.ravel()
+    return pairs, np.bincount(inverse, weights=w[keep].astype(np.float64)), np.bincount(inverse).astype(np.int64)
+
+
+def concat_edges(parts: Sequence[Edges]) -> Edges:
+    """Several edge lists as one, pairs found in several summed."""
+    pairs = np.concatenate([np.zeros((2, 0), np.uint64), *[p[0] for p in parts]], axis=1).astype(np.uint64)
+    sums = np.concatenate([np.zeros(0), *[p[1] for p in parts]])
+    counts = np.concatenate([np.zeros(0, np.int64), *[p[2] for p in parts]])
+    if not pairs.shape[1]:
+        return pairs, sums, counts
+    unique, inverse = np.unique(pairs, axis=1, return_inverse=True)
+    inverse = inverse.ravel()
+    return unique, np.bincount(inverse, weights=sums), np.bincount(inverse, weights=counts).astype(np.int64)
+
+
+def block_edges(affinities: Any, offsets: Sequence[Sequence[int]], fragments: Any, window: Sequence[slice],
+                internal: bool) -> Edges:
+    """The region graph's edges of one block: across its faces with its predecessors, and inside it.
+
+    For each axis along which the block does not start at 0, the fragments on either side of
+    the face at ``window[a].start`` are paired voxel by voxel with the short-range affinity
+    (offset +-1 along the axis) between them; with ``internal``, so are neighbouring voxels of
+    different fragments inside the block. Reads the block and the voxel plane before each
+    face, so any job can compute a block's edges once its fragments and its predecessors'
+    exist. A fragment pair's voxels across one face or inside one block are all seen by one
+    block, so the edges of all blocks concatenate without double counting.
+    """
+    window = tuple(window)
+    offsets_t = [tuple(int(v) for v in o) for o in offsets]
+    found: list[Edges] = []
+    labels = np.asarray(fragments[window]).astype(np.uint64) if internal else None
+    for a in range(3):
+        k = _axis_offset(offsets_t, a)
+        if k is None:
+            continue
+        forward = offsets_t[k][a] > 0  # the edge p <-> p + e_a is stored at p (else at p + e_a)
+        if internal and window[a].stop - window[a].start > 1:
+            aff = np.asarray(affinities[(k, *window)], dtype=np.float64)
+            lo = np.take(labels, np.arange(labels.shape[a] - 1), axis=a)
+            hi = np.take(labels, np.arange(1, labels.shape[a]), axis=a)
+            w = np.take(aff, np.arange(aff.shape[a] - 1) if forward else np.arange(1, aff.shape[a]), axis=a)
+            found.append(_aggregate(lo, hi, w))
+        z0 = window[a].start
+        if z0 == 0:
+            continue
+        face = list(window)
+        face[a] = slice(z0 - 1, z0 + 1)
+        pair = np.asarray(fragments[tuple(face)]).astype(np.uint64)
+        lo, hi = np.take(pair, 0, axis=a), np.take(pair, 1, axis=a)
+        at = z0 - 1 if forward else z0
+        face[a] = slice(at, at + 1)
+        edge = np.take(np.asarray(affinities[(k, *face)], dtype=np.float64), 0, axis=a)
+        found.append(_aggregate(lo, hi, edge))
+    return concat_edges(found)
+
+
+def _mean_linkage(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts: np.ndarray,
+                  threshold: float) -> np.ndarray:
+    """Hierarchical agglomeration of ``n`` regions by mean boundary affinity (waterz's MeanAffinity).
+
+    Repeatedly joins the two adjacent regions with the highest mean affinity on their common
+    boundary (sum / count, the boundary of a joined region being the union of its parts')
+    while it exceeds ``threshold``. Returns each region's representative (an index).
+    """
+    adj: list[dict[int, list[float]] | None] = [{} for _ in range(n)]
+    heap = []
+    for a, b, s, c in zip(u.tolist(), v.tolist(), sums.tolist(), counts.tolist()):
+        e = [s, c]
+        adj[a][b] = e  # type: ignore[index]
+        adj[b][a] = e  # type: ignore[index]
+        heap.append((-s / c, a, b))
+    heapq.heapify(heap)
+    parent = np.arange(n)
+    while heap:
+        neg, a, b = heapq.heappop(heap)
+        if -neg <= threshold:
+            break
+        ea, eb = adj[a], adj[b]
+        if ea is None or eb is None or b not in ea or ea[b][0] / ea[b][1] != -neg:
+            continue  # a region already joined, or a mean since changed
+        if len(ea) < len(eb):
+            a, b, ea, eb = b, a, eb, ea
+        parent[b] = a
+        del ea[b]
+        for w, e in eb.items():  # b's boundary becomes a's
+            if w == a:
                 continue
-            k = axis_k[a]
-            face = list(window)
-            face[a] = slice(z0 - 1, z0 + 1)
-            pair = np.asarray(out[tuple(face)]).astype(np.int64)
-            lo, hi = np.take(pair, 0, axis=a), np.take(pair, 1, axis=a)
-            at = z0 - 1 if offsets_t[k][a] > 0 else z0
-            face[a] = slice(at, at + 1)
-            edge = np.take(np.asarray(affinities[(k, *face)], dtype=np.float64), 0, axis=a)
-            keep = (lo > 0) & (hi > 0)
-            if not keep.any():
-                continue
-            a_ids, b_ids, w = lo[keep], hi[keep], edge[keep]
-            pairs, inverse = np.unique(np.stack([a_ids, b_ids]), axis=1, return_inverse=True)
-            inverse = inverse.ravel()
-            mean = np.bincount(inverse, weights=w) / np.bincount(inverse)
-            for x, y in pairs[:, mean > merge_threshold].T:
-                rx, ry = find_roots(np.array([x, y]))
-                if rx != ry:
-                    parent[max(rx, ry)] = min(rx, ry)
-    roots = find_roots(np.arange(next_id))
-    object_sizes = np.bincount(roots, weights=sizes, minlength=next_id)
-    kept = (object_sizes >= max(min_size, 1)) & (np.arange(next_id) > 0)
-    final = np.zeros(next_id, dtype=np.uint64)
-    final[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.uint64)
-    lookup = final[roots]
-    for window in windows:
-        out[window] = lookup[np.asarray(out[window]).astype(np.int64)]
-    logger.info("blockwise %s: %d blocks, %d fragments, %d segments", method, len(windows), next_id - 1,
-                int(kept.sum()))
-    return int(kept.sum())
+            ew = adj[w]
+            del ew[b]  # type: ignore[union-attr]
+            joined = ea.get(w)
+            if joined is None:
+                ea[w] = ew[a] = joined = e  # type: ignore[index]
+            else:
+                joined[0] += e[0]
+                joined[1] += e[1]
+            heapq.heappush(heap, (-joined[0] / joined[1], a, w))
+        adj[b] = None
+    while True:  # representatives: follow the joins to the end
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return parent
+        parent = up
+
+
+def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int, linkage: str = "single",
+                threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Final segment ids of all fragments: the region graph merged, small objects dropped.
+
+    ``linkage`` "single": two fragments join when the mean affinity of their edge exceeds
+    ``threshold`` (objects are connected components); "mean": hierarchical agglomeration
+    while the mean affinity on a whole common boundary exceeds ``threshold``. An object with
+    fewer than ``min_size`` voxels (at least 1) gets id 0; the others are numbered 1, 2, ...
+    in the order of their smallest fragment id (blocks in C order).
+
+    Args:
+        ids: Every fragment id (uint64, unique).
+        sizes: Each fragment's size in voxels.
+        edges: The region graph (:data:`Edges`, from :func:`block_edges` / :func:`concat_edges`).
+        min_size: Smallest object kept, in voxels.
+        linkage: "single" or "mean".
+        threshold: Mean affinity above which regions join, in [0, 1].
+
+    Returns:
+        ``keys`` (the fragment ids, ascending) and ``values`` (uint64 segment ids), for
+        :func:`relabel_block`.
+    """
+    _check_min_size(min_size)
+    if linkage not in ("single", "mean"):
+        raise ValueError(f"merge_table: linkage must be 'single' or 'mean', got {linkage!r}")
+    order = np.argsort(ids, kind="stable")
+    keys = np.asarray(ids, dtype=np.uint64)[order]
+    sizes = np.asarray(sizes, dtype=np.int64)[order]
+    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+        raise ValueError("merge_table: fragment ids are not unique")
+    n = len(keys)
+    if n == 0:
+        return keys, np.zeros(0, dtype=np.uint64)
+    pairs, sums, counts = edges
+    pairs = np.asarray(pairs, dtype=np.uint64).reshape(2, -1)
+    where = np.searchsorted(keys, pairs)
+    if pairs.size and (where.max() >= n or not np.array_equal(keys[np.minimum(where, n - 1)], pairs)):
+        raise ValueError("merge_table: an edge names a fragment that is not in the fragment list")
+    mean = np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts), 1)
+    if linkage == "single":
+        join = where[:, mean > threshold]
+        graph = sparse.coo_matrix((np.ones(join.shape[1], dtype=np.int8), (join[0], join[1])), shape=(n, n))
+        component = csgraph.connected_components(graph, directed=False)[1]
+    else:
+        component = _mean_linkage(n, where[0], where[1], np.asarray(sums, np.float64), np.asarray(counts), threshold)
+        component = np.unique(component, return_inverse=True)[1].ravel()
+    first = np.full(component.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(n))  # each object's first fragment (ids ascending)
+    object_sizes = np.bincount(component, weights=sizes, minlength=len(first))
+    kept = object_sizes >= max(min_size, 1)
+    rank = np.argsort(first[kept], kind="stable")
+    numbered = np.zeros(int(kept.sum()), dtype=np.uint64)
+    numbered[rank] = np.arange(1, int(kept.sum()) + 1, dtype=np.uint64)
+    final = np.zeros(len(first), dtype=np.uint64)
+    final[np.flatnonzero(kept)] = numbered
+    return keys, final[component]
+
+
+def relabel_block(fragments: Any, out: Any, window: Sequence[slice], keys: np.ndarray, values: np.ndarray) -> None:
+    """Write one block of ``fragments`` to ``out`` with each fragment id replaced by its segment id.
+
+    ``keys``/``values`` from :func:`merge_table`; id 0 stays 0. ``out`` may be ``fragments``.
+    """
+    window = tuple(window)
+    block = np.asarray(fragments[window]).astype(np.uint64)
+    result = np.zeros(block.shape, dtype=np.uint64)
+    fg = block > 0
+    if fg.any():
+        where = np.searchsorted(keys, block[fg])
+        if where.max() >= len(keys) or not np.array_equal(keys[where], block[fg]):
+            raise ValueError(f"relabel_block: fragments in window {window} missing from the merge table")
+        result[fg] = values[where]
+    out[window] = result
 
 
 def _is_short(offset: tuple[int, int, int]) -> bool:

@@ -14,6 +14,7 @@ import json
 import logging
 import platform
 import resource
+import shutil
 import socket
 import time
 import zlib
@@ -28,12 +29,18 @@ import zarr
 from dinopipe import __version__, io
 from dinopipe.classes import (
     Classes,
+    class_thresholds,
     combine_class_arrays,
+    combine_class_arrays_overlap,
     evaluate_classes,
+    evaluate_overlapping,
+    overlapping_class_targets,
     parse_classes,
     segment_classes,
+    segment_overlapping,
     summary_columns,
 )
+from dinopipe.config import OPTIONAL_KEYS
 from dinopipe.inputs import child_images
 from dinopipe.logs import Progress
 from dinopipe.runtime import allotted_cpus
@@ -148,6 +155,8 @@ def run_features(
     }
     g = src.grid
     chunks = io.default_chunks((backbone.channels, *g.shape), channel_axis=True, spatial=io.FEATURE_CHUNK)
+    shards = io.shard_shape((backbone.channels, *g.shape), chunks, params.shard_shape, channel_axis=True,
+                            key="features.shard_shape")
     size = backbone.channels * int(np.prod(g.shape)) * np.dtype(np.float16).itemsize
     with io.atomic_output(out_path, what=f"features of volume {volume.name!r}", expected_bytes=size) as tmp, \
             Progress(None, f"features {volume.name}", "slice") as bar:
@@ -167,21 +176,30 @@ def run_features(
             t1 = time.perf_counter()
             io.write_image(tmp, feats.astype(np.float16), g.voxel_size, g.translation, channel_axis=True,
                            name=f"{volume.name} DINOv3 features", chunks=chunks, compress=False,
-                           order=io.FEATURE_ORDER)
+                           order=io.FEATURE_ORDER, shards=shards)
         else:
             out = io.create_image(tmp, (backbone.channels, *g.shape), np.float16, g.voxel_size, g.translation,
                                   channel_axis=True, name=f"{volume.name} DINOv3 features", chunks=chunks,
-                                  compress=False, order=io.FEATURE_ORDER)
+                                  compress=False, order=io.FEATURE_ORDER, shards=shards)
             logger.info("volume %s: blockwise features, blocks of %s voxels, halo %d", volume.name, blocking,
                         params.block_halo)
+            if shards is not None and any(b % s and b < n for b, s, n in zip(blocking, shards[1:], g.shape)):
+                logger.info("volume %s: blocks %s are not whole shards %s (features.block_shape vs "
+                            "features.shard_shape): shards on block faces are buffered until complete",
+                            volume.name, blocking, list(shards[1:]))
 
-            def write(core: tuple[slice, ...], block: np.ndarray) -> None:
-                out[(slice(None), *core)] = block.astype(np.float16)
+            with io.ShardWriter(out) as writer:
+                def write(core: tuple[slice, ...], block: np.ndarray) -> None:
+                    writer[(slice(None), *core)] = block.astype(np.float16)
 
-            info = extract_features_blockwise(
-                src.raw.array, src.raw.geometry, g, backbone, params, write, block_shape=blocking,
-                halo=params.block_halo, volume=volume.name, progress=bar.update, upsampler=upsampler,
-            )
+                info = extract_features_blockwise(
+                    src.raw.array, src.raw.geometry, g, backbone, params, write, block_shape=blocking,
+                    halo=params.block_halo, volume=volume.name, progress=bar.update, upsampler=upsampler,
+                )
+            if writer.partial_writes:
+                logger.warning("volume %s: %d feature shards were written in parts (each part rewrites the "
+                               "shard's file): make features.block_shape a multiple of features.shard_shape",
+                               volume.name, writer.partial_writes)
             t1 = time.perf_counter()
         attrs["signature"] = signature(backbone, params, src.raw.geometry, g, info["intensity_range"],
                                        info["image_size"])
@@ -205,6 +223,7 @@ DEFAULT_TARGETS: dict[str, Any] = {
     "unlabelled_ids": [],
     "mask_erosion_nm": 0.0,
     "classes": None,
+    "classes_overlap": False,
 }
 
 
@@ -228,6 +247,13 @@ def run_targets(
     its volumes instead).
     Classes with an ``array`` each read their own image of the labels group (a CellMap crop,
     :func:`dinopipe.classes.combine_class_arrays`); ``labels`` then holds their objects.
+
+    Overlapping classes (``classes_overlap``) write, instead of ``semantic``, ``classes``
+    (C, z, y, x) uint8 0/1 per class, ``class_mask`` (C, z, y, x) uint8, where each class is
+    annotated (within ``mask``, their union, eroded as ``mask_erosion_nm`` says), and under
+    ``class_objects/{name}`` the truth objects of each instance class (uint64); root attrs
+    ``num_classes`` (C), ``class_names``, ``instance_classes``, ``classes_overlap``,
+    ``class_voxels`` (voxels in the class) and ``class_annotated_voxels`` per class.
     """
     from dinopipe import targets as tg
 
@@ -249,7 +275,11 @@ def run_targets(
     workers = allotted_cpus(threads)
     vs = src.grid.voxel_size
     where = f"volume {volume.name!r}: labels {volume.labels}"
-    classes = parse_classes(params["classes"])
+    classes = parse_classes(params["classes"], overlap=params["classes_overlap"])
+    overlap = classes is not None and classes.overlap
+    class_targets: np.ndarray | None = None  # overlapping classes: (C, z, y, x) 0/1, annotation, objects
+    class_mask: np.ndarray | None = None
+    class_objects: dict[str, np.ndarray] = {}
     class_group = bool(child_images(volume.labels))
     if class_group and (classes is None or not classes.from_arrays):
         raise ValueError(f"{where} are a group of class images (a CellMap crop), which needs targets.classes with "
@@ -267,6 +297,10 @@ def run_targets(
             logger.warning("%s: no class array %s: those classes are not annotated in this crop", where, missing)
         semantic, known, labels = timed("semantic_s", combine_class_arrays, arrays, classes,
                                         params["unlabelled_ids"])
+        if overlap:  # each class keeps its own annotation; the mask is their union
+            class_targets, class_mask, class_objects = timed(
+                "classes_s", combine_class_arrays_overlap, arrays, classes, params["unlabelled_ids"])
+            semantic, known = None, class_mask.any(axis=0).astype(np.uint8)
         del arrays
         # erosion of the known region as for id labels: unknown voxels are id 1 here
         mask = timed("mask_s", tg.compute_mask, (known == 0).view(np.uint8), [1], params["mask_erosion_nm"],
@@ -288,7 +322,21 @@ def run_targets(
             + (f" or eroded away by targets.mask_erosion_nm {params['mask_erosion_nm']}" if params["mask_erosion_nm"]
                else "")
         )
-    if classes is not None:
+    if overlap:
+        if class_targets is None or class_mask is None:
+            class_targets, class_mask, class_objects = timed(
+                "classes_s", overlapping_class_targets, labels, classes, mask)
+        class_mask &= mask.astype(np.uint8)[None]  # the union mask, eroded
+        class_targets &= class_mask
+        for name, objects in class_objects.items():
+            objects[mask == 0] = 0
+        positives = class_targets.reshape(classes.num_classes, -1).sum(axis=1)
+        annotated = class_mask.reshape(classes.num_classes, -1).sum(axis=1)
+        class_attrs = {"num_classes": classes.num_classes, "class_voxels": positives.tolist(),
+                       "class_annotated_voxels": annotated.tolist(), **classes.to_attrs()}
+        logger.info("volume %s: voxels per class %s of annotated %s", volume.name,
+                    dict(zip(classes.names, positives.tolist())), dict(zip(classes.names, annotated.tolist())))
+    elif classes is not None:
         if semantic is None:
             semantic, class_weights = timed("semantic_s", tg.compute_semantic_targets, labels, classes.class_map(),
                                             classes.num_classes, mask)
@@ -320,9 +368,15 @@ def run_targets(
         io.write_image(tmp / "raw", raw, g.voxel_size, g.translation)
         if semantic is not None:
             io.write_image(tmp / "semantic", semantic, g.voxel_size, g.translation)
+        if class_targets is not None and class_mask is not None:
+            io.write_image(tmp / "classes", class_targets, g.voxel_size, g.translation, channel_axis=True)
+            io.write_image(tmp / "class_mask", class_mask, g.voxel_size, g.translation, channel_axis=True)
+            for name, objects in class_objects.items():
+                io.write_image(tmp / "class_objects" / name, objects, g.voxel_size, g.translation, name=name)
         timings["write_s"] = time.perf_counter() - t
-        # classes only when configured: targets of projects without classes keep their attrs
-        stored = {k: v for k, v in params.items() if k != "classes" or v is not None}
+        # optional keys only when on: targets of projects without classes keep their attrs
+        off = OPTIONAL_KEYS["targets"]
+        stored = {k: v for k, v in params.items() if not (k in off and v == off[k])}
         attrs = {"volume": volume.name, **stored, **class_attrs, "grid": g.to_dict(), "sources": src.provenance(),
                  "timings": timings, "store_id": io.new_store_id()}
         root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
@@ -419,8 +473,38 @@ DEFAULT_SEGMENT: dict[str, Any] = {
     "min_size": 0,
     "max_voxels": 100_000_000,
     "block_shape": None,
+    "block_context": 16,
     "merge_threshold": 0.5,
+    "shard_shape": None,
 }
+
+
+def segment_settings(predictions_path: str | Path, params: Mapping[str, Any],
+                     tuned: str | Path | None = None) -> dict[str, Any]:
+    """The segmentation of one volume, resolved from the ``segment`` config section.
+
+    ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
+    parameters replace the config's. Returns ``method``, ``parameters`` (the method's own,
+    keys of other methods left out), ``min_size``, ``merge_threshold``, ``block_shape``
+    (null or (z, y, x) voxels), ``block_context`` (voxels), ``max_voxels``, ``tuned`` (bool) and
+    ``shard_shape`` (the output's storage layout, runtime-only; not used by ``segment.jobs``,
+    whose parts write blocks of one store concurrently and so never share a shard).
+    """
+    from dinopipe.segment import METHODS, method_parameters
+    from dinopipe.tune import read_choice
+
+    config = {**DEFAULT_SEGMENT, **params}
+    method = config["method"]
+    if method not in METHODS:
+        raise ValueError(f"segment.method {method!r} is unknown; allowed: {sorted(METHODS)}")
+    if tuned is not None:
+        config.update(read_choice(tuned, method))
+    accepted = method_parameters(method) - {"min_size"}
+    return {"method": method, "parameters": {k: v for k, v in config.items() if k in accepted and v is not None},
+            "min_size": int(config["min_size"]), "merge_threshold": float(config["merge_threshold"]),
+            "block_shape": config["block_shape"], "block_context": int(config["block_context"]),
+            "max_voxels": int(config["max_voxels"]), "tuned": tuned is not None,
+            "shard_shape": config["shard_shape"]}
 
 
 def run_segment(
@@ -435,59 +519,60 @@ def run_segment(
     set, are segmented blockwise (:func:`dinopipe.segment.segment_blockwise`, fragments
     merged across block faces above ``merge_threshold``); ``block_shape`` null then means
     128 x 256 x 256. The default ``max_voxels`` (1e8, about 11 GB with 6 offsets, see
-    :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB.
+    :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB. With ``segment.jobs``
+    the workflow runs the blockwise steps as many jobs instead (:mod:`dinopipe.segment_parts`),
+    with the same result.
 
-    ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
-    parameters replace the config's. Predictions of a class model (``classes``) are
+    ``tuned``: see :func:`segment_settings`. Predictions of a class model (``classes``) are
     segmented by :func:`run_segment_classes` instead. A segmentation with one segment, or with more than one
     segment per 100 voxels, logs a warning, also stored in the attrs (``warnings``).
     """
-    from dinopipe.segment import (
-        METHODS,
-        bytes_per_voxel,
-        method_parameters,
-        sanity_warnings,
-        segment,
-        segment_blockwise,
-    )
-    from dinopipe.tune import read_choice
+    from dinopipe.segment import bytes_per_voxel, sanity_warnings, segment, segment_blockwise
+    from dinopipe.segment_parts import DEFAULT_BLOCK
 
     if (Path(predictions_path) / "classes").exists():
         return run_segment_classes(predictions_path, out_path, params)
-    config = {**DEFAULT_SEGMENT, **params}
-    method = config["method"]
-    if method not in METHODS:
-        raise ValueError(f"segment.method {method!r} is unknown; allowed: {sorted(METHODS)}")
-    if tuned is not None:
-        config.update(read_choice(tuned, method))
-    accepted = method_parameters(method) - {"min_size"}
-    method_params = {k: v for k, v in config.items() if k in accepted and v is not None}
+    settings = segment_settings(predictions_path, params, tuned)
+    method, method_params = settings["method"], settings["parameters"]
     affs_img = io.read_image(Path(predictions_path) / "affinities")
     offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
     g = affs_img.geometry
     voxels = int(np.prod(g.shape))
-    blockwise = config["block_shape"] is not None or voxels > int(config["max_voxels"])
-    block = [min(int(b), n) for b, n in zip(config["block_shape"] or (128, 256, 256), g.shape)]
+    blockwise = settings["block_shape"] is not None or voxels > settings["max_voxels"]
+    block = [min(int(b), n) for b, n in zip(settings["block_shape"] or DEFAULT_BLOCK, g.shape)]
     t = time.perf_counter()
-    attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": config["min_size"],
-                             "blockwise": blockwise, "tuned": tuned is not None}
+    attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": settings["min_size"],
+                             "blockwise": blockwise, "tuned": settings["tuned"]}
     with io.atomic_output(out_path, what=f"segmentation of {predictions_path}", expected_bytes=8 * voxels) as tmp:
         if blockwise:
             logger.info("segmenting %s blockwise (%d voxels, max_voxels %d): blocks of %s", predictions_path,
-                        voxels, int(config["max_voxels"]), block)
+                        voxels, settings["max_voxels"], block)
+            shards = io.shard_shape(g.shape, block, settings["shard_shape"], channel_axis=False,
+                                    key="segment.shard_shape")
             out = io.create_image(tmp, g.shape, np.uint64, g.voxel_size, g.translation, chunks=block,
-                                  name="segmentation")
-            n = segment_blockwise(affs_img.array, offsets, out, block, method=method,
-                                  merge_threshold=float(config["merge_threshold"]),
-                                  min_size=int(config["min_size"]), **method_params)
-            attrs.update(block_shape=block, merge_threshold=float(config["merge_threshold"]))
+                                  name="segmentation", shards=shards)
+            # sharded: the fragments go to an unsharded scratch array read back block by block,
+            # the final ids into the output one whole shard at a time
+            scratch = None if shards is None else io.create_image(
+                tmp / "fragments", g.shape, np.uint64, g.voxel_size, g.translation, chunks=block)
+            n = segment_blockwise(affs_img.array, offsets, out if scratch is None else scratch, block, method=method,
+                                  merge_threshold=settings["merge_threshold"], min_size=settings["min_size"],
+                                  context=settings["block_context"], relabel_into=None if scratch is None else out,
+                                  **method_params)
+            if scratch is not None:
+                shutil.rmtree(tmp / "fragments")
+            attrs.update(block_shape=block, block_context=settings["block_context"],
+                         merge_threshold=settings["merge_threshold"])
         else:
             logger.info("segmenting %s in memory (%d voxels, about %.1f GB)", predictions_path, voxels,
                         voxels * bytes_per_voxel(len(offsets)) / 1e9)
             labels = segment(affs_img.read().astype(np.float32), offsets, method=method,
-                             min_size=int(config["min_size"]), **method_params)
+                             min_size=settings["min_size"], **method_params)
             n = int(labels.max())
-            io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation")
+            chunks = io.default_chunks(g.shape, channel_axis=False)
+            io.write_image(tmp, labels.astype(np.uint64), g.voxel_size, g.translation, name="segmentation",
+                           chunks=chunks, shards=io.shard_shape(g.shape, chunks, settings["shard_shape"],
+                                                                channel_axis=False, key="segment.shard_shape"))
         warnings = sanity_warnings(n, voxels)
         for w in warnings:
             logger.warning("segmentation %s: %s (method %s, %s)", out_path, w, method, method_params)
@@ -507,6 +592,12 @@ def run_segment_classes(predictions_path: str | Path, out_path: str | Path, para
     so napari and neuroglancer open both. Root attrs:
     ``method`` "classes", ``class_names``, ``instance_classes``, ``min_size`` and the object
     count per instance class (``segments``). The volume is segmented in memory.
+
+    Overlapping classes (``classes_overlap`` in the predictions' attrs) cannot share one argmax
+    image: each class is its probability above ``segment.class_threshold``
+    (:func:`dinopipe.classes.segment_overlapping`), the image is (C, z, y, x) uint8 0/1, and
+    ``labels/`` holds one label image per class (objects, uint64, for instance classes; the
+    0/1 mask, uint8, for the others); the thresholds are recorded under ``parameters``.
     """
     probs_img = io.read_image(Path(predictions_path) / "classes")
     pred_attrs = dict(zarr.open_group(str(predictions_path), mode="r").attrs.get("dinopipe", {}))
@@ -515,20 +606,29 @@ def run_segment_classes(predictions_path: str | Path, out_path: str | Path, para
     split = params.get("split_touching_nm")
     g = probs_img.geometry
     t = time.perf_counter()
-    image, instances = segment_classes(probs_img.read(), classes, min_size, split, g.voxel_size)
+    parameters: dict[str, Any] = {} if split is None else {"split_touching_nm": split}
+    if classes.overlap:
+        thresholds = class_thresholds(params.get("class_threshold"), classes)
+        image, instances = segment_overlapping(probs_img.read(), classes, thresholds, min_size, split, g.voxel_size)
+        parameters["class_threshold"] = dict(zip(classes.names, thresholds))
+        class_voxels = dict(zip(classes.names, image.reshape(classes.num_classes, -1).sum(axis=1).tolist()))
+        # one label image per class: objects of instance classes, the class mask of the others
+        label_images: dict[str, np.ndarray] = {n: instances.get(n, image[k]) for k, n in enumerate(classes.names)}
+    else:
+        image, instances = segment_classes(probs_img.read(), classes, min_size, split, g.voxel_size)
+        class_voxels = dict(zip(classes.names, np.bincount(image.ravel(), minlength=classes.num_classes).tolist()))
+        label_images = dict(instances)
     counts = {name: int(objects.max()) for name, objects in instances.items()}
-    attrs: dict[str, Any] = {"method": "classes", "parameters": {} if split is None else {"split_touching_nm": split},
+    attrs: dict[str, Any] = {"method": "classes", "parameters": parameters,
                              "min_size": min_size, **classes.to_attrs(),
-                             "segments": counts, "seconds": time.perf_counter() - t,
-                             "class_voxels": dict(zip(classes.names, np.bincount(
-                                 image.ravel(), minlength=classes.num_classes).tolist()))}
-    size = int(np.prod(g.shape)) * (1 + 8 * len(instances))
+                             "segments": counts, "seconds": time.perf_counter() - t, "class_voxels": class_voxels}
+    size = int(image.size) + 8 * int(np.prod(g.shape)) * len(label_images)
     with io.atomic_output(out_path, what=f"class segmentation of {predictions_path}", expected_bytes=size) as tmp:
-        io.write_image(tmp, image, g.voxel_size, g.translation, name="classes")
-        if instances:
+        io.write_image(tmp, image, g.voxel_size, g.translation, name="classes", channel_axis=classes.overlap)
+        if label_images:
             labels = zarr.open_group(str(tmp / "labels"), mode="w", zarr_format=2)
-            labels.attrs["labels"] = list(instances)
-            for name, objects in instances.items():
+            labels.attrs["labels"] = list(label_images)
+            for name, objects in label_images.items():
                 io.write_image(tmp / "labels" / name, objects, g.voxel_size, g.translation, name=name)
                 zarr.open_group(str(tmp / "labels" / name), mode="a").attrs["image-label"] = {
                     "version": "0.4", "source": {"image": "../../"}}
@@ -625,18 +725,28 @@ def run_evaluate_classes(volume: str, segmentation_path: str | Path, targets_pat
     """Score a class segmentation (:func:`run_segment_classes`) against the targets' ``semantic``,
     ``labels`` and ``mask`` (:func:`dinopipe.classes.evaluate_classes`) into a JSON: per class
     IoU, Dice, precision, recall and, for instance classes, matched objects, F1 at IoU 0.5 and
-    Hausdorff distances (nm), plus the flat summary columns (``iou_{class}``, ``f1_{class}``, ...)."""
+    Hausdorff distances (nm), plus the flat summary columns (``iou_{class}``, ``f1_{class}``, ...).
+    Overlapping classes are scored each within its own annotation (the targets' ``classes``,
+    ``class_mask`` and ``class_objects``, :func:`dinopipe.classes.evaluate_overlapping`)."""
     seg = io.read_image(segmentation_path)
     classes = Classes.from_attrs(seg.attrs or {}, f"segmentation {segmentation_path}")
     target_attrs = dict(zarr.open_group(str(targets_path), mode="r").attrs.get("dinopipe", {}))
-    if target_attrs.get("class_names") != classes.names:
-        raise ValueError(f"volume {volume!r}: the classes of segmentation {segmentation_path} ({classes.names}) differ "
-                         f"from those of its targets {targets_path} ({target_attrs.get('class_names')})")
+    if target_attrs.get("class_names") != classes.names or bool(target_attrs.get("classes_overlap")) != classes.overlap:
+        raise ValueError(f"volume {volume!r}: the classes of segmentation {segmentation_path} ({classes.names}, "
+                         f"overlapping: {classes.overlap}) differ from those of its targets {targets_path} "
+                         f"({target_attrs.get('class_names')}, overlapping: {bool(target_attrs.get('classes_overlap'))})")
     instances = {n: io.read_image(Path(segmentation_path) / "labels" / n).read() for _, n in classes.instance_classes()}
-    truth = io.read_image(Path(targets_path) / "semantic").read()
-    labels = io.read_image(Path(targets_path) / "labels").read()
-    mask = io.read_image(Path(targets_path) / "mask").read()
-    scores = evaluate_classes(truth, labels, mask, seg.read(), instances, classes, seg.geometry.voxel_size)
+    if classes.overlap:
+        truth_objects = {n: io.read_image(Path(targets_path) / "class_objects" / n).read()
+                         for _, n in classes.instance_classes()}
+        scores = evaluate_overlapping(
+            io.read_image(Path(targets_path) / "classes").read(), io.read_image(Path(targets_path) / "class_mask").read(),
+            truth_objects, seg.read(), instances, classes, seg.geometry.voxel_size)
+    else:
+        truth = io.read_image(Path(targets_path) / "semantic").read()
+        labels = io.read_image(Path(targets_path) / "labels").read()
+        mask = io.read_image(Path(targets_path) / "mask").read()
+        scores = evaluate_classes(truth, labels, mask, seg.read(), instances, classes, seg.geometry.voxel_size)
     result = {"volume": volume, "mean_iou": scores["mean_iou"], "mean_dice": scores["mean_dice"],
               "overall_score": scores["overall_score"], "semantic_score": scores["semantic_score"],
               "instance_score": scores["instance_score"], **summary_columns(scores),
@@ -851,6 +961,7 @@ DEFAULT_PREDICT: dict[str, Any] = {
     "feature_halo": None,
     "device": "auto",
     "autocast": "bf16",
+    "shard_shape": None,
     "distributed": None,
 }
 
@@ -877,6 +988,7 @@ def run_predict(
         "device": params["device"],
         "batch_size": int(params["batch_size"]),
         "autocast": params["autocast"],
+        "shard_shape": params["shard_shape"],
     }
     source = params["source"]
     if source == "raw":
@@ -943,6 +1055,9 @@ def run_predict_create(
     params = {**DEFAULT_PREDICT, **params}
     setting = _distributed_setting(params, volume)
     _check_block_args(tuple(params["block_shape"]), int(params["batch_size"]))
+    if params.get("shard_shape") is not None:
+        logger.warning("predict.shard_shape %s: a distributed prediction writes an unsharded store (Zarr v2, one "
+                       "file per block and image; the values are the same)", params["shard_shape"])
     inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data)
     layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
     plan = BlockPlan(layout.shape, layout.block,  # type: ignore[arg-type]

@@ -8,7 +8,11 @@ Inputs per volume (the stores the features and targets stages write; README, "Wh
   ``mask`` (z, y, x) uint8, ``raw`` (z, y, x) float32 and ``labels``, with the offsets
   in the root attrs ``["dinopipe"]["offsets"]``. Semantic targets (``target:
   semantic``) read ``semantic`` (z, y, x) uint8 classes instead, with ``num_classes``
-  (and optionally ``class_weights``) in the root attrs.
+  (and optionally ``class_weights``) in the root attrs; overlapping classes
+  (``classes_overlap`` in the root attrs) read ``classes`` and ``class_mask`` (C, z, y, x)
+  uint8, learnt one sigmoid per class by ``train.loss`` (bce, focal, dice, tversky,
+  bce_dice) within each class's annotation mask, weighted by ``train.class_weights``
+  (default 1 each); ``model_config.json`` then records ``classes_overlap: true``.
 
 Crops come from :mod:`dinopipe.loader` (tensorstore, threaded prefetch) and are
 augmented by :mod:`dinopipe.augment`.
@@ -64,6 +68,7 @@ import torch
 
 from dinopipe.atomic import atomic_output, write_json
 from dinopipe.checkpoint import build_model_config, save_checkpoint
+from dinopipe.classes import check_class_loss
 from dinopipe.config import RESUME_FREE
 from dinopipe.curves import Row, channel_names, plot_curve, write_curve
 from dinopipe.loader import (
@@ -139,6 +144,16 @@ def _num_classes(volumes: Sequence[VolumeStores], p: Mapping[str, Any]) -> tuple
     from one crop keeps its weight), else the first volume's ``class_weights``."""
     first = volumes[0]
     n = first.attrs.get("num_classes")
+    if first.attrs.get("classes_overlap"):  # one sigmoid per class: weights 1 unless given (see _overlap)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"volume {first.name}: targets {first.targets_path} of overlapping classes record no "
+                             f"'num_classes'; recompute the targets")
+        weights = p["class_weights"] if p["class_weights"] is not None else [1.0] * n
+        if len(weights) != n:
+            raise ValueError(f"train.class_weights has {len(weights)} weights but the targets of volume {first.name} "
+                             f"hold {n} overlapping classes {first.attrs.get('class_names')} (one weight per class, "
+                             f"no background)")
+        return n, [float(w) for w in weights]
     weights = p["class_weights"] if p["class_weights"] is not None else _pooled_weights(volumes)
     if weights is None:
         weights = first.attrs.get("class_weights")
@@ -152,6 +167,20 @@ def _num_classes(volumes: Sequence[VolumeStores], p: Mapping[str, Any]) -> tuple
     if weights is not None and len(weights) != n:
         raise ValueError(f"{len(weights)} class weights for {n} classes (volume {first.name})")
     return int(n), None if weights is None else [float(w) for w in weights]
+
+
+def _overlap(volumes: Sequence[VolumeStores], p: Mapping[str, Any]) -> bool:
+    """Whether the volumes' classes overlap (``classes_overlap`` in their targets' attrs, the same in
+    every volume), checked against ``train.loss`` (:func:`dinopipe.classes.check_class_loss`)."""
+    if p["target"] != "semantic":
+        return False
+    kinds = {v.name: bool(v.attrs.get("classes_overlap", False)) for v in volumes}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"the targets of some volumes hold overlapping classes and of others exclusive ones "
+                         f"({kinds}); recompute the targets with one targets.classes_overlap")
+    overlap = next(iter(kinds.values()))
+    check_class_loss(p["loss"], overlap, f"targets.classes_overlap of the targets of volume {volumes[0].name}")
+    return overlap
 
 
 def validation_loss(
@@ -176,7 +205,7 @@ def validation_loss(
     sampler = CropSampler(opened, p["crop_shape"], 1, p["seed"], p["min_mask_fraction"], None,
                           lsds=p["lsds"], raw=p["input_raw"], target=p["target"])
     class_weights = _num_classes(opened, p)[1] if p["target"] == "semantic" else None
-    objective = Objective(p, len(opened[0].offsets), class_weights, dev)
+    objective = Objective(p, len(opened[0].offsets), class_weights, dev, overlap=_overlap(opened, p))
     model.to(dev)
     return validate_crops(model, sampler, sampler.fixed_crops(p["validation_crops"]), objective, dev, p["autocast"])[0]
 
@@ -198,17 +227,20 @@ def _pooled_weights(volumes: Sequence[VolumeStores]) -> list[float] | None:
 
 
 def _class_names(volumes: Sequence[VolumeStores], p: Mapping[str, Any]) -> dict[str, Any]:
-    """``class_names`` and ``instance_classes`` of semantic targets (:mod:`dinopipe.classes`), the
-    same in every volume; nothing for affinity models or targets that record no names."""
+    """``class_names``, ``instance_classes`` (and ``classes_overlap`` for overlapping classes) of
+    semantic targets (:mod:`dinopipe.classes`), the same in every volume; nothing for affinity
+    models or targets that record no names."""
     if p["target"] != "semantic":
         return {}
-    keys = ("class_names", "instance_classes")
+    keys = ("class_names", "instance_classes", "classes_overlap")
     first = {k: volumes[0].attrs.get(k) for k in keys}
     for v in volumes[1:]:
         other = {k: v.attrs.get(k) for k in keys}
         if other != first:
             raise ValueError(f"volumes {volumes[0].name} and {v.name} have different classes in their targets "
                              f"({first} vs {other}); recompute the targets with one targets.classes")
+    if not first["classes_overlap"]:
+        del first["classes_overlap"]  # exclusive classes: model configs as before overlapping classes
     return first if first["class_names"] else {}
 
 
@@ -400,6 +432,7 @@ class _Run:
         in_ch, out_ch = target_channels(
             p["target"], num_offsets=self.num_offsets, lsds=p["lsds"], num_classes=self.num_classes or 0,
             input_raw=p["input_raw"], feature_channels=first.channels if p["input_features"] else 0,
+            overlap=_overlap(self.train_vols + self.val_vols, p),
         )
         self.unet_config = UNetConfig.from_dict({**p["unet"], "in_channels": in_ch, "out_channels": out_ch})
         volumes_used = {
@@ -426,7 +459,8 @@ class _Run:
                                            weight_decay=p["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(p))
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and p["autocast"] == "fp16")
-        self.objective = Objective(p, self.num_offsets, self.class_weights, device)
+        self.objective = Objective(p, self.num_offsets, self.class_weights, device,
+                                   overlap=_overlap(self.train_vols + self.val_vols, p))
         self.channels = channel_names(self.offsets, self.num_classes)
         self.sampler = CropSampler(self.train_vols, crop, p["batch_size"], p["seed"], p["min_mask_fraction"],
                                    p["augment"], lsds=p["lsds"], raw=p["input_raw"], target=p["target"],

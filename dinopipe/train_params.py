@@ -14,7 +14,7 @@ import numpy as np
 
 from dinopipe.augment import resolve_augment_params
 from dinopipe.loader import TARGET_TYPES
-from dinopipe.losses import build_loss
+from dinopipe.losses import LOSSES, build_loss
 from dinopipe.runtime import autocast_mode, resolve_device
 from dinopipe.unet import UNetConfig
 
@@ -139,12 +139,19 @@ def _check_target(p: dict[str, Any]) -> None:
     _require(isinstance(p["loss"], str), "loss", p["loss"], "a loss name")
     p["loss_params"] = dict(p["loss_params"])
     if p["target"] == "semantic":
-        _require(p["loss"] == "cross_entropy", "loss", p["loss"], "'cross_entropy' for target 'semantic'")
-        _require(not p["loss_params"], "loss_params", p["loss_params"], "empty for cross_entropy (use class_weights)")
+        # cross_entropy: exclusive classes (softmax); any other loss: overlapping classes, one
+        # sigmoid per class (check_class_loss, against targets.classes_overlap)
+        allowed = ["cross_entropy", *sorted(LOSSES)]
+        _require(p["loss"] in allowed, "loss", p["loss"], f"one of {allowed} for target 'semantic'")
+        if p["loss"] == "cross_entropy":
+            _require(not p["loss_params"], "loss_params", p["loss_params"],
+                     "empty for cross_entropy (use class_weights)")
+        else:
+            build_loss(p["loss"], **p["loss_params"])  # raises for unknown params / values
         cw = p["class_weights"]
         _require(
-            cw is None or (isinstance(cw, Sequence) and len(cw) >= 2 and all(_is_number(w) and w >= 0 for w in cw)),
-            "class_weights", cw, "null or a list of >= 2 numbers >= 0",
+            cw is None or (isinstance(cw, Sequence) and len(cw) >= 1 and all(_is_number(w) and w >= 0 for w in cw)),
+            "class_weights", cw, "null or a list of numbers >= 0 (one per class)",
         )
     else:
         if p["loss"] == "cross_entropy":

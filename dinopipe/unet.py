@@ -145,7 +145,7 @@ def output_channels(num_offsets: int, lsds: bool) -> int:
 
 def target_channels(
     target: str, *, num_offsets: int = 0, lsds: bool = False, num_classes: int = 0, input_raw: bool = False,
-    feature_channels: int = 0,
+    feature_channels: int = 0, overlap: bool = False,
 ) -> tuple[int, int]:
     """(input, output) channels of the UNet for a target type.
 
@@ -153,7 +153,8 @@ def target_channels(
         target: ``"affinities"`` (``num_offsets`` logits, plus the LSDs when ``lsds``)
             or ``"semantic"`` (``num_classes`` class logits).
         num_offsets, lsds: For affinities (see :func:`output_channels`).
-        num_classes: For semantic targets (>= 2).
+        num_classes: For semantic targets: >= 2 for exclusive classes (background + classes),
+            >= 1 for overlapping classes (``overlap``: one sigmoid per class).
         input_raw: Whether the raw image is appended as the last input channel.
         feature_channels: Feature channels of the cached features.
     """
@@ -161,8 +162,10 @@ def target_channels(
     if target == "affinities":
         return inputs, output_channels(num_offsets, lsds)
     if target == "semantic":
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"semantic targets need num_classes >= 2, got {num_classes!r}")
+        least = 1 if overlap else 2
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < least:
+            raise ValueError(f"semantic targets need num_classes >= {least}"
+                             f"{' (overlapping classes)' if overlap else ''}, got {num_classes!r}")
         return inputs, num_classes
     raise ValueError(f"target must be 'affinities' or 'semantic', got {target!r}")
 

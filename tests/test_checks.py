@@ -24,7 +24,7 @@ def _config(**sections):
                         "augment": {"flip": True, "rot90": True, "transpose": True}},
               "predict": {"roles": ["predict"], "device": "auto"}, "data": {}}
     for key, value in sections.items():
-        config[key] = {**config[key], **value}
+        config[key] = {**config.get(key, {}), **value}
     return config
 
 
@@ -32,7 +32,10 @@ def test_a_good_config_has_no_problems():
     assert check_config(_config()) == []
     classes = [{"name": "mito", "ids": [1, 2], "instance": True}, {"name": "er", "ids": [3]}]
     assert check_config(_config(targets={"classes": classes, "unlabelled_ids": [255]},
-                                train={"target": "semantic"})) == []
+                                train={"target": "semantic", "loss": "cross_entropy"})) == []
+    overlapping = [{"name": "organelle", "ids": [1, 2]}, {"name": "dark", "ids": [1], "instance": True}]
+    assert check_config(_config(targets={"classes": overlapping, "classes_overlap": True},
+                                train={"target": "semantic", "loss": "bce_dice"})) == []
 
 
 @pytest.mark.parametrize("sections, message", [
@@ -54,7 +57,18 @@ def test_a_good_config_has_no_problems():
     ({"targets": {"classes": [{"name": "mito", "ids": [1]}, {"name": "er", "ids": [1]}]},
       "train": {"target": "semantic"}}, "label id 1 is in classes 'mito' and 'er'"),
     ({"targets": {"classes": [{"name": "mito", "ids": [1, 255]}], "unlabelled_ids": [255]},
-      "train": {"target": "semantic"}}, "label id(s) [255] are in targets.classes and in targets.unlabelled_ids"),
+      "train": {"target": "semantic", "loss": "cross_entropy"}}, "label id(s) [255] are in targets.classes and in targets.unlabelled_ids"),
+    # overlapping classes (targets.classes_overlap) need a per-class sigmoid loss, exclusive ones cross_entropy
+    ({"targets": {"classes": [{"name": "organelle", "ids": [1, 2]}, {"name": "dark", "ids": [1]}],
+                  "classes_overlap": True}, "train": {"target": "semantic", "loss": "cross_entropy"}},
+     "train.loss is 'cross_entropy' but the classes overlap"),
+    ({"targets": {"classes": [{"name": "mito", "ids": [1]}]}, "train": {"target": "semantic", "loss": "dice"}},
+     "train.loss is 'dice' but the classes are exclusive"),
+    ({"targets": {"classes": [{"name": "organelle", "ids": [1, 2]}, {"name": "dark", "ids": [1]}]},
+      "train": {"target": "semantic", "loss": "cross_entropy"}}, "set targets.classes_overlap: true"),
+    ({"targets": {"classes": [{"name": "organelle", "ids": [1, 2]}, {"name": "dark", "ids": [1]}],
+                  "classes_overlap": True}, "train": {"target": "semantic", "loss": "bce"},
+      "segment": {"class_threshold": {"mito": 0.6}}}, "segment.class_threshold names ['mito'], which are not classes"),
 ])
 def test_config_problems(sections, message):
     problems = check_config(_config(**sections))

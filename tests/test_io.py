@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +161,116 @@ def test_atomic_output_removes_a_killed_jobs_temporary(tmp_path):
     with io.atomic_output(tmp_path / "out.zarr") as tmp:
         io.write_image(tmp, np.ones((2, 2, 2), np.uint8), (1, 1, 1), (0, 0, 0))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.zarr.tmp-1-aa", "out.zarr"]
+
+
+# --------------------------------------------------------------------------- sharded stores (OME-NGFF 0.5)
+
+
+def _files(path: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_sharded_and_unsharded_images_hold_the_same_values_in_far_fewer_files(tmp_path, order):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((5, 40, 36, 20)).astype(np.float16)
+    chunks = (5, 8, 8, 8)
+    shards = io.shard_shape(data.shape, chunks, 16, channel_axis=True)
+    assert shards == (5, 16, 16, 16)
+    kwargs = {"channel_axis": True, "chunks": chunks, "compress": False, "order": order, "attrs": {"k": 1}}
+    io.write_image(tmp_path / "plain.zarr", data, (8, 4, 4), (4, 2, 2), **kwargs)
+    io.write_image(tmp_path / "sharded.zarr", data, (8, 4, 4), (4, 2, 2), shards=shards, **kwargs)
+    plain, sharded = io.read_image(tmp_path / "plain.zarr"), io.read_image(tmp_path / "sharded.zarr")
+    np.testing.assert_array_equal(sharded.read(), data)
+    np.testing.assert_array_equal(plain.read(), data)
+    assert sharded.geometry == plain.geometry and sharded.attrs == plain.attrs == {"k": 1}
+    assert (plain.format, sharded.format) == ("ome-ngff 0.4", "ome-ngff 0.5")
+    # one file per chunk (5 x 5 x 3) vs one per shard (3 x 3 x 2), + metadata files
+    # (v2: .zgroup, .zattrs, s0/.zarray, s0/.zattrs; v3: two zarr.json)
+    assert _files(tmp_path / "plain.zarr") == 5 * 5 * 3 + 4
+    assert _files(tmp_path / "sharded.zarr") == 3 * 3 * 2 + 2
+    # tensorstore (loader, predict) reads both, with the chunks' element order
+    for name in ("plain.zarr", "sharded.zarr"):
+        store = io.open_tensorstore(tmp_path / name / "s0")
+        assert io.chunk_order(store) == order
+        out = np.zeros((5, 7, 9, 11), np.float16, order="F")
+        io.read_into(store, (slice(None), slice(3, 10), slice(20, 29), slice(5, 16)), out).result()
+        np.testing.assert_array_equal(out, data[:, 3:10, 20:29, 5:16])
+
+
+def test_sharded_image_metadata_is_zarr_v3_sharding_and_ome_ngff_05(tmp_path):
+    data = np.arange(24 * 24 * 24, dtype=np.uint64).reshape(24, 24, 24)
+    io.write_image(tmp_path / "s.zarr", data, (8, 8, 8), (4, 4, 4), chunks=(8, 8, 8), shards=(16, 16, 16),
+                   name="seg")
+    group = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
+    assert group["zarr_format"] == 3 and group["attributes"]["ome"]["version"] == "0.5"
+    ms = group["attributes"]["ome"]["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"] and "version" not in ms
+    array = json.loads((tmp_path / "s.zarr" / "s0" / "zarr.json").read_text())
+    assert array["chunk_grid"]["configuration"]["chunk_shape"] == [16, 16, 16]
+    assert array["codecs"][0]["name"] == "sharding_indexed"
+    assert array["codecs"][0]["configuration"]["chunk_shape"] == [8, 8, 8]
+    assert array["dimension_names"] == ["z", "y", "x"]
+    models = pytest.importorskip("ome_zarr_models.v05.image")
+    image = models.Image.from_zarr(zarr.open_group(str(tmp_path / "s.zarr"), mode="r"))
+    assert image.ome_attributes.multiscales[0].datasets[0].coordinateTransformations[0].scale == [8.0, 8.0, 8.0]
+    # every inner chunk stored (a missing one means an incomplete store, see count_chunks)
+    count = io.count_chunks(str(tmp_path / "s.zarr"), "s0")
+    assert (count.expected, count.present) == (27, 27)
+
+
+def test_shard_shape_rounds_to_whole_chunks_and_names_the_key():
+    assert io.shard_shape((32, 48, 48), (32, 48, 48), 64, channel_axis=False) == (32, 48, 48)  # capped at the array
+    assert io.shard_shape((100, 200, 200), (32, 48, 48), 64, channel_axis=False) == (64, 96, 96)
+    assert io.shard_shape((6, 100, 100, 100), (6, 16, 16, 16), 40, channel_axis=True) == (6, 48, 48, 48)
+    assert io.shard_shape((100, 100, 100), (16, 16, 16), None, channel_axis=False) is None
+    for bad in (0, -16, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="predict.shard_shape must be a positive integer"):
+            io.shard_shape((100, 100, 100), (16, 16, 16), bad, channel_axis=False, key="predict.shard_shape")
+    with pytest.raises(ValueError, match="whole number of chunks"):
+        io.create_image(Path("/nonexistent/x.zarr"), (32, 32, 32), np.uint8, (1, 1, 1), (0, 0, 0),
+                        chunks=(16, 16, 16), shards=(24, 32, 32))
+
+
+class _CountingArray:
+    """A zarr array that counts the writes into it."""
+
+    def __init__(self, array):
+        self.array, self.writes = array, []
+        self.shape, self.dtype, self.shards = array.shape, array.dtype, array.shards
+
+    def __setitem__(self, key, value):
+        self.writes.append(key)
+        self.array[key] = value
+
+
+@pytest.mark.parametrize("shards", [None, (4, 16, 16, 16)])
+def test_shard_writer_writes_each_shard_once_in_shard_order(tmp_path, shards):
+    data = np.random.default_rng(1).standard_normal((4, 40, 40, 24)).astype(np.float32)
+    array = _CountingArray(io.create_image(tmp_path / "p.zarr", data.shape, np.float32, (1, 1, 1), (0, 0, 0),
+                                           channel_axis=True, chunks=(4, 8, 8, 8), shards=shards))
+    starts = [(z, y, x) for z in range(0, 40, 8) for y in range(0, 40, 8) for x in range(0, 24, 8)]
+    ordered = io.shard_major(starts, None if shards is None else shards[1:])
+    assert sorted(ordered) == sorted(starts) and (ordered == starts) == (shards is None)
+    with io.ShardWriter(array) as writer:
+        for z, y, x in ordered:
+            writer[(slice(None), slice(z, z + 8), slice(y, y + 8), slice(x, x + 8))] = \
+                data[:, z : z + 8, y : y + 8, x : x + 8]
+    np.testing.assert_array_equal(io.read_image(tmp_path / "p.zarr").read(), data)
+    # unsharded: one write per block; sharded: one per shard (3 x 3 x 2), none partial
+    assert len(array.writes) == (len(starts) if shards is None else 18) and writer.partial_writes == 0
+
+
+def test_shard_writer_bounds_its_buffer_and_stays_correct_out_of_order(tmp_path):
+    data = np.random.default_rng(2).integers(0, 1000, (40, 40, 24)).astype(np.uint64)
+    arr = io.create_image(tmp_path / "s.zarr", data.shape, np.uint64, (1, 1, 1), (0, 0, 0), chunks=(8, 8, 8),
+                          shards=(16, 16, 16))
+    shard_bytes = 16 * 16 * 16 * 8
+    with io.ShardWriter(arr, max_bytes=2 * shard_bytes) as writer:  # C order: a row of shards stays open
+        for z in range(0, 40, 8):
+            for y in range(0, 40, 8):
+                for x in range(0, 24, 8):
+                    writer[z : z + 8, y : y + 8, x : x + 8] = data[z : z + 8, y : y + 8, x : x + 8]
+            assert sum(b.nbytes for b, _, _ in writer._open.values()) <= 2 * shard_bytes
+    assert writer.partial_writes > 0
+    np.testing.assert_array_equal(io.read_image(tmp_path / "s.zarr").read(), data)

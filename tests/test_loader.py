@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -108,17 +110,20 @@ def test_apply_spatial_torch_equals_apply_spatial_for_every_transform():
                                       apply_spatial(array, matrix))
 
 
-@pytest.mark.parametrize("order", ["C", "F"])
-def test_batch_features_transformed_on_device_equal_the_cpu_crop(tmp_path, order):
+@pytest.mark.parametrize(("order", "shards"), [("C", None), ("F", None), ("F", (5, 16, 16, 16))])
+def test_batch_features_transformed_on_device_equal_the_cpu_crop(tmp_path, order, shards):
     """Features read into the (reused) batch buffer and transformed by to_device equal the
-    crop read and transformed on the CPU, for both chunk orders, over many augmentations."""
+    crop read and transformed on the CPU, for both chunk orders and a sharded (Zarr v3)
+    store, over many augmentations."""
     torch = pytest.importorskip("torch")
     fpath, tpath, _, features = write_volume(tmp_path)
     if order == "F":
         import shutil
 
         shutil.rmtree(fpath)
-        write_image(fpath, features, (8, 8, 8), (0, 0, 0), channel_axis=True, chunks=(5, 8, 8, 8), order="F")
+        write_image(fpath, features, (8, 8, 8), (0, 0, 0), channel_axis=True, chunks=(5, 8, 8, 8), order="F",
+                    shards=shards)
+        assert (Path(fpath) / "zarr.json").is_file() == (shards is not None)
     volume = open_volume(fpath, tpath)
     assert loader.chunk_order(volume.arrays["features"]) == order
     augment = {"flip": True, "rot90": True, "transpose": True}

@@ -141,7 +141,7 @@ def test_build_loss():
     assert build_loss("focal", gamma=0.0, alpha=None)(x, t).item() == pytest.approx(LN2)
     assert build_loss("tversky", alpha=0.0, beta=1.0, smooth=0.0)(x, t).item() == pytest.approx(0.5)
     assert build_loss("dice", smooth=0.0)(x, t, None, vol([1.0, 0.0])).item() == pytest.approx(1 / 3)
-    with pytest.raises(ValueError, match=r"unknown loss 'hinge'; allowed: \['bce', 'dice', 'focal', 'tversky'\]"):
+    with pytest.raises(ValueError, match=r"unknown loss 'hinge'; allowed: \['bce', 'bce_dice', 'dice', 'focal', 'tversky'\]"):
         build_loss("hinge")
     with pytest.raises(ValueError, match=r"unknown parameters \['delta'\] for loss 'focal'"):
         build_loss("focal", delta=1.0)

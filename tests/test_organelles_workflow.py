@@ -109,5 +109,7 @@ def test_the_report_names_the_class_panels(organelle_project):
     p = organelle_project
     snakemake(p, "--report", "report.html", "--configfile", str(p / "config" / "organelles.yaml"))
     text = (p / "report.html").read_text()
-    assert "raw | class probabilities | classes" in text
-    assert "raw | affinities | segmentation" not in text
+    assert "raw | class probabilities | classes" in text  # the figure's label
+    # its caption (the report also embeds the rules' code, which names both labels)
+    assert "probabilities of the first three foreground classes" in text
+    assert "predicted affinities to the z, y and x neighbours" not in text

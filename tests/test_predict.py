@@ -89,11 +89,41 @@ def test_channel_fastest_feature_chunks_predict_the_same(tmp_path):
                                    read_image(tmp_path / "b.zarr" / name).read(), atol=1e-5, rtol=0)
 
 
+def _files(path: Path) -> int:
+    return sum(1 for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_sharded_features_and_predictions_are_bitwise_the_unsharded_ones(tmp_path, batch_size):
+    """Sharded stores (Zarr v3, OME-NGFF 0.5) on both sides: features read from shards and
+    predictions written shard by shard (blocks in another order, an odd number of them)
+    equal the unsharded run bit for bit, in one file per shard."""
+    shape = (20, 26, 30)
+    plain = make_features(tmp_path / "c.zarr", shape, channels=5, chunks=(5, 8, 8, 8), compress=False,
+                          order=FEATURE_ORDER)
+    sharded = make_features(tmp_path / "s.zarr", shape, channels=5, chunks=(5, 8, 8, 8), compress=False,
+                            order=FEATURE_ORDER, shards=(5, 16, 16, 16))
+    model_dir = make_model_dir(tmp_path / "model", channels=5, levels=1, norm="batch")
+    kwargs = {"block_shape": (8, 12, 12), "device": "cpu", "batch_size": batch_size}  # 3 x 3 x 3 blocks
+    predict_volume(plain, model_dir, tmp_path / "a.zarr", **kwargs)
+    predict_volume(sharded, model_dir, tmp_path / "b.zarr", shard_shape=20, **kwargs)
+    for name in ("affinities", "lsds"):
+        a, b = read_image(tmp_path / "a.zarr" / name), read_image(tmp_path / "b.zarr" / name)
+        assert (a.format, b.format) == ("ome-ngff 0.4", "ome-ngff 0.5")
+        assert b.array.shards == (b.array.shape[0], 24, 24, 24)  # 20 rounded up to whole blocks
+        np.testing.assert_array_equal(a.read(), b.read())
+    # two images of 27 chunk files (+ 4 metadata files each, 2 of the root) vs 1 x 2 x 2 shard
+    # files (+ 2 zarr.json each, 1 of the root)
+    assert (_files(tmp_path / "a.zarr"), _files(tmp_path / "b.zarr")) == (2 + 2 * (4 + 27), 1 + 2 * (2 + 4))
+    assert zarr.open_group(str(tmp_path / "b.zarr")).attrs["dinopipe"]["offsets"] == OFFSETS
+
+
 @pytest.mark.parametrize("convert_on_host", [True, False])
 def test_staged_batches_equal_padded_blocks(tmp_path, convert_on_host):
     """The background reader's batches (either conversion path, last batch partial) are
     the reflect-padded blocks of the volume, float32, channels first (x: the halo is
-    longer than the volume, so reflection repeats)."""
+    longer than the volume, so reflection repeats); the last, partial batch is filled up
+    to the batch size (the network always sees batches of one size)."""
     shape, block, halo = (12, 14, 3), (8, 8, 8), 4
     features = read_image(make_features(tmp_path / "f.zarr", shape, channels=3, chunks=(3, 8, 8, 8),
                                         compress=False, order=FEATURE_ORDER))
@@ -105,7 +135,7 @@ def test_staged_batches_equal_padded_blocks(tmp_path, convert_on_host):
     with _BlockStager([reader], shape, block, halo, 3, torch.device("cpu"), convert_on_host=convert_on_host) as stager:
         for batch in stager:
             x = stager.to_device()
-            assert x.dtype == torch.float32 and x.is_contiguous() and x.shape == (len(batch), 3, 16, 16, 16)
+            assert x.dtype == torch.float32 and x.is_contiguous() and x.shape == (3, 3, 16, 16, 16)
             for i, start in enumerate(batch):
                 window = tuple(slice(s - halo, s + b + halo) for s, b in zip(start, block, strict=True))
                 lo = [max(-w.start, 0) for w in window]

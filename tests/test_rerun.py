@@ -31,10 +31,11 @@ SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").r
 #: A different value for every runtime-only key (tests that the table is complete).
 RUNTIME_CHANGES: dict[str, dict[str, Any]] = {
     "data": {"missing_chunks": "fill"},
-    "features": {"batch_size": 3, "device": "cpu"},
+    "features": {"batch_size": 3, "device": "cpu", "shard_shape": 32},
     "train": {"device": "cpu", "num_threads": 1, "loader_workers": 1, "prefetch": 1, "resume": False,
               "tensorboard": False},
-    "predict": {"device": "cpu"},
+    "predict": {"device": "cpu", "shard_shape": 32},
+    "segment": {"shard_shape": 32},
 }
 
 

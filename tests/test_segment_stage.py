@@ -55,6 +55,29 @@ def test_run_segment(prediction, tmp_path, method, blocks):
     assert "bias_short" not in attrs["parameters"] or method == "mutex_watershed"
 
 
+@pytest.mark.parametrize("blocks", [None, [4, 8, 8]])
+def test_sharded_segmentation_is_the_unsharded_one_in_few_files(prediction, tmp_path, blocks):
+    """segment.shard_shape (whole volume, or blockwise: relabelled into whole shards from a
+    scratch array that does not stay) writes the same labels as a Zarr v3 / OME-NGFF 0.5 store."""
+    path, _ = prediction
+    params = {"method": "agglomeration", "fragments": "waterz", "min_size": 4, "block_shape": blocks}
+    run_segment(path, tmp_path / "plain.zarr", params)
+    run_segment(path, tmp_path / "sharded.zarr", {**params, "shard_shape": 16})
+    plain, sharded = io.read_image(tmp_path / "plain.zarr"), io.read_image(tmp_path / "sharded.zarr")
+    assert (plain.format, sharded.format) == ("ome-ngff 0.4", "ome-ngff 0.5")
+    np.testing.assert_array_equal(plain.read(), sharded.read())
+    # chunks: 64^3 in memory (capped: one shard of 10 x 20 x 24); blocks 4 x 8 x 8 -> shards of
+    # 16 voxels, capped at the 3 blocks covering z
+    assert sharded.array.shards == ((10, 20, 24) if blocks is None else (12, 16, 16))
+    files = sorted(p.relative_to(tmp_path / "sharded.zarr").as_posix()
+                   for p in (tmp_path / "sharded.zarr").rglob("*") if p.is_file())
+    shard_files = [f for f in files if f.startswith("s0/c/")]
+    assert len(shard_files) == (1 if blocks is None else 1 * 2 * 2), files
+    assert set(files) - set(shard_files) == {"zarr.json", "s0/zarr.json"}, files  # no scratch left
+    with pytest.raises(ValueError, match="segment.shard_shape must be a positive integer"):
+        run_segment(path, tmp_path / "bad.zarr", {**params, "shard_shape": 0})
+
+
 def test_large_volumes_go_blockwise(prediction, tmp_path):
     path, truth = prediction
     attrs = run_segment(path, tmp_path / "seg.zarr", {"max_voxels": 1000})

@@ -71,6 +71,28 @@ def test_features_whole_and_blockwise_agree_and_record_provenance(demo, tmp_path
         check_feature_signatures([tmp_path / "whole.zarr"], {**FEATURES, "planes": ["xy"]})
 
 
+@pytest.mark.parametrize("block_shape", [None, [4, 24, 32]])
+def test_sharded_features_are_bitwise_the_unsharded_ones(demo, tmp_path, block_shape):
+    """features.shard_shape changes the files, not the values: whole volume, and blockwise
+    with blocks that are not whole shards (the writer buffers the shard until it is complete)."""
+    features = {**FEATURES, "block_shape": block_shape}
+    run_features(_volume(demo), tmp_path / "plain.zarr", features, {})
+    attrs = run_features(_volume(demo), tmp_path / "sharded.zarr", {**features, "shard_shape": 32}, {})
+    plain, sharded = io.read_image(tmp_path / "plain.zarr"), io.read_image(tmp_path / "sharded.zarr")
+    assert (plain.format, sharded.format) == ("ome-ngff 0.4", "ome-ngff 0.5")
+    # 8 x 32 x 32 voxels in chunks of (8,) 16 x 16: 32^3 shards capped at the chunks covering z
+    assert sharded.array.shards == (plain.array.shape[0], 8, 32, 32)
+    np.testing.assert_array_equal(plain.read(), sharded.read())
+    assert sharded.attrs["signature"] == attrs["signature"]
+    check_feature_signatures([tmp_path / "plain.zarr", tmp_path / "sharded.zarr"], FEATURES)
+    def data_files(path: Path) -> list[str]:
+        return [f.name for f in (path / "s0").rglob("*") if f.is_file() and f.name[0].isdigit()]
+
+    assert (len(data_files(tmp_path / "plain.zarr")), len(data_files(tmp_path / "sharded.zarr"))) == (4, 1)
+    with pytest.raises(ValueError, match="features.shard_shape must be a positive integer"):
+        run_features(_volume(demo), tmp_path / "bad.zarr", {**features, "shard_shape": 0}, {})
+
+
 def test_targets_and_metadata(demo, tmp_path):
     vol = _volume(demo)
     features = run_features(vol, tmp_path / "f.zarr", FEATURES, {})

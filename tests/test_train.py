@@ -382,8 +382,11 @@ def test_semantic_targets_with_class_weights(tmp_path, volumes):
     assert probs.shape == (3, 32, 32, 32) and not (tmp_path / "p.zarr" / "affinities").exists()
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
     assert zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["dinopipe"]["target"] == "semantic"
-    with pytest.raises(ValueError, match="'cross_entropy' for target 'semantic'"):
-        resolve_train_params({"target": "semantic"})
+    with pytest.raises(ValueError, match=r"one of \['cross_entropy', 'bce', .*\] for target 'semantic'"):
+        resolve_train_params({"target": "semantic", "loss": "hinge"})
+    # a sigmoid loss trains overlapping classes only: these targets hold exclusive ones
+    with pytest.raises(ValueError, match="train.loss is 'bce' but the classes are exclusive"):
+        train([volumes[0]], [volumes[1]], tmp_path / "m2", {**params, "loss": "bce", "class_weights": None})
     with pytest.raises(ValueError, match="needs target: semantic"):
         resolve_train_params({"loss": "cross_entropy"})
 

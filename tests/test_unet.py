@@ -130,5 +130,9 @@ def test_channels_follow_the_target_type():
     assert target_channels("semantic", num_classes=4, feature_channels=8) == (8, 4)
     with pytest.raises(ValueError, match="num_classes >= 2"):
         target_channels("semantic", num_classes=1, feature_channels=8)
+    # overlapping classes: one sigmoid per class, a single class is fine
+    assert target_channels("semantic", num_classes=1, feature_channels=8, overlap=True) == (8, 1)
+    with pytest.raises(ValueError, match=r"num_classes >= 1 \(overlapping classes\)"):
+        target_channels("semantic", num_classes=0, feature_channels=8, overlap=True)
     with pytest.raises(ValueError, match="target must be"):
         target_channels("boundaries", feature_channels=8)

@@ -22,6 +22,9 @@ SCORED = [v for v in PREDICT if VOLUMES[v].labels]
 TUNING = [v for v in VALIDATE if VOLUMES[v].labels]
 # a class model (targets.classes, train.target semantic): class segmentation, per-class scores
 CLASSES = config["targets"]["classes"] is not None
+# segment.jobs: the blockwise segmentation of every predicted volume as this many jobs per step
+# (dinopipe.segment_parts); a class model's segmentation stays one job per volume
+SEGMENT_JOBS = None if CLASSES else config["segment"].get("jobs")
 # tune unless segment.tune is false or segment.grid is {} (resolve_grid also checks the grid now);
 # a class segmentation has no parameters to tune
 TUNE = bool(resolve_grid(config["segment"])) and bool(TUNING) and not CLASSES
