@@ -177,3 +177,13 @@ def test_check_parts_without_a_plan_names_the_rule(tmp_path):
     with pytest.raises(FileNotFoundError, match="predict_create writes it"):
         check_parts(tmp_path / "plan.json", [])
     assert "once predict_create has written" in describe_part(tmp_path / "plan.json", 0)
+
+
+def test_a_shard_shape_gives_an_unsharded_store_with_a_warning(setup, caplog):
+    tmp_path, features, model_dir = setup
+    parts = tmp_path / "v.parts"
+    params = {**_params(blocks_per_job=8), "shard_shape": 32}
+    with caplog.at_level("WARNING", logger="dinopipe.stages"):
+        run_predict_create(features, model_dir, parts / "s.zarr", parts / "plan.json", params, threads=1)
+    assert "predict.shard_shape 32: a distributed prediction writes an unsharded store" in caplog.text
+    assert zarr.open_array(str(parts / "s.zarr" / "affinities" / "s0"), mode="r").metadata.zarr_format == 2
