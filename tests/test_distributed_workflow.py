@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import zarr
 
 from dinopipe.config import job_settings, result_params
@@ -184,3 +185,34 @@ def test_lsf_distributed_prediction_with_a_killed_part(steps):
     assert all(j["queue"] == GPU_QUEUE and j["gpus"] == 1 for j in parts)
     assert re.search(r"part 2 of 4 of predict_0: blocks 4-5 of 8", proc.stdout + proc.stderr)
     assert_bitwise_equal(project / "results" / "predictions" / f"{VOLUME}.zarr", steps["reference"])
+
+
+def test_switching_distributed_on_reruns_nothing(project, tmp_path):
+    """README, "What reruns when": on a project predicted by one job per volume, switching
+    predict.distributed on reruns nothing (the predictions would be the same); forcing
+    predict_create re-predicts the volumes, and only what follows."""
+    config = tiny_config()
+    config["predict"]["distributed"] = {"blocks_per_job": 2}
+    path = tmp_path / "distributed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = snakemake(project, "-n", "--configfile", str(path))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    proc = snakemake(project, "-n", "--configfile", str(path), "--forcerun", "predict_create")
+    jobs = jobs_in(proc.stdout + proc.stderr)
+    assert jobs.get("predict_create") and jobs.get("predict_finish"), jobs
+    assert not {"features", "targets", "train", "metadata"} & set(jobs), jobs
+
+
+def test_another_blocks_per_job_recreates_the_plan(steps, tmp_path):
+    """docs/distributed.md: on a distributed project, another blocks_per_job reruns predict_create
+    (its params changed), and with it every part."""
+    config = distributed_config()
+    config["predict"]["distributed"] = {"blocks_per_job": 4}
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = snakemake(steps["dir"], "-n", f"results/predictions/{VOLUME}.zarr", "--configfile", str(path))
+    out = proc.stdout + proc.stderr
+    jobs = jobs_in(out)
+    assert jobs.get("predict_create") == 1 and jobs.get("predict_finish") == 1, out
+    assert not {"features", "targets", "train"} & set(jobs), jobs
+    assert re.search(r"params have changed", out, re.I), out
