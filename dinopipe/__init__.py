@@ -20,12 +20,13 @@ The modules, layer by layer (a module imports only from its own layer and the on
   section), :mod:`~dinopipe.objective` (input, loss, validation), :mod:`~dinopipe.train`.
 * inference — :mod:`~dinopipe.predict`, :mod:`~dinopipe.segment`, :mod:`~dinopipe.evaluate`,
   :mod:`~dinopipe.baseline`, :mod:`~dinopipe.tune`: never import training (only the model
-  definition and :mod:`~dinopipe.checkpoint`).
+  definition and :mod:`~dinopipe.checkpoint`); :mod:`~dinopipe.distributed` (one volume's
+  prediction over many jobs: the block plan and the record of finished parts).
 * workflow glue — :mod:`~dinopipe.stages` (one function per rule), :mod:`~dinopipe.report`,
   :mod:`~dinopipe.cli`.
 
 The modules the workflow imports when Snakemake parses it (config, checks, sheet, tune, io,
-sources, geometry, runtime) load no torch.
+sources, geometry, runtime, distributed) load no torch.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -65,6 +65,7 @@ OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
     "targets": {"classes": None, "classes_overlap": False},
     "demo": {"organelles": None},
     "segment": {"split_touching_nm": None, "class_threshold": None, "jobs": None, "block_context": 16},
+    "predict": {"distributed": None},
 }
 
 #: Train keys that may differ between an interrupted run and its continuation: the

@@ -59,7 +59,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -412,6 +412,195 @@ def _check_signature(features_sig: Mapping[str, Any] | None, config: Mapping[str
                        where, checkpoint_dir)
 
 
+class BlockLayout(NamedTuple):
+    """How a volume is cut into blocks and what the prediction store holds (from the model).
+
+    Attributes:
+        shape: The label grid (z, y, x), voxels.
+        block: Core block shape (z, y, x), voxels: multiples of ``2**levels``, capped at the
+            rounded-up volume shape.
+        halo: Context (voxels) read around every block on every side.
+        chunks: Output chunk shape (z, y, x): the block, capped at the volume.
+        num_blocks: Blocks tiling the volume.
+        semantic: A class model (writes ``classes``) rather than affinities.
+        head: Channels of the first output image (offsets, or classes).
+        lsds: Whether ``lsds`` is written.
+        offsets: The affinity offsets (voxels, z, y, x).
+        class_attrs: ``class_names``, ``instance_classes`` (and ``classes_overlap``) of a
+            class model, else empty.
+        shards: Spatial shard shape (z, y, x voxels, whole blocks) of a sharded Zarr v3
+            output, or None (Zarr v2, one chunk file per block and image).
+        overlap: A class model with overlapping classes (one sigmoid per class).
+    """
+
+    shape: tuple[int, ...]
+    block: tuple[int, ...]
+    halo: int
+    chunks: tuple[int, ...]
+    num_blocks: int
+    semantic: bool
+    head: int
+    lsds: bool
+    offsets: list[Any]
+    class_attrs: dict[str, Any]
+    shards: tuple[int, ...] | None = None
+    overlap: bool = False
+
+    @property
+    def images(self) -> list[tuple[str, int]]:
+        """(name, channels) of every image of the store, in the order they are written."""
+        first = ("classes" if self.semantic else "affinities", self.head)
+        return [first, *([("lsds", NUM_LSD_CHANNELS)] if self.lsds else [])]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the predictions uncompressed (float32)."""
+        return sum(c for _, c in self.images) * math.prod(self.shape) * 4
+
+
+def block_layout(model: UNet3D, config: Mapping[str, Any], shape: Sequence[int],
+                 block_shape: Sequence[int], shard_shape: int | None = None) -> BlockLayout:
+    """The block grid and output images of a prediction of ``shape`` (z, y, x voxels) with
+    ``model`` (its ``config`` from :func:`load_model`) in blocks of ``block_shape`` voxels
+    (``shard_shape``: see :func:`predict_blocks`)."""
+    offsets = config["offsets"]
+    semantic = config.get("target", "affinities") == "semantic"
+    lsds = not semantic and model.config.out_channels == len(offsets) + NUM_LSD_CHANNELS
+    divisor = model.config.divisor
+    halo = _round_up(receptive_field_halo(model.config), divisor)
+    shape = tuple(int(s) for s in shape)
+    block = tuple(
+        min(_round_up(int(b), divisor), _round_up(s, divisor)) for b, s in zip(block_shape, shape, strict=True)
+    )
+    if block != tuple(block_shape):
+        logger.info("block shape %s adjusted to %s (multiples of %d, at most the volume)", block_shape, block, divisor)
+    chunks = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
+    shards = round_shard_shape(shape, chunks, shard_shape, channel_axis=False, key="predict.shard_shape")
+    overlap = semantic and bool(config.get("classes_overlap", False))  # one sigmoid per class
+    class_attrs = {k: config.get(k) for k in ("class_names", "instance_classes")} if semantic else {}
+    if overlap:
+        class_attrs["classes_overlap"] = True
+    return BlockLayout(
+        shape=shape, block=block, halo=halo, chunks=chunks,
+        num_blocks=math.prod(-(-s // b) for s, b in zip(shape, block, strict=True)), semantic=semantic,
+        head=model.config.out_channels if semantic else len(offsets), lsds=lsds, offsets=offsets,
+        class_attrs=class_attrs, shards=None if shards is None else tuple(shards), overlap=overlap,
+    )
+
+
+def create_outputs(path: Path, layout: BlockLayout, grid: Geometry) -> list[Any]:
+    """Create the empty prediction store at ``path`` (a new folder: write it under
+    :func:`atomic_output`; Zarr v3 when sharded); return its writable arrays in the order of
+    ``layout.images``."""
+    zarr.open_group(str(path), mode="w", zarr_format=2 if layout.shards is None else 3)
+    image_attrs = {"classes": layout.class_attrs, "affinities": {"offsets": layout.offsets}, "lsds": {}}
+    return [_empty_image(path / name, channels, grid, layout.chunks, image_attrs[name], layout.shards)
+            for name, channels in layout.images]
+
+
+def output_attrs(layout: BlockLayout, config: Mapping[str, Any], precision: str, timings: Mapping[str, float],
+                 attrs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The prediction store's root ``dinopipe`` attrs (JSON-ready; see the module docstring)."""
+    return json.loads(json.dumps({
+        **({"target": "semantic", **layout.class_attrs} if layout.semantic else {}),
+        "offsets": layout.offsets,
+        "lsds": layout.lsds,
+        "input_raw": takes_raw(config),
+        "block_shape": list(layout.block),
+        "halo": layout.halo,
+        "precision": precision,
+        "feature_signature": config.get("feature_signature"),
+        "timings": dict(timings),
+        **(attrs or {}),
+    }, default=str))
+
+
+def predict_into(
+    readers: Sequence[Any],
+    layout: BlockLayout,
+    model: UNet3D,
+    outputs: Sequence[Any],
+    starts: Sequence[Sequence[int]] | None = None,
+    *,
+    device: torch.device,
+    mode: str,
+    batch_size: int = 1,
+    label: str = "predict",
+) -> dict[str, Any]:
+    """Predict blocks and write their cores into existing arrays: the loop of
+    :func:`predict_blocks`, also run by one job of a distributed prediction
+    (:mod:`dinopipe.distributed`).
+
+    Each block's output depends only on its own input window and on how the blocks are
+    batched: with ``batch_size`` 1, or batches made of the same blocks, a block computed
+    here equals the same block computed in a whole-volume run (bitwise on CPU).
+
+    Args:
+        readers: As for :func:`predict_blocks`.
+        layout: From :func:`block_layout`.
+        model: The network (moved to ``device`` by the caller).
+        outputs: Writable arrays (C, z, y, x) on the layout's grid, in the order of
+            ``layout.images`` (each written through a :class:`dinopipe.io.ShardWriter`: a
+            sharded array's shards are written whole, so ``starts`` must cover whole shards).
+        starts: Block starts (z, y, x voxels, multiples of ``layout.block``), in the order
+            predicted; None: every block, shard by shard (:func:`dinopipe.io.shard_major`).
+        device, mode: Torch device and autocast mode (:func:`dinopipe.runtime.autocast_mode`).
+        batch_size: Blocks per forward pass.
+        label: Name for progress messages.
+
+    Returns:
+        Seconds: ``read_s``, ``wait_s``, ``forward_s``, ``write_s`` (see :func:`predict_blocks`).
+    """
+    shape, block, halo = layout.shape, layout.block, layout.halo
+    count = layout.num_blocks if starts is None else len(starts)
+    stats = {"read_s": 0.0, "wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
+    if count == 0:
+        return stats
+    num_offsets = len(layout.offsets)
+    if starts is None:
+        starts = shard_major(list(_block_starts(shape, block)), layout.shards)
+    writers = [ShardWriter(array) for array in outputs]
+    stager = _BlockStager(readers, shape, block, halo, min(batch_size, count), device, starts=starts)
+    with stager, Progress(count, label, "block") as progress:
+        for batch_starts in stager:  # read by the stager's thread while the network ran on the batch before
+            t1 = time.perf_counter()
+            x = stager.to_device()
+            with torch.no_grad(), autocast_context(device, mode):
+                output = model(x)
+            del x
+            if layout.overlap:
+                aff, lsd = torch.sigmoid(output.float()).cpu().numpy(), None
+            elif layout.semantic:
+                aff, lsd = torch.softmax(output.float(), dim=1).cpu().numpy(), None
+            else:
+                aff_logits, lsd = split_output(output.float(), num_offsets)
+                aff = torch.sigmoid(aff_logits).cpu().numpy()
+                del aff_logits
+            lsd_np = lsd.cpu().numpy() if lsd is not None else None
+            del output, lsd
+            t2 = time.perf_counter()
+            for i, start in enumerate(batch_starts):
+                core = [min(b, s - st) for b, s, st in zip(block, shape, start, strict=True)]
+                src = (slice(None), *(slice(halo, halo + c) for c in core))
+                dst = (slice(None), *(slice(st, st + c) for st, c in zip(start, core, strict=True)))
+                writers[0][dst] = aff[i][src]
+                if len(writers) > 1 and lsd_np is not None:
+                    writers[1][dst] = lsd_np[i][src]
+            del aff, lsd_np
+            if device.type == "cpu":  # the network's intermediates are host memory
+                release_freed_memory()
+            t3 = time.perf_counter()
+            stats["forward_s"] += t2 - t1
+            stats["write_s"] += t3 - t2
+            progress.update(len(batch_starts))
+        t3 = time.perf_counter()
+        for writer in writers:
+            writer.flush()  # nothing left when blocks came shard by shard
+        stats["write_s"] += time.perf_counter() - t3
+    stats["read_s"], stats["wait_s"] = stager.read_s, stager.wait_s
+    return stats
+
+
 def predict_blocks(
     readers: Sequence[Any],
     grid: Geometry,
@@ -459,113 +648,41 @@ def predict_blocks(
     """
     _check_block_args(block_shape, batch_size)
     t_start = time.perf_counter()
-    offsets = config["offsets"]
-    semantic = config.get("target", "affinities") == "semantic"
-    num_offsets = len(offsets)
-    lsds = not semantic and model.config.out_channels == num_offsets + NUM_LSD_CHANNELS
-    head = model.config.out_channels if semantic else num_offsets  # channels of the first output image
-    shape = grid.shape
-    divisor = model.config.divisor
-    halo = _round_up(receptive_field_halo(model.config), divisor)
-    block = tuple(
-        min(_round_up(int(b), divisor), _round_up(s, divisor)) for b, s in zip(block_shape, shape, strict=True)
-    )
-    if block != tuple(block_shape):
-        logger.info("block shape %s adjusted to %s (multiples of %d, at most the volume)", block_shape, block, divisor)
-    chunks = tuple(min(b, s) for b, s in zip(block, shape, strict=True))
-    shards = round_shard_shape(shape, chunks, shard_shape, channel_axis=False, key="predict.shard_shape")
-    num_blocks = math.prod(-(-s // b) for s, b in zip(shape, block, strict=True))
+    layout = block_layout(model, config, grid.shape, block_shape, shard_shape)
     dev = resolve_device(device, "predict.device")
     mode = autocast_mode(autocast, "predict.autocast")  # an unknown mode fails before any block
     precision = mode if dev.type == "cuda" else "none"
     model.to(dev)
-    logger.info("predicting %s: %d blocks of %s + halo %d, device %s", shape, num_blocks, block, halo, dev)
-    stats: dict[str, Any] = {"blocks": num_blocks, "block_shape": list(block), "halo": halo,
-                             "read_s": 0.0, "wait_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
-    size = (head + (NUM_LSD_CHANNELS if lsds else 0)) * math.prod(shape) * 4
-    overlap = semantic and bool(config.get("classes_overlap", False))  # one sigmoid per class
-    class_attrs = {k: config.get(k) for k in ("class_names", "instance_classes")} if semantic else {}
-    if overlap:
-        class_attrs["classes_overlap"] = True
-    with atomic_output(out_path, what=f"predictions {Path(out_path).name}", expected_bytes=size) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=2 if shards is None else 3)
-        if semantic:
-            aff_out = ShardWriter(_empty_image(tmp / "classes", head, grid, chunks, class_attrs, shards))
-        else:
-            aff_out = ShardWriter(_empty_image(tmp / "affinities", num_offsets, grid, chunks, {"offsets": offsets},
-                                               shards))
-        lsd_out = ShardWriter(_empty_image(tmp / "lsds", NUM_LSD_CHANNELS, grid, chunks, {}, shards)) if lsds else None
-        starts = shard_major(list(_block_starts(shape, block)), shards)
-        stager = _BlockStager(readers, shape, block, halo, min(batch_size, num_blocks), dev, starts=starts)
-        with stager, Progress(num_blocks, f"predict {Path(out_path).name}", "block") as progress:
-            for batch_starts in stager:  # read by the stager's thread while the network ran on the batch before
-                t1 = time.perf_counter()
-                x = stager.to_device()
-                with torch.no_grad(), autocast_context(dev, mode):
-                    output = model(x)
-                del x
-                if overlap:
-                    aff, lsd = torch.sigmoid(output.float()).cpu().numpy(), None
-                elif semantic:
-                    aff, lsd = torch.softmax(output.float(), dim=1).cpu().numpy(), None
-                else:
-                    aff_logits, lsd = split_output(output.float(), num_offsets)
-                    aff = torch.sigmoid(aff_logits).cpu().numpy()
-                    del aff_logits
-                lsd_np = lsd.cpu().numpy() if lsd is not None else None
-                del output, lsd
-                t2 = time.perf_counter()
-                for i, start in enumerate(batch_starts):
-                    core = [min(b, s - st) for b, s, st in zip(block, shape, start, strict=True)]
-                    src = (slice(None), *(slice(halo, halo + c) for c in core))
-                    dst = (slice(None), *(slice(st, st + c) for st, c in zip(start, core, strict=True)))
-                    aff_out[dst] = aff[i][src]
-                    if lsd_out is not None and lsd_np is not None:
-                        lsd_out[dst] = lsd_np[i][src]
-                del aff, lsd_np
-                if dev.type == "cpu":  # the network's intermediates are host memory
-                    release_freed_memory()
-                t3 = time.perf_counter()
-                stats["forward_s"] += t2 - t1
-                stats["write_s"] += t3 - t2
-                progress.update(len(batch_starts))
-            t3 = time.perf_counter()
-            for writer in (aff_out, lsd_out):
-                if writer is not None:
-                    writer.flush()  # nothing left when blocks came shard by shard
-            stats["write_s"] += time.perf_counter() - t3
-        stats["read_s"], stats["wait_s"] = stager.read_s, stager.wait_s
+    logger.info("predicting %s: %d blocks of %s + halo %d, device %s", layout.shape, layout.num_blocks, layout.block,
+                layout.halo, dev)
+    stats: dict[str, Any] = {"blocks": layout.num_blocks, "block_shape": list(layout.block), "halo": layout.halo}
+    with atomic_output(out_path, what=f"predictions {Path(out_path).name}", expected_bytes=layout.nbytes) as tmp:
+        outputs = create_outputs(tmp, layout, grid)
+        stats.update(predict_into(readers, layout, model, outputs, device=dev, mode=mode, batch_size=batch_size,
+                                  label=f"predict {Path(out_path).name}"))
         stats["total_s"] = time.perf_counter() - t_start
-        root.attrs["dinopipe"] = json.loads(json.dumps({
-            **({"target": "semantic", **class_attrs} if semantic else {}),
-            "offsets": offsets,
-            "lsds": lsds,
-            "input_raw": takes_raw(config),
-            "block_shape": list(block),
-            "halo": halo,
-            "precision": precision,
-            "feature_signature": config.get("feature_signature"),
-            "timings": {k: stats[k] for k in ("read_s", "wait_s", "forward_s", "write_s", "total_s")},
-            **(attrs or {}),
-        }, default=str))
+        timings = {k: stats[k] for k in ("read_s", "wait_s", "forward_s", "write_s", "total_s")}
+        zarr.open_group(str(tmp), mode="r+").attrs["dinopipe"] = output_attrs(layout, config, precision, timings, attrs)
     logger.info("wrote %s: %d blocks, read %.1fs (the network waited %.1fs for it), network %.1fs, write %.1fs, "
-                "total %.1fs", out_path, num_blocks, stats["read_s"], stats["wait_s"], stats["forward_s"],
+                "total %.1fs", out_path, layout.num_blocks, stats["read_s"], stats["wait_s"], stats["forward_s"],
                 stats["write_s"], stats["total_s"])
     return stats
 
 
-def _raw_reader_for(volume: Any, data: Mapping[str, Any] | None, grid: Geometry, checkpoint_dir: str) -> RawOnGridReader:
+def _raw_reader_for(volume: Any, data: Mapping[str, Any] | None, grid: Geometry, checkpoint_dir: str,
+                    known: Mapping[str, Any] | None = None) -> RawOnGridReader:
     """The raw channel of an ``input_raw`` model, on ``grid`` (the features' grid, nm).
 
     A sheet row with labels must give exactly that grid (its output grid); a raw-only volume
-    (``dinopipe predict --features F --raw R``) must cover it.
+    (``dinopipe predict --features F --raw R``) must cover it. ``known``: see
+    :func:`feature_inputs`.
     """
     if volume is None:
         raise ValueError(
             f"the model in {checkpoint_dir} takes the raw image as an extra input channel (input_raw): "
             "pass the volume (its sheet row; on the command line --raw beside --features) so the raw can be read"
         )
-    src = open_sources(volume, **source_args(data))
+    src = open_sources(volume, **source_args(data), check_data=known is None)
     if volume.labels and (src.grid.shape != grid.shape or not np.allclose(src.grid.translation, grid.translation)
                           or not np.allclose(src.grid.voxel_size, grid.voxel_size)):
         raise ValueError(
@@ -579,7 +696,105 @@ def _raw_reader_for(volume: Any, data: Mapping[str, Any] | None, grid: Geometry,
             f"nm (z, y, x) but the features' grid spans {grid.begin_nm.tolist()}–{grid.end_nm.tolist()} nm: "
             "the raw channel must come from the raw the features were computed from"
         )
-    return RawOnGridReader(src.raw.array, raw_geom, grid)
+    return RawOnGridReader(src.raw.array, raw_geom, grid, intensity=(known or {}).get("raw_intensity"))
+
+
+class PredictionInputs(NamedTuple):
+    """Everything a prediction reads: the readers of its network input, the label grid, the
+    model, and provenance for the output's attrs (see :func:`feature_inputs`, :func:`raw_inputs`).
+
+    ``known`` holds what was measured over the whole volume (intensity ranges) so that the
+    jobs of a distributed prediction (:mod:`dinopipe.distributed`) need not measure it again.
+    """
+
+    readers: list[Any]
+    grid: Geometry
+    model: UNet3D
+    config: dict[str, Any]
+    attrs: dict[str, Any]
+    known: dict[str, Any]
+
+
+def feature_inputs(
+    features_path: str | os.PathLike[str],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    volume: Any = None,
+    data: Mapping[str, Any] | None = None,
+    known: Mapping[str, Any] | None = None,
+) -> PredictionInputs:
+    """The inputs of a prediction from cached features (see :func:`predict_volume`).
+
+    Args:
+        features_path, checkpoint_dir, volume, data: As for :func:`predict_volume`.
+        known: The ``known`` of an earlier call on the same volume: skips the passes over
+            the whole volume (checks of the raw, its intensity range) that call made.
+
+    Raises:
+        ValueError: The features' channel count differs from the model's, or signatures differ.
+    """
+    features_path, checkpoint_dir = str(features_path), str(checkpoint_dir)
+    model, config = load_model(checkpoint_dir)
+    features = read_image(features_path)
+    if not features.channel_axis:
+        raise ValueError(f"features {features_path} must be (C, z, y, x), got shape {features.array.shape}")
+    _check_channels(model, config, int(features.array.shape[0]), features_path, checkpoint_dir)
+    _check_signature((features.attrs or {}).get("signature"), config, features_path, checkpoint_dir)
+    readers: list[Any] = [FeatureReader(features)] if takes_features(config) else []
+    found: dict[str, Any] = {}
+    if takes_raw(config):
+        raw_reader = _raw_reader_for(volume, data, features.geometry, checkpoint_dir, known)
+        readers.append(raw_reader)
+        found["raw_intensity"] = [raw_reader.lo, raw_reader.hi]
+    return PredictionInputs(readers, features.geometry, model, config,
+                            {"source": "features", "features": features_path, "checkpoint": checkpoint_dir}, found)
+
+
+def raw_inputs(
+    volume: Any,
+    checkpoint_dir: str | os.PathLike[str],
+    features: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+    feature_halo: int | None = None,
+    *,
+    known: Mapping[str, Any] | None = None,
+) -> PredictionInputs:
+    """The inputs of a prediction end to end from raw (see :func:`predict_from_raw`).
+
+    Args:
+        volume, checkpoint_dir, features, data, feature_halo: As for :func:`predict_from_raw`.
+        known: As for :func:`feature_inputs`.
+    """
+    checkpoint_dir = str(checkpoint_dir)
+    model, config = load_model(checkpoint_dir)
+    params = FeatureParams.from_config(features)
+    src = open_sources(volume, **source_args(data), check_data=known is None)
+    known = known or {}
+    provenance = {"source": "raw", "volume": volume.name, "raw": volume.raw, "checkpoint": checkpoint_dir}
+    if not takes_features(config):  # a UNet on the raw alone: no backbone needed
+        reader = RawOnGridReader(src.raw.array, src.raw.geometry, src.grid, intensity=known.get("raw_intensity"))
+        return PredictionInputs([reader], src.grid, model, config, provenance,
+                                {"raw_intensity": [reader.lo, reader.hi]})
+    backbone = load_backbone(params.backbone, params.revision, seed=params.seed, device=params.device)
+    where = f"volume {volume.name!r} (features from raw with {params.backbone})"
+    _check_channels(model, config, int(backbone.channels), where, checkpoint_dir)
+    intensity = (tuple(known["intensity"]) if "intensity" in known
+                 else intensity_range(src.raw.array, params.intensity, params.low, params.high))
+    sig = signature(backbone, params, src.raw.geometry, src.grid, intensity, {})
+    _check_signature(sig, config, where, checkpoint_dir)
+    upsampler = load_upsampler(params.upsampler, backbone.device) if params.upsampler else None
+    halo = params.block_halo if feature_halo is None else int(feature_halo)
+    readers: list[Any] = [RawFeatureReader(
+        src.raw.array, src.raw.geometry, src.grid, backbone, params, halo=halo, intensity=intensity,
+        volume=volume.name, upsampler=upsampler,
+    )]
+    found: dict[str, Any] = {"intensity": list(intensity)}
+    if takes_raw(config):
+        readers.append(RawOnGridReader(src.raw.array, src.raw.geometry, src.grid,
+                                       intensity=known.get("raw_intensity")))
+        found["raw_intensity"] = [readers[-1].lo, readers[-1].hi]
+    return PredictionInputs(readers, src.grid, model, config,
+                            {**provenance, "feature_halo": halo, "computed_feature_signature": sig}, found)
 
 
 def predict_volume(
@@ -613,21 +828,11 @@ def predict_volume(
         ValueError: The features' channel count differs from the model's, signatures
             differ, or a bad ``block_shape`` / ``batch_size``.
     """
-    features_path, checkpoint_dir = str(features_path), str(checkpoint_dir)
     _check_block_args(block_shape, batch_size)
-    model, config = load_model(checkpoint_dir)
-    features = read_image(features_path)
-    if not features.channel_axis:
-        raise ValueError(f"features {features_path} must be (C, z, y, x), got shape {features.array.shape}")
-    _check_channels(model, config, int(features.array.shape[0]), features_path, checkpoint_dir)
-    _check_signature((features.attrs or {}).get("signature"), config, features_path, checkpoint_dir)
-    readers: list[Any] = [FeatureReader(features)] if takes_features(config) else []
-    if takes_raw(config):
-        readers.append(_raw_reader_for(volume, data, features.geometry, checkpoint_dir))
+    inputs = feature_inputs(features_path, checkpoint_dir, volume=volume, data=data)
     return predict_blocks(
-        readers, features.geometry, model, config, out_path, block_shape=block_shape, device=device,
-        batch_size=batch_size, autocast=autocast, shard_shape=shard_shape,
-        attrs={"source": "features", "features": features_path, "checkpoint": checkpoint_dir},
+        inputs.readers, inputs.grid, inputs.model, inputs.config, out_path, block_shape=block_shape, device=device,
+        batch_size=batch_size, autocast=autocast, attrs=inputs.attrs, shard_shape=shard_shape,
     )
 
 
@@ -659,34 +864,9 @@ def predict_from_raw(
     Returns:
         The statistics of :func:`predict_blocks`.
     """
-    checkpoint_dir = str(checkpoint_dir)
     _check_block_args(block_shape, batch_size)
-    model, config = load_model(checkpoint_dir)
-    params = FeatureParams.from_config(features)
-    src = open_sources(volume, **source_args(data))
-    if not takes_features(config):  # a UNet on the raw alone: no backbone needed
-        return predict_blocks(
-            [RawOnGridReader(src.raw.array, src.raw.geometry, src.grid)], src.grid, model, config, out_path,
-            block_shape=block_shape, device=device, batch_size=batch_size, autocast=autocast, shard_shape=shard_shape,
-            attrs={"source": "raw", "volume": volume.name, "raw": volume.raw, "checkpoint": checkpoint_dir},
-        )
-    backbone = load_backbone(params.backbone, params.revision, seed=params.seed, device=params.device)
-    where = f"volume {volume.name!r} (features from raw with {params.backbone})"
-    _check_channels(model, config, int(backbone.channels), where, checkpoint_dir)
-    intensity = intensity_range(src.raw.array, params.intensity, params.low, params.high)
-    sig = signature(backbone, params, src.raw.geometry, src.grid, intensity, {})
-    _check_signature(sig, config, where, checkpoint_dir)
-    upsampler = load_upsampler(params.upsampler, backbone.device) if params.upsampler else None
-    halo = params.block_halo if feature_halo is None else int(feature_halo)
-    readers: list[Any] = [RawFeatureReader(
-        src.raw.array, src.raw.geometry, src.grid, backbone, params, halo=halo, intensity=intensity,
-        volume=volume.name, upsampler=upsampler,
-    )]
-    if takes_raw(config):
-        readers.append(RawOnGridReader(src.raw.array, src.raw.geometry, src.grid))
+    inputs = raw_inputs(volume, checkpoint_dir, features, data, feature_halo)
     return predict_blocks(
-        readers, src.grid, model, config, out_path, block_shape=block_shape, device=device,
-        batch_size=batch_size, autocast=autocast, shard_shape=shard_shape,
-        attrs={"source": "raw", "volume": volume.name, "raw": volume.raw, "checkpoint": checkpoint_dir,
-               "feature_halo": halo, "computed_feature_signature": sig},
+        inputs.readers, inputs.grid, inputs.model, inputs.config, out_path, block_shape=block_shape, device=device,
+        batch_size=batch_size, autocast=autocast, attrs=inputs.attrs, shard_shape=shard_shape,
     )

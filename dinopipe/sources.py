@@ -268,6 +268,7 @@ def open_sources(
     output_voxel_size: Sequence[float] | None = None,
     missing_chunks: str = "error",
     metadata_only: bool = False,
+    check_data: bool = True,
 ) -> Sources:
     """Open raw and labels of ``volume`` and compute its output grid.
 
@@ -284,6 +285,9 @@ def open_sources(
             checks that list chunks or read data (the workflow's start-up checks, see
             :mod:`dinopipe.checks`): everything else (formats, scales, dtypes, geometry,
             overlap, ROI, grid) is checked the same way.
+        check_data: False skips the checks that list chunks or read data but opens the
+            arrays readable: for the many jobs of a distributed prediction, whose first
+            job checked the volume (each check costs a pass over the whole volume).
     """
     raw = _open(volume.raw, "raw", volume.name, volume.voxel_size, volume.offset, metadata_only=metadata_only,
                 min_voxel_size=min_raw_voxel_size)
@@ -335,7 +339,7 @@ def open_sources(
         )
     if missing_chunks not in MISSING_CHUNKS:
         raise ValueError(f"data.missing_chunks must be one of {list(MISSING_CHUNKS)}, got {missing_chunks!r}")
-    if not metadata_only:
+    if not metadata_only and check_data:
         check_chunks(raw, "raw", volume.name, missing_chunks)
         if labels is not None:
             check_chunks(labels, "labels", volume.name, missing_chunks)
@@ -412,14 +416,20 @@ class RawOnGridReader:
     Args:
         raw: Raw image (z, y, x), e.g. a zarr array, on ``raw_geom``.
         raw_geom, grid: Raw geometry and the label (output) grid, nm.
+        intensity: The volume's (lo, hi) at :data:`RAW_PERCENTILES` when already known
+            (a sampled pass over the whole volume otherwise).
     """
 
     channels = 1
     dtype = np.dtype(np.float32)
 
-    def __init__(self, raw: Any, raw_geom: Geometry, grid: Geometry) -> None:
+    def __init__(self, raw: Any, raw_geom: Geometry, grid: Geometry,
+                 intensity: Sequence[float] | None = None) -> None:
         self.raw, self.raw_geom, self.grid = raw, raw_geom, grid
-        self.lo, self.hi = intensity_range(raw, "percentile", *RAW_PERCENTILES)
+        if intensity is None:
+            self.lo, self.hi = intensity_range(raw, "percentile", *RAW_PERCENTILES)
+        else:
+            self.lo, self.hi = float(intensity[0]), float(intensity[1])
 
     def read(self, window: Sequence[slice]) -> np.ndarray:
         """(1, z, y, x) float32 of ``window`` (label voxels)."""

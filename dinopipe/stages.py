@@ -962,6 +962,7 @@ DEFAULT_PREDICT: dict[str, Any] = {
     "device": "auto",
     "autocast": "bf16",
     "shard_shape": None,
+    "distributed": None,
 }
 
 
@@ -1000,3 +1001,136 @@ def run_predict(
     if features_path is None:
         raise ValueError("predict.source 'features' needs the features path")
     return predict_volume(features_path, checkpoint_dir, out_path, **common, volume=volume, data=data)
+
+
+# --------------------------------------------------------------------------- distributed prediction
+
+
+def _prediction_inputs(features_path: str | Path | None, checkpoint_dir: str | Path, params: Mapping[str, Any], *,
+                       volume: Volume | None, features: Mapping[str, Any] | None, data: Mapping[str, Any] | None,
+                       known: Mapping[str, Any] | None = None) -> Any:
+    """The :class:`dinopipe.predict.PredictionInputs` of one volume, from cached features or raw
+    (``params["source"]``), as :func:`run_predict` reads them."""
+    from dinopipe.predict import feature_inputs, raw_inputs
+
+    source = params["source"]
+    if source == "raw":
+        if volume is None or features is None:
+            raise ValueError("predict.source 'raw' needs the volume and the features config section")
+        return raw_inputs(volume, checkpoint_dir, features, data, params["feature_halo"], known=known)
+    if source != "features":
+        raise ValueError(f"predict.source must be 'features' or 'raw', got {source!r}")
+    if features_path is None:
+        raise ValueError("predict.source 'features' needs the features path")
+    return feature_inputs(features_path, checkpoint_dir, volume=volume, data=data, known=known)
+
+
+def _distributed_setting(params: Mapping[str, Any], volume: Volume | None) -> Mapping[str, Any]:
+    setting = params.get("distributed")
+    if not isinstance(setting, Mapping):
+        where = f" (volume {volume.name!r})" if volume is not None else ""
+        raise ValueError(f"predict.distributed is {setting!r}{where}: the predict_create / predict_part / "
+                         "predict_finish jobs need a mapping such as {blocks_per_job: 64}")
+    return setting
+
+
+def run_predict_create(
+    features_path: str | Path | None, checkpoint_dir: str | Path, staging: str | Path, plan_path: str | Path,
+    params: Mapping[str, Any], *, threads: int | None = None, volume: Volume | None = None,
+    features: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """First job of a distributed prediction (:mod:`dinopipe.distributed`): check the inputs as
+    a single-job prediction does, measure what needs the whole volume (intensity ranges),
+    create the empty staging store (full shape, one chunk per block) and write the plan.
+
+    Returns:
+        The plan's record (as written to ``plan_path``).
+    """
+    import torch
+
+    from dinopipe.distributed import BlockPlan, blocks_per_part, read_plan, write_plan
+    from dinopipe.predict import _check_block_args, block_layout, create_outputs, output_attrs
+
+    torch.set_num_threads(allotted_cpus(threads))
+    params = {**DEFAULT_PREDICT, **params}
+    setting = _distributed_setting(params, volume)
+    _check_block_args(tuple(params["block_shape"]), int(params["batch_size"]))
+    if params.get("shard_shape") is not None:
+        logger.warning("predict.shard_shape %s: a distributed prediction writes an unsharded store (Zarr v2, one "
+                       "file per block and image; the values are the same)", params["shard_shape"])
+    inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data)
+    layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
+    plan = BlockPlan(layout.shape, layout.block,  # type: ignore[arg-type]
+                     blocks_per_part(setting, layout.shape, layout.num_blocks, int(params["batch_size"])))
+    plan_id = io.new_store_id()
+    name = volume.name if volume is not None else Path(plan_path).parent.name.removesuffix(".parts")
+    with io.atomic_output(staging, what=f"predictions of volume {name!r} (staging)",
+                          expected_bytes=layout.nbytes) as tmp:
+        create_outputs(tmp, layout, inputs.grid)
+        zarr.open_group(str(tmp), mode="r+").attrs["dinopipe"] = {"plan_id": plan_id}
+    write_plan(plan_path, plan, volume=name, plan_id=plan_id, extra={
+        "images": [n for n, _ in layout.images], "halo": layout.halo, "staging": str(staging),
+        "batch_size": int(params["batch_size"]), "known": inputs.known,
+        "attrs": output_attrs(layout, inputs.config, "none", {}, inputs.attrs),
+    })
+    logger.info("volume %s: %d blocks of %s in %d parts of %d blocks; staging store %s", name, plan.num_blocks,
+                list(plan.block), plan.num_parts, plan.blocks_per_part, staging)
+    return read_plan(plan_path)[1]
+
+
+def run_predict_part(
+    features_path: str | Path | None, checkpoint_dir: str | Path, plan_path: str | Path, staging: str | Path,
+    marker: str | Path, part: int, params: Mapping[str, Any], *, threads: int | None = None,
+    volume: Volume | None = None, features: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One job of a distributed prediction: predict the blocks of ``part`` into the staging
+    store, then write its marker (the record that the part is done).
+
+    Reads only its blocks' input windows with their halos: no pass over the whole volume
+    (the create job measured what needs one and recorded it in the plan).
+
+    Returns:
+        The part's statistics (``timings`` in seconds, ``precision``), as in its marker.
+    """
+    import torch
+
+    from dinopipe.distributed import read_plan, write_marker
+    from dinopipe.predict import block_layout, predict_into
+    from dinopipe.runtime import autocast_mode, resolve_device
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(allotted_cpus(threads))
+    params = {**DEFAULT_PREDICT, **params}
+    plan, record = read_plan(plan_path)
+    starts = plan.part_starts(int(part))  # a part the plan does not have fails here
+    inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data,
+                                known=record["known"])
+    layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
+    if layout.shape != plan.shape or layout.block != plan.block or layout.halo != record["halo"]:
+        raise ValueError(
+            f"volume {record['volume']!r}: the plan {plan_path} has shape {list(plan.shape)}, blocks "
+            f"{list(plan.block)} and halo {record['halo']}, but this job computes {list(layout.shape)}, "
+            f"{list(layout.block)} and {layout.halo}: rerun predict_create (snakemake results/predictions/{record['volume']}.zarr --forcerun predict_create)"
+        )
+    outputs = [zarr.open_array(str(Path(staging) / n / "s0"), mode="r+") for n in record["images"]]
+    dev = resolve_device(params["device"], "predict.device")
+    mode = autocast_mode(params["autocast"], "predict.autocast")
+    inputs.model.to(dev)
+    logger.info("volume %s, part %s: %s + halo %d, device %s", record["volume"], part, plan.describe(int(part)),
+                layout.halo, dev)
+    timings = predict_into(inputs.readers, layout, inputs.model, outputs, starts, device=dev, mode=mode,
+                           batch_size=int(params["batch_size"]), label=f"predict {record['volume']} part {part}")
+    timings["total_s"] = time.perf_counter() - t_start
+    stats = {"timings": timings, "precision": mode if dev.type == "cuda" else "none",
+             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    write_marker(marker, record, int(part), stats)
+    return stats
+
+
+def run_predict_finish(plan_path: str | Path, staging: str | Path, markers: Sequence[str | Path],
+                       out_path: str | Path) -> dict[str, Any]:
+    """Last job of a distributed prediction: check that every part and block is done and move
+    the staging store to ``out_path`` (:func:`dinopipe.distributed.finish_store`)."""
+    from dinopipe.distributed import finish_store
+
+    return finish_store(plan_path, staging, markers, out_path)

@@ -4,6 +4,7 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from dinopipe.config import result_params, volume_params
+from dinopipe.distributed import describe_part, part_names
 from dinopipe.io import source_store
 from dinopipe.sheet import by_role, lookup, read_sheet
 from dinopipe.checks import check_workflow
@@ -82,6 +83,19 @@ def volume_inputs(wildcards):
     `b.n5/raw/s0` -> `b.n5`, `c.h5:/stack` -> `c.h5`): real data, or what demo_data writes."""
     v = sheet_row(wildcards)
     return sorted({source_store(p) for p in (v.raw, v.labels) if p})
+
+def prediction_features(wildcards):
+    """A volume's cached features when prediction reads them (predict.source features)."""
+    return [] if config["predict"]["source"] == "raw" else [f"results/features/{wildcards.volume}.zarr"]
+
+def prediction_parts(wildcards):
+    """The markers of every part of a distributed prediction (from the plan predict_create writes)."""
+    plan = checkpoints.predict_create.get(volume=wildcards.volume).output.plan
+    return expand("results/predictions/{volume}.parts/{part}.done", volume=wildcards.volume, part=part_names(plan))
+
+def prediction_part_blocks(wildcards):
+    """Which blocks a part job predicts (its message; dinopipe.distributed.describe_part)."""
+    return describe_part(f"results/predictions/{wildcards.volume}.parts/plan.json", wildcards.part)
 
 def train_volumes(wildcards):
     """The train volumes: an error only for jobs that need them (training and what needs the

@@ -1,0 +1,271 @@
+"""Distributed prediction (predict.distributed): CPU cost over one job, dry-run cost per block,
+memory of one part job as the volume grows.
+
+A synthetic demo volume (``dinopipe.demo``; raw at 8 nm, labels at 16 nm) of ``GRIDS["1x"]``
+blocks of ``BLOCK`` label voxels is predicted end to end from raw (``predict.source: raw``:
+tiny-ViT features of each block + UNet halo + feature halo computed on the fly, a UNet of
+``UNET``) on the CPU with one torch thread per job, every job in a fresh child process as a
+cluster job would be (interpreter, imports, model and backbone loading included):
+
+* cpu: the distributed run (``predict_create``, one ``predict_part`` job per
+  ``BLOCKS_PER_JOB`` blocks, ``predict_finish``) over the single-job run (``predict`` with
+  the same source: it computes the same blocks with the same halos). User + system CPU
+  seconds of the children (``wait4``). Goal <= 1.2. The figure is dominated by what every
+  job pays once (interpreter, torch and transformers imports, model and backbone loading:
+  ``part_job_start_cpu_s``) against tiny blocks (``per_block_cpu_s``), so the script also
+  prints how many such blocks a job needs for the goal (``blocks_per_job_for_ratio_1.2``:
+  the ratio tends to 1 + start / (blocks per job x per-block cost) for many parts; the
+  per-block cost is the single job's CPU less the create job's, which pays the same start,
+  checks and intensity range without predicting). Also reported, without a goal: the
+  distributed run over the cached-features pipeline (one ``features`` job over the whole
+  volume, then ``predict`` from the features): this is what recomputing the backbone on each
+  block's halo costs, a matter of block geometry (see docs/distributed.md);
+* dry run: ``snakemake -n`` of a project whose plan has ``DRY_BLOCKS`` blocks with one block per
+  part job (the worst case: one job per block) and with ``BLOCKS_PER_JOB`` per job, minus the
+  same dry run with one part; seconds per block. Goal <= 5 ms per block (with one block per
+  job, i.e. per job);
+* memory: peak RSS of one part job (``BLOCKS_PER_JOB`` blocks) of the 1x volume and of the
+  8x volume (2x per axis), and their ratio. Goal <= 1.1;
+* bitwise: the distributed prediction equals the single-job one (must be true).
+
+Also the per-block throughput (CPU seconds per block of a part job, without the job start)
+that docs/distributed.md scales to a 10^12-voxel volume. The last line is one JSON object with
+the figures and a "goals" key.
+
+Run: .venv/bin/python benchmarks/distributed.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+import zarr
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = [8, 16, 16]                    # label voxels (z, y, x)
+GRIDS = {"1x": (4, 4, 4), "8x": (8, 8, 8)}  # blocks along (z, y, x): 64 and 512 blocks
+BLOCKS_PER_JOB = 8
+UNET = {"levels": 1, "base_channels": 4}
+FEATURES = {"backbone": "tiny-vit", "planes": ["xy", "xz", "yz"], "stride": None, "batch_size": 16,
+            "intensity": "percentile", "low": 0.5, "high": 99.5, "block_halo": 8}
+OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 0], [0, 3, 0], [0, 0, 3]]
+DRY_BLOCKS = 4096
+VOXEL = [16.0, 16.0, 16.0]
+DATA = {"output_voxel_size": VOXEL}  # the volumes have no labels: predict on the 16 nm grid
+
+CHILD = """
+import json, sys
+from dinopipe.logs import logged
+from dinopipe import stages
+args = json.loads(sys.argv[1])
+with logged(args.pop("log")):
+    if "volume" in args:
+        args["volume"] = stages.volume_from_dict(args["volume"])
+    getattr(stages, args.pop("function"))(*args.pop("args"), **args)
+"""
+
+
+def child(function: str, *args, log: Path, **kwargs) -> dict:
+    """Run one dinopipe.stages function in a fresh Python, as one cluster job: CPU s, peak RSS MB."""
+    payload = json.dumps({"function": function, "args": list(args), "log": str(log), **kwargs}, default=str)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, payload], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.DEVNULL)  # the child logs into ``log``
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{function} failed ({status}); see {log}:\n{Path(log).read_text()[-3000:]}")
+    return {"cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def make_volume(root: Path, name: str, grid: tuple[int, int, int], seed: int) -> dict:
+    from dinopipe.stages import run_demo_data
+
+    shape = [g * b for g, b in zip(grid, BLOCK)]
+    path = root / f"{name}.zarr"
+    run_demo_data(name, path, seed=seed, label_shape=shape, label_voxel_size=VOXEL, raw_factor=[2, 2, 2])
+    return {"name": name, "raw": f"{path}/raw", "labels": None, "role": "predict", "roi": None}
+
+
+def make_model(root: Path) -> Path:
+    """A model folder as train() writes it (random weights) for the tiny ViT's features."""
+    import torch
+
+    from dinopipe.backbone import load_backbone
+    from dinopipe.checkpoint import build_model_config, save_checkpoint
+    from dinopipe.io import write_json
+    from dinopipe.unet import UNet3D, UNetConfig, output_channels
+
+    channels = load_backbone("tiny-vit").channels
+    torch.manual_seed(0)
+    config = UNetConfig(in_channels=channels, out_channels=output_channels(len(OFFSETS), True), **UNET)
+    model_dir = root / "model"
+    model_dir.mkdir()
+    save_checkpoint(model_dir / "checkpoint.pt", UNet3D(config), None, step=0)
+    write_json(model_dir / "model_config.json", build_model_config(config, OFFSETS, True, None))
+    return model_dir
+
+
+def params(**extra) -> dict:
+    return {"source": "raw", "block_shape": BLOCK, "batch_size": 1, "feature_halo": None, "device": "cpu",
+            "autocast": "none", **extra}
+
+
+def distributed_run(root: Path, model: Path, volume: dict, tag: str, parts: list[int] | None = None) -> dict:
+    """create + the parts (all, or those listed) + finish (when all ran), each a child process."""
+    from dinopipe.distributed import part_names
+
+    d = root / f"{tag}.parts"
+    plan, staging = d / "plan.json", d / "staging.zarr"
+    p = params(distributed={"blocks_per_job": BLOCKS_PER_JOB})
+    common = {"volume": volume, "features": FEATURES, "data": DATA, "threads": 1}
+    runs = {"create": child("run_predict_create", None, model, staging, plan, p, log=root / f"{tag}-create.log",
+                            **common)}
+    names = part_names(plan) if parts is None else [str(i) for i in parts]
+    runs["parts"] = [child("run_predict_part", None, model, plan, staging, d / f"{n}.done", int(n), p,
+                           log=root / f"{tag}-part{n}.log", **common) for n in names]
+    if parts is None:
+        runs["finish"] = child("run_predict_finish", plan, staging, [str(d / f"{n}.done") for n in names],
+                               root / f"{tag}.zarr", log=root / f"{tag}-finish.log")
+    runs["markers"] = [json.loads((d / f"{n}.done").read_text()) for n in names]
+    return runs
+
+
+def dry_run_seconds(root: Path, blocks: int, per_job: int) -> float:
+    """``snakemake -n`` of results/predictions/big.zarr when the plan has ``blocks`` blocks, ``per_job``
+    per part: a project whose upstream outputs exist (placeholders, dated in order) so that only the
+    part jobs and the finish are to run."""
+    from dinopipe.distributed import BlockPlan, write_plan
+    from dinopipe.stages import run_demo_data
+
+    project = root / f"dry-{blocks}-{per_job}"
+    (project / "config").mkdir(parents=True)
+    data = root / "dry-data.zarr"
+    if not data.exists():
+        run_demo_data("d", data, seed=0, label_shape=[24, 32, 32], label_voxel_size=VOXEL, raw_factor=[2, 2, 2])
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["predict"]["distributed"] = {"blocks_per_job": per_job}
+    config["data"]["output_voxel_size"] = VOXEL
+    (project / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    (project / "config" / "volumes.tsv").write_text(
+        "name\traw\tlabels\trole\troi\n"
+        f"t\t{data}/raw\t{data}/labels\ttrain\t\nbig\t{data}/raw\t\tpredict\t\n")
+    t0 = time.time() - 100
+    os.utime(data, (t0 - 10, t0 - 10))  # the input store (dated by its folder) before every output
+    for i, rel in enumerate(["results/features/t.zarr/", "results/features/big.zarr/", "results/targets/t.zarr/",
+                             "results/model/checkpoint.pt", "results/model/model_config.json",
+                             "results/predictions/big.parts/staging.zarr/", "results/predictions/big.parts/plan.json"]):
+        path = project / rel
+        if rel.endswith("/"):
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not rel.endswith("plan.json"):
+                path.write_text("placeholder")
+        if rel.endswith("plan.json"):
+            plan = BlockPlan((64, 16, 16 * blocks), (64, 16, 16), per_job)
+            write_plan(path, plan, volume="big", plan_id="x", extra={"images": ["affinities"], "known": {}})
+        os.utime(path, (t0 + i, t0 + i))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile"), "--directory",
+           str(project), "--cores", "1", "-n", "results/predictions/big.zarr", "--rerun-triggers", "mtime"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    jobs = {}
+    table = (proc.stdout + proc.stderr).split("Job stats:")[-1]
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].isdigit():
+            jobs[fields[0]] = int(fields[1])
+    expected = -(-blocks // per_job)
+    if jobs.get("predict_part") != expected:
+        raise RuntimeError(f"dry run lists {jobs} for {blocks} blocks at {per_job} per job, expected {expected} parts:"
+                           f"\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return seconds
+
+
+def main() -> None:
+    import logging
+
+    from dinopipe.atomic import directory_size
+
+    logging.basicConfig(level=logging.WARNING)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dinopipe-distributed-") as tmp:
+        root = Path(tmp)
+        model = make_model(root)
+        v1 = make_volume(root, "v1", GRIDS["1x"], seed=1)
+        v8 = make_volume(root, "v8", GRIDS["8x"], seed=8)
+        common = {"volume": v1, "features": FEATURES, "data": DATA, "threads": 1}
+        # single job from raw (what rule predict runs), and features + predict from features
+        single = child("run_predict", None, model, root / "single.zarr", params(), log=root / "single.log", **common)
+        feats = child("run_features", out_path=root / "features.zarr", features=FEATURES, data=DATA, volume=v1, threads=1,
+                      log=root / "features.log")
+        cached = child("run_predict", root / "features.zarr", model, root / "cached.zarr", params(source="features"),
+                       log=root / "cached.log", volume=v1, data=DATA, threads=1)
+        dist = distributed_run(root, model, v1, "v1")
+        a, b = (zarr.open_group(str(root / s), mode="r") for s in ("single.zarr", "v1.zarr"))
+        bitwise = all(np.array_equal(a[n]["s0"][...], b[n]["s0"][...]) for n in ("affinities", "lsds"))
+        stored = directory_size(root / "v1.zarr") / sum(b[n]["s0"].nbytes for n in ("affinities", "lsds"))
+        one8 = distributed_run(root, model, v8, "v8", parts=[0])
+        dist_cpu = dist["create"]["cpu_s"] + sum(p["cpu_s"] for p in dist["parts"]) + dist["finish"]["cpu_s"]
+        blocks = int(np.prod(GRIDS["1x"]))
+        dry_one = dry_run_seconds(root, BLOCKS_PER_JOB, BLOCKS_PER_JOB)
+        dry_each = dry_run_seconds(root, DRY_BLOCKS, 1)
+        dry_grouped = dry_run_seconds(root, DRY_BLOCKS, BLOCKS_PER_JOB)
+    rss1, rss8 = dist["parts"][0]["peak_rss_mb"], one8["parts"][0]["peak_rss_mb"]
+    # CPU seconds per block (the single job less its start, which the create job measures alone:
+    # the same imports, model and backbone loading, input checks and intensity range) and the
+    # fixed cost of starting one part job (interpreter, imports, model and backbone)
+    per_block = (single["cpu_s"] - dist["create"]["cpu_s"]) / blocks
+    job_start = float(np.mean([p["cpu_s"] for p in dist["parts"]])) - BLOCKS_PER_JOB * per_block
+    result = {
+        "benchmark": "distributed",
+        "block_label_voxels": BLOCK,
+        "blocks": blocks,
+        "blocks_per_job": BLOCKS_PER_JOB,
+        "parts": len(dist["parts"]),
+        "bitwise_equal_to_single_job": bitwise,
+        "cpu_s": {"single_job": round(single["cpu_s"], 2), "distributed": round(dist_cpu, 2),
+                  "create": round(dist["create"]["cpu_s"], 2), "finish": round(dist["finish"]["cpu_s"], 2),
+                  "parts": [round(p["cpu_s"], 2) for p in dist["parts"]],
+                  "features_job": round(feats["cpu_s"], 2), "predict_from_features_job": round(cached["cpu_s"], 2)},
+        "cpu_ratio_distributed_over_single_job": round(dist_cpu / single["cpu_s"], 3),
+        "cpu_ratio_distributed_over_features_then_predict": round(dist_cpu / (feats["cpu_s"] + cached["cpu_s"]), 3),
+        "per_block_cpu_s": round(per_block, 4),
+        "per_block_voxels": int(np.prod(BLOCK)),
+        "voxels_per_cpu_s": round(np.prod(BLOCK) / per_block),
+        "part_job_start_cpu_s": round(job_start, 2),
+        # for many parts the ratio tends to 1 + job start / (blocks per job x per-block cost)
+        "blocks_per_job_for_ratio_1.2": int(np.ceil(job_start / (0.2 * per_block))),
+        "dry_run_s": {"one_part": round(dry_one, 2), f"{DRY_BLOCKS}_blocks_1_per_job": round(dry_each, 2),
+                      f"{DRY_BLOCKS}_blocks_{BLOCKS_PER_JOB}_per_job": round(dry_grouped, 2)},
+        "dry_run_ms_per_block_1_per_job": round(1000 * (dry_each - dry_one) / (DRY_BLOCKS - BLOCKS_PER_JOB), 3),
+        "dry_run_ms_per_block": round(1000 * (dry_grouped - dry_one) / (DRY_BLOCKS - BLOCKS_PER_JOB), 3),
+        "stored_over_uncompressed": round(stored, 3),
+        "part_peak_rss_mb": {"1x": round(rss1, 1), "8x": round(rss8, 1)},
+        "part_rss_ratio_8x_over_1x": round(rss8 / rss1, 3),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    result["goals"] = {
+        "cpu_ratio_le_1.2": result["cpu_ratio_distributed_over_single_job"] <= 1.2,
+        "dry_run_ms_per_block_le_5": result["dry_run_ms_per_block_1_per_job"] <= 5,
+        "part_rss_ratio_le_1.1": result["part_rss_ratio_8x_over_1x"] <= 1.1,
+        "bitwise": bitwise,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""One volume's prediction spread over many cluster jobs: the block plan, the record of finished parts.
+
+A volume is cut into the blocks of :func:`dinopipe.predict.block_layout` (core shape in
+label voxels, (z, y, x), numbered in C order: block ``i`` starts at
+``unravel_index(i, counts) * block``). Consecutive blocks form *parts*, one cluster job
+each (``predict.distributed.blocks_per_job``). Three rules use this module
+(``workflow/rules/predict.smk``):
+
+* ``predict_create`` writes the plan (``results/predictions/{volume}.parts/plan.json``) and
+  the empty output store with its full shape and chunks (one chunk per block and image),
+  under the staging path ``results/predictions/{volume}.parts/staging.zarr``;
+* ``predict_part`` (one job per part) predicts its blocks into the staging store, each
+  from its own input window with halo, then writes the part's marker
+  ``results/predictions/{volume}.parts/{part}.done``. Markers are the record of finished
+  parts: a job killed mid-write leaves none, so Snakemake reruns exactly the missing parts;
+* ``predict_finish`` checks that every part's marker belongs to this plan and that every
+  chunk of every image is stored, writes the root attrs and renames the staging store to
+  ``results/predictions/{volume}.zarr``: downstream rules see one store, laid out exactly
+  as a single job writes it.
+
+Blocks never share a chunk, so parts write concurrently without locks. Each block's
+result depends only on its own input window; parts start at multiples of
+``predict.batch_size``, so the forward passes see the same batches as a single-job run,
+and the distributed prediction equals it (bitwise on CPU; ``tests/test_distributed.py``).
+
+This module loads no torch: Snakemake imports it when it parses the workflow (the plan
+tells it the parts). The jobs themselves are :func:`dinopipe.stages.run_predict_create`,
+:func:`~dinopipe.stages.run_predict_part` and :func:`~dinopipe.stages.run_predict_finish`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from dinopipe.atomic import write_json
+from dinopipe.chunks import count_chunks
+
+logger = logging.getLogger(__name__)
+
+#: Version of the plan's JSON layout.
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Blocks of one volume and their partition into parts (one cluster job each).
+
+    Attributes:
+        shape: The label grid (z, y, x), voxels.
+        block: Core block shape (z, y, x), voxels (also the output chunk shape).
+        blocks_per_part: Consecutive blocks (C order) per part; the last part may have fewer.
+    """
+
+    shape: tuple[int, int, int]
+    block: tuple[int, int, int]
+    blocks_per_part: int
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or len(self.block) != 3 or min(*self.shape, *self.block) < 1:
+            raise ValueError(f"a block plan needs a (z, y, x) shape and block of positive voxels, got shape "
+                             f"{self.shape} and block {self.block}")
+        if self.blocks_per_part < 1:
+            raise ValueError(f"blocks per part must be >= 1, got {self.blocks_per_part}")
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """Blocks along (z, y, x)."""
+        return tuple(-(-s // b) for s, b in zip(self.shape, self.block, strict=True))  # type: ignore[return-value]
+
+    @property
+    def num_blocks(self) -> int:
+        return math.prod(self.counts)
+
+    @property
+    def num_parts(self) -> int:
+        return -(-self.num_blocks // self.blocks_per_part)
+
+    def part_blocks(self, part: int) -> range:
+        """Indices of the blocks of ``part`` (0-based)."""
+        if not 0 <= part < self.num_parts:
+            raise ValueError(f"part {part} does not exist: the plan has parts 0..{self.num_parts - 1}")
+        return range(part * self.blocks_per_part, min((part + 1) * self.blocks_per_part, self.num_blocks))
+
+    def block_start(self, index: int) -> tuple[int, int, int]:
+        """The first voxel (z, y, x) of block ``index`` (C order)."""
+        if not 0 <= index < self.num_blocks:
+            raise ValueError(f"block {index} does not exist: the plan has blocks 0..{self.num_blocks - 1}")
+        return tuple(int(i) * b for i, b in zip(np.unravel_index(index, self.counts), self.block))  # type: ignore[return-value]
+
+    def block_index(self, voxel: Sequence[int]) -> int:
+        """The block holding ``voxel`` (z, y, x)."""
+        if len(voxel) != 3 or any(not 0 <= v < s for v, s in zip(voxel, self.shape)):
+            raise ValueError(f"voxel {list(voxel)} lies outside the volume of shape {list(self.shape)} (z, y, x)")
+        return int(np.ravel_multi_index(tuple(v // b for v, b in zip(voxel, self.block)), self.counts))
+
+    def part_of_block(self, index: int) -> int:
+        self.block_start(index)  # checks the index
+        return index // self.blocks_per_part
+
+    def part_starts(self, part: int) -> list[tuple[int, int, int]]:
+        """Block starts (z, y, x voxels) of ``part``, in C order."""
+        return [self.block_start(i) for i in self.part_blocks(part)]
+
+    def describe(self, part: int) -> str:
+        """``"blocks 8-15 of 64 (z, y, x) [0, 64, 0]..[16, 112, 48]"``: a part's blocks by index and first voxels."""
+        blocks = self.part_blocks(part)
+        first, last = self.block_start(blocks[0]), self.block_start(blocks[-1])
+        return (f"blocks {blocks[0]}-{blocks[-1]} of {self.num_blocks} (first voxels (z, y, x) {list(first)}.."
+                f"{list(last)}, blocks of {list(self.block)})")
+
+
+def blocks_per_part(setting: Mapping[str, Any], shape: Sequence[int], num_blocks: int, batch_size: int = 1) -> int:
+    """Blocks per part from the ``predict.distributed`` setting.
+
+    ``blocks_per_job`` is rounded up to a multiple of ``batch_size``, so that every part
+    starts a new forward batch where a single-job run would (the batches, and with them
+    the results, stay the same). A volume with fewer voxels than ``min_voxels`` is one part.
+
+    Args:
+        setting: ``{"blocks_per_job": int, "min_voxels": int}``.
+        shape: The label grid (z, y, x), voxels.
+        num_blocks: Blocks tiling the volume.
+        batch_size: ``predict.batch_size``.
+    """
+    per_job = int(setting.get("blocks_per_job", 64))
+    if per_job < 1 or batch_size < 1:
+        raise ValueError(f"predict.distributed.blocks_per_job and predict.batch_size must be >= 1, got "
+                         f"{per_job} and {batch_size}")
+    if math.prod(shape) < int(setting.get("min_voxels") or 0):
+        return max(1, num_blocks)
+    return -(-per_job // batch_size) * batch_size
+
+
+# --------------------------------------------------------------------------- the plan on disk
+
+
+def write_plan(path: str | os.PathLike[str], plan: BlockPlan, *, volume: str, plan_id: str,
+               extra: Mapping[str, Any]) -> None:
+    """Write the plan (atomically) with what the part jobs and the finish job need (``extra``:
+    the store's root attrs, measured intensity ranges, the staging path...)."""
+    write_json(path, {
+        "format": PLAN_FORMAT, "volume": volume, "plan_id": plan_id,
+        "shape": list(plan.shape), "block": list(plan.block), "blocks_per_part": plan.blocks_per_part,
+        "num_blocks": plan.num_blocks, "num_parts": plan.num_parts, **extra,
+    })
+
+
+_PLANS: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
+def read_plan(path: str | os.PathLike[str]) -> tuple[BlockPlan, dict[str, Any]]:
+    """The plan and its whole JSON record (cached per file modification time: Snakemake asks
+    once per part while it builds the DAG).
+
+    Raises:
+        FileNotFoundError, ValueError: no plan, or one of another format (names the path).
+    """
+    key = str(path)
+    try:
+        mtime = os.stat(key).st_mtime_ns
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no prediction plan at {key}: rule predict_create writes it") from None
+    cached = _PLANS.get(key)
+    if cached is None or cached[0] != mtime:
+        record = json.loads(Path(key).read_text())
+        if record.get("format") != PLAN_FORMAT:
+            raise ValueError(f"{key}: plan format {record.get('format')!r}, expected {PLAN_FORMAT}; rerun "
+                             "predict_create (snakemake --forcerun predict_create)")
+        cached = (mtime, record)
+        _PLANS[key] = cached
+    record = cached[1]
+    plan = BlockPlan(tuple(record["shape"]), tuple(record["block"]), int(record["blocks_per_part"]))  # type: ignore[arg-type]
+    return plan, record
+
+
+def part_names(plan_path: str | os.PathLike[str]) -> list[str]:
+    """The part wildcards of a plan: ``"0"``, ``"1"``, ..."""
+    plan, _ = read_plan(plan_path)
+    return [str(p) for p in range(plan.num_parts)]
+
+
+def describe_part(plan_path: str | os.PathLike[str], part: str | int) -> str:
+    """What one part job predicts (for Snakemake's job message); before the plan exists, says so."""
+    try:
+        plan, record = read_plan(plan_path)
+    except FileNotFoundError:
+        return "blocks known once predict_create has written the plan"
+    return f"part {part} of {plan.num_parts} of {record['volume']}: {plan.describe(int(part))}"
+
+
+# --------------------------------------------------------------------------- markers and the finish
+
+
+def write_marker(path: str | os.PathLike[str], record: Mapping[str, Any], part: int,
+                 stats: Mapping[str, Any]) -> None:
+    """Record a finished part (atomically, after all its blocks were written)."""
+    plan = BlockPlan(tuple(record["shape"]), tuple(record["block"]), int(record["blocks_per_part"]))  # type: ignore[arg-type]
+    blocks = plan.part_blocks(part)
+    write_json(path, {"plan_id": record["plan_id"], "volume": record["volume"], "part": part,
+                      "blocks": [blocks.start, blocks.stop], **stats})
+
+
+def check_parts(plan_path: str | os.PathLike[str], markers: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """The markers of every part of a plan, checked: one per part, each written for this plan.
+
+    Raises:
+        ValueError: a part without a marker or with one of an older plan (names the parts
+            and the command that recomputes them).
+    """
+    plan, record = read_plan(plan_path)
+    found: dict[int, dict[str, Any]] = {}
+    stale: list[str] = []
+    for marker in markers:
+        data = json.loads(Path(marker).read_text())
+        if data.get("plan_id") != record["plan_id"]:
+            stale.append(str(marker))
+            continue
+        found[int(data["part"])] = data
+    missing = [p for p in range(plan.num_parts) if p not in found]
+    if stale or missing:
+        raise ValueError(
+            f"volume {record['volume']!r}: {len(missing)} of {plan.num_parts} parts of {plan_path} are not finished "
+            f"(first: {missing[:5]}); markers of another plan: {stale[:5]}. Recompute them with snakemake "
+            f"{Path(plan_path).parent}/PART.done (or rerun the workflow)"
+        )
+    return [found[p] for p in range(plan.num_parts)]
+
+
+def check_blocks_stored(staging: str | os.PathLike[str], images: Sequence[str], volume: str) -> None:
+    """Every chunk of every image of the staging store is stored (each block writes its chunks).
+
+    Raises:
+        ValueError: naming the volume, the image and a few missing chunks.
+    """
+    for name in images:
+        count = count_chunks(str(Path(staging) / name), "s0")
+        if not count.complete:
+            raise ValueError(
+                f"volume {volume!r}: {Path(staging) / name}: {count.expected - count.present} of {count.expected} "
+                f"blocks are not stored (first missing chunk: {', '.join(count.missing)}) although every part "
+                f"is marked done; predict the volume again: snakemake results/predictions/{volume}.zarr --forcerun predict_create"
+            )
+
+
+def finish_store(plan_path: str | os.PathLike[str], staging: str | os.PathLike[str],
+                 markers: Sequence[str | os.PathLike[str]], out_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check the parts, write the root attrs, and rename the staging store to ``out_path``.
+
+    The root ``dinopipe`` attrs are those of a single-job prediction, with the timings
+    summed over the parts (seconds of all jobs together) and ``distributed`` (parts,
+    blocks per part, precision of each part). An existing ``out_path`` is replaced.
+
+    Returns:
+        The summed timings.
+    """
+    plan, record = read_plan(plan_path)
+    parts = check_parts(plan_path, markers)
+    staging, out_path = Path(staging), Path(out_path)
+    root = zarr.open_group(str(staging), mode="r+")
+    if (root.attrs.get("dinopipe") or {}).get("plan_id") != record["plan_id"]:
+        raise ValueError(f"volume {record['volume']!r}: staging store {staging} was not created for plan {plan_path}; "
+                         f"predict the volume again: snakemake results/predictions/{record['volume']}.zarr "
+                         "--forcerun predict_create")
+    check_blocks_stored(staging, record["images"], record["volume"])
+    keys = ("read_s", "wait_s", "forward_s", "write_s", "total_s")
+    timings = {k: float(sum(p.get("timings", {}).get(k, 0.0) for p in parts)) for k in keys}
+    precisions = sorted({p.get("precision", "none") for p in parts})
+    if len(precisions) > 1:
+        logger.warning("volume %s: parts ran with different precisions %s (CPU and GPU jobs mixed)",
+                       record["volume"], precisions)
+    attrs = {**record["attrs"], "precision": precisions[0] if len(precisions) == 1 else precisions,
+             "timings": timings,
+             "distributed": {"parts": plan.num_parts, "blocks_per_part": plan.blocks_per_part,
+                             "blocks": plan.num_blocks}}
+    root.attrs["dinopipe"] = attrs  # replaces the staging mark {"plan_id": ...}
+    if out_path.exists() or out_path.is_symlink():
+        shutil.rmtree(out_path) if out_path.is_dir() and not out_path.is_symlink() else out_path.unlink()
+    os.replace(staging, out_path)
+    logger.info("wrote %s: %d blocks from %d parts (jobs' seconds together: network %.1f, total %.1f)", out_path,
+                plan.num_blocks, plan.num_parts, timings["forward_s"], timings["total_s"])
+    return timings
