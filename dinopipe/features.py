@@ -15,9 +15,11 @@ For each requested plane (``xy``: slices along z, ``xz``: along y, ``yz``: along
    are averaged (anti-aliasing); an output voxel with no raw slice centre inside it
    takes the nearest raw slice.
 
-Every plane streams straight into one float32 accumulator of shape (C, z, y, x),
-already divided by the number of planes, so the result is the mean of the planes
-with no full-size copy per plane.
+Every plane streams straight into one float32 accumulator of shape (C, z, y, x) on the
+backbone's device (steps 3 and 4 run there too: the token grids of the raw slices in one
+output slice are combined first, then resampled once), already divided by the number of
+planes, so the result is the mean of the planes with no full-size copy per plane and one
+device-to-host copy per volume (or per block, :func:`extract_features_blockwise`).
 """
 
 from __future__ import annotations
@@ -216,27 +218,31 @@ class _Plane:
         self.tokens_shape = tuple(self.padded[i] // p * self.shifts for i in range(2))
         self._centres = [ot[ax] + ov[ax] * np.arange(out_geom.shape[ax]) for ax in (b, c)]
         self._begins = begins
-        self._grids: dict[tuple[int, int], torch.Tensor] = {}
+        self._grids: dict[tuple[int, int, str], torch.Tensor] = {}
         self.grid = self.grid_for(self.tokens_shape)
 
-    def grid_for(self, shape: Sequence[int]) -> torch.Tensor:
+    def grid_for(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """grid_sample coordinates (1, Ho, Wo, 2) of the output voxels in a feature map.
+
+        Ho, Wo are the output grid's voxel counts along the plane's in-plane axes (in
+        (z, y, x) order); the coordinates are normalised (-1..1, align_corners=True, x
+        then y as grid_sample wants). Cached per map shape and device.
 
         A map of the token grid's shape has the backbone's patch/stride geometry; any
         other shape (a guided upsampler's output) is taken as a uniform grid over the
         padded image, each element covering ``padded / shape`` pixels.
         """
-        key = (int(shape[0]), int(shape[1]))
+        key = (int(shape[0]), int(shape[1]), str(device))
         if key not in self._grids:
             coords = []
             for i in range(2):
-                if key == self.tokens_shape:
+                if key[:2] == self.tokens_shape:
                     patch, stride = float(self.patch), float(self.stride)
                 else:
                     patch = stride = self.padded[i] / key[i]
                 coords.append(_token_coords(self._centres[i], self._begins[i], self.pixel_nm[i], patch, stride, key[i]))
             mesh_y, mesh_x = torch.meshgrid(coords[0], coords[1], indexing="ij")
-            self._grids[key] = torch.stack([mesh_x, mesh_y], dim=-1)[None]  # x then y
+            self._grids[key] = torch.stack([mesh_x, mesh_y], dim=-1)[None].to(device)  # x then y
         return self._grids[key]
 
     def take(self, raw: np.ndarray, indices: Sequence[int]) -> np.ndarray:
@@ -325,25 +331,53 @@ def load_upsampler(spec: str, device: torch.device) -> Upsampler:
 
 def _accumulate(
     acc: torch.Tensor, tokens: torch.Tensor, plane: _Plane, batch: Sequence[tuple[int, list[tuple[int, float]]]],
-    scale: float,
+    scale: float, fresh: set[int] | None = None,
 ) -> None:
     """Resample a batch's token grids onto the output plane and add them into ``acc``.
 
-    Resampling runs a few slices at a time so that no more than about
-    :data:`RESAMPLE_CHUNK_BYTES` of resampled features exist at once, and each slice is
-    added in place into its output slice(s) of the (C, z, y, x) accumulator.
+    Everything runs on ``acc``'s device (the backbone's): nothing goes to the host.
+
+    Resampling and the average along the slicing axis are both linear, so the token
+    grids of the raw slices that fall into one output slice are first combined with
+    their weights (times ``scale``), and each output slice's combined grid is resampled
+    once (with a raw:output ratio of 2 along the slicing axis, half the resampling of
+    doing it per raw slice). The resampled features go straight into their output slice
+    of the (C, z, y, x) accumulator, in bands of output rows so that no more than about
+    :data:`RESAMPLE_CHUNK_BYTES` of resampled features exist at once.
+
+    Args:
+        acc: The (C, z, y, x) float32 accumulator on the output grid (output voxels).
+        tokens: The batch's feature maps (B, C, h, w), on ``acc``'s device.
+        plane: The plane the batch was sliced along.
+        batch: (raw slice index, [(output slice index, weight), ...]) per map in ``tokens``.
+        scale: Factor on every weight (1 / number of planes).
+        fresh: Output slice indices (along the plane's slicing axis) not yet written: the
+            first contribution to one of them is copied in rather than added to whatever
+            ``acc`` holds there, and the index is removed. None: add everywhere.
     """
-    grid = plane.grid_for(tokens.shape[-2:]).to(tokens.device)
-    per_slice = tokens.shape[1] * grid.shape[1] * grid.shape[2] * 4
-    chunk = max(1, RESAMPLE_CHUNK_BYTES // per_slice)
-    for start in range(0, len(batch), chunk):
-        part = tokens[start : start + chunk]
-        resampled = F.grid_sample(
-            part, grid.expand(len(part), -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
-        ).cpu()
-        for k, (_, targets) in enumerate(batch[start : start + chunk]):
-            for i, w in targets:
-                acc.select(1 + plane.axis, i).add_(resampled[k], alpha=w * scale)
+    grid = plane.grid_for(tokens.shape[-2:], tokens.device)
+    combined: dict[int, torch.Tensor] = {}  # output slice -> weighted sum of its raw slices' maps
+    for k, (_, targets) in enumerate(batch):
+        for i, w in targets:
+            if i in combined:
+                combined[i].add_(tokens[k], alpha=w * scale)
+            else:
+                combined[i] = torch.mul(tokens[k], w * scale)
+    row_bytes = tokens.shape[1] * grid.shape[2] * 4
+    rows = max(1, RESAMPLE_CHUNK_BYTES // row_bytes)
+    for i, maps in combined.items():
+        target = acc.select(1 + plane.axis, i)  # (C, rows, columns) of this output slice
+        first = fresh is not None and i in fresh
+        for r in range(0, grid.shape[1], rows):
+            band = F.grid_sample(
+                maps[None], grid[:, r : r + rows], mode="bilinear", padding_mode="border", align_corners=True
+            )[0]
+            if first:
+                target[:, r : r + rows].copy_(band)
+            else:
+                target[:, r : r + rows].add_(band)
+        if first:
+            fresh.discard(i)  # type: ignore[union-attr]
 
 
 def extract_features(
@@ -393,13 +427,16 @@ def extract_features(
         lo, hi = intensity or intensity_range(raw, params.intensity, params.low, params.high)
     except ValueError as exc:
         raise ValueError(f"volume {volume!r}: {exc}") from exc
-    acc = np.zeros((backbone.channels, *out_geom.shape), dtype=np.float32)
-    acc_t = torch.from_numpy(acc)  # shares memory: planes add into it in place
+    # the accumulator lives on the backbone's device: resampling and accumulating run there,
+    # and the host gets one copy at the end; the first plane copies into every output slice
+    # (each has at least one raw slice) rather than adding into zeros
+    acc = torch.empty((backbone.channels, *out_geom.shape), dtype=torch.float32, device=backbone.device)
     timings: dict[str, Any] = {}
     sizes: dict[str, list[int]] = {}
     scale = 1.0 / len(params.planes)
-    for name in params.planes:
+    for n, name in enumerate(params.planes):
         plane = _Plane(name, raw_geom, out_geom, backbone, params)
+        fresh = set(range(out_geom.shape[plane.axis])) if n == 0 else None
         t = PlaneTimings(image_size=plane.padded)
         sizes[name] = list(plane.padded)
         order = plane.contributions
@@ -412,7 +449,7 @@ def extract_features(
             if upsampler is not None:
                 tokens = upsampler(tokens, images).float()
             t2 = time.perf_counter()
-            _accumulate(acc_t, tokens, plane, batch, scale)
+            _accumulate(acc, tokens, plane, batch, scale, fresh)
             t3 = time.perf_counter()
             t.prepare_s += t1 - t0
             t.backbone_s += t2 - t1
@@ -420,13 +457,15 @@ def extract_features(
             t.slices += len(batch)
             if progress is not None:
                 progress(len(batch))
+        if fresh:
+            raise RuntimeError(f"volume {volume!r} plane {name}: output slices {sorted(fresh)[:5]} got no raw slice")
         timings[name] = asdict(t)
         logger.info(
             "volume %s plane %s: %d slices of %s px, backbone %.2fs, prepare %.2fs, resample %.2fs",
             volume, name, t.slices, plane.padded, t.backbone_s, t.prepare_s, t.resample_s,
         )
     info = {"intensity_range": [lo, hi], "image_size": sizes, "timings": timings}
-    return acc, info
+    return acc.cpu().numpy(), info
 
 
 def context_raw_window(
