@@ -52,6 +52,7 @@ from dinopipe.ngff import (
     read_image,
     read_into,
     set_attrs,
+    write_cast,
     write_image,
 )
 
@@ -60,5 +61,5 @@ __all__ = [
     "write_json", "ChunkCount", "count_chunks", "Geometry", "SourceArray", "child_images", "metadata_cache", "multiscale_levels",
     "open_source", "source_levels", "source_store", "split_hdf5", "FEATURE_CHUNK", "FEATURE_ORDER",
     "MEMMAP_CONTEXT", "SPATIAL_AXES", "UNITS_NM", "Image", "create_image", "default_chunks", "ngff_levels",
-    "ngff_multiscale", "open_tensorstore", "read_image", "read_into", "set_attrs", "write_image",
+    "ngff_multiscale", "open_tensorstore", "read_image", "read_into", "set_attrs", "write_cast", "write_image",
 ]
