@@ -245,6 +245,12 @@ class _Plane:
             self._grids[key] = torch.stack([mesh_x, mesh_y], dim=-1)[None].to(device)  # x then y
         return self._grids[key]
 
+    def batches(self, batch_size: int) -> list[list[tuple[int, list[tuple[int, float]]]]]:
+        """The raw slices in backbone batches: per batch, (raw index along the slicing axis,
+        [(output index, weight), ...]) per slice, in increasing raw index."""
+        order = self.contributions
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
     def take(self, raw: np.ndarray, indices: Sequence[int]) -> np.ndarray:
         """Raw slices (B, H, W) at ``indices`` along the slicing axis, cropped in-plane."""
         index: list[Any] = [slice(None)] * 3
@@ -439,9 +445,7 @@ def extract_features(
         fresh = set(range(out_geom.shape[plane.axis])) if n == 0 else None
         t = PlaneTimings(image_size=plane.padded)
         sizes[name] = list(plane.padded)
-        order = plane.contributions
-        for start in range(0, len(order), params.batch_size):
-            batch = order[start : start + params.batch_size]
+        for batch in plane.batches(params.batch_size):
             t0 = time.perf_counter()
             images = _prepare(plane.take(raw, [j for j, _ in batch]), plane, lo, hi, backbone.device)
             t1 = time.perf_counter()
@@ -476,6 +480,45 @@ def context_raw_window(
     extends, the start on the patch grid of the whole raw (see :func:`raw_window`)."""
     context = [params.context_pixels(patch_size, v) for v in raw_geom.voxel_size]
     return raw_window(raw_geom, out_geom, context, align=patch_size)
+
+
+@dataclass(frozen=True)
+class BlockWindow:
+    """One block of a blockwise feature computation.
+
+    Attributes:
+        core: The block's core in output voxels (z, y, x): what it writes.
+        grown: The core grown by the halo, start on the patch grid (output voxels): what it computes.
+        raw: The raw window read for it, in raw voxels (z, y, x): ``grown``'s raw plus the context.
+        raw_geom: Geometry (nm) of that raw window.
+        out_geom: Geometry (nm) of ``grown``.
+    """
+
+    core: tuple[slice, slice, slice]
+    grown: tuple[slice, slice, slice]
+    raw: tuple[slice, slice, slice]
+    raw_geom: Geometry
+    out_geom: Geometry
+
+
+def block_windows(
+    raw_geom: Geometry, out_geom: Geometry, params: FeatureParams, patch_size: int,
+    block_shape: Sequence[int], halo: Sequence[int] | int,
+) -> list[BlockWindow]:
+    """The blocks :func:`extract_features_blockwise` computes, in order.
+
+    Every grown block's start is aligned to the whole volume's patch grid (in output voxels,
+    where one patch of raw voxels is a whole number of them) so tokens sit where they would
+    sit for the whole volume.
+    """
+    align = patch_alignment(patch_size, raw_geom.voxel_size, out_geom.voxel_size)
+    out = []
+    for core in blocks(out_geom.shape, block_shape):
+        grown = grow_window(core, halo, out_geom.shape, align)
+        sub_out = sub_geometry(out_geom, grown)
+        window, sub_raw = context_raw_window(raw_geom, sub_out, params, patch_size)
+        out.append(BlockWindow(core, grown, window, sub_raw, sub_out))  # type: ignore[arg-type]
+    return out
 
 
 def extract_features_blockwise(
@@ -519,19 +562,12 @@ def extract_features_blockwise(
     except ValueError as exc:
         raise ValueError(f"volume {volume!r}: {exc}") from exc
     info: dict[str, Any] = {"intensity_range": [lo, hi], "timings": {}, "blocks": 0}
-    # Align every grown block's start to the whole volume's patch grid (in output voxels,
-    # where one patch of raw voxels is a whole number of them) so tokens sit where they
-    # would sit for the whole volume.
-    align = patch_alignment(backbone.patch_size, raw_geom.voxel_size, out_geom.voxel_size)
-    for core in blocks(out_geom.shape, block_shape):
-        grown = grow_window(core, halo, out_geom.shape, align)
-        sub_out = sub_geometry(out_geom, grown)
-        window, sub_raw = context_raw_window(raw_geom, sub_out, params, backbone.patch_size)
+    for block in block_windows(raw_geom, out_geom, params, backbone.patch_size, block_shape, halo):
         feats, block_info = extract_features(
-            np.asarray(raw[window]), sub_raw, sub_out, backbone, params, volume=volume,
+            np.asarray(raw[block.raw]), block.raw_geom, block.out_geom, backbone, params, volume=volume,
             upsampler=upsampler, progress=progress, intensity=(lo, hi),
         )
-        write(core, feats[(slice(None), *inner_window(core, grown))])  # type: ignore[arg-type]
+        write(block.core, feats[(slice(None), *inner_window(block.core, block.grown))])  # type: ignore[arg-type]
         info["blocks"] += 1
         info["image_size"] = block_info["image_size"]
         for plane, t in block_info["timings"].items():
