@@ -51,6 +51,7 @@ from dinopipe.geometry import (
     slice_weights,
     sub_geometry,
 )
+from dinopipe.ngff import FEATURE_ORDER
 from dinopipe.runtime import autocast_context, autocast_mode, compute_precision
 from dinopipe.sources import intensity_range
 
@@ -416,7 +417,9 @@ def extract_features(
 
     Returns:
         (features (C, z, y, x) float32, info) where info holds the intensity range,
-        the image size per plane and a timing breakdown in seconds.
+        the image size per plane and a timing breakdown in seconds. The features are in
+        the memory order feature stores keep in their chunks (:data:`dinopipe.ngff.FEATURE_ORDER`:
+        Fortran order, channels fastest).
     """
     params.validate()
     check_ratio(raw_geom.voxel_size, out_geom.voxel_size, volume)
@@ -436,7 +439,14 @@ def extract_features(
     # the accumulator lives on the backbone's device: resampling and accumulating run there,
     # and the host gets one copy at the end; the first plane copies into every output slice
     # (each has at least one raw slice) rather than adding into zeros
-    acc = torch.empty((backbone.channels, *out_geom.shape), dtype=torch.float32, device=backbone.device)
+    # channels fastest in memory when feature stores keep that order inside their chunks
+    # (FEATURE_ORDER "F"): the float16 write then copies runs instead of transposing the
+    # whole volume, and every plane's output slice has the same (channel-fastest) layout
+    shape = (backbone.channels, *out_geom.shape)
+    if FEATURE_ORDER == "F":
+        acc = torch.empty(shape[::-1], dtype=torch.float32, device=backbone.device).permute(3, 2, 1, 0)
+    else:
+        acc = torch.empty(shape, dtype=torch.float32, device=backbone.device)
     timings: dict[str, Any] = {}
     sizes: dict[str, list[int]] = {}
     scale = 1.0 / len(params.planes)
