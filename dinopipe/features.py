@@ -173,18 +173,41 @@ class PlaneTimings:
 
 
 def _token_coords(
-    out_centres_nm: np.ndarray, begin_nm: float, pixel_nm: float, patch: float, stride: float, n_tokens: int
-) -> torch.Tensor:
-    """Normalised grid_sample coordinates (align_corners=True) of output voxel centres.
+    out_centres_nm: np.ndarray, begin_nm: float, pixel_nm: float, patch: float, stride: float
+) -> np.ndarray:
+    """Token coordinates (token k at k) of output voxel centres along one in-plane axis.
 
     Token k of a sliding window with ``stride`` covers pixels [k*stride, k*stride+patch),
     centre at pixel coordinate k*stride + patch/2 (in units where pixel m spans [m, m+1)).
     """
     pix = (out_centres_nm - begin_nm) / pixel_nm
-    t = (pix - patch / 2) / stride
-    if n_tokens == 1:
-        return torch.zeros(len(t), dtype=torch.float32)
-    return torch.as_tensor(2 * t / (n_tokens - 1) - 1, dtype=torch.float32)
+    return (pix - patch / 2) / stride
+
+
+@dataclass(frozen=True)
+class _Taps:
+    """Bilinear interpolation along one axis: output element o = lerp(map[lo[o]], map[hi[o]], frac[o]).
+
+    Coordinates beyond the first or last map element take that element (grid_sample's
+    ``padding_mode="border"`` with ``align_corners=True``).
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    frac: torch.Tensor
+    #: (lo, hi, first, stop): the runs of consecutive output elements between the same two map
+    #: elements (coordinates increase with the output index, so each pair is one run)
+    runs: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def of(cls, coords: np.ndarray, n: int, device: torch.device | str) -> _Taps:
+        p = np.clip(np.asarray(coords, dtype=np.float64), 0, n - 1)
+        lo = np.clip(np.floor(p), 0, max(n - 2, 0)).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        starts = [0, *(np.flatnonzero(np.diff(lo)) + 1).tolist(), len(lo)]
+        runs = tuple((int(lo[a]), int(hi[a]), a, b) for a, b in zip(starts[:-1], starts[1:]) if b > a)
+        return cls(torch.as_tensor(lo, device=device), torch.as_tensor(hi, device=device),
+                   torch.as_tensor(p - lo, dtype=torch.float32, device=device), runs)
 
 
 class _Plane:
@@ -219,32 +242,30 @@ class _Plane:
         self.tokens_shape = tuple(self.padded[i] // p * self.shifts for i in range(2))
         self._centres = [ot[ax] + ov[ax] * np.arange(out_geom.shape[ax]) for ax in (b, c)]
         self._begins = begins
-        self._grids: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.grid = self.grid_for(self.tokens_shape)
+        self._taps: dict[tuple[int, int, str], tuple[_Taps, _Taps]] = {}
 
-    def grid_for(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-        """grid_sample coordinates (1, Ho, Wo, 2) of the output voxels in a feature map.
+    def taps_for(self, shape: Sequence[int], device: torch.device | str = "cpu") -> tuple[_Taps, _Taps]:
+        """Bilinear taps of the output voxels in a feature map of ``shape`` (rows, columns).
 
-        Ho, Wo are the output grid's voxel counts along the plane's in-plane axes (in
-        (z, y, x) order); the coordinates are normalised (-1..1, align_corners=True, x
-        then y as grid_sample wants). Cached per map shape and device.
+        Rows and columns are the plane's in-plane axes in (z, y, x) order; the taps run over
+        the output grid's voxels along them. Cached per map shape and device.
 
         A map of the token grid's shape has the backbone's patch/stride geometry; any
         other shape (a guided upsampler's output) is taken as a uniform grid over the
         padded image, each element covering ``padded / shape`` pixels.
         """
         key = (int(shape[0]), int(shape[1]), str(device))
-        if key not in self._grids:
-            coords = []
+        if key not in self._taps:
+            taps = []
             for i in range(2):
                 if key[:2] == self.tokens_shape:
                     patch, stride = float(self.patch), float(self.stride)
                 else:
                     patch = stride = self.padded[i] / key[i]
-                coords.append(_token_coords(self._centres[i], self._begins[i], self.pixel_nm[i], patch, stride, key[i]))
-            mesh_y, mesh_x = torch.meshgrid(coords[0], coords[1], indexing="ij")
-            self._grids[key] = torch.stack([mesh_x, mesh_y], dim=-1)[None].to(device)  # x then y
-        return self._grids[key]
+                coords = _token_coords(self._centres[i], self._begins[i], self.pixel_nm[i], patch, stride)
+                taps.append(_Taps.of(coords, key[i], device))
+            self._taps[key] = (taps[0], taps[1])
+        return self._taps[key]
 
     def batches(self, batch_size: int) -> list[list[tuple[int, list[tuple[int, float]]]]]:
         """The raw slices in backbone batches: per batch, (raw index along the slicing axis,
@@ -348,9 +369,12 @@ def _accumulate(
     grids of the raw slices that fall into one output slice are first combined with
     their weights (times ``scale``), and each output slice's combined grid is resampled
     once (with a raw:output ratio of 2 along the slicing axis, half the resampling of
-    doing it per raw slice). The resampled features go straight into their output slice
-    of the (C, z, y, x) accumulator, in bands of output rows so that no more than about
-    :data:`RESAMPLE_CHUNK_BYTES` of resampled features exist at once.
+    doing it per raw slice). Bilinear resampling is separable: along the columns on the
+    small map, then along the rows straight into the output slice of the accumulator, one
+    run of output rows between the same two map rows at a time (channels fastest, as in
+    the accumulator: :func:`extract_features`), so no resampled slice is ever held whole.
+    The result equals ``F.grid_sample(..., mode="bilinear", padding_mode="border",
+    align_corners=True)`` at the output voxel centres up to float rounding.
 
     Args:
         acc: The (C, z, y, x) float32 accumulator on the output grid (output voxels).
@@ -362,7 +386,7 @@ def _accumulate(
             first contribution to one of them is copied in rather than added to whatever
             ``acc`` holds there, and the index is removed. None: add everywhere.
     """
-    grid = plane.grid_for(tokens.shape[-2:], tokens.device)
+    rows, cols = plane.taps_for(tokens.shape[-2:], tokens.device)
     combined: dict[int, torch.Tensor] = {}  # output slice -> weighted sum of its raw slices' maps
     for k, (_, targets) in enumerate(batch):
         for i, w in targets:
@@ -370,19 +394,25 @@ def _accumulate(
                 combined[i].add_(tokens[k], alpha=w * scale)
             else:
                 combined[i] = torch.mul(tokens[k], w * scale)
-    row_bytes = tokens.shape[1] * grid.shape[2] * 4
-    rows = max(1, RESAMPLE_CHUNK_BYTES // row_bytes)
+    row_frac = rows.frac.view(1, -1, 1)
     for i, maps in combined.items():
-        target = acc.select(1 + plane.axis, i)  # (C, rows, columns) of this output slice
+        m = maps.permute(2, 1, 0).contiguous()  # (w, h, C)
+        m = m.index_select(0, cols.lo).lerp_(m.index_select(0, cols.hi), cols.frac.view(-1, 1, 1))  # (Wo, h, C)
+        target = acc.select(1 + plane.axis, i).permute(2, 1, 0)  # (Wo, Ho, C) view of the output slice
         first = fresh is not None and i in fresh
-        for r in range(0, grid.shape[1], rows):
-            band = F.grid_sample(
-                maps[None], grid[:, r : r + rows], mode="bilinear", padding_mode="border", align_corners=True
-            )[0]
-            if first:
-                target[:, r : r + rows].copy_(band)
+        # along the rows, one run of output rows between map rows lo and hi at a time:
+        # lo + frac * (hi - lo) straight into the accumulator, no full-size temporary
+        steps = m[:, 1:] - m[:, :-1]  # (Wo, h - 1, C): map row k + 1 minus row k
+        for lo, hi, a, b in rows.runs:
+            base = m[:, lo : lo + 1]
+            if hi == lo:  # a map of one row
+                step, frac = base, row_frac[:, a:b] * 0
             else:
-                target[:, r : r + rows].add_(band)
+                step, frac = steps[:, lo : lo + 1], row_frac[:, a:b]
+            if first:
+                torch.addcmul(base, frac, step, out=target[:, a:b])
+            else:
+                target[:, a:b].add_(base).addcmul_(frac, step)
         if first:
             fresh.discard(i)  # type: ignore[union-attr]
 
