@@ -318,10 +318,6 @@ def _tokens_sliding(backbone: Backbone, images: torch.Tensor, plane: _Plane, aut
     return fine
 
 
-#: Upper bound on the bytes of resampled features held at once (the rest streams).
-RESAMPLE_CHUNK_BYTES = 16 * 2**20
-
-
 def load_upsampler(spec: str, device: torch.device) -> Upsampler:
     """Load a guided upsampler from a local Python file: ``"path/to/file.py:factory"``.
 

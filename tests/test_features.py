@@ -401,7 +401,7 @@ def test_a_token_lands_at_the_hand_computed_output_voxels(vit, monkeypatch):
 
 
 @pytest.mark.parametrize("plane_name", ["xy", "yz"])
-def test_accumulate_copies_each_output_slice_once_then_adds(vit, plane_name, monkeypatch):
+def test_accumulate_copies_each_output_slice_once_then_adds(vit, plane_name):
     """Raw slice j's token grid is the constant j + 1; raw 2x finer, so output slice i is the
     mean of raw slices 2i and 2i + 1: 1.5 and 3.5 (times the plane scale), whatever the batches.
 
@@ -412,7 +412,6 @@ def test_accumulate_copies_each_output_slice_once_then_adds(vit, plane_name, mon
 
     import dinopipe.features as features
 
-    monkeypatch.setattr(features, "RESAMPLE_CHUNK_BYTES", 1)  # one output column per band
     raw_geom = Geometry((4, 4, 4), (8.0, 8.0, 8.0), (0.0, 0.0, 0.0))
     out_geom = Geometry((2, 2, 2), (16.0, 16.0, 16.0), (4.0, 4.0, 4.0))
     plane = features._Plane(plane_name, raw_geom, out_geom, vit, FeatureParams(planes=[plane_name], context_nm=0))
