@@ -16,8 +16,9 @@ For each requested plane (``xy``: slices along z, ``xz``: along y, ``yz``: along
    takes the nearest raw slice.
 
 Every plane streams straight into one float32 accumulator of shape (C, z, y, x) on the
-backbone's device (steps 3 and 4 run there too: the token grids of the raw slices in one
-output slice are combined first, then resampled once), already divided by the number of
+backbone's device, channels fastest in memory like the chunks of feature stores (steps 3
+and 4 run there too: the token grids of the raw slices in one output slice are combined
+first, then resampled once, separably), already divided by the number of
 planes, so the result is the mean of the planes with no full-size copy per plane and one
 device-to-host copy per volume (or per block, :func:`extract_features_blockwise`).
 """
@@ -353,6 +354,11 @@ def load_upsampler(spec: str, device: torch.device) -> Upsampler:
     return upsample
 
 
+#: Upper bound on the bytes of column-resampled feature maps held at once (output slices of a
+#: batch are resampled together up to it).
+RESAMPLE_CHUNK_BYTES = 32 * 2**20
+
+
 def _accumulate(
     acc: torch.Tensor, tokens: torch.Tensor, plane: _Plane, batch: Sequence[tuple[int, list[tuple[int, float]]]],
     scale: float, fresh: set[int] | None = None,
@@ -366,11 +372,14 @@ def _accumulate(
     their weights (times ``scale``), and each output slice's combined grid is resampled
     once (with a raw:output ratio of 2 along the slicing axis, half the resampling of
     doing it per raw slice). Bilinear resampling is separable: along the columns on the
-    small map, then along the rows straight into the output slice of the accumulator, one
-    run of output rows between the same two map rows at a time (channels fastest, as in
-    the accumulator: :func:`extract_features`), so no resampled slice is ever held whole.
-    The result equals ``F.grid_sample(..., mode="bilinear", padding_mode="border",
-    align_corners=True)`` at the output voxel centres up to float rounding.
+    small maps, then along the rows straight into the accumulator, one run of output rows
+    between the same two map rows at a time (channels fastest, as in the accumulator:
+    :func:`extract_features`), so no resampled slice is ever held whole. Consecutive
+    output slices of the batch go together (up to :data:`RESAMPLE_CHUNK_BYTES` of
+    column-resampled maps), so the number of tensor operations does not grow with the
+    number of slices. The result equals ``F.grid_sample(..., mode="bilinear",
+    padding_mode="border", align_corners=True)`` at the output voxel centres up to float
+    rounding.
 
     Args:
         acc: The (C, z, y, x) float32 accumulator on the output grid (output voxels).
@@ -383,34 +392,49 @@ def _accumulate(
             ``acc`` holds there, and the index is removed. None: add everywhere.
     """
     rows, cols = plane.taps_for(tokens.shape[-2:], tokens.device)
-    combined: dict[int, torch.Tensor] = {}  # output slice -> weighted sum of its raw slices' maps
+    outs = sorted({i for _, targets in batch for i, _ in targets})
+    pos = {i: n for n, i in enumerate(outs)}
+    combined = tokens.new_empty((len(outs), *tokens.shape[1:]))  # per output slice: its raw slices' weighted sum
+    started: set[int] = set()
     for k, (_, targets) in enumerate(batch):
         for i, w in targets:
-            if i in combined:
-                combined[i].add_(tokens[k], alpha=w * scale)
+            if i in started:
+                combined[pos[i]].add_(tokens[k], alpha=w * scale)
             else:
-                combined[i] = torch.mul(tokens[k], w * scale)
-    row_frac = rows.frac.view(1, -1, 1)
-    for i, maps in combined.items():
-        m = maps.permute(2, 1, 0).contiguous()  # (w, h, C)
-        m = m.index_select(0, cols.lo).lerp_(m.index_select(0, cols.hi), cols.frac.view(-1, 1, 1))  # (Wo, h, C)
-        target = acc.select(1 + plane.axis, i).permute(2, 1, 0)  # (Wo, Ho, C) view of the output slice
+                torch.mul(tokens[k], w * scale, out=combined[pos[i]])
+                started.add(i)
+    # groups of consecutive output slices, all fresh or none, within the byte bound
+    limit = max(1, RESAMPLE_CHUNK_BYTES // (len(cols.lo) * tokens.shape[2] * tokens.shape[1] * 4))
+    groups: list[list[Any]] = []
+    for i in outs:
         first = fresh is not None and i in fresh
+        g = groups[-1] if groups else None
+        if g is not None and i == g[1] and first == g[2] and g[1] - g[0] < limit:
+            g[1] += 1
+        else:
+            groups.append([i, i + 1, first])
+    row_frac = rows.frac.view(1, 1, -1, 1)
+    for i0, i1, first in groups:
+        maps = combined[pos[i0] : pos[i0] + i1 - i0]  # (n, C, h, w)
+        m = maps.permute(0, 3, 2, 1).contiguous()  # (n, w, h, C)
+        m = m.index_select(1, cols.lo).lerp_(m.index_select(1, cols.hi), cols.frac.view(1, -1, 1, 1))  # (n, Wo, h, C)
+        steps = m[:, :, 1:] - m[:, :, :-1]  # map row k + 1 minus row k
+        # (n, Wo, Ho, C) view of the output slices i0..i1
+        target = acc.narrow(1 + plane.axis, i0, i1 - i0).permute(1 + plane.axis, 1 + plane.c, 1 + plane.b, 0)
         # along the rows, one run of output rows between map rows lo and hi at a time:
         # lo + frac * (hi - lo) straight into the accumulator, no full-size temporary
-        steps = m[:, 1:] - m[:, :-1]  # (Wo, h - 1, C): map row k + 1 minus row k
         for lo, hi, a, b in rows.runs:
-            base = m[:, lo : lo + 1]
-            if hi == lo:  # a map of one row
-                step, frac = base, row_frac[:, a:b] * 0
+            base = m[:, :, lo : lo + 1]
+            if hi == lo:  # maps of one row
+                step, frac = base, row_frac[:, :, a:b] * 0
             else:
-                step, frac = steps[:, lo : lo + 1], row_frac[:, a:b]
+                step, frac = steps[:, :, lo : lo + 1], row_frac[:, :, a:b]
             if first:
-                torch.addcmul(base, frac, step, out=target[:, a:b])
+                torch.addcmul(base, frac, step, out=target[:, :, a:b])
             else:
-                target[:, a:b].add_(base).addcmul_(frac, step)
+                target[:, :, a:b].add_(base).addcmul_(frac, step)
         if first:
-            fresh.discard(i)  # type: ignore[union-attr]
+            fresh.difference_update(range(i0, i1))  # type: ignore[union-attr]
 
 
 def extract_features(
