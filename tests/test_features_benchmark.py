@@ -46,3 +46,18 @@ def test_blockwise_case_runs_the_same_slices_bare_and_in_the_stage(bench, tmp_pa
     assert feats.shape == (bb.channels, 8, 32, 32) and feats.dtype == np.float16
     values = np.asarray(feats, dtype=np.float32)
     assert np.isfinite(values).all() and values.std() > 0
+
+
+@pytest.mark.slow
+def test_measure_alternates_children_and_keeps_the_fastest(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_REPEATS", "2")
+    case = {"raw_shape": [8, 64, 64], "raw_nm": 4.0, "out_nm": 8.0, "planes": ["xy"], "batch_size": 4,
+            "max_memory_mb": 8192.0, "block_halo": 8}
+    r = bench.measure("tiny", case, tmp_path, "tiny-vit", 0.0)
+    assert r["repeats"] == 2 and r["blocks"] == 0 and r["slices"] == 8  # 8 raw xy slices, whole volume
+    assert r["time_ratio"] == pytest.approx(r["pipeline_s"] / r["bare_s"])
+    assert r["memory_ratio"] == pytest.approx(r["used_mb"] / r["need_mb"])
+    assert r["need_mb"] == pytest.approx(r["accumulator_mb"] + r["bare_held_mb"])
+    assert r["accumulator_mb"] == pytest.approx(32 * 4 * 32 * 32 * 4 / 2**20)  # tiny-vit: 32 channels, 4 x 32 x 32
+    assert sorted(p.name for p in tmp_path.glob("features_tiny_*.zarr")) == ["features_tiny_0.zarr",
+                                                                               "features_tiny_1.zarr"]
