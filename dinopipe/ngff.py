@@ -214,7 +214,8 @@ def write_cast(
     """Write ``data`` into ``array`` at ``start``, piece by piece, each piece cast to the array's dtype.
 
     Writing a float32 accumulator into a float16 store this way never holds a float16 copy
-    of the whole: the pieces follow the array's chunk grid (one chunk deep along every axis
+    of the whole: the pieces follow the array's chunk grid (its shard grid when it has
+    ``shards``; one chunk deep along every axis
     but the last, as many chunks as fit in ``max_bytes`` along the last), so no chunk is
     written twice and at most about ``max(max_bytes, one chunk)`` bytes of cast copy exist
     at once.
@@ -234,7 +235,8 @@ def write_cast(
     if data.ndim != len(array.shape) or len(start) != data.ndim:
         raise ValueError(f"write_cast: data of shape {data.shape} at {start} does not match an array of shape "
                          f"{tuple(array.shape)}")
-    chunks = [int(c) for c in array.chunks]
+    # a sharded array's shards (rewritten whole by any partial write) are its write unit
+    chunks = [int(c) for c in (getattr(array, "shards", None) or array.chunks)]
     chunk_bytes = int(np.prod(chunks)) * np.dtype(array.dtype).itemsize
     steps = [*chunks[:-1], chunks[-1] * max(1, int(max_bytes) // chunk_bytes)]
     ranges = []
