@@ -15,9 +15,12 @@ For each requested plane (``xy``: slices along z, ``xz``: along y, ``yz``: along
    are averaged (anti-aliasing); an output voxel with no raw slice centre inside it
    takes the nearest raw slice.
 
-Every plane streams straight into one float32 accumulator of shape (C, z, y, x),
-already divided by the number of planes, so the result is the mean of the planes
-with no full-size copy per plane.
+Every plane streams straight into one float32 accumulator of shape (C, z, y, x) on the
+backbone's device, channels fastest in memory like the chunks of feature stores (steps 3
+and 4 run there too: the token grids of the raw slices in one output slice are combined
+first, then resampled once, separably), already divided by the number of
+planes, so the result is the mean of the planes with no full-size copy per plane and one
+device-to-host copy per volume (or per block, :func:`extract_features_blockwise`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from dinopipe.geometry import (
     slice_weights,
     sub_geometry,
 )
+from dinopipe.ngff import FEATURE_ORDER
 from dinopipe.runtime import autocast_context, autocast_mode, compute_precision
 from dinopipe.sources import intensity_range
 
@@ -179,18 +183,41 @@ class PlaneTimings:
 
 
 def _token_coords(
-    out_centres_nm: np.ndarray, begin_nm: float, pixel_nm: float, patch: float, stride: float, n_tokens: int
-) -> torch.Tensor:
-    """Normalised grid_sample coordinates (align_corners=True) of output voxel centres.
+    out_centres_nm: np.ndarray, begin_nm: float, pixel_nm: float, patch: float, stride: float
+) -> np.ndarray:
+    """Token coordinates (token k at k) of output voxel centres along one in-plane axis.
 
     Token k of a sliding window with ``stride`` covers pixels [k*stride, k*stride+patch),
     centre at pixel coordinate k*stride + patch/2 (in units where pixel m spans [m, m+1)).
     """
     pix = (out_centres_nm - begin_nm) / pixel_nm
-    t = (pix - patch / 2) / stride
-    if n_tokens == 1:
-        return torch.zeros(len(t), dtype=torch.float32)
-    return torch.as_tensor(2 * t / (n_tokens - 1) - 1, dtype=torch.float32)
+    return (pix - patch / 2) / stride
+
+
+@dataclass(frozen=True)
+class _Taps:
+    """Bilinear interpolation along one axis: output element o = lerp(map[lo[o]], map[hi[o]], frac[o]).
+
+    Coordinates beyond the first or last map element take that element (grid_sample's
+    ``padding_mode="border"`` with ``align_corners=True``).
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    frac: torch.Tensor
+    #: (lo, hi, first, stop): the runs of consecutive output elements between the same two map
+    #: elements (coordinates increase with the output index, so each pair is one run)
+    runs: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def of(cls, coords: np.ndarray, n: int, device: torch.device | str) -> _Taps:
+        p = np.clip(np.asarray(coords, dtype=np.float64), 0, n - 1)
+        lo = np.clip(np.floor(p), 0, max(n - 2, 0)).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        starts = [0, *(np.flatnonzero(np.diff(lo)) + 1).tolist(), len(lo)]
+        runs = tuple((int(lo[a]), int(hi[a]), a, b) for a, b in zip(starts[:-1], starts[1:]) if b > a)
+        return cls(torch.as_tensor(lo, device=device), torch.as_tensor(hi, device=device),
+                   torch.as_tensor(p - lo, dtype=torch.float32, device=device), runs)
 
 
 class _Plane:
@@ -225,28 +252,36 @@ class _Plane:
         self.tokens_shape = tuple(self.padded[i] // p * self.shifts for i in range(2))
         self._centres = [ot[ax] + ov[ax] * np.arange(out_geom.shape[ax]) for ax in (b, c)]
         self._begins = begins
-        self._grids: dict[tuple[int, int], torch.Tensor] = {}
-        self.grid = self.grid_for(self.tokens_shape)
+        self._taps: dict[tuple[int, int, str], tuple[_Taps, _Taps]] = {}
 
-    def grid_for(self, shape: Sequence[int]) -> torch.Tensor:
-        """grid_sample coordinates (1, Ho, Wo, 2) of the output voxels in a feature map.
+    def taps_for(self, shape: Sequence[int], device: torch.device | str = "cpu") -> tuple[_Taps, _Taps]:
+        """Bilinear taps of the output voxels in a feature map of ``shape`` (rows, columns).
+
+        Rows and columns are the plane's in-plane axes in (z, y, x) order; the taps run over
+        the output grid's voxels along them. Cached per map shape and device.
 
         A map of the token grid's shape has the backbone's patch/stride geometry; any
         other shape (a guided upsampler's output) is taken as a uniform grid over the
         padded image, each element covering ``padded / shape`` pixels.
         """
-        key = (int(shape[0]), int(shape[1]))
-        if key not in self._grids:
-            coords = []
+        key = (int(shape[0]), int(shape[1]), str(device))
+        if key not in self._taps:
+            taps = []
             for i in range(2):
-                if key == self.tokens_shape:
+                if key[:2] == self.tokens_shape:
                     patch, stride = float(self.patch), float(self.stride)
                 else:
                     patch = stride = self.padded[i] / key[i]
-                coords.append(_token_coords(self._centres[i], self._begins[i], self.pixel_nm[i], patch, stride, key[i]))
-            mesh_y, mesh_x = torch.meshgrid(coords[0], coords[1], indexing="ij")
-            self._grids[key] = torch.stack([mesh_x, mesh_y], dim=-1)[None]  # x then y
-        return self._grids[key]
+                coords = _token_coords(self._centres[i], self._begins[i], self.pixel_nm[i], patch, stride)
+                taps.append(_Taps.of(coords, key[i], device))
+            self._taps[key] = (taps[0], taps[1])
+        return self._taps[key]
+
+    def batches(self, batch_size: int) -> list[list[tuple[int, list[tuple[int, float]]]]]:
+        """The raw slices in backbone batches: per batch, (raw index along the slicing axis,
+        [(output index, weight), ...]) per slice, in increasing raw index."""
+        order = self.contributions
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     def take(self, raw: np.ndarray, indices: Sequence[int]) -> np.ndarray:
         """Raw slices (B, H, W) at ``indices`` along the slicing axis, cropped in-plane."""
@@ -293,10 +328,6 @@ def _tokens_sliding(backbone: Backbone, images: torch.Tensor, plane: _Plane, aut
     return fine
 
 
-#: Upper bound on the bytes of resampled features held at once (the rest streams).
-RESAMPLE_CHUNK_BYTES = 16 * 2**20
-
-
 def load_upsampler(spec: str, device: torch.device) -> Upsampler:
     """Load a guided upsampler from a local Python file: ``"path/to/file.py:factory"``.
 
@@ -332,27 +363,87 @@ def load_upsampler(spec: str, device: torch.device) -> Upsampler:
     return upsample
 
 
+#: Upper bound on the bytes of column-resampled feature maps held at once (output slices of a
+#: batch are resampled together up to it).
+RESAMPLE_CHUNK_BYTES = 32 * 2**20
+
+
 def _accumulate(
     acc: torch.Tensor, tokens: torch.Tensor, plane: _Plane, batch: Sequence[tuple[int, list[tuple[int, float]]]],
-    scale: float,
+    scale: float, fresh: set[int] | None = None,
 ) -> None:
     """Resample a batch's token grids onto the output plane and add them into ``acc``.
 
-    Resampling runs a few slices at a time so that no more than about
-    :data:`RESAMPLE_CHUNK_BYTES` of resampled features exist at once, and each slice is
-    added in place into its output slice(s) of the (C, z, y, x) accumulator.
+    Everything runs on ``acc``'s device (the backbone's): nothing goes to the host.
+
+    Resampling and the average along the slicing axis are both linear, so the token
+    grids of the raw slices that fall into one output slice are first combined with
+    their weights (times ``scale``), and each output slice's combined grid is resampled
+    once (with a raw:output ratio of 2 along the slicing axis, half the resampling of
+    doing it per raw slice). Bilinear resampling is separable: along the columns on the
+    small maps, then along the rows straight into the accumulator, one run of output rows
+    between the same two map rows at a time (channels fastest, as in the accumulator:
+    :func:`extract_features`), so no resampled slice is ever held whole. Consecutive
+    output slices of the batch go together (up to :data:`RESAMPLE_CHUNK_BYTES` of
+    column-resampled maps), so the number of tensor operations does not grow with the
+    number of slices. The result equals ``F.grid_sample(..., mode="bilinear",
+    padding_mode="border", align_corners=True)`` at the output voxel centres up to float
+    rounding.
+
+    Args:
+        acc: The (C, z, y, x) float32 accumulator on the output grid (output voxels).
+        tokens: The batch's feature maps (B, C, h, w), on ``acc``'s device.
+        plane: The plane the batch was sliced along.
+        batch: (raw slice index, [(output slice index, weight), ...]) per map in ``tokens``.
+        scale: Factor on every weight (1 / number of planes).
+        fresh: Output slice indices (along the plane's slicing axis) not yet written: the
+            first contribution to one of them is copied in rather than added to whatever
+            ``acc`` holds there, and the index is removed. None: add everywhere.
     """
-    grid = plane.grid_for(tokens.shape[-2:]).to(tokens.device)
-    per_slice = tokens.shape[1] * grid.shape[1] * grid.shape[2] * 4
-    chunk = max(1, RESAMPLE_CHUNK_BYTES // per_slice)
-    for start in range(0, len(batch), chunk):
-        part = tokens[start : start + chunk]
-        resampled = F.grid_sample(
-            part, grid.expand(len(part), -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True
-        ).cpu()
-        for k, (_, targets) in enumerate(batch[start : start + chunk]):
-            for i, w in targets:
-                acc.select(1 + plane.axis, i).add_(resampled[k], alpha=w * scale)
+    rows, cols = plane.taps_for(tokens.shape[-2:], tokens.device)
+    outs = sorted({i for _, targets in batch for i, _ in targets})
+    pos = {i: n for n, i in enumerate(outs)}
+    combined = tokens.new_empty((len(outs), *tokens.shape[1:]))  # per output slice: its raw slices' weighted sum
+    started: set[int] = set()
+    for k, (_, targets) in enumerate(batch):
+        for i, w in targets:
+            if i in started:
+                combined[pos[i]].add_(tokens[k], alpha=w * scale)
+            else:
+                torch.mul(tokens[k], w * scale, out=combined[pos[i]])
+                started.add(i)
+    # groups of consecutive output slices, all fresh or none, within the byte bound
+    limit = max(1, RESAMPLE_CHUNK_BYTES // (len(cols.lo) * tokens.shape[2] * tokens.shape[1] * 4))
+    groups: list[list[Any]] = []
+    for i in outs:
+        first = fresh is not None and i in fresh
+        g = groups[-1] if groups else None
+        if g is not None and i == g[1] and first == g[2] and g[1] - g[0] < limit:
+            g[1] += 1
+        else:
+            groups.append([i, i + 1, first])
+    row_frac = rows.frac.view(1, 1, -1, 1)
+    for i0, i1, first in groups:
+        maps = combined[pos[i0] : pos[i0] + i1 - i0]  # (n, C, h, w)
+        m = maps.permute(0, 3, 2, 1).contiguous()  # (n, w, h, C)
+        m = m.index_select(1, cols.lo).lerp_(m.index_select(1, cols.hi), cols.frac.view(1, -1, 1, 1))  # (n, Wo, h, C)
+        steps = m[:, :, 1:] - m[:, :, :-1]  # map row k + 1 minus row k
+        # (n, Wo, Ho, C) view of the output slices i0..i1
+        target = acc.narrow(1 + plane.axis, i0, i1 - i0).permute(1 + plane.axis, 1 + plane.c, 1 + plane.b, 0)
+        # along the rows, one run of output rows between map rows lo and hi at a time:
+        # lo + frac * (hi - lo) straight into the accumulator, no full-size temporary
+        for lo, hi, a, b in rows.runs:
+            base = m[:, :, lo : lo + 1]
+            if hi == lo:  # maps of one row
+                step, frac = base, row_frac[:, :, a:b] * 0
+            else:
+                step, frac = steps[:, :, lo : lo + 1], row_frac[:, :, a:b]
+            if first:
+                torch.addcmul(base, frac, step, out=target[:, :, a:b])
+            else:
+                target[:, :, a:b].add_(base).addcmul_(frac, step)
+        if first:
+            fresh.difference_update(range(i0, i1))  # type: ignore[union-attr]
 
 
 def extract_features(
@@ -385,7 +476,9 @@ def extract_features(
 
     Returns:
         (features (C, z, y, x) float32, info) where info holds the intensity range,
-        the image size per plane and a timing breakdown in seconds.
+        the image size per plane and a timing breakdown in seconds. The features are in
+        the memory order feature stores keep in their chunks (:data:`dinopipe.ngff.FEATURE_ORDER`:
+        Fortran order, channels fastest).
     """
     params.validate()
     check_ratio(raw_geom.voxel_size, out_geom.voxel_size, volume)
@@ -402,18 +495,26 @@ def extract_features(
         lo, hi = intensity or intensity_range(raw, params.intensity, params.low, params.high)
     except ValueError as exc:
         raise ValueError(f"volume {volume!r}: {exc}") from exc
-    acc = np.zeros((backbone.channels, *out_geom.shape), dtype=np.float32)
-    acc_t = torch.from_numpy(acc)  # shares memory: planes add into it in place
+    # the accumulator lives on the backbone's device: resampling and accumulating run there,
+    # and the host gets one copy at the end; the first plane copies into every output slice
+    # (each has at least one raw slice) rather than adding into zeros
+    # channels fastest in memory when feature stores keep that order inside their chunks
+    # (FEATURE_ORDER "F"): the float16 write then copies runs instead of transposing the
+    # whole volume, and every plane's output slice has the same (channel-fastest) layout
+    shape = (backbone.channels, *out_geom.shape)
+    if FEATURE_ORDER == "F":
+        acc = torch.empty(shape[::-1], dtype=torch.float32, device=backbone.device).permute(3, 2, 1, 0)
+    else:
+        acc = torch.empty(shape, dtype=torch.float32, device=backbone.device)
     timings: dict[str, Any] = {}
     sizes: dict[str, list[int]] = {}
     scale = 1.0 / len(params.planes)
-    for name in params.planes:
+    for n, name in enumerate(params.planes):
         plane = _Plane(name, raw_geom, out_geom, backbone, params)
+        fresh = set(range(out_geom.shape[plane.axis])) if n == 0 else None
         t = PlaneTimings(image_size=plane.padded)
         sizes[name] = list(plane.padded)
-        order = plane.contributions
-        for start in range(0, len(order), params.batch_size):
-            batch = order[start : start + params.batch_size]
+        for batch in plane.batches(params.batch_size):
             t0 = time.perf_counter()
             images = _prepare(plane.take(raw, [j for j, _ in batch]), plane, lo, hi, backbone.device)
             t1 = time.perf_counter()
@@ -421,7 +522,7 @@ def extract_features(
             if upsampler is not None:
                 tokens = upsampler(tokens, images).float()
             t2 = time.perf_counter()
-            _accumulate(acc_t, tokens, plane, batch, scale)
+            _accumulate(acc, tokens, plane, batch, scale, fresh)
             t3 = time.perf_counter()
             t.prepare_s += t1 - t0
             t.backbone_s += t2 - t1
@@ -429,13 +530,15 @@ def extract_features(
             t.slices += len(batch)
             if progress is not None:
                 progress(len(batch))
+        if fresh:
+            raise RuntimeError(f"volume {volume!r} plane {name}: output slices {sorted(fresh)[:5]} got no raw slice")
         timings[name] = asdict(t)
         logger.info(
             "volume %s plane %s: %d slices of %s px, backbone %.2fs, prepare %.2fs, resample %.2fs",
             volume, name, t.slices, plane.padded, t.backbone_s, t.prepare_s, t.resample_s,
         )
     info = {"intensity_range": [lo, hi], "image_size": sizes, "timings": timings}
-    return acc, info
+    return acc.cpu().numpy(), info
 
 
 def context_raw_window(
@@ -446,6 +549,45 @@ def context_raw_window(
     extends, the start on the patch grid of the whole raw (see :func:`raw_window`)."""
     context = [params.context_pixels(patch_size, v) for v in raw_geom.voxel_size]
     return raw_window(raw_geom, out_geom, context, align=patch_size)
+
+
+@dataclass(frozen=True)
+class BlockWindow:
+    """One block of a blockwise feature computation.
+
+    Attributes:
+        core: The block's core in output voxels (z, y, x): what it writes.
+        grown: The core grown by the halo, start on the patch grid (output voxels): what it computes.
+        raw: The raw window read for it, in raw voxels (z, y, x): ``grown``'s raw plus the context.
+        raw_geom: Geometry (nm) of that raw window.
+        out_geom: Geometry (nm) of ``grown``.
+    """
+
+    core: tuple[slice, slice, slice]
+    grown: tuple[slice, slice, slice]
+    raw: tuple[slice, slice, slice]
+    raw_geom: Geometry
+    out_geom: Geometry
+
+
+def block_windows(
+    raw_geom: Geometry, out_geom: Geometry, params: FeatureParams, patch_size: int,
+    block_shape: Sequence[int], halo: Sequence[int] | int,
+) -> list[BlockWindow]:
+    """The blocks :func:`extract_features_blockwise` computes, in order.
+
+    Every grown block's start is aligned to the whole volume's patch grid (in output voxels,
+    where one patch of raw voxels is a whole number of them) so tokens sit where they would
+    sit for the whole volume.
+    """
+    align = patch_alignment(patch_size, raw_geom.voxel_size, out_geom.voxel_size)
+    out = []
+    for core in blocks(out_geom.shape, block_shape):
+        grown = grow_window(core, halo, out_geom.shape, align)
+        sub_out = sub_geometry(out_geom, grown)
+        window, sub_raw = context_raw_window(raw_geom, sub_out, params, patch_size)
+        out.append(BlockWindow(core, grown, window, sub_raw, sub_out))  # type: ignore[arg-type]
+    return out
 
 
 def extract_features_blockwise(
@@ -489,19 +631,12 @@ def extract_features_blockwise(
     except ValueError as exc:
         raise ValueError(f"volume {volume!r}: {exc}") from exc
     info: dict[str, Any] = {"intensity_range": [lo, hi], "timings": {}, "blocks": 0}
-    # Align every grown block's start to the whole volume's patch grid (in output voxels,
-    # where one patch of raw voxels is a whole number of them) so tokens sit where they
-    # would sit for the whole volume.
-    align = patch_alignment(backbone.patch_size, raw_geom.voxel_size, out_geom.voxel_size)
-    for core in blocks(out_geom.shape, block_shape):
-        grown = grow_window(core, halo, out_geom.shape, align)
-        sub_out = sub_geometry(out_geom, grown)
-        window, sub_raw = context_raw_window(raw_geom, sub_out, params, backbone.patch_size)
+    for block in block_windows(raw_geom, out_geom, params, backbone.patch_size, block_shape, halo):
         feats, block_info = extract_features(
-            np.asarray(raw[window]), sub_raw, sub_out, backbone, params, volume=volume,
+            np.asarray(raw[block.raw]), block.raw_geom, block.out_geom, backbone, params, volume=volume,
             upsampler=upsampler, progress=progress, intensity=(lo, hi),
         )
-        write(core, feats[(slice(None), *inner_window(core, grown))])  # type: ignore[arg-type]
+        write(block.core, feats[(slice(None), *inner_window(block.core, block.grown))])  # type: ignore[arg-type]
         info["blocks"] += 1
         info["image_size"] = block_info["image_size"]
         for plane, t in block_info["timings"].items():

@@ -58,6 +58,7 @@ from dinopipe.ngff import (
     set_attrs,
     shard_major,
     shard_shape,
+    write_cast,
     write_image,
     zarr_format_of,
 )
@@ -69,5 +70,5 @@ __all__ = [
     "MEMMAP_CONTEXT", "SHARD_BUFFER_BYTES", "SHARDED_NGFF_VERSION", "SPATIAL_AXES", "UNITS_NM", "Image",
     "ShardWriter", "chunk_order", "create_image",
     "default_chunks", "ngff_levels", "ngff_multiscale", "open_tensorstore", "read_image", "read_into", "set_attrs",
-    "shard_major", "shard_shape", "write_image", "zarr_format_of",
+    "shard_major", "shard_shape", "write_cast", "write_image", "zarr_format_of",
 ]

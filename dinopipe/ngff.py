@@ -388,6 +388,54 @@ def shard_major(starts: Sequence[tuple[int, ...]], shards: Sequence[int] | None)
     return sorted(starts, key=lambda st: (tuple(v // s for v, s in zip(st, shards)), rank[st]))
 
 
+#: Upper bound (bytes) on the cast copy :func:`write_cast` holds at once (one chunk at least).
+WRITE_PIECE_BYTES = 32 * 2**20
+
+
+def write_cast(
+    array: Any, data: np.ndarray, start: Sequence[int] | None = None, *, max_bytes: int = WRITE_PIECE_BYTES,
+) -> int:
+    """Write ``data`` into ``array`` at ``start``, piece by piece, each piece cast to the array's dtype.
+
+    Writing a float32 accumulator into a float16 store this way never holds a float16 copy
+    of the whole: the pieces follow the array's chunk grid (its shard grid when it has
+    ``shards``; one chunk deep along every axis
+    but the last, as many chunks as fit in ``max_bytes`` along the last), so no chunk is
+    written twice and at most about ``max(max_bytes, one chunk)`` bytes of cast copy exist
+    at once.
+
+    Args:
+        array: A writable array with ``chunks``, ``dtype`` and ``shape`` (e.g. the zarr array
+            :func:`create_image` returns), axes as stored ((c, z, y, x) for features).
+        data: The values, same number of axes as ``array``, in ``array``'s axis order.
+        start: Index in ``array`` (voxels, one per axis) where ``data[0, ...]`` goes;
+            default the origin.
+        max_bytes: Bound on the bytes of one cast piece.
+
+    Returns:
+        The number of pieces written.
+    """
+    start = tuple(int(v) for v in (start if start is not None else (0,) * data.ndim))
+    if data.ndim != len(array.shape) or len(start) != data.ndim:
+        raise ValueError(f"write_cast: data of shape {data.shape} at {start} does not match an array of shape "
+                         f"{tuple(array.shape)}")
+    # a sharded array's shards (rewritten whole by any partial write) are its write unit
+    chunks = [int(c) for c in (getattr(array, "shards", None) or array.chunks)]
+    chunk_bytes = int(np.prod(chunks)) * np.dtype(array.dtype).itemsize
+    steps = [*chunks[:-1], chunks[-1] * max(1, int(max_bytes) // chunk_bytes)]
+    ranges = []
+    for lo, n, step in zip(start, data.shape, steps):
+        edges = [lo, *range((lo // step + 1) * step, lo + n, step), lo + n]
+        ranges.append([(a - lo, b - lo) for a, b in zip(edges[:-1], edges[1:]) if b > a])
+    pieces = 0
+    for piece in itertools.product(*ranges):
+        local = tuple(slice(a, b) for a, b in piece)
+        target = tuple(slice(o + a, o + b) for o, (a, b) in zip(start, piece))
+        array[target] = data[local].astype(array.dtype)
+        pieces += 1
+    return pieces
+
+
 def set_attrs(path: str | os.PathLike[str], attrs: Mapping[str, Any]) -> None:
     """Store ``attrs`` under the ``"dinopipe"`` key of the group at ``path`` (JSON-safe)."""
     group = zarr.open_group(str(path), mode="a")

@@ -126,6 +126,10 @@ def run_features(
 
     Writes an OME-NGFF image ``out_path`` with ``s0`` (C, z, y, x) float16 and the
     signature, intensity range, image sizes and timings under the ``dinopipe`` attrs.
+    Memory: the float32 accumulator of the whole output grid, or of one grown block when it
+    would exceed ``features.max_memory_mb``, plus the model and one batch; the float16 cast
+    is written piece by piece (:func:`dinopipe.io.write_cast`). ``timings.write_s`` is the
+    write of the whole-volume path (the blockwise path writes inside ``extract_s``).
     """
     import torch
 
@@ -160,6 +164,9 @@ def run_features(
     size = backbone.channels * int(np.prod(g.shape)) * np.dtype(np.float16).itemsize
     with io.atomic_output(out_path, what=f"features of volume {volume.name!r}", expected_bytes=size) as tmp, \
             Progress(None, f"features {volume.name}", "slice") as bar:
+        out = io.create_image(tmp, (backbone.channels, *g.shape), np.float16, g.voxel_size, g.translation,
+                              channel_axis=True, name=f"{volume.name} DINOv3 features", chunks=chunks,
+                              compress=False, order=io.FEATURE_ORDER, shards=shards)
         if blocking is None:
             # raw is small next to the feature accumulator: read it once rather than
             # decompressing chunks again for every batch of xz / yz slices; only the raw under
@@ -174,13 +181,11 @@ def run_features(
                 progress=bar.update, upsampler=upsampler, intensity=intensity,
             )
             t1 = time.perf_counter()
-            io.write_image(tmp, feats.astype(np.float16), g.voxel_size, g.translation, channel_axis=True,
-                           name=f"{volume.name} DINOv3 features", chunks=chunks, compress=False,
-                           order=io.FEATURE_ORDER, shards=shards)
+            # cast to float16 piece by piece (shard by shard when sharded): no float16 copy of the
+            # whole beside the accumulator
+            io.write_cast(out, feats)
+            del feats
         else:
-            out = io.create_image(tmp, (backbone.channels, *g.shape), np.float16, g.voxel_size, g.translation,
-                                  channel_axis=True, name=f"{volume.name} DINOv3 features", chunks=chunks,
-                                  compress=False, order=io.FEATURE_ORDER, shards=shards)
             logger.info("volume %s: blockwise features, blocks of %s voxels, halo %d", volume.name, blocking,
                         params.block_halo)
             if shards is not None and any(b % s and b < n for b, s, n in zip(blocking, shards[1:], g.shape)):
@@ -190,7 +195,10 @@ def run_features(
 
             with io.ShardWriter(out) as writer:
                 def write(core: tuple[slice, ...], block: np.ndarray) -> None:
-                    writer[(slice(None), *core)] = block.astype(np.float16)
+                    if writer.shards is None:  # cast piece by piece into the store
+                        io.write_cast(out, block, (0, *(s.start for s in core)))
+                    else:  # cast into the shard buffers, each shard written once complete
+                        writer[(slice(None), *core)] = block
 
                 info = extract_features_blockwise(
                     src.raw.array, src.raw.geometry, g, backbone, params, write, block_shape=blocking,

@@ -398,3 +398,70 @@ def test_a_token_lands_at_the_hand_computed_output_voxels(vit, monkeypatch):
     peak = np.argwhere(feats[0] == feats[0].max())
     assert sorted(map(tuple, peak.tolist())) == [(1, 11, 19), (1, 11, 20), (1, 12, 19), (1, 12, 20)]
     assert feats[0].max() == pytest.approx(0.5 * (15 / 16) ** 2)
+
+
+@pytest.mark.parametrize("plane_name", ["xy", "yz"])
+def test_accumulate_copies_each_output_slice_once_then_adds(vit, plane_name):
+    """Raw slice j's token grid is the constant j + 1; raw 2x finer, so output slice i is the
+    mean of raw slices 2i and 2i + 1: 1.5 and 3.5 (times the plane scale), whatever the batches.
+
+    The accumulator starts as NaN: the first contribution to an output slice must be copied in
+    (also when the slice straddles two batches, the second part added), later calls add.
+    """
+    import torch
+
+    import dinopipe.features as features
+
+    raw_geom = Geometry((4, 4, 4), (8.0, 8.0, 8.0), (0.0, 0.0, 0.0))
+    out_geom = Geometry((2, 2, 2), (16.0, 16.0, 16.0), (4.0, 4.0, 4.0))
+    plane = features._Plane(plane_name, raw_geom, out_geom, vit, FeatureParams(planes=[plane_name], context_nm=0))
+    order = plane.contributions
+    assert [j for j, _ in order] == [0, 1, 2, 3]
+    acc = torch.full((vit.channels, 2, 2, 2), float("nan"))
+    fresh = {0, 1}
+    for batch in (order[:1], order[1:3], order[3:]):  # output slice 0 straddles batches 1 and 2
+        tokens = torch.stack([torch.full((vit.channels, *plane.tokens_shape), j + 1.0) for j, _ in batch])
+        features._accumulate(acc, tokens, plane, batch, 0.5, fresh)
+    assert fresh == set()
+    expected = torch.empty_like(acc)
+    expected.select(1 + plane.axis, 0).fill_(0.5 * 1.5)
+    expected.select(1 + plane.axis, 1).fill_(0.5 * 3.5)
+    torch.testing.assert_close(acc, expected)
+    tokens = torch.stack([torch.full((vit.channels, *plane.tokens_shape), j + 1.0) for j, _ in order])
+    features._accumulate(acc, tokens, plane, order, 0.5)  # no fresh set: adds
+    torch.testing.assert_close(acc, 2 * expected)
+
+
+@pytest.mark.parametrize("map_scale", [1, 2])  # the token grid, and a map twice as fine (an upsampler's)
+def test_separable_resampling_equals_grid_sample(vit, map_scale):
+    """_accumulate's separable bilinear resampling against torch's grid_sample (border padding,
+    align_corners) at the same token coordinates, on an anisotropic, non-cubic plane."""
+    import torch
+    import torch.nn.functional as F
+
+    import dinopipe.features as features
+
+    raw_geom = Geometry((12, 40, 72), (10.0, 6.0, 6.0), (0.0, 0.0, 0.0))
+    out_geom = Geometry((6, 13, 23), (20.0, 17.0, 17.0), (5.0, 12.0, 9.0))
+    for name in ("xy", "xz", "yz"):
+        plane = features._Plane(name, raw_geom, out_geom, vit, FeatureParams(planes=[name], stride=8))
+        shape = tuple(map_scale * n for n in plane.tokens_shape)
+        batch = plane.contributions[:5]
+        tokens = torch.randn(len(batch), vit.channels, *shape, generator=torch.Generator().manual_seed(3))
+        acc = torch.zeros((vit.channels, *out_geom.shape))
+        features._accumulate(acc, tokens, plane, batch, 0.5)
+        coords = []
+        for i in range(2):
+            patch, stride = (plane.patch, plane.stride) if map_scale == 1 else (plane.padded[i] / shape[i],) * 2
+            t = features._token_coords(plane._centres[i], plane._begins[i], plane.pixel_nm[i], patch, stride)
+            coords.append(torch.as_tensor(2 * t / (shape[i] - 1) - 1, dtype=torch.float32))
+        gy, gx = torch.meshgrid(coords[0], coords[1], indexing="ij")
+        grid = torch.stack([gx, gy], dim=-1)[None]
+        expected = torch.zeros_like(acc)
+        for k, (_, targets) in enumerate(batch):
+            sampled = F.grid_sample(tokens[k : k + 1], grid, mode="bilinear", padding_mode="border",
+                                    align_corners=True)[0]
+            for i, w in targets:
+                expected.select(1 + plane.axis, i).add_(sampled, alpha=0.5 * w)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(acc, expected, atol=1e-5, rtol=1e-5)

@@ -274,3 +274,36 @@ def test_shard_writer_bounds_its_buffer_and_stays_correct_out_of_order(tmp_path)
             assert sum(b.nbytes for b, _, _ in writer._open.values()) <= 2 * shard_bytes
     assert writer.partial_writes > 0
     np.testing.assert_array_equal(io.read_image(tmp_path / "s.zarr").read(), data)
+
+
+def test_write_cast_writes_chunk_aligned_cast_pieces_no_bigger_than_asked(tmp_path):
+    from dinopipe.io import create_image, read_image, write_cast
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(3, 20, 19, 30)).astype(np.float32)
+    arr = create_image(tmp_path / "f.zarr", (3, 40, 40, 40), np.float16, (1, 1, 1), (0, 0, 0), channel_axis=True,
+                       chunks=(3, 8, 8, 8), compress=False)
+
+    class Recording:  # the zarr array, recording every assignment
+        shape, chunks, dtype = arr.shape, arr.chunks, arr.dtype
+        writes: list[tuple[tuple[slice, ...], np.ndarray]] = []
+
+        def __setitem__(self, index, value):
+            self.writes.append((index, value))
+            arr[index] = value
+
+    rec = Recording()
+    chunk_bytes = 3 * 8 * 8 * 8 * 2
+    pieces = write_cast(rec, data, (0, 5, 8, 3), max_bytes=2 * chunk_bytes)
+    # z 5..25 -> [5,8) [8,16) [16,24) [24,25); y 8..27 -> [8,16) [16,24) [24,27); x 3..33 in steps of 16
+    # -> [3,16) [16,32) [32,33): 4 * 3 * 3 pieces
+    assert pieces == len(rec.writes) == 36
+    for index, value in rec.writes:
+        assert value.dtype == np.float16 and value.nbytes <= 2 * chunk_bytes
+        for s, c in zip(index[1:], (8, 8, 16)):  # no piece crosses a chunk (two chunks along x) boundary
+            assert (s.start // c) == ((s.stop - 1) // c)
+    back = read_image(tmp_path / "f.zarr").array
+    np.testing.assert_array_equal(back[:, 5:25, 8:27, 3:33], data.astype(np.float16))
+    assert not np.asarray(back[:, :5]).any() and not np.asarray(back[:, 25:]).any()
+    with pytest.raises(ValueError, match="does not match"):
+        write_cast(arr, data[0], (0, 0, 0))
