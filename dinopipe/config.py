@@ -11,9 +11,11 @@ Every key of the configuration (``workflow/schemas/config.schema.yaml``) is one 
   them reruns nothing. A key that switches between two computations with different
   results (``features.max_memory_mb`` chooses blockwise extraction, which differs from the
   whole-volume extraction for ViTs; ``segment.max_voxels`` chooses blockwise segmentation)
-  is result-changing even if it reads like a memory setting, and so is ``predict.batch_size``:
-  torch's CPU convolutions pick another kernel for two blocks at once than for one, and the
-  affinities differ in the last bits (``features.batch_size`` is bitwise invariant).
+  is result-changing even if it reads like a memory setting, and so are ``predict.batch_size``
+  (torch's CPU convolutions pick another kernel for two blocks at once than for one, and the
+  affinities differ in the last bits) and ``features.batch_size`` (the backbone's forward of a
+  short last batch, one slice in particular, differs in the last float32 bit from the same
+  slice in a full batch; after the float16 cast this usually vanishes but not always).
 * **selection** (:data:`SELECTION_KEYS`): which jobs exist (``predict.roles``,
   ``report.volume_figures``), not what a job computes; never a param.
 
@@ -45,7 +47,7 @@ RUNTIME_KEYS: Mapping[str, frozenset[str]] = {
     # a check's policy: an error, or a warning and the same output
     "data": frozenset({"missing_chunks"}),
     # shard_shape: the storage layout (files per chunk or per shard), never the values
-    "features": frozenset({"batch_size", "device", "shard_shape"}),
+    "features": frozenset({"device", "shard_shape"}),
     "train": frozenset({"device", "num_threads", "loader_workers", "prefetch", "resume", "tensorboard"}),
     "predict": frozenset({"device", "shard_shape"}),
     "segment": frozenset({"shard_shape"}),
@@ -60,8 +62,10 @@ SELECTION_KEYS: Mapping[str, frozenset[str]] = {
 #: Per config section, keys added after projects existed, with the value that turns them off:
 #: left out of the params while off, so that existing projects' params (and outputs) stay
 #: unchanged and nothing reruns when dinopipe gains the key. (``segment.block_context`` is left
-#: out at its default: it only acts on blockwise segmentations.)
+#: out at its default: it only acts on blockwise segmentations; ``features.batch_size``, once
+#: runtime-only, at its default, so that projects made before it became a param rerun nothing.)
 OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
+    "features": {"batch_size": 16},
     "targets": {"classes": None, "classes_overlap": False},
     "demo": {"organelles": None},
     "segment": {"split_touching_nm": None, "class_threshold": None, "jobs": None, "block_context": 16},

@@ -31,7 +31,7 @@ SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").r
 #: A different value for every runtime-only key (tests that the table is complete).
 RUNTIME_CHANGES: dict[str, dict[str, Any]] = {
     "data": {"missing_chunks": "fill"},
-    "features": {"batch_size": 3, "device": "cpu", "shard_shape": 32},
+    "features": {"device": "cpu", "shard_shape": 32},
     "train": {"device": "cpu", "num_threads": 1, "loader_workers": 1, "prefetch": 1, "resume": False,
               "tensorboard": False},
     "predict": {"device": "cpu", "shard_shape": 32},
@@ -122,6 +122,8 @@ RESULT_CHANGES = [
     # (config change, rules that rerun with their counts; every other rule must not run).
     # Predictions: predict_0 and validate_0 (its prediction tunes the segment parameters).
     ({"features": {"low": 1.0}},
+     {"features": 4, "metadata": 4, "train": 1, "predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
+    ({"features": {"batch_size": 3}},
      {"features": 4, "metadata": 4, "train": 1, "predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
     ({"train": {"learning_rate": 0.001}}, {"train": 1, "predict": 2, "tune_segment": 1, "segment": 1, "evaluate": 1}),
     ({"segment": {"threshold": 0.4}}, {"tune_segment": 1, "segment": 1, "evaluate": 1}),
