@@ -36,6 +36,12 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def move_into_place(done: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Rename a finished output (file or directory) to ``final``, replacing what is there."""
+    _remove(Path(final))
+    os.replace(done, final)
+
+
 #: Free space (bytes) below which a failed write is reported as a full disk, whatever the
 #: writer raised (torch.save says "unexpected pos", zarr may wrap the OSError).
 NEARLY_FULL_BYTES = 1 << 20
@@ -111,8 +117,7 @@ def atomic_output(
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written for {final}")
-        _remove(final)
-        os.replace(tmp, final)
+        move_into_place(tmp, final)
     except Exception as exc:
         fault = _write_fault(exc, final, tmp, what, expected_bytes)
         _remove(tmp)

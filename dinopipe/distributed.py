@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from dinopipe.atomic import write_json
+from dinopipe.atomic import move_into_place, write_json
 from dinopipe.chunks import count_chunks
 
 logger = logging.getLogger(__name__)
@@ -284,9 +283,7 @@ def finish_store(plan_path: str | os.PathLike[str], staging: str | os.PathLike[s
              "distributed": {"parts": plan.num_parts, "blocks_per_part": plan.blocks_per_part,
                              "blocks": plan.num_blocks}}
     root.attrs["dinopipe"] = attrs  # replaces the staging mark {"plan_id": ...}
-    if out_path.exists() or out_path.is_symlink():
-        shutil.rmtree(out_path) if out_path.is_dir() and not out_path.is_symlink() else out_path.unlink()
-    os.replace(staging, out_path)
+    move_into_place(staging, out_path)
     logger.info("wrote %s: %d blocks from %d parts (jobs' seconds together: network %.1f, total %.1f)", out_path,
                 plan.num_blocks, plan.num_parts, timings["forward_s"], timings["total_s"])
     return timings

@@ -22,6 +22,7 @@ from dinopipe.atomic import (
     directory_size,
     glob_escape,
     json_default,
+    move_into_place,
     new_store_id,
     write_json,
 )
@@ -64,7 +65,7 @@ from dinopipe.ngff import (
 )
 
 __all__ = [
-    "NEARLY_FULL_BYTES", "atomic_output", "directory_size", "glob_escape", "json_default", "new_store_id",
+    "NEARLY_FULL_BYTES", "atomic_output", "directory_size", "glob_escape", "json_default", "move_into_place", "new_store_id",
     "write_json", "ChunkCount", "count_chunks", "Geometry", "SourceArray", "child_images", "metadata_cache", "multiscale_levels",
     "open_source", "source_levels", "source_store", "split_hdf5", "FEATURE_CHUNK", "FEATURE_ORDER",
     "MEMMAP_CONTEXT", "SHARD_BUFFER_BYTES", "SHARDED_NGFF_VERSION", "SPATIAL_AXES", "UNITS_NM", "Image",

@@ -580,6 +580,16 @@ def segment_blockwise(
     return n
 
 
+#: Block shape (z, y, x) voxels of a blockwise segmentation when ``segment.block_shape`` is null.
+DEFAULT_BLOCK = (128, 256, 256)
+
+
+def block_for(block_shape: Sequence[int] | None, shape: Sequence[int]) -> list[int]:
+    """The blocks (z, y, x voxels) a volume of ``shape`` is segmented in: ``block_shape``
+    (default :data:`DEFAULT_BLOCK`) capped at the volume."""
+    return [min(int(b), int(n)) for b, n in zip(block_shape or DEFAULT_BLOCK, shape)]
+
+
 def check_blockwise(shape: Sequence[int], offsets: Sequence[Sequence[int]], block_shape: Sequence[int], method: str,
                     min_size: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
     """Validate blockwise segmentation arguments; return the offsets and block shape as int tuples.

@@ -47,6 +47,7 @@ from dinopipe import io
 from dinopipe.geometry import Window, blocks
 from dinopipe.segment import (
     block_edges,
+    block_for,
     check_blockwise,
     concat_edges,
     fragment_block,
@@ -57,10 +58,6 @@ from dinopipe.segment import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: Block shape (z, y, x) voxels when ``segment.block_shape`` is null.
-DEFAULT_BLOCK = (128, 256, 256)
-
 
 def parts_dir(out_path: str | Path) -> Path:
     """The work directory of a segmentation output: ``{volume}.zarr`` -> ``{volume}.parts``."""
@@ -113,7 +110,7 @@ def run_plan(predictions_path: str | Path, out_path: str | Path, settings: Mappi
     affs = io.read_image(Path(predictions_path) / "affinities")
     offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
     g = affs.geometry
-    block = [min(int(b), n) for b, n in zip(settings["block_shape"] or DEFAULT_BLOCK, g.shape)]
+    block = block_for(settings["block_shape"], g.shape)
     check_blockwise(g.shape, offsets, block, settings["method"], int(settings["min_size"]))
     work = parts_dir(out_path)
     work.mkdir(parents=True, exist_ok=True)
@@ -234,10 +231,7 @@ def run_finish(out_path: str | Path, plan_json: str | Path, table_npz: str | Pat
              "merge_threshold": float(s["merge_threshold"]),
              "segments": n, "seconds": time.time() - float(plan["started"]), "warnings": warnings, "jobs": plan["jobs"]}
     io.set_attrs(work / "segmentation.zarr", attrs)
-    out = Path(out_path)
-    if out.exists():
-        shutil.rmtree(out)
-    (work / "segmentation.zarr").rename(out)
+    io.move_into_place(work / "segmentation.zarr", out_path)
     shutil.rmtree(work / "fragments.zarr", ignore_errors=True)
     logger.info("segmentation %s: %d segments from %d blocks in %d jobs per step", out_path, n, plan["blocks"],
                 plan["jobs"])

@@ -535,8 +535,7 @@ def run_segment(
     segmented by :func:`run_segment_classes` instead. A segmentation with one segment, or with more than one
     segment per 100 voxels, logs a warning, also stored in the attrs (``warnings``).
     """
-    from dinopipe.segment import bytes_per_voxel, sanity_warnings, segment, segment_blockwise
-    from dinopipe.segment_parts import DEFAULT_BLOCK
+    from dinopipe.segment import block_for, bytes_per_voxel, sanity_warnings, segment, segment_blockwise
 
     if (Path(predictions_path) / "classes").exists():
         return run_segment_classes(predictions_path, out_path, params)
@@ -547,7 +546,7 @@ def run_segment(
     g = affs_img.geometry
     voxels = int(np.prod(g.shape))
     blockwise = settings["block_shape"] is not None or voxels > settings["max_voxels"]
-    block = [min(int(b), n) for b, n in zip(settings["block_shape"] or DEFAULT_BLOCK, g.shape)]
+    block = block_for(settings["block_shape"], g.shape)
     t = time.perf_counter()
     attrs: dict[str, Any] = {"method": method, "parameters": method_params, "min_size": settings["min_size"],
                              "blockwise": blockwise, "tuned": settings["tuned"]}
