@@ -1,9 +1,9 @@
 """One volume's prediction spread over many cluster jobs: the block plan, the record of finished parts.
 
 A volume is cut into the blocks of :func:`dinopipe.predict.block_layout` (core shape in
-label voxels, (z, y, x), numbered in C order: block ``i`` starts at
-``unravel_index(i, counts) * block``). Consecutive blocks form *parts*, one cluster job
-each (``predict.distributed.blocks_per_job``). Three rules use this module
+label voxels, (z, y, x)) and the blocks into *parts*, one cluster job each, by the rule of
+:class:`dinopipe.parts.BlockPlan` (blocks in C order, consecutive blocks per part), with
+``predict.distributed.blocks_per_job`` blocks per part (:func:`blocks_per_part`). Three rules use this module
 (``workflow/rules/predict.smk``):
 
 * ``predict_create`` writes the plan (``results/predictions/{volume}.parts/plan.json``) and
@@ -35,88 +35,19 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 
 from dinopipe.atomic import move_into_place, write_json
 from dinopipe.chunks import count_chunks
+from dinopipe.parts import BlockPlan
 
 logger = logging.getLogger(__name__)
 
 #: Version of the plan's JSON layout.
 PLAN_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """Blocks of one volume and their partition into parts (one cluster job each).
-
-    Attributes:
-        shape: The label grid (z, y, x), voxels.
-        block: Core block shape (z, y, x), voxels (also the output chunk shape).
-        blocks_per_part: Consecutive blocks (C order) per part; the last part may have fewer.
-    """
-
-    shape: tuple[int, int, int]
-    block: tuple[int, int, int]
-    blocks_per_part: int
-
-    def __post_init__(self) -> None:
-        if len(self.shape) != 3 or len(self.block) != 3 or min(*self.shape, *self.block) < 1:
-            raise ValueError(f"a block plan needs a (z, y, x) shape and block of positive voxels, got shape "
-                             f"{self.shape} and block {self.block}")
-        if self.blocks_per_part < 1:
-            raise ValueError(f"blocks per part must be >= 1, got {self.blocks_per_part}")
-
-    @property
-    def counts(self) -> tuple[int, int, int]:
-        """Blocks along (z, y, x)."""
-        return tuple(-(-s // b) for s, b in zip(self.shape, self.block, strict=True))  # type: ignore[return-value]
-
-    @property
-    def num_blocks(self) -> int:
-        return math.prod(self.counts)
-
-    @property
-    def num_parts(self) -> int:
-        return -(-self.num_blocks // self.blocks_per_part)
-
-    def part_blocks(self, part: int) -> range:
-        """Indices of the blocks of ``part`` (0-based)."""
-        if not 0 <= part < self.num_parts:
-            raise ValueError(f"part {part} does not exist: the plan has parts 0..{self.num_parts - 1}")
-        return range(part * self.blocks_per_part, min((part + 1) * self.blocks_per_part, self.num_blocks))
-
-    def block_start(self, index: int) -> tuple[int, int, int]:
-        """The first voxel (z, y, x) of block ``index`` (C order)."""
-        if not 0 <= index < self.num_blocks:
-            raise ValueError(f"block {index} does not exist: the plan has blocks 0..{self.num_blocks - 1}")
-        return tuple(int(i) * b for i, b in zip(np.unravel_index(index, self.counts), self.block))  # type: ignore[return-value]
-
-    def block_index(self, voxel: Sequence[int]) -> int:
-        """The block holding ``voxel`` (z, y, x)."""
-        if len(voxel) != 3 or any(not 0 <= v < s for v, s in zip(voxel, self.shape)):
-            raise ValueError(f"voxel {list(voxel)} lies outside the volume of shape {list(self.shape)} (z, y, x)")
-        return int(np.ravel_multi_index(tuple(v // b for v, b in zip(voxel, self.block)), self.counts))
-
-    def part_of_block(self, index: int) -> int:
-        self.block_start(index)  # checks the index
-        return index // self.blocks_per_part
-
-    def part_starts(self, part: int) -> list[tuple[int, int, int]]:
-        """Block starts (z, y, x voxels) of ``part``, in C order."""
-        return [self.block_start(i) for i in self.part_blocks(part)]
-
-    def describe(self, part: int) -> str:
-        """``"blocks 8-15 of 64 (z, y, x) [0, 64, 0]..[16, 112, 48]"``: a part's blocks by index and first voxels."""
-        blocks = self.part_blocks(part)
-        first, last = self.block_start(blocks[0]), self.block_start(blocks[-1])
-        return (f"blocks {blocks[0]}-{blocks[-1]} of {self.num_blocks} (first voxels (z, y, x) {list(first)}.."
-                f"{list(last)}, blocks of {list(self.block)})")
 
 
 def blocks_per_part(setting: Mapping[str, Any], shape: Sequence[int], num_blocks: int, batch_size: int = 1) -> int:
@@ -179,8 +110,12 @@ def read_plan(path: str | os.PathLike[str]) -> tuple[BlockPlan, dict[str, Any]]:
         cached = (mtime, record)
         _PLANS[key] = cached
     record = cached[1]
-    plan = BlockPlan(tuple(record["shape"]), tuple(record["block"]), int(record["blocks_per_part"]))  # type: ignore[arg-type]
-    return plan, record
+    return plan_of(record), record
+
+
+def plan_of(record: Mapping[str, Any]) -> BlockPlan:
+    """The block plan of a plan's JSON record."""
+    return BlockPlan(tuple(record["shape"]), tuple(record["block"]), int(record["blocks_per_part"]))  # type: ignore[arg-type]
 
 
 def part_names(plan_path: str | os.PathLike[str]) -> list[str]:
@@ -204,8 +139,7 @@ def describe_part(plan_path: str | os.PathLike[str], part: str | int) -> str:
 def write_marker(path: str | os.PathLike[str], record: Mapping[str, Any], part: int,
                  stats: Mapping[str, Any]) -> None:
     """Record a finished part (atomically, after all its blocks were written)."""
-    plan = BlockPlan(tuple(record["shape"]), tuple(record["block"]), int(record["blocks_per_part"]))  # type: ignore[arg-type]
-    blocks = plan.part_blocks(part)
+    blocks = plan_of(record).part_blocks(part)
     write_json(path, {"plan_id": record["plan_id"], "volume": record["volume"], "part": part,
                       "blocks": [blocks.start, blocks.stop], **stats})
 

@@ -11,44 +11,11 @@ import numpy as np
 import pytest
 import zarr
 
-from dinopipe.distributed import BlockPlan, blocks_per_part, check_parts, describe_part, part_names, read_plan
+from dinopipe.distributed import blocks_per_part, check_parts, describe_part, part_names, read_plan
 from dinopipe.stages import run_predict, run_predict_create, run_predict_finish, run_predict_part
 from test_predict import make_features, make_model_dir
 
 # --------------------------------------------------------------------------- the plan (hand-computed)
-
-
-def test_block_grid_and_parts_by_hand():
-    # 20 x 26 x 30 voxels in 8 x 12 x 16 blocks: 3 x 3 x 2 = 18 blocks; 4 per part: 5 parts (4+4+4+4+2)
-    plan = BlockPlan((20, 26, 30), (8, 12, 16), 4)
-    assert plan.counts == (3, 3, 2) and plan.num_blocks == 18 and plan.num_parts == 5
-    assert [len(plan.part_blocks(p)) for p in range(5)] == [4, 4, 4, 4, 2]
-    assert plan.part_blocks(1) == range(4, 8)
-    # C order: x fastest, then y, then z
-    assert plan.block_start(0) == (0, 0, 0)
-    assert plan.block_start(1) == (0, 0, 16)
-    assert plan.block_start(2) == (0, 12, 0)
-    assert plan.block_start(6) == (8, 0, 0)
-    assert plan.block_start(17) == (16, 24, 16)
-    assert plan.part_starts(4) == [(16, 24, 0), (16, 24, 16)]
-    assert plan.block_index((17, 25, 29)) == 17 and plan.block_index((9, 0, 15)) == 6
-    assert plan.part_of_block(17) == 4 and plan.part_of_block(3) == 0 and plan.part_of_block(4) == 1
-    # every block in exactly one part
-    assert sorted(i for p in range(plan.num_parts) for i in plan.part_blocks(p)) == list(range(18))
-    assert plan.describe(4) == ("blocks 16-17 of 18 (first voxels (z, y, x) [16, 24, 0]..[16, 24, 16], "
-                                "blocks of [8, 12, 16])")
-
-
-def test_plan_errors_name_the_bad_value():
-    plan = BlockPlan((20, 26, 30), (8, 12, 16), 4)
-    with pytest.raises(ValueError, match=r"part 5 does not exist: the plan has parts 0\.\.4"):
-        plan.part_blocks(5)
-    with pytest.raises(ValueError, match=r"block 18 does not exist"):
-        plan.block_start(18)
-    with pytest.raises(ValueError, match=r"voxel \[20, 0, 0\] lies outside"):
-        plan.block_index((20, 0, 0))
-    with pytest.raises(ValueError, match="blocks per part must be >= 1"):
-        BlockPlan((4, 4, 4), (4, 4, 4), 0)
 
 
 def test_blocks_per_part_follows_batches_and_threshold():
