@@ -47,6 +47,7 @@ import numpy as np
 import zarr
 
 from dinopipe import io
+from dinopipe.atomic import remove_partial_writes
 from dinopipe.geometry import Window
 from dinopipe.parts import BlockPlan
 from dinopipe.segment import (
@@ -236,6 +237,7 @@ def run_finish(out_path: str | Path, plan_json: str | Path, table_npz: str | Pat
              "merge_threshold": float(s["merge_threshold"]),
              "segments": n, "seconds": time.time() - float(plan["started"]), "warnings": warnings, "jobs": plan["jobs"]}
     io.set_attrs(work / "segmentation.zarr", attrs)
+    remove_partial_writes(work / "segmentation.zarr")
     io.move_into_place(work / "segmentation.zarr", out_path)
     shutil.rmtree(work / "fragments.zarr", ignore_errors=True)
     logger.info("segmentation %s: %d segments from %d blocks in %d jobs per step", out_path, n, plan["blocks"],

@@ -154,3 +154,47 @@ def test_a_shard_shape_gives_an_unsharded_store_with_a_warning(setup, caplog):
         run_predict_create(features, model_dir, parts / "s.zarr", parts / "plan.json", params, threads=1)
     assert "predict.shard_shape 32: a distributed prediction writes an unsharded store" in caplog.text
     assert zarr.open_array(str(parts / "s.zarr" / "affinities" / "s0"), mode="r").metadata.zarr_format == 2
+
+
+def test_one_block_of_a_finished_volume_is_predicted_again_by_index(setup):
+    """run_predict_block (rule predict_block): a block deleted or corrupted in the finished
+    store is predicted again in its forward batch and rewritten, bitwise as before; the
+    store records it; an intact block is rewritten with the same bits and recorded unchanged."""
+    from dinopipe.distributed import batch_of
+    from dinopipe.stages import run_predict_block
+
+    tmp_path, features, model_dir = setup
+    params = {**_params(blocks_per_job=3), "batch_size": 2}  # parts of 4 blocks, batches of 2
+    out = _distributed(tmp_path, features, model_dir, params)
+    before = _arrays(out)
+    plan_path = tmp_path / "vol.parts" / "plan.json"
+    plan, _ = read_plan(plan_path)
+    assert batch_of(plan, 5, 2) == range(4, 6) and batch_of(plan, 16, 2) == range(16, 18)
+    index = 5
+    window = (slice(None), *plan.window(index))
+    chunk = Path(out) / "affinities" / "s0" / "0" / "0" / "2" / "1"  # block 5: (z, y, x) = (0, 2, 1)
+    assert chunk.is_file()
+    chunk.write_bytes(b"\x02\x01half a chunk")  # a corrupt chunk (as a job killed mid-write leaves)
+    lsds = zarr.open_array(str(out / "lsds" / "s0"), mode="r+")
+    lsds[window] = 0.5  # and wrong values in the other image
+    entry = run_predict_block(features, model_dir, plan_path, out, tmp_path / "blocks" / "5.json", index, params,
+                              threads=1)
+    assert entry["changed"] and entry["changed_images"] == ["affinities", "lsds"] and entry["batch"] == [4, 6]
+    for name, array in _arrays(out).items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+    assert json.loads((tmp_path / "blocks" / "5.json").read_text())["block"] == 5
+    # a deleted chunk too, and an intact block: recorded unchanged
+    chunk.unlink()
+    run_predict_block(features, model_dir, plan_path, out, tmp_path / "blocks" / "5.json", index, params, threads=1)
+    again = run_predict_block(features, model_dir, plan_path, out, tmp_path / "blocks" / "0.json", 0, params, threads=1)
+    assert not again["changed"] and again["batch"] == [0, 2]
+    for name, array in _arrays(out).items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+    recorded = zarr.open_group(str(out)).attrs["dinopipe"]["recomputed_blocks"]
+    assert [(r["block"], r["changed"]) for r in recorded] == [(5, True), (5, True), (0, False)]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".block-")]  # no scratch left
+    with pytest.raises(ValueError, match=r"block 18 does not exist"):
+        run_predict_block(features, model_dir, plan_path, out, tmp_path / "b.json", 18, params, threads=1)
+    with pytest.raises(FileNotFoundError, match=r"no finished prediction at .*PART.done"):
+        run_predict_block(features, model_dir, plan_path, tmp_path / "none.zarr", tmp_path / "b.json", 1, params,
+                          threads=1)
