@@ -5,7 +5,8 @@ Axis order everywhere is (z, y, x), channels first; physical units are nanometre
 The modules, layer by layer (a module imports only from its own layer and the ones above it;
 ``tests/test_architecture.py`` checks the rules that matter):
 
-* foundation — :mod:`~dinopipe.geometry` (grids, windows, tiling), :mod:`~dinopipe.runtime`
+* foundation — :mod:`~dinopipe.geometry` (grids, windows, tiling), :mod:`~dinopipe.parts` (a
+  volume's blocks split into parts, one cluster job each), :mod:`~dinopipe.runtime`
   (CPUs, device, precision, memory), :mod:`~dinopipe.atomic` (atomic outputs),
   :mod:`~dinopipe.logs`, :mod:`~dinopipe.config` (which keys change results; the schema).
 * data — :mod:`~dinopipe.sheet` (the volume sheet), :mod:`~dinopipe.inputs` (input formats),
@@ -26,7 +27,7 @@ The modules, layer by layer (a module imports only from its own layer and the on
   :mod:`~dinopipe.cli`.
 
 The modules the workflow imports when Snakemake parses it (config, checks, sheet, tune, io,
-sources, geometry, runtime, distributed) load no torch.
+sources, geometry, parts, runtime, distributed) load no torch.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -19,7 +19,7 @@ TRAINING = {"train", "train_params", "objective", "loader", "losses", "augment",
 INFERENCE = {"predict", "segment", "evaluate", "baseline", "tune", "checkpoint", "report", "distributed"}
 #: Imported when Snakemake parses the workflow (workflow/rules/common.smk): no torch.
 PARSE_TIME = ["config", "checks", "sheet", "tune", "io", "sources", "geometry", "runtime", "backbone_spec",
-              "distributed"]
+              "distributed", "parts"]
 #: Third-party packages heavy enough to import only where needed.
 HEAVY = {"torch", "transformers", "huggingface_hub", "matplotlib", "skimage", "scipy", "waterz", "mwatershed",
          "h5py", "snakemake"}

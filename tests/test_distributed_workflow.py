@@ -114,7 +114,7 @@ def steps(tmp_path_factory) -> dict:
     out["after"] = snakemake(project, "-n", f"results/predictions/{VOLUME}.zarr")
     out["reference"] = single_job_prediction(project, base / "single.zarr")
     out["first"] = arrays(project / "results" / "predictions" / f"{VOLUME}.zarr")
-    # docs/distributed.md, "Not yet": recompute a finished volume
+    # docs/distributed.md, "Running it": recompute a finished volume
     (command,) = re.findall(r"`(snakemake \S+ --forcerun predict_create)`", DOCS.read_text())
     out["again"] = run_documented(project, command.replace(DOC_VOLUME, VOLUME))
     return out
@@ -315,3 +315,35 @@ def test_lsf_prediction_and_segmentation_in_parts_killed_mid_write(project, tmp_
     assert [(r["block"], r["changed"]) for r in recorded] == [(5, False), (5, True)]
     dry = snakemake(own, "-n", target)
     assert jobs_in(dry.stdout + dry.stderr) == segment_steps, dry.stdout  # the segmentation read the old block
+
+
+def test_the_sheet_column_marks_volumes(steps, tmp_path):
+    """config/README.md, the sheet's `distributed` column: an empty column reruns nothing; `false`
+    on a distributed project re-plans only that volume's prediction (one part), never features,
+    targets or training; `true` while predict.distributed is null stops the workflow at start-up,
+    naming the sheet and the column."""
+    project = steps["dir"]
+    rows = (project / "config" / "volumes.tsv").read_text().splitlines()
+
+    def sheet(name: str, flag: str) -> Path:
+        path = tmp_path / f"{name}.tsv"
+        marked = [rows[0] + "\tdistributed"] + [r + "\t" + (flag if r.startswith(VOLUME + "\t") else "")
+                                                for r in rows[1:]]
+        path.write_text("\n".join(marked) + "\n")
+        config = distributed_config() if name != "off" else tiny_config()
+        config["volumes"] = str(path)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        return tmp_path / f"{name}.yaml"
+
+    target = f"results/predictions/{VOLUME}.zarr"
+    proc = snakemake(project, "-n", target, "--configfile", str(sheet("empty", "")))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    proc = snakemake(project, "-n", target, "--configfile", str(sheet("one", "false")))
+    out = proc.stdout + proc.stderr
+    assert jobs_in(out) == {"predict_create": 1, "predict_finish": 1}, out
+    assert re.search(r"params have changed", out, re.I), out
+    proc = snakemake(project, "-n", target, "--configfile", str(sheet("off", "true")), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"volume(s) ['{VOLUME}'] are marked distributed (column 'distributed' true in the sheet" in out
+    assert "off.tsv" in out, out
