@@ -1132,7 +1132,8 @@ def run_predict_create(
     inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data)
     layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
     plan = BlockPlan(layout.shape, layout.block,  # type: ignore[arg-type]
-                     blocks_per_part(setting, layout.shape, layout.num_blocks, int(params["batch_size"])))
+                     blocks_per_part(setting, layout.shape, layout.num_blocks, int(params["batch_size"]),
+                                     flag=volume.distributed if volume is not None else None))
     plan_id = io.new_store_id()
     name = volume.name if volume is not None else Path(plan_path).parent.name.removesuffix(".parts")
     with io.atomic_output(staging, what=f"predictions of volume {name!r} (staging)",
@@ -1149,6 +1150,37 @@ def run_predict_create(
     return read_plan(plan_path)[1]
 
 
+def _planned_job(
+    features_path: str | Path | None, checkpoint_dir: str | Path, plan_path: str | Path, params: Mapping[str, Any],
+    *, threads: int | None, volume: Volume | None, features: Mapping[str, Any] | None,
+    data: Mapping[str, Any] | None,
+) -> tuple[Any, dict[str, Any], Any, Any, Any, str]:
+    """What a job of a planned (distributed) prediction needs: the plan and its record, the
+    inputs, the block layout (checked against the plan), the device (model moved to it) and
+    the autocast mode."""
+    import torch
+
+    from dinopipe.distributed import read_plan
+    from dinopipe.predict import block_layout
+    from dinopipe.runtime import autocast_mode, resolve_device
+
+    torch.set_num_threads(allotted_cpus(threads))
+    plan, record = read_plan(plan_path)
+    inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data,
+                                known=record["known"])
+    layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
+    if layout.shape != plan.shape or layout.block != plan.block or layout.halo != record["halo"]:
+        raise ValueError(
+            f"volume {record['volume']!r}: the plan {plan_path} has shape {list(plan.shape)}, blocks "
+            f"{list(plan.block)} and halo {record['halo']}, but this job computes {list(layout.shape)}, "
+            f"{list(layout.block)} and {layout.halo}: rerun predict_create (snakemake results/predictions/{record['volume']}.zarr --forcerun predict_create)"
+        )
+    dev = resolve_device(params["device"], "predict.device")
+    mode = autocast_mode(params["autocast"], "predict.autocast")
+    inputs.model.to(dev)
+    return plan, record, inputs, layout, dev, mode
+
+
 def run_predict_part(
     features_path: str | Path | None, checkpoint_dir: str | Path, plan_path: str | Path, staging: str | Path,
     marker: str | Path, part: int, params: Mapping[str, Any], *, threads: int | None = None,
@@ -1163,30 +1195,16 @@ def run_predict_part(
     Returns:
         The part's statistics (``timings`` in seconds, ``precision``), as in its marker.
     """
-    import torch
-
     from dinopipe.distributed import read_plan, write_marker
-    from dinopipe.predict import block_layout, predict_into
-    from dinopipe.runtime import autocast_mode, resolve_device
+    from dinopipe.predict import predict_into
 
     t_start = time.perf_counter()
-    torch.set_num_threads(allotted_cpus(threads))
     params = {**DEFAULT_PREDICT, **params}
-    plan, record = read_plan(plan_path)
-    starts = plan.part_starts(int(part))  # a part the plan does not have fails here
-    inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data,
-                                known=record["known"])
-    layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
-    if layout.shape != plan.shape or layout.block != plan.block or layout.halo != record["halo"]:
-        raise ValueError(
-            f"volume {record['volume']!r}: the plan {plan_path} has shape {list(plan.shape)}, blocks "
-            f"{list(plan.block)} and halo {record['halo']}, but this job computes {list(layout.shape)}, "
-            f"{list(layout.block)} and {layout.halo}: rerun predict_create (snakemake results/predictions/{record['volume']}.zarr --forcerun predict_create)"
-        )
+    read_plan(plan_path)[0].part_blocks(int(part))  # a part the plan does not have fails here, before the model loads
+    plan, record, inputs, layout, dev, mode = _planned_job(features_path, checkpoint_dir, plan_path, params,
+                                                           threads=threads, volume=volume, features=features, data=data)
+    starts = plan.part_starts(int(part))
     outputs = [zarr.open_array(str(Path(staging) / n / "s0"), mode="r+") for n in record["images"]]
-    dev = resolve_device(params["device"], "predict.device")
-    mode = autocast_mode(params["autocast"], "predict.autocast")
-    inputs.model.to(dev)
     logger.info("volume %s, part %s: %s + halo %d, device %s", record["volume"], part, plan.describe(int(part)),
                 layout.halo, dev)
     timings = predict_into(inputs.readers, layout, inputs.model, outputs, starts, device=dev, mode=mode,
@@ -1196,6 +1214,59 @@ def run_predict_part(
              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     write_marker(marker, record, int(part), stats)
     return stats
+
+
+def run_predict_block(
+    features_path: str | Path | None, checkpoint_dir: str | Path, plan_path: str | Path, store: str | Path,
+    record_path: str | Path, index: int, params: Mapping[str, Any], *, threads: int | None = None,
+    volume: Volume | None = None, features: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict block ``index`` (C order of the plan) of a finished distributed prediction again
+    and write it into ``store`` in place (rule ``predict_block``).
+
+    The block's forward batch (:func:`dinopipe.distributed.batch_of`) is predicted as its part
+    job predicted it, so an intact block is rewritten with the same bits; only block ``index``
+    is written, chunk by chunk atomically (:func:`~dinopipe.distributed.replace_block`). The
+    provenance (block, first voxel, whether it changed, time, device) goes into the store's
+    root attrs and ``record_path`` (:func:`~dinopipe.distributed.record_block`); a changed
+    block makes the store newer, so Snakemake reruns what reads it.
+
+    Returns:
+        The provenance record.
+    """
+    from dinopipe.distributed import batch_of, read_plan, record_block, replace_block
+    from dinopipe.predict import predict_into
+
+    t_start = time.perf_counter()
+    params = {**DEFAULT_PREDICT, **params}
+    plan, record = read_plan(plan_path)
+    plan.block_start(int(index))  # a block the plan does not have fails here, before the model loads
+    if not Path(store).is_dir():
+        raise FileNotFoundError(f"volume {record['volume']!r}: no finished prediction at {store} to write block {index} "
+                                f"into; a part not yet finished is recomputed by snakemake {Path(plan_path).parent}/PART.done")
+    plan, record, inputs, layout, dev, mode = _planned_job(features_path, checkpoint_dir, plan_path, params,
+                                                           threads=threads, volume=volume, features=features, data=data)
+    batch = batch_of(plan, int(index), int(params["batch_size"]))
+    scratch = [zarr.create_array(zarr.storage.MemoryStore(), shape=a.shape, chunks=a.shape[:1] + plan.block,
+                                 dtype=a.dtype, fill_value=0)
+               for a in (zarr.open_array(str(Path(store) / n / "s0"), mode="r") for n in record["images"])]
+    logger.info("volume %s: block %d (first voxel (z, y, x) %s) predicted again in its batch of blocks %d-%d, "
+                "device %s", record["volume"], index, list(plan.block_start(int(index))), batch.start, batch.stop - 1, dev)
+    timings = predict_into(inputs.readers, layout, inputs.model, scratch, [plan.block_start(i) for i in batch],
+                           device=dev, mode=mode, batch_size=len(batch), label=f"predict {record['volume']} block {index}")
+    where = (slice(None), *plan.window(int(index)))
+    changed = {n: replace_block(Path(store) / n / "s0", plan, int(index), a[where])
+               for n, a in zip(record["images"], scratch, strict=True)}
+    entry = {"block": int(index), "first_voxel": list(plan.block_start(int(index))), "batch": [batch.start, batch.stop],
+             "changed": any(changed.values()), "changed_images": [n for n, c in changed.items() if c],
+             "precision": mode if dev.type == "cuda" else "none", "device": str(dev),
+             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dinopipe_version": __version__,
+             "seconds": time.perf_counter() - t_start, "forward_s": timings["forward_s"]}
+    record_block(store, record_path, entry)
+    logger.info("volume %s: block %d %s", record["volume"], index,
+                f"differed from the stored one in {entry['changed_images']}: rewritten" if entry["changed"]
+                else "equals the stored one bit for bit")
+    return entry
 
 
 def run_predict_finish(plan_path: str | Path, staging: str | Path, markers: Sequence[str | Path],
