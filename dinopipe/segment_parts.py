@@ -55,6 +55,7 @@ from dinopipe.segment import (
     block_for,
     check_blockwise,
     concat_edges,
+    concat_fragments,
     fragment_block,
     graph_merge,
     merge_table,
@@ -143,18 +144,16 @@ def run_fragments(out_path: str | Path, part: int, out_npz: str | Path) -> int:
     s = plan["settings"]
     affs = io.read_image(Path(plan["predictions"]) / "affinities").array
     fragments = _writable(work / "fragments.zarr")
-    ids, sizes = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
     t = time.perf_counter()
     windows = _windows(plan, part)
-    for i, window in windows:
-        block_ids, block_sizes = fragment_block(affs, plan["offsets"], fragments, window, i, plan["block_shape"],
-                                                s["method"], s["block_context"], **s["parameters"])
-        ids.append(block_ids)
-        sizes.append(block_sizes)
-    all_ids = np.concatenate(ids)
+    all_ids, sizes = concat_fragments([
+        fragment_block(affs, plan["offsets"], fragments, window, i, plan["block_shape"], s["method"],
+                       s["block_context"], **s["parameters"])
+        for i, window in windows
+    ])
     with io.atomic_output(out_npz) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, ids=all_ids, sizes=np.concatenate(sizes))
+            np.savez(f, ids=all_ids, sizes=sizes)
     logger.info("part %d: %d blocks, %d fragments in %.1fs", part, len(windows), len(all_ids), time.perf_counter() - t)
     return len(all_ids)
 
@@ -180,16 +179,15 @@ def run_merge(plan_json: str | Path, fragment_npzs: list[str], face_npzs: list[s
     """The table fragment id -> segment id of the whole volume (step 4); returns the segment count."""
     plan = json.loads(Path(plan_json).read_text())
     s = plan["settings"]
-    ids, sizes, edges = [], [], []
+    found, edges = [], []
     for path in fragment_npzs:
         with np.load(path) as data:
-            ids.append(data["ids"])
-            sizes.append(data["sizes"])
+            found.append((data["ids"], data["sizes"]))
     for path in face_npzs:
         with np.load(path) as data:
             edges.append((data["pairs"], data["sums"], data["counts"]))
     t = time.perf_counter()
-    keys, values = merge_table(np.concatenate(ids), np.concatenate(sizes), concat_edges(edges), int(s["min_size"]),
+    keys, values = merge_table(*concat_fragments(found), concat_edges(edges), int(s["min_size"]),
                                **graph_merge(s["method"], s["merge_threshold"], s["parameters"]))
     n = int(values.max()) if len(values) else 0
     with io.atomic_output(out_npz) as tmp:

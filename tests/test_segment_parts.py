@@ -11,6 +11,7 @@ import zarr
 
 from dinopipe import io
 from dinopipe.evaluate import evaluate_segmentation
+from dinopipe.segment import segment
 from dinopipe.segment_parts import (
     block_plan,
     parts_dir,
@@ -22,7 +23,7 @@ from dinopipe.segment_parts import (
     run_relabel,
 )
 from dinopipe.stages import run_segment, segment_settings
-from test_segment_stage import prediction  # noqa: F401  (fixture)
+from test_segment_stage import OFFSETS, prediction  # noqa: F401  (fixture)
 
 
 def test_parts_take_consecutive_blocks_of_the_one_plan():
@@ -53,16 +54,22 @@ def run_all_parts(predictions, out, params: dict, jobs: int) -> dict:
     return attrs
 
 
-@pytest.mark.parametrize("method", ["mutex_watershed", "agglomeration"])
-def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method):  # noqa: F811
+@pytest.mark.parametrize(("method", "fragments"),
+                         [("mutex_watershed", "waterz"), ("agglomeration", "waterz"), ("agglomeration", "distance")])
+def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method, fragments):  # noqa: F811
     path, truth = prediction
     params = {"method": method, "block_shape": [4, 8, 8], "min_size": 20, "bias_short": -0.5, "bias_long": -0.5,
-              "threshold": 0.5, "fragments": "waterz"}
+              "threshold": 0.5, "fragments": fragments}
     one = run_segment(path, tmp_path / "one.zarr", params)
     attrs = run_all_parts(path, tmp_path / "many.zarr", params, jobs=3)
     a, b = io.read_image(tmp_path / "one.zarr"), io.read_image(tmp_path / "many.zarr")
     assert np.array_equal(a.read(), b.read()) and a.geometry == b.geometry
-    assert evaluate_segmentation(truth, a.read())["voi_sum"] == pytest.approx(0, abs=1e-9)  # the 12 boxes
+    if fragments == "waterz":
+        assert evaluate_segmentation(truth, a.read())["voi_sum"] == pytest.approx(0, abs=1e-9)  # the 12 boxes
+    else:  # seeded fragments: the one-piece agglomeration (which joins some of these membrane-less boxes)
+        whole = segment(io.read_image(path / "affinities").read(), OFFSETS, method="agglomeration", threshold=0.5,
+                        fragments="distance", min_size=20)
+        assert evaluate_segmentation(whole, a.read())["voi_sum"] == pytest.approx(0, abs=1e-9)
     assert {k: v for k, v in attrs.items() if k not in ("seconds", "jobs")} == {
         k: v for k, v in one.items() if k != "seconds"}
     assert attrs["jobs"] == 3 and b.attrs["jobs"] == 3
