@@ -28,9 +28,8 @@ The blocks are split into ``jobs`` parts by the rule every stage uses
 order, part ``p`` takes the consecutive blocks ``p * n ... p * n + n - 1`` for
 ``n = ceil(blocks / jobs)`` (trailing parts may have none). The number of jobs is fixed by
 the config, not by the volume's size, so the workflow knows its jobs before any prediction
-exists. The per-part
-files are Snakemake temporary outputs: a killed job leaves its part missing and only that
-part is redone; once the volume is finished they are deleted.
+exists. The per-part files are Snakemake temporary outputs: a killed job leaves its part
+missing and only that part is redone; once the volume is finished they are deleted.
 """
 
 from __future__ import annotations
