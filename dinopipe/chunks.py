@@ -23,8 +23,8 @@ from dinopipe.inputs import split_hdf5
 logger = logging.getLogger(__name__)
 
 
-#: Metadata files inside an array folder (not chunks).
-_METADATA_FILES = {".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json", "attributes.json"}
+#: Names of the metadata files of Zarr v2/v3 and N5 arrays and groups (not chunks).
+METADATA_FILES = {".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json", "attributes.json"}
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def count_chunks(path: str, scale: str | None = None, *, examples: int = 3) -> C
         for root, _, files in os.walk(p):
             rel_root = os.path.relpath(root, p)
             for name in files:
-                if name in _METADATA_FILES or name.startswith("."):
+                if name in METADATA_FILES or name.startswith("."):
                     continue
                 rel = name if rel_root == "." else f"{rel_root}/{name}"
                 parts = rel.replace(os.sep, "/").split("/") if separator == "/" else rel.split(separator)

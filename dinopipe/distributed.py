@@ -44,7 +44,7 @@ import numpy as np
 import zarr
 
 from dinopipe.atomic import move_into_place, remove_partial_writes, write_json
-from dinopipe.chunks import count_chunks
+from dinopipe.chunks import METADATA_FILES, count_chunks
 from dinopipe.parts import BlockPlan
 
 logger = logging.getLogger(__name__)
@@ -250,9 +250,6 @@ def batch_of(plan: BlockPlan, index: int, batch_size: int) -> range:
     return range(first, min(first + batch_size, part.stop))
 
 
-_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
-
-
 def replace_block(array_path: str | os.PathLike[str], plan: BlockPlan, index: int, values: np.ndarray) -> bool:
     """Write block ``index`` of one image (C, z, y, x; one chunk per block) atomically.
 
@@ -285,11 +282,11 @@ def replace_block(array_path: str | os.PathLike[str], plan: BlockPlan, index: in
         changed = True
     scratch = Path(tempfile.mkdtemp(prefix=f".block-{index}-", dir=path.parent.parent.parent))
     try:
-        for name in _METADATA:
+        for name in METADATA_FILES:
             if (path / name).exists():
                 shutil.copy2(path / name, scratch / name)
         zarr.open_array(str(scratch), mode="r+", config={"write_empty_chunks": True})[where] = values
-        chunks = [p for p in scratch.rglob("*") if p.is_file() and p.name not in _METADATA]
+        chunks = [p for p in scratch.rglob("*") if p.is_file() and p.name not in METADATA_FILES]
         if len(chunks) != 1:
             raise RuntimeError(f"{path}: block {index} encoded into {len(chunks)} chunk files, expected one")
         target = path / chunks[0].relative_to(scratch)
