@@ -90,7 +90,7 @@ def write_plan(path: str | os.PathLike[str], plan: BlockPlan, *, volume: str, pl
     write_json(path, {
         "format": PLAN_FORMAT, "volume": volume, "plan_id": plan_id,
         "shape": list(plan.shape), "block": list(plan.block), "blocks_per_part": plan.blocks_per_part,
-        "num_blocks": plan.num_blocks, "num_parts": plan.num_parts, **extra,
+        "counts": list(plan.counts), "num_blocks": plan.num_blocks, "num_parts": plan.num_parts, **extra,
     })
 
 

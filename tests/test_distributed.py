@@ -168,7 +168,8 @@ def test_one_block_of_a_finished_volume_is_predicted_again_by_index(setup):
     out = _distributed(tmp_path, features, model_dir, params)
     before = _arrays(out)
     plan_path = tmp_path / "vol.parts" / "plan.json"
-    plan, _ = read_plan(plan_path)
+    plan, record = read_plan(plan_path)
+    assert record["counts"] == [3, 3, 2]  # the block grid (z, y, x) the indices count over, C order
     assert batch_of(plan, 5, 2) == range(4, 6) and batch_of(plan, 16, 2) == range(16, 18)
     index = 5
     window = (slice(None), *plan.window(index))
