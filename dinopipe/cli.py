@@ -14,6 +14,7 @@ Examples::
         --tuned results/tune/segment.json      # the parameters the workflow picked on the validate volumes
     dinopipe sheet --raw data/jrc_hela-2.zarr/recon-1/em/fibsem-uint8 \
         --crops data/jrc_hela-2.zarr/recon-1/labels/groundtruth --validate-fraction 0.2 --out config/volumes.tsv
+    dinopipe block --plan results/predictions/vol.parts/plan.json --voxel 100 2000 3000   # which block, part, command
 """
 
 from __future__ import annotations
@@ -103,7 +104,26 @@ def _parser() -> argparse.ArgumentParser:
                        help="fraction of the other crops drawn (seeded) for predict")
     sheet.add_argument("--seed", type=int, default=0, help="seed of the random split")
     sheet.add_argument("--append", action="store_true", help="add the rows to an existing sheet")
+    block = sub.add_parser("block", help="the block and part of a distributed prediction that hold a voxel, and the "
+                                         "command that predicts that block again")
+    block.add_argument("--plan", required=True, help="the plan of a distributed prediction, "
+                                                     "results/predictions/VOLUME.parts/plan.json")
+    block.add_argument("--voxel", required=True, type=int, nargs=3, metavar=("Z", "Y", "X"),
+                       help="a voxel of the prediction's grid (label voxels)")
     return parser
+
+
+def block_of_voxel(plan_path: str | Path, voxel: Sequence[int]) -> dict[str, Any]:
+    """The block and part of a distributed prediction that hold ``voxel`` (z, y, x, label
+    voxels), and the Snakemake target that predicts that block again (rule ``predict_block``)."""
+    from dinopipe.distributed import read_plan
+
+    plan, record = read_plan(plan_path)
+    index = plan.block_index(voxel)
+    return {"volume": record["volume"], "voxel": list(voxel), "block": index,
+            "first_voxel": list(plan.block_start(index)), "block_shape": list(plan.block),
+            "part": plan.part_of_block(index), "parts": plan.num_parts,
+            "target": f"{Path(plan_path).parent}/blocks/{index}.json"}
 
 
 def _sheet(args: argparse.Namespace) -> None:
@@ -170,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sheet":
             _sheet(args)
+            return 0
+        if args.command == "block":
+            found = block_of_voxel(args.plan, args.voxel)
+            print(f"volume {found['volume']}: voxel (z, y, x) {found['voxel']} is in block {found['block']} (first "
+                  f"voxel {found['first_voxel']}, blocks of {found['block_shape']}), part {found['part']} of "
+                  f"{found['parts']}; predict it again: snakemake {found['target']}")
             return 0
         sections = load_sections(args.config)
         if args.command == "run":

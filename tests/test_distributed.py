@@ -199,3 +199,19 @@ def test_one_block_of_a_finished_volume_is_predicted_again_by_index(setup):
     with pytest.raises(FileNotFoundError, match=r"no finished prediction at .*PART.done"):
         run_predict_block(features, model_dir, plan_path, tmp_path / "none.zarr", tmp_path / "b.json", 1, params,
                           threads=1)
+
+
+def test_the_block_command_names_the_block_of_a_voxel(tmp_path, capsys):
+    """`dinopipe block --plan ... --voxel Z Y X`: the block, its part and the target that predicts it again."""
+    from dinopipe.cli import main
+    from dinopipe.distributed import write_plan
+    from dinopipe.parts import BlockPlan
+
+    plan_path = tmp_path / "vol.parts" / "plan.json"
+    write_plan(plan_path, BlockPlan((20, 26, 30), (8, 12, 16), 4), volume="vol", plan_id="x", extra={})
+    assert main(["block", "--plan", str(plan_path), "--voxel", "9", "0", "15"]) == 0
+    out = capsys.readouterr().out
+    assert (f"volume vol: voxel (z, y, x) [9, 0, 15] is in block 6 (first voxel [8, 0, 0], blocks of [8, 12, 16]), "
+            f"part 1 of 5; predict it again: snakemake {tmp_path}/vol.parts/blocks/6.json") in out
+    assert main(["block", "--plan", str(plan_path), "--voxel", "20", "0", "0"]) == 2  # outside: named error
+    assert main(["block", "--plan", str(tmp_path / "none.json"), "--voxel", "0", "0", "0"]) == 2

@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -297,8 +298,14 @@ def test_lsf_prediction_and_segmentation_in_parts_killed_mid_write(project, tmp_
     one = io.read_image(tmp_path / "one.zarr")
     assert np.array_equal(seg.read(), one.read()) and seg.attrs["jobs"] == 3 and one.attrs["segments"] > 1
 
-    # docs/distributed.md: one block by index, intact (nothing downstream reruns) ...
+    # docs/distributed.md: which block holds a voxel ...
+    (lookup,) = [c.replace(DOC_VOLUME, VOLUME) for c in documented_commands(DOCS, "dinopipe block ")]
+    found = subprocess.run([sys.executable, "-m", "dinopipe.cli", *shlex.split(lookup)[1:]], cwd=own,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert found.returncode == 0, found.stderr
     first, forced = documented(blocks=True)
+    assert found.stdout.strip().endswith(f"predict it again: {first}"), found.stdout
+    # ... one block by index, intact (nothing downstream reruns) ...
     ran = run_documented(own, first)
     assert jobs_in(ran.stdout + ran.stderr) == {"predict_block": 1}
     record = json.loads((own / PARTS / "blocks" / "5.json").read_text())
