@@ -378,12 +378,11 @@ def test_blockwise_steps_in_any_order_give_the_one_job_result(method, fragments)
     the edges of each block found alone, the table built from the parts - give its output exactly."""
     from dinopipe.geometry import blocks
     from dinopipe.segment import (
-        block_edges,
+        block_graph,
         concat_edges,
         concat_fragments,
         fragment_block,
-        graph_merge,
-        merge_table,
+        merge_fragments,
         relabel_block,
         segment_blockwise,
     )
@@ -400,8 +399,9 @@ def test_blockwise_steps_in_any_order_give_the_one_job_result(method, fragments)
     fragments = np.zeros(truth.shape, dtype=np.uint64)
     parts = [fragment_block(aff, LONG, fragments, windows[i], i, block, method, **params)
              for i in reversed(range(len(windows)))]
-    edges = concat_edges([block_edges(aff, LONG, fragments, w, method == "agglomeration") for w in windows[::-1]])
-    keys, values = merge_table(*concat_fragments(parts), edges, 3, **graph_merge(method, 0.5, params))
+    graphs = [block_graph(aff, LONG, fragments, w, method, params) for w in windows[::-1]]
+    keys, values = merge_fragments(method, concat_fragments(parts), concat_edges([g[0] for g in graphs]),
+                                   concat_edges([g[1] for g in graphs]), 3, 0.5, params)
     out = np.zeros(truth.shape, dtype=np.uint64)
     for w in windows:
         relabel_block(fragments, out, w, keys, values)
