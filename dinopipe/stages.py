@@ -524,8 +524,8 @@ def run_segment(
     ``params`` is the ``segment`` config section: ``method``, ``min_size``, the
     method's own parameters (keys of other methods are ignored), and the blocking:
     volumes of more than ``max_voxels`` voxels, or any volume when ``block_shape`` is
-    set, are segmented blockwise (:func:`dinopipe.segment.segment_blockwise`, fragments
-    merged across block faces above ``merge_threshold``); ``block_shape`` null then means
+    set, are segmented blockwise (:func:`dinopipe.segment.segment_blockwise`: fragments
+    per block, merged on the whole region graph); ``block_shape`` null then means
     128 x 256 x 256. The default ``max_voxels`` (1e8, about 11 GB with 6 offsets, see
     :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB. With ``segment.jobs``
     the workflow runs the blockwise steps as many jobs instead (:mod:`dinopipe.segment_parts`),
