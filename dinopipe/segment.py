@@ -407,7 +407,7 @@ def _seed_seedless_components(short_affinities: np.ndarray, seeds: np.ndarray, n
     whole names it by that seed, one that does not by its own first voxel, so its pieces are
     separate fragments there (joined again by the global merge across their strong edges).
     Boundary voxels whose edges are all weak are such components of one voxel: on the demo
-    volume they were 96 % of the 148,000 fragments of 590,000 voxels, and the graph mutex
+    volume they were 95 % of the 148,000 fragments of 590,000 voxels, and the graph mutex
     watershed needs them (seeding only components of 2 voxels or more: 0.21 bits VOI against
     the truth instead of 0.072).
 
