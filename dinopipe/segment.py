@@ -374,7 +374,9 @@ def _edge_flood(short_affinities: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     its strongest edge to a flooded neighbour, so fragments never cross a contact whose edges
     are weaker than those around it. Runs :func:`skimage.segmentation.watershed` on a grid of
     twice the resolution holding the voxels (cost 0) and the edges between them (cost one
-    minus the affinity): about 8 bytes and 7 microseconds per grid point, 4 per voxel.
+    minus the affinity; the other grid points are masked out): 8 grid points per voxel, about
+    170 bytes per voxel of the window and 4-7 microseconds per voxel on the demo volume (the
+    voxel flood: 0.4).
 
     Args:
         short_affinities: (3, z, y, x) in waterz's convention (channel d at p: p <-> p - e_d).
@@ -1010,12 +1012,13 @@ def mutex_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, long_edges: Ed
 
     Each fragment pair gets the weight ``mean short-range affinity + bias_short`` from
     ``edges`` and ``mean long-range affinity + bias_long`` from ``long_edges`` (a pair may
-    have both); positive weights attract, negative ones repel. Edges are taken by decreasing
-    ``|weight|`` (ties by fragment ids): an attractive edge joins its two clusters unless a
-    repulsive edge already taken separates them, a repulsive edge forbids their joining from
-    then on (the mutex watershed of Wolf et al. 2018 on a graph; ``mwatershed.cluster`` runs
-    the sweep). The voxel-grid :func:`mutex_watershed` with the same biases is its one-voxel-
-    fragment case, up to the averaging of each pair's voxel edges. Objects are numbered and
+    have both); positive weights attract, negative ones repel, zero ones are left out. Edges
+    are taken by decreasing ``|weight|`` (ties: repulsive first, then by fragment ids): an
+    attractive edge joins its two clusters unless a repulsive edge already taken separates
+    them, a repulsive edge forbids their joining from then on (the mutex watershed of Wolf et
+    al. 2018 on a graph; ``mwatershed.cluster`` runs the sweep). With one-voxel fragments (and
+    every long-range edge counted) it is the voxel-grid :func:`mutex_watershed` with the same
+    biases (tests/test_segment.py). Objects are numbered and
     filtered like :func:`merge_table` (``min_size`` in voxels; ids in the order of their first
     fragment).
 
