@@ -635,3 +635,32 @@ def test_blockwise_mutex_watershed_does_not_depend_on_the_block_size(seed, label
         segment_blockwise(aff, offsets, out, block, method="mutex_watershed", context=16)
         assert evaluate_segmentation(whole, out)["voi_sum"] <= 0.01, block
         assert evaluate_segmentation(truth, out)["voi_sum"] <= voxel_voi + 0.05, block
+
+
+@pytest.mark.slow
+def test_blockwise_mutex_watershed_on_real_labels_does_not_depend_on_the_block_size(shared_data) -> None:
+    """Real neuron morphology (gala FIB-SEM labels, 50 x 100 x 200, membranes labelled 0) with the
+    noisy affinities of noisy_demo: blockwise mutex watershed in 8 blocks (2 per axis) is within
+    0.01 bits VOI of one block (measured 0.0041; 0.0009 with 16 blocks, 0.0002 with 80) and within
+    0.05 bits of the voxel mutex watershed against the truth (measured 0.027 against 0.026; the
+    face merge of per-block mutex watershed it replaces gave 0.47 bits in these blocks)."""
+    import h5py
+    from scipy import ndimage
+
+    from dinopipe.evaluate import evaluate_segmentation
+    from dinopipe.segment import segment_blockwise
+    from dinopipe.targets import compute_affinities
+
+    with h5py.File(shared_data / "gala" / "train-gt.lzf.h5", "r") as f:
+        truth = f["stack"][:].astype(np.uint64)
+    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -9, 0], [0, 0, -9]]
+    rng = np.random.default_rng(0)
+    noise = ndimage.gaussian_filter(rng.normal(0, 1, (6, *truth.shape)), (0, 1, 2, 2))
+    aff = np.clip(compute_affinities(truth, offsets) * 0.8 + 0.1 + 0.2 * noise / noise.std(), 0, 1).astype(np.float32)
+    voxel_voi = evaluate_segmentation(truth, mutex_watershed(aff, offsets))["voi_sum"]
+    whole = np.zeros(truth.shape, np.uint64)
+    segment_blockwise(aff, offsets, whole, truth.shape, method="mutex_watershed", context=16)
+    out = np.zeros(truth.shape, np.uint64)
+    segment_blockwise(aff, offsets, out, (25, 50, 100), method="mutex_watershed", context=16)
+    assert evaluate_segmentation(whole, out)["voi_sum"] <= 0.01
+    assert evaluate_segmentation(truth, out)["voi_sum"] <= voxel_voi + 0.05
