@@ -558,6 +558,25 @@ def test_mutex_table_by_hand_and_against_the_reference() -> None:
         assert same_partition(values, np.array(expected))
 
 
+def test_block_long_edges_of_all_blocks_are_those_of_one_block() -> None:
+    """Each long-range voxel pair is counted by the one block holding its first voxel, boundary
+    voxels (lowest short-range affinity below the threshold) left out alike in every block."""
+    from dinopipe.geometry import blocks
+    from dinopipe.segment import block_long_edges, concat_edges
+
+    rng = np.random.default_rng(2)
+    shape = (8, 9, 10)
+    aff = rng.random((len(LONG), *shape)).astype(np.float32)
+    fragments = rng.integers(1, 12, shape).astype(np.uint64)
+    whole = tuple(slice(0, n) for n in shape)
+    for threshold in (0.0, 0.2):
+        one = block_long_edges(aff, LONG, fragments, whole, threshold)
+        many = concat_edges([block_long_edges(aff, LONG, fragments, w, threshold) for w in blocks(shape, (3, 4, 5))])
+        assert np.array_equal(one[0], many[0]) and np.array_equal(one[2], many[2])
+        np.testing.assert_allclose(one[1], many[1])
+    assert one[2].sum() < block_long_edges(aff, LONG, fragments, whole, 0.0)[2].sum()  # boundary voxels left out
+
+
 def test_mutex_table_on_single_voxel_fragments_is_the_mutex_watershed() -> None:
     """With every voxel its own fragment (and no voxel left out as boundary), the graph mutex
     watershed sees every voxel edge once: it is mutex_watershed's segmentation."""
