@@ -200,7 +200,8 @@ def dry_run_seconds(root: Path, blocks: int, per_job: int) -> dict[str, float]:
     """Wall and CPU seconds (user + system) of ``snakemake -n`` of results/predictions/big.zarr when the plan has ``blocks`` blocks, ``per_job``
     per part: a project whose upstream outputs exist (placeholders, dated in order) so that only the
     part jobs and the finish are to run."""
-    from dinopipe.distributed import BlockPlan, write_plan
+    from dinopipe.distributed import write_plan
+    from dinopipe.parts import BlockPlan
     from dinopipe.stages import run_demo_data
 
     project = root / f"dry-{blocks}-{per_job}"
