@@ -94,7 +94,7 @@ PARALLEL = max(1, min(4, os.cpu_count() or 1))  # jobs at a time (one torch thre
 CHILD = """
 import json, sys
 from dinopipe.logs import logged
-from dinopipe.runtime import one_job_gc
+from dinopipe.runtime import one_job_gc, peak_resident_mb
 from dinopipe import stages
 args = json.loads(sys.argv[1])
 with logged(args.pop("log")):
@@ -102,18 +102,22 @@ with logged(args.pop("log")):
     if "volume" in args:
         args["volume"] = stages.volume_from_dict(args["volume"])
     getattr(stages, args.pop("function"))(*args.pop("args"), **args)
+print(json.dumps({"peak_rss_mb": peak_resident_mb()}))
 """
 
 
 def child(function: str, *args, log: Path, **kwargs) -> dict:
-    """Run one dinopipe.stages function in a fresh Python, as one cluster job: CPU s, peak RSS MB."""
+    """Run one dinopipe.stages function in a fresh Python, as one cluster job: CPU s (``wait4``),
+    peak RSS MB (the child's own ``VmHWM``: ``wait4``'s ``ru_maxrss`` would include this
+    process's peak, see ``dinopipe.runtime.peak_resident_mb``)."""
     payload = json.dumps({"function": function, "args": list(args), "log": str(log), **kwargs}, default=str)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, payload], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stderr=subprocess.DEVNULL)  # the child logs into ``log``
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # it logs into ``log``
+    out = proc.stdout.read()  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise RuntimeError(f"{function} failed ({status}); see {log}:\n{Path(log).read_text()[-3000:]}")
-    return {"cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": json.loads(out.splitlines()[-1])["peak_rss_mb"]}
 
 
 def make_tile(seed: int) -> np.ndarray:

@@ -184,16 +184,32 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def resident_mb() -> float:
-    """This process's resident set size now (``VmRSS``), in MB; NaN where ``/proc`` is missing."""
+def _status_mb(field: str) -> float:
+    """A memory field (kB) of ``/proc/self/status`` in MB; NaN where ``/proc`` is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def resident_mb() -> float:
+    """This process's resident set size now (``VmRSS``), in MB; NaN where ``/proc`` is missing."""
+    return _status_mb("VmRSS")
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident set size since it started (``VmHWM``), in MB; NaN where
+    ``/proc`` is missing.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries a process's high-water mark over
+    ``exec``, so a job started by a large process (Snakemake, a benchmark holding arrays;
+    Python's ``subprocess`` forks with ``vfork``) reports at least that process's peak.
+    """
+    return _status_mb("VmHWM")
 
 
 # --------------------------------------------------------------------------- garbage collection
