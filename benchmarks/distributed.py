@@ -138,7 +138,7 @@ def make_volume(root: Path, name: str, grid: tuple[int, int, int], tile: np.ndar
     if any(r * t != s for r, t, s in zip(reps, tile.shape, shape)):
         raise ValueError(f"raw shape {shape} is not a whole number of tiles {list(tile.shape)}")
     rvs = [v / f for v, f in zip(VOXEL, RAW_FACTOR)]
-    path = root / f"{name}.zarr"
+    path = root / f"{name}-raw.zarr"  # not {name}.zarr: the distributed run writes its predictions there
     zarr.open_group(str(path), mode="w", zarr_format=2)
     raw = create_image(path / "raw", shape, np.uint8, rvs, [v / 2 for v in rvs], name="raw")
     for index in np.ndindex(*reps):

@@ -225,10 +225,11 @@ def one_job_gc() -> None:
     For the workflow scripts (each one cluster job) only; tests, notebooks and other long-lived
     processes keep the defaults.
 
-    Importing torch and transformers leaves a few million long-lived objects, and CPython's
-    collector traverses all of them at every full collection while the imports run and again
-    in the collections of the interpreter's shutdown: about 1.5 of the ~5 CPU-seconds it takes
-    to start a prediction job (measured with ``benchmarks/distributed.py``), a fixed cost that
+    Importing torch and transformers leaves ~370,000 long-lived objects that CPython's
+    collector tracks, and it traverses all of them at every full collection while the imports
+    run and again in the collections of the interpreter's shutdown: about 1.5 of the ~5
+    CPU-seconds a one-block prediction job took (profiled with ``perf``; see
+    docs/distributed.md, "Where a part job's CPU goes"), a fixed cost that
     each of the many part jobs of a distributed prediction pays. Here the young generation is
     collected every 50,000 allocations instead of every 700 (:data:`JOB_GC_THRESHOLDS`: cyclic
     garbage is still collected, later and in bigger batches), and at exit what is still alive
