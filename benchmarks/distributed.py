@@ -37,7 +37,7 @@ set up as the workflow's predict scripts set it up (``dinopipe.runtime.one_job_g
   8x volume (2x per axis), and their ratio. Goal <= 1.1;
 * bitwise: the distributed prediction equals the single-job one (must be true).
 
-Why these sizes. A part job's start (~3.5 CPU-s here, most of it importing torch and
+Why these sizes. A part job's start (3-4.5 CPU-s here, most of it importing torch and
 transformers) is fixed, so the CPU ratio says as much about the block size as about the
 distribution: with blocks of 8 x 16 x 16 voxels (0.15 CPU-s each) a job needed ~200 of them
 to amortise its start. Production blocks are 64^3 to 128^3 label voxels or more
@@ -46,8 +46,8 @@ Here: blocks of 64^3 label voxels (the low end), a UNet of the default depth (2 
 voxels) with half the default channels, and the backbone's default ``block_halo`` of 8, so each
 block's backbone input is (64 + 2 x (24 + 8))^3 = 8 times the block and the UNet's (64 + 48)^3
 = 5.4 times: the halo share of a real 64^3 block. 64 blocks (a 256^3 label grid, raw 512^3)
-in 4 part jobs of 16: several jobs, several blocks each, and the whole script costs about ten
-CPU-minutes (minutes of wall time on 2 idle cores; more on a loaded machine). The tiny ViT makes
+in 4 part jobs of 16: several jobs, several blocks each, and the whole script costs about 12
+CPU-minutes (7 minutes of wall time on 2 nearly idle cores, 20 at a load average of 5-8). The tiny ViT makes
 a block far cheaper than a real backbone would (ViT-S: 12 layers of width 384, here 2 of 32), so
 the ratio measured here is an upper bound for production jobs of the same shape.
 
