@@ -23,7 +23,6 @@ block plus one id per fragment.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import inspect
 import logging
 import os
@@ -38,6 +37,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from dinopipe.geometry import blocks, grow_window, inner_window
+from dinopipe.linkage import hierarchical_mean_linkage, mean_linkage
 
 logger = logging.getLogger(__name__)
 
@@ -745,56 +745,8 @@ def block_edges(affinities: Any, offsets: Sequence[Sequence[int]], fragments: An
     return concat_edges(found)
 
 
-def _mean_linkage(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts: np.ndarray,
-                  threshold: float) -> np.ndarray:
-    """Hierarchical agglomeration of ``n`` regions by mean boundary affinity (waterz's MeanAffinity).
-
-    Repeatedly joins the two adjacent regions with the highest mean affinity on their common
-    boundary (sum / count, the boundary of a joined region being the union of its parts')
-    while it exceeds ``threshold``. Returns each region's representative (an index).
-    """
-    adj: list[dict[int, list[float]] | None] = [{} for _ in range(n)]
-    heap = []
-    for a, b, s, c in zip(u.tolist(), v.tolist(), sums.tolist(), counts.tolist()):
-        e = [s, c]
-        adj[a][b] = e  # type: ignore[index]
-        adj[b][a] = e  # type: ignore[index]
-        heap.append((-s / c, a, b))
-    heapq.heapify(heap)
-    parent = np.arange(n)
-    while heap:
-        neg, a, b = heapq.heappop(heap)
-        if -neg <= threshold:
-            break
-        ea, eb = adj[a], adj[b]
-        if ea is None or eb is None or b not in ea or ea[b][0] / ea[b][1] != -neg:
-            continue  # a region already joined, or a mean since changed
-        if len(ea) < len(eb):
-            a, b, ea, eb = b, a, eb, ea
-        parent[b] = a
-        del ea[b]
-        for w, e in eb.items():  # b's boundary becomes a's
-            if w == a:
-                continue
-            ew = adj[w]
-            del ew[b]  # type: ignore[union-attr]
-            joined = ea.get(w)
-            if joined is None:
-                ea[w] = ew[a] = joined = e  # type: ignore[index]
-            else:
-                joined[0] += e[0]
-                joined[1] += e[1]
-            heapq.heappush(heap, (-joined[0] / joined[1], a, w))
-        adj[b] = None
-    while True:  # representatives: follow the joins to the end
-        up = parent[parent]
-        if np.array_equal(up, parent):
-            return parent
-        parent = up
-
-
 def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int, linkage: str = "single",
-                threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                threshold: float = 0.5, levels: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Final segment ids of all fragments: the region graph merged, small objects dropped.
 
     ``linkage`` "single": two fragments join when the mean affinity of their edge exceeds
@@ -803,6 +755,12 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     fewer than ``min_size`` voxels (at least 1) gets id 0; the others are numbered 1, 2, ...
     in the order of their smallest fragment id (blocks in C order).
 
+    Mean linkage is :func:`dinopipe.linkage.mean_linkage` (flat arrays, ~100 bytes and ~10 us
+    per edge, benchmarks/merge.py); with ``levels`` it is
+    :func:`dinopipe.linkage.hierarchical_mean_linkage`: groups of fragments (super-blocks)
+    agglomerated on their own edges first, then the contracted graph (approximate, see there).
+    Single linkage is exact in any split: connected components of the edges above ``threshold``.
+
     Args:
         ids: Every fragment id (uint64, unique).
         sizes: Each fragment's size in voxels.
@@ -810,6 +768,9 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
         min_size: Smallest object kept, in voxels.
         linkage: "single" or "mean".
         threshold: Mean affinity above which regions join, in [0, 1].
+        levels: For mean linkage only: per level, the group of every fragment (in the order of
+            ``ids``), each level's groups unions of the previous level's
+            (:func:`fragment_superblocks`). None: the whole graph at once.
 
     Returns:
         ``keys`` (the fragment ids, ascending) and ``values`` (uint64 segment ids), for
@@ -818,6 +779,9 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     _check_min_size(min_size)
     if linkage not in ("single", "mean"):
         raise ValueError(f"merge_table: linkage must be 'single' or 'mean', got {linkage!r}")
+    if levels and linkage != "mean":
+        raise ValueError("merge_table: levels (a hierarchical merge) apply to mean linkage only; single linkage "
+                         "is exact as connected components")
     order = np.argsort(ids, kind="stable")
     keys = np.asarray(ids, dtype=np.uint64)[order]
     sizes = np.asarray(sizes, dtype=np.int64)[order]
@@ -831,13 +795,18 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     where = np.searchsorted(keys, pairs)
     if pairs.size and (where.max() >= n or not np.array_equal(keys[np.minimum(where, n - 1)], pairs)):
         raise ValueError("merge_table: an edge names a fragment that is not in the fragment list")
-    mean = np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts), 1)
     if linkage == "single":
+        mean = np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts), 1)
         join = where[:, mean > threshold]
         graph = sparse.coo_matrix((np.ones(join.shape[1], dtype=np.int8), (join[0], join[1])), shape=(n, n))
         component = csgraph.connected_components(graph, directed=False)[1]
     else:
-        component = _mean_linkage(n, where[0], where[1], np.asarray(sums, np.float64), np.asarray(counts), threshold)
+        sums, counts = np.asarray(sums, np.float64), np.asarray(counts)
+        if levels:
+            component = hierarchical_mean_linkage(n, where[0], where[1], sums, counts, threshold,
+                                                  [np.asarray(level)[order] for level in levels])
+        else:
+            component = mean_linkage(n, where[0], where[1], sums, counts, threshold)
         component = np.unique(component, return_inverse=True)[1].ravel()
     first = np.full(component.max() + 1, n, dtype=np.int64)
     np.minimum.at(first, component, np.arange(n))  # each object's first fragment (ids ascending)
@@ -849,6 +818,41 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     final = np.zeros(len(first), dtype=np.uint64)
     final[np.flatnonzero(kept)] = numbered
     return keys, final[component]
+
+
+def fragment_superblocks(ids: np.ndarray, shape: Sequence[int], block_shape: Sequence[int],
+                         factors: Sequence[int | Sequence[int]]) -> list[np.ndarray]:
+    """The super-block of every fragment at each level of a hierarchical merge (``merge_table``'s ``levels``).
+
+    A fragment's block follows from its id (:func:`fragment_id_base`); level ``k`` groups
+    ``factors[k]`` blocks per axis (one int for all three axes, or (z, y, x)), so each level
+    must be a multiple of the previous one.
+
+    Args:
+        ids: Fragment ids (uint64, from :func:`fragment_block`), any order.
+        shape: The volume's shape (z, y, x) in voxels.
+        block_shape: The block shape (z, y, x) in voxels.
+        factors: Blocks per super-block along (z, y, x) at each level, increasing.
+
+    Returns:
+        Per level, (len(ids),) int64 super-block indices (C order), aligned with ``ids``.
+
+    Raises:
+        ValueError: A factor below 1, or a level that is not a multiple of the previous one.
+    """
+    block = np.array([int(b) for b in block_shape])
+    grid = -(-np.array([int(n) for n in shape]) // block)
+    index = (np.asarray(ids, dtype=np.uint64) - np.uint64(1)) // np.uint64(int(np.prod(block)))
+    coords = np.stack(np.unravel_index(index.astype(np.int64), tuple(grid)))
+    out, previous = [], np.ones(3, dtype=np.int64)
+    for level, factor in enumerate(factors):
+        f = np.broadcast_to(np.asarray(factor, dtype=np.int64), (3,))
+        if np.any(f < 1) or np.any(f % previous):
+            raise ValueError(f"merge levels: blocks per super-block {list(f)} at level {level} must be >= 1 and "
+                             f"multiples of the previous level's {list(previous)}")
+        out.append(np.ravel_multi_index(tuple(coords // f[:, None]), tuple(-(-grid // f))).astype(np.int64))
+        previous = f
+    return out
 
 
 def relabel_block(fragments: Any, out: Any, window: Sequence[slice], keys: np.ndarray, values: np.ndarray) -> None:

@@ -1,0 +1,252 @@
+"""The global merge of a blockwise segmentation (rule segment_merge): memory and time per edge.
+
+The merge holds the whole region graph (fragments, and per pair of touching fragments the sum
+and count of the affinities between them) and agglomerates it by mean linkage. Its inputs are
+synthetic region graphs shaped like the real ones: fragments on a 3-D grid, each joined to
+its 6 face neighbours and 4 of its diagonal ones (~7 edges per fragment, as between watershed
+fragments), ``OBJECT``^3 neighbouring fragments forming one object (mean boundary affinity
+0.75 +- 0.15 inside an object, 0.3 +- 0.15 between objects; 1-199 voxel pairs per edge),
+merged at threshold 0.5. Two sizes, ~10^5 and ~10^6 edges (``GRAPHS``).
+
+Each measurement runs in a fresh child process that loads the graph (numpy arrays), records
+its RSS, resets the peak (``/proc/self/clear_refs``), runs, and reports the peak RSS above
+that RSS (``VmHWM - VmRSS``: what the merge itself allocated) per edge, and the wall time
+per edge. Side by side, alternately, the fastest of ``REPEATS`` runs each:
+
+* ``dict``: the dict-of-lists mean linkage the merge used before (:func:`dict_mean_linkage`,
+  kept here as the reference; tests/test_linkage.py checks the new one against it);
+* ``flat``: :func:`dinopipe.linkage.mean_linkage` (flat arrays); the ratios flat / dict of
+  bytes and seconds per edge are the goals (<= 0.5 and <= 1), and both must give the same
+  representatives;
+* ``table``: the whole merge step, :func:`dinopipe.segment.merge_table` with mean linkage on
+  uint64 fragment ids (id lookup, linkage, numbering): what the segment_merge job needs;
+* ``single``: ``merge_table`` with single linkage (the other methods' merge: connected
+  components of the edges above the threshold, scipy);
+* ``hierarchical``: ``merge_table`` with one level of super-blocks of ``SUPER``^3 fragments
+  (:func:`dinopipe.linkage.hierarchical_mean_linkage` in one process); also reported: the
+  contracted graph left for the top level (edges and regions over the input's) and the
+  VOI in bits between its partition of the fragments and the global one (each fragment
+  weighted by one).
+
+The last line is one JSON object with the figures and a "goals" key.
+
+Run: .venv/bin/python benchmarks/merge.py
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAPHS = {"1e5": (24, 24, 24), "1e6": (52, 52, 52)}  # fragments along (z, y, x): ~0.1 and ~0.96 million edges
+OBJECT = 4  # fragments per object along each axis
+SUPER = 13  # fragments per super-block along each axis (hierarchical)
+THRESHOLD = 0.5
+REPEATS = int(os.environ.get("BENCH_REPEATS", "2"))
+#: Edge directions between grid fragments: 3 faces and 4 diagonals (each edge once).
+DIRECTIONS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1), (1, -1, 0)]
+KINDS = ["dict", "flat", "table", "single", "hierarchical"]
+
+
+def dict_mean_linkage(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts: np.ndarray,
+                      threshold: float) -> np.ndarray:
+    """The dict-based mean linkage ``dinopipe.segment`` used before ``dinopipe.linkage``: each
+    region's neighbours in a dict of shared [sum, count] lists, a heap of (-mean, a, b)
+    tuples. The reference for the merges, their order and the ties."""
+    adj: list[dict[int, list[float]] | None] = [{} for _ in range(n)]
+    heap = []
+    for a, b, s, c in zip(u.tolist(), v.tolist(), sums.tolist(), counts.tolist()):
+        e = [s, c]
+        adj[a][b] = e  # type: ignore[index]
+        adj[b][a] = e  # type: ignore[index]
+        heap.append((-s / c, a, b))
+    heapq.heapify(heap)
+    parent = np.arange(n)
+    while heap:
+        neg, a, b = heapq.heappop(heap)
+        if -neg <= threshold:
+            break
+        ea, eb = adj[a], adj[b]
+        if ea is None or eb is None or b not in ea or ea[b][0] / ea[b][1] != -neg:
+            continue  # a region already joined, or a mean since changed
+        if len(ea) < len(eb):
+            a, b, ea, eb = b, a, eb, ea
+        parent[b] = a
+        del ea[b]
+        for w, e in eb.items():  # b's boundary becomes a's
+            if w == a:
+                continue
+            ew = adj[w]
+            del ew[b]  # type: ignore[union-attr]
+            joined = ea.get(w)
+            if joined is None:
+                ea[w] = ew[a] = joined = e  # type: ignore[index]
+            else:
+                joined[0] += e[0]
+                joined[1] += e[1]
+            heapq.heappush(heap, (-joined[0] / joined[1], a, w))
+        adj[b] = None
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return parent
+        parent = up
+
+
+def grid_graph(shape: tuple[int, int, int], seed: int = 0, object_size: int = OBJECT
+               ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic region graph: ``n`` fragments on a grid of ``shape`` (z, y, x) (see the module
+    docstring); returns n, u, v (int64, u < v), sums (float64), counts (int64)."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    index = np.arange(n).reshape(shape)
+    coords = np.stack(np.unravel_index(np.arange(n), shape))
+    objects = np.ravel_multi_index(tuple(c // object_size for c in coords), tuple(-(-s // object_size) for s in shape))
+    us, vs = [], []
+    for d in DIRECTIONS:
+        src = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(d, shape))
+        dst = tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(d, shape))
+        us.append(index[src].ravel())
+        vs.append(index[dst].ravel())
+    a, b = np.concatenate(us), np.concatenate(vs)
+    u, v = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
+    counts = rng.integers(1, 200, len(u))
+    mean = np.clip(np.where(objects[u] == objects[v], 0.75, 0.3) + rng.normal(0, 0.15, len(u)), 0, 1)
+    return n, u, v, mean * counts, counts.astype(np.int64)
+
+
+def superblocks(shape: tuple[int, int, int], size: int = SUPER) -> np.ndarray:
+    """The super-block (``size``^3 grid fragments) of every fragment of :func:`grid_graph`."""
+    coords = np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape))
+    return np.ravel_multi_index(tuple(c // size for c in coords), tuple(-(-s // size) for s in shape))
+
+
+def _status(key: str) -> int:
+    """A /proc/self/status figure in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def run_kind(kind: str, graph: str) -> dict:
+    """One measurement in this process (the child): seconds and peak bytes above the loaded graph."""
+    from dinopipe.linkage import mean_linkage
+    from dinopipe.segment import merge_table
+
+    with np.load(graph) as data:
+        n, u, v, sums, counts = int(data["n"]), data["u"], data["v"], data["sums"], data["counts"]
+        levels = [data["groups"]]
+    if kind in ("table", "single", "hierarchical"):  # the job's inputs: fragment ids and (2, m) uint64 pairs
+        ids = np.arange(1, n + 1, dtype=np.uint64)
+        sizes = np.ones(n, dtype=np.int64)
+        edges = (np.stack([u, v]).astype(np.uint64) + np.uint64(1), sums, counts)
+        del u, v
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := RSS now
+    t = time.perf_counter()
+    if kind == "dict":
+        rep = dict_mean_linkage(n, u, v, sums, counts, THRESHOLD)
+    elif kind == "flat":
+        rep = mean_linkage(n, u, v, sums, counts, THRESHOLD)
+    else:
+        linkage = {"single": {"linkage": "single"}, "table": {"linkage": "mean"},
+                   "hierarchical": {"linkage": "mean", "levels": levels}}[kind]
+        rep = merge_table(ids, sizes, edges, 0, threshold=THRESHOLD, **linkage)[1]
+    seconds = time.perf_counter() - t
+    peak = _status("VmHWM") - before
+    _, first, inverse = np.unique(rep, return_index=True, return_inverse=True)
+    return {"seconds": seconds, "peak_bytes": peak,
+            "partition": np.argsort(np.argsort(first))[inverse.ravel()]}  # objects numbered by first fragment
+
+
+def measure(kind: str, graph: Path, out: Path) -> dict:
+    """:func:`run_kind` in a fresh child process."""
+    subprocess.run([sys.executable, __file__, "--child", kind, str(graph), str(out)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with np.load(out) as data:
+        return {"seconds": float(data["seconds"]), "peak_bytes": int(data["peak_bytes"]),
+                "partition": data["partition"]}
+
+
+def voi_bits(a: np.ndarray, b: np.ndarray) -> float:
+    """Variation of information (bits) between two partitions of the same items (labels >= 0)."""
+
+    def entropy(*labels: np.ndarray) -> float:
+        p = np.unique(np.stack(labels), axis=1, return_counts=True)[1] / len(a)
+        return -float(np.sum(p * np.log2(p)))
+
+    return 2 * entropy(a, b) - entropy(a) - entropy(b)
+
+
+def contracted(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts: np.ndarray,
+               groups: np.ndarray) -> tuple[int, int]:
+    """Regions and edges of the graph the top level of the hierarchical merge agglomerates."""
+    from dinopipe.linkage import contract, grouped_mean_linkage
+
+    parent = grouped_mean_linkage(n, u, v, sums, counts, THRESHOLD, groups)
+    region, cu, _, _, _ = contract(parent, u, v, sums, counts)
+    return int(region.max()) + 1, len(cu)
+
+
+def main() -> None:
+    print(f"global merge of synthetic region graphs; {platform.node()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; fastest of {REPEATS} runs each")
+    result: dict = {"benchmark": "merge"}
+    with tempfile.TemporaryDirectory(prefix="merge-benchmark-") as tmp:
+        for name, shape in GRAPHS.items():
+            n, u, v, sums, counts = grid_graph(shape)
+            groups = superblocks(shape)
+            graph = Path(tmp) / f"{name}.npz"
+            np.savez(graph, n=n, u=u, v=v, sums=sums, counts=counts, groups=groups)
+            m = len(u)
+            runs: dict[str, list[dict]] = {k: [] for k in KINDS}
+            for r in range(REPEATS):
+                for kind in KINDS:
+                    runs[kind].append(measure(kind, graph, Path(tmp) / f"{name}-{kind}-{r}.npz"))
+            best = {k: min(rs, key=lambda x: x["seconds"]) for k, rs in runs.items()}
+            same = all(np.array_equal(best["dict"]["partition"], x["partition"])
+                       for x in runs["flat"] + runs["dict"] + runs["table"])
+            regions, top_edges = contracted(n, u, v, sums, counts, groups)
+            fig = {k: {"bytes_per_edge": min(x["peak_bytes"] for x in runs[k]) / m,
+                       "us_per_edge": 1e6 * best[k]["seconds"] / m} for k in KINDS}
+            voi = voi_bits(best["table"]["partition"], best["hierarchical"]["partition"])
+            print(f"{name}: {n} fragments, {m} edges, {len(np.unique(best['flat']['partition']))} objects")
+            for k in KINDS:
+                print(f"  {k:>12}: {fig[k]['bytes_per_edge']:7.1f} bytes/edge, {fig[k]['us_per_edge']:6.2f} us/edge")
+            print(f"  flat / dict: memory {fig['flat']['bytes_per_edge'] / fig['dict']['bytes_per_edge']:.3f}, "
+                  f"time {fig['flat']['us_per_edge'] / fig['dict']['us_per_edge']:.3f}; same result: {same}")
+            print(f"  hierarchical ({SUPER}^3-fragment super-blocks): top level {regions / n:.3f} of the regions, "
+                  f"{top_edges / m:.3f} of the edges; VOI vs the global merge {voi:.4f} bits")
+            for k in KINDS:
+                result[f"bytes_per_edge_{k}_{name}"] = round(fig[k]["bytes_per_edge"], 1)
+                result[f"us_per_edge_{k}_{name}"] = round(fig[k]["us_per_edge"], 3)
+            result[f"memory_ratio_{name}"] = round(fig["flat"]["bytes_per_edge"] / fig["dict"]["bytes_per_edge"], 4)
+            result[f"time_ratio_{name}"] = round(fig["flat"]["us_per_edge"] / fig["dict"]["us_per_edge"], 4)
+            result[f"same_result_{name}"] = same
+            result[f"top_edges_fraction_{name}"] = round(top_edges / m, 4)
+            result[f"top_regions_fraction_{name}"] = round(regions / n, 4)
+            result[f"hierarchical_voi_bits_{name}"] = round(voi, 4)
+            result[f"edges_{name}"] = m
+    big = list(GRAPHS)[-1]
+    result["goals"] = {f"memory_ratio_{big}": "<= 0.5", f"time_ratio_{big}": "<= 1.0", f"same_result_{big}": "true",
+                       f"bytes_per_edge_table_{big}": "<= 150"}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        r = run_kind(sys.argv[2], sys.argv[3])
+        np.savez(sys.argv[4], **r)
+    else:
+        main()
