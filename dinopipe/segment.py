@@ -36,7 +36,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
-from dinopipe.geometry import blocks, grow_window, inner_window
+from dinopipe.geometry import blocks, grow_window, inner_window, superblock_factors
 from dinopipe.linkage import hierarchical_mean_linkage, mean_linkage
 
 logger = logging.getLogger(__name__)
@@ -506,6 +506,7 @@ def segment_blockwise(
     min_size: int = 0,
     context: int | Sequence[int] = 0,
     relabel_into: Any | None = None,
+    merge_levels: Sequence[int | Sequence[int]] | None = None,
     **params: object,
 ) -> int:
     """Segment a volume too large for memory block by block: fragments per block, a global merge.
@@ -548,6 +549,10 @@ def segment_blockwise(
             ``out`` (which then holds the fragments): e.g. a sharded zarr array, written
             one whole shard at a time (its ``shards``), while ``out`` is an unsharded
             scratch array that steps 1 and 2 write and read block by block.
+        merge_levels: ``agglomeration`` only: merge hierarchically, in super-blocks of this
+            many blocks (an int or (z, y, x)) per level, then the whole graph
+            (:func:`fragment_superblocks`, ``merge_table``'s ``levels``); None: the whole
+            graph at once.
         **params: Parameters of ``method``.
 
     Returns:
@@ -556,7 +561,7 @@ def segment_blockwise(
     shape = tuple(int(s) for s in affinities.shape[1:])
     if tuple(out.shape) != shape:
         raise ValueError(f"output shape {tuple(out.shape)} differs from the affinities' {shape}")
-    offsets_t, block = check_blockwise(shape, offsets, block_shape, method, min_size)
+    offsets_t, block = check_blockwise(shape, offsets, block_shape, method, min_size, merge_levels)
     windows = blocks(shape, block)
     ids, sizes, edges = [], [], []
     for index, window in enumerate(windows):
@@ -567,8 +572,10 @@ def segment_blockwise(
     internal = method == "agglomeration"
     for window in windows:
         edges.append(block_edges(affinities, offsets_t, out, window, internal))
-    keys, values = merge_table(np.concatenate(ids), np.concatenate(sizes), concat_edges(edges), min_size,
-                               **graph_merge(method, merge_threshold, params))
+    all_ids = np.concatenate(ids)
+    levels = None if merge_levels is None else fragment_superblocks(all_ids, shape, block, merge_levels)
+    keys, values = merge_table(all_ids, np.concatenate(sizes), concat_edges(edges), min_size,
+                               **graph_merge(method, merge_threshold, params), levels=levels)
     target = out if relabel_into is None else relabel_into
     if tuple(target.shape) != shape:
         raise ValueError(f"relabel_into shape {tuple(target.shape)} differs from the affinities' {shape}")
@@ -591,13 +598,16 @@ def block_for(block_shape: Sequence[int] | None, shape: Sequence[int]) -> list[i
 
 
 def check_blockwise(shape: Sequence[int], offsets: Sequence[Sequence[int]], block_shape: Sequence[int], method: str,
-                    min_size: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+                    min_size: int, merge_levels: Sequence[int | Sequence[int]] | None = None
+                    ) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
     """Validate blockwise segmentation arguments; return the offsets and block shape as int tuples.
 
     Raises:
         ValueError: a block shape that is not three positive voxel counts, a negative
-            ``min_size``, an unknown method, or no short-range offset along an axis that
-            is cut into blocks (fragments could not be joined across its faces).
+            ``min_size``, an unknown method, no short-range offset along an axis that
+            is cut into blocks (fragments could not be joined across its faces), or
+            ``merge_levels`` (:func:`dinopipe.geometry.superblock_factors`) that are invalid or set for a
+            method other than agglomeration.
     """
     if len(block_shape) != 3 or any(int(b) < 1 for b in block_shape):
         raise ValueError(f"block_shape must be three positive integers (z, y, x), got {block_shape!r}")
@@ -606,6 +616,11 @@ def check_blockwise(shape: Sequence[int], offsets: Sequence[Sequence[int]], bloc
         raise ValueError(f"unknown segmentation method {method!r}; allowed: {sorted(METHODS)}")
     offsets_t = [tuple(int(v) for v in o) for o in offsets]
     block = tuple(int(b) for b in block_shape)
+    if merge_levels is not None:
+        if method != "agglomeration":
+            raise ValueError(f"segment.merge_levels applies to the agglomeration method only (a hierarchical mean "
+                             f"linkage), not {method!r}: set it to null")
+        superblock_factors(merge_levels)
     needed = range(3) if method == "agglomeration" else [a for a in range(3) if shape[a] > block[a]]
     for a in needed:
         if _axis_offset(offsets_t, a) is None:
@@ -844,15 +859,8 @@ def fragment_superblocks(ids: np.ndarray, shape: Sequence[int], block_shape: Seq
     grid = -(-np.array([int(n) for n in shape]) // block)
     index = (np.asarray(ids, dtype=np.uint64) - np.uint64(1)) // np.uint64(int(np.prod(block)))
     coords = np.stack(np.unravel_index(index.astype(np.int64), tuple(grid)))
-    out, previous = [], np.ones(3, dtype=np.int64)
-    for level, factor in enumerate(factors):
-        f = np.broadcast_to(np.asarray(factor, dtype=np.int64), (3,))
-        if np.any(f < 1) or np.any(f % previous):
-            raise ValueError(f"merge levels: blocks per super-block {list(f)} at level {level} must be >= 1 and "
-                             f"multiples of the previous level's {list(previous)}")
-        out.append(np.ravel_multi_index(tuple(coords // f[:, None]), tuple(-(-grid // f))).astype(np.int64))
-        previous = f
-    return out
+    return [np.ravel_multi_index(tuple(coords // f[:, None]), tuple(-(-grid // f))).astype(np.int64)
+            for f in superblock_factors(factors)]
 
 
 def relabel_block(fragments: Any, out: Any, window: Sequence[slice], keys: np.ndarray, values: np.ndarray) -> None:

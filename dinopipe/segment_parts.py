@@ -51,6 +51,7 @@ from dinopipe.segment import (
     check_blockwise,
     concat_edges,
     fragment_block,
+    fragment_superblocks,
     graph_merge,
     merge_table,
     relabel_block,
@@ -111,7 +112,7 @@ def run_plan(predictions_path: str | Path, out_path: str | Path, settings: Mappi
     offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
     g = affs.geometry
     block = block_for(settings["block_shape"], g.shape)
-    check_blockwise(g.shape, offsets, block, settings["method"], int(settings["min_size"]))
+    check_blockwise(g.shape, offsets, block, settings["method"], int(settings["min_size"]), settings.get("merge_levels"))
     work = parts_dir(out_path)
     work.mkdir(parents=True, exist_ok=True)
     for name in ("fragments.zarr", "segmentation.zarr"):
@@ -183,8 +184,11 @@ def run_merge(plan_json: str | Path, fragment_npzs: list[str], face_npzs: list[s
         with np.load(path) as data:
             edges.append((data["pairs"], data["sums"], data["counts"]))
     t = time.perf_counter()
-    keys, values = merge_table(np.concatenate(ids), np.concatenate(sizes), concat_edges(edges), int(s["min_size"]),
-                               **graph_merge(s["method"], s["merge_threshold"], s["parameters"]))
+    all_ids = np.concatenate(ids)
+    factors = s.get("merge_levels")
+    levels = None if factors is None else fragment_superblocks(all_ids, plan["shape"], plan["block_shape"], factors)
+    keys, values = merge_table(all_ids, np.concatenate(sizes), concat_edges(edges), int(s["min_size"]),
+                               **graph_merge(s["method"], s["merge_threshold"], s["parameters"]), levels=levels)
     n = int(values.max()) if len(values) else 0
     with io.atomic_output(out_npz) as tmp:
         with open(tmp, "wb") as f:
@@ -230,6 +234,8 @@ def run_finish(out_path: str | Path, plan_json: str | Path, table_npz: str | Pat
              "tuned": s["tuned"], "block_shape": plan["block_shape"], "block_context": s["block_context"],
              "merge_threshold": float(s["merge_threshold"]),
              "segments": n, "seconds": time.time() - float(plan["started"]), "warnings": warnings, "jobs": plan["jobs"]}
+    if s.get("merge_levels") is not None:
+        attrs["merge_levels"] = s["merge_levels"]
     io.set_attrs(work / "segmentation.zarr", attrs)
     io.move_into_place(work / "segmentation.zarr", out_path)
     shutil.rmtree(work / "fragments.zarr", ignore_errors=True)

@@ -196,3 +196,23 @@ def test_merge_table_levels_need_mean_linkage() -> None:
         merge_table(ids, np.ones(2), edges, 0, linkage="single", levels=[np.zeros(2, int)])
     _, values = merge_table(ids, np.ones(2), edges, 0, linkage="mean", levels=[np.array([0, 1])])
     assert values.tolist() == [1, 1]  # joined at the top level
+
+
+def test_blockwise_merge_levels() -> None:
+    """segment_blockwise's merge_levels: ideal affinities give the truth back whatever the levels;
+    other methods and levels that do not nest are refused."""
+    from dinopipe.segment import segment_blockwise
+    from test_segment import LONG, affinities_from_labels, blocks_truth, same_partition
+
+    truth = blocks_truth()
+    aff = affinities_from_labels(truth, LONG)
+    for levels in ([2], [(1, 2, 1), (2, 2, 2)]):
+        out = np.zeros(truth.shape, np.uint64)
+        n = segment_blockwise(aff, LONG, out, (2, 3, 3), method="agglomeration", merge_levels=levels,
+                              fragments="waterz")
+        assert n == len(np.unique(truth)) and same_partition(out, truth), levels
+    with pytest.raises(ValueError, match="agglomeration method only"):
+        segment_blockwise(aff, LONG, np.zeros(truth.shape, np.uint64), (2, 3, 3), merge_levels=[2])
+    with pytest.raises(ValueError, match="multiples"):
+        segment_blockwise(aff, LONG, np.zeros(truth.shape, np.uint64), (2, 3, 3), method="agglomeration",
+                          merge_levels=[2, (3, 4, 4)])

@@ -51,11 +51,12 @@ def run_all_parts(predictions, out, params: dict, jobs: int) -> dict:
     return attrs
 
 
-@pytest.mark.parametrize("method", ["mutex_watershed", "agglomeration"])
-def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method):  # noqa: F811
+@pytest.mark.parametrize("method, merge_levels", [("mutex_watershed", None), ("agglomeration", None),
+                                                  ("agglomeration", [[1, 2, 2], 2])])
+def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method, merge_levels):  # noqa: F811
     path, truth = prediction
     params = {"method": method, "block_shape": [4, 8, 8], "min_size": 20, "bias_short": -0.5, "bias_long": -0.5,
-              "threshold": 0.5, "fragments": "waterz"}
+              "threshold": 0.5, "fragments": "waterz", "merge_levels": merge_levels}
     one = run_segment(path, tmp_path / "one.zarr", params)
     attrs = run_all_parts(path, tmp_path / "many.zarr", params, jobs=3)
     a, b = io.read_image(tmp_path / "one.zarr"), io.read_image(tmp_path / "many.zarr")
@@ -64,6 +65,7 @@ def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, me
     assert {k: v for k, v in attrs.items() if k not in ("seconds", "jobs")} == {
         k: v for k, v in one.items() if k != "seconds"}
     assert attrs["jobs"] == 3 and b.attrs["jobs"] == 3
+    assert attrs.get("merge_levels") == merge_levels
     # the work directory keeps only the small files (the workflow deletes them as temporary)
     assert not (parts_dir(tmp_path / "many.zarr") / "fragments.zarr").exists()
     assert not (parts_dir(tmp_path / "many.zarr") / "segmentation.zarr").exists()
