@@ -708,15 +708,29 @@ def _aggregate(lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> Edges:
 
 
 def concat_edges(parts: Sequence[Edges]) -> Edges:
-    """Several edge lists as one, pairs found in several summed."""
+    """Several edge lists as one, sorted by pair; pairs found in several summed (in the order given).
+
+    Memory: the concatenation (32 bytes per edge) plus a sort order and one reordered array at
+    a time (24 bytes per edge), no per-pair temporaries.
+    """
     pairs = np.concatenate([np.zeros((2, 0), np.uint64), *[p[0] for p in parts]], axis=1).astype(np.uint64)
-    sums = np.concatenate([np.zeros(0), *[p[1] for p in parts]])
-    counts = np.concatenate([np.zeros(0, np.int64), *[p[2] for p in parts]])
+    sums = np.concatenate([np.zeros(0), *[p[1] for p in parts]]).astype(np.float64)
+    counts = np.concatenate([np.zeros(0, np.int64), *[p[2] for p in parts]]).astype(np.int64)
     if not pairs.shape[1]:
         return pairs, sums, counts
-    unique, inverse = np.unique(pairs, axis=1, return_inverse=True)
-    inverse = inverse.ravel()
-    return unique, np.bincount(inverse, weights=sums), np.bincount(inverse, weights=counts).astype(np.int64)
+    order = np.lexsort((pairs[1], pairs[0]))  # stable: a pair's parts keep their order
+    pairs = pairs[:, order]
+    sums = sums[order]
+    counts = counts[order]
+    del order
+    start = np.ones(pairs.shape[1], dtype=bool)
+    start[1:] = pairs[0, 1:] != pairs[0, :-1]
+    start[1:] |= pairs[1, 1:] != pairs[1, :-1]
+    if start.all():
+        return pairs, sums + 0.0, counts  # + 0.0: as a sum from zero (-0.0 -> 0.0)
+    group = np.cumsum(start) - 1  # bincount adds each pair's parts from zero in their order
+    return (pairs[:, start], np.bincount(group, weights=sums),
+            np.bincount(group, weights=counts).astype(np.int64))
 
 
 def block_edges(affinities: Any, offsets: Sequence[Sequence[int]], fragments: Any, window: Sequence[slice],
