@@ -784,8 +784,9 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     fewer than ``min_size`` voxels (at least 1) gets id 0; the others are numbered 1, 2, ...
     in the order of their smallest fragment id (blocks in C order).
 
-    Mean linkage is :func:`dinopipe.linkage.mean_linkage` (flat arrays, ~100 bytes and ~10 us
-    per edge, benchmarks/merge.py); with ``levels`` it is
+    Mean linkage is :func:`dinopipe.linkage.mean_linkage` (flat arrays; with the id lookup
+    ~130 bytes and ~8 us of CPU per edge above the edges themselves, benchmarks/merge.py);
+    with ``levels`` it is
     :func:`dinopipe.linkage.hierarchical_mean_linkage`: groups of fragments (super-blocks)
     agglomerated on their own edges first, then the contracted graph (approximate, see there).
     Single linkage is exact in any split: connected components of the edges above ``threshold``.
