@@ -84,8 +84,8 @@ def mean_linkage(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts:
     initial pairs (4 bytes), 16 bytes of adjacency (each direction one int64 ``neighbour << k
     | edge``, sorted per node: one ``array`` object per node) and the queue of pairs queued
     again after joins (Python ints, ~50 bytes each), compacted when it doubles; about 105
-    bytes per edge at the peak in all (benchmarks/merge.py, ~7 edges per node). Pairs whose mean is at most
-    ``threshold`` are never queued.
+    bytes per edge at the peak in all (benchmarks/merge.py, ~7 edges per node). Pairs whose
+    mean is at most ``threshold`` are never queued.
 
     Args:
         n: Number of regions.

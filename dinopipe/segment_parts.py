@@ -112,7 +112,8 @@ def run_plan(predictions_path: str | Path, out_path: str | Path, settings: Mappi
     offsets = zarr.open_group(str(predictions_path), mode="r").attrs["dinopipe"]["offsets"]
     g = affs.geometry
     block = block_for(settings["block_shape"], g.shape)
-    check_blockwise(g.shape, offsets, block, settings["method"], int(settings["min_size"]), settings.get("merge_levels"))
+    check_blockwise(g.shape, offsets, block, settings["method"], int(settings["min_size"]),
+                    settings.get("merge_levels"))
     work = parts_dir(out_path)
     work.mkdir(parents=True, exist_ok=True)
     for name in ("fragments.zarr", "segmentation.zarr"):
