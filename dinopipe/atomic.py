@@ -164,3 +164,19 @@ def directory_size(path: str | os.PathLike[str]) -> int:
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def remove_partial_writes(store: str | os.PathLike[str]) -> int:
+    """Delete the files that killed writers left in a store, before it is moved into place.
+
+    zarr-python writes each chunk to ``{chunk}.{uuid}.partial`` beside it and renames it when
+    complete, so a job killed mid-write leaves that file (never half a chunk under the chunk's
+    name); the rerun writes the chunk under a new temporary name. Returns how many were removed.
+    """
+    leftovers = list(Path(store).rglob("*.partial"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        logger.info("%s: removed %d partial chunk files left by killed writers (e.g. %s)", store, len(leftovers),
+                    leftovers[0])
+    return len(leftovers)

@@ -109,14 +109,17 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def _tiny_model(name: str, seed: int) -> nn.Module:
-    from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel, DINOv3ViTConfig, DINOv3ViTModel
-
     arch, kwargs = TINY_BACKBONES[name]
+    # import only the architecture asked for (each is a separate transformers module)
+    if arch == "vit":
+        from transformers import DINOv3ViTConfig as Config
+        from transformers import DINOv3ViTModel as Model
+    else:
+        from transformers import DINOv3ConvNextConfig as Config
+        from transformers import DINOv3ConvNextModel as Model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if arch == "vit":
-            return DINOv3ViTModel(DINOv3ViTConfig(**kwargs))
-        return DINOv3ConvNextModel(DINOv3ConvNextConfig(**kwargs))
+        return Model(Config(**kwargs))
 
 
 def _pretrained_model(name: str, revision: str | None) -> nn.Module:

@@ -230,6 +230,19 @@ def check_class_labels(config: Mapping[str, Any], volumes: Sequence[Volume], gen
     return problems
 
 
+def check_distributed_flags(config: Mapping[str, Any], volumes: Iterable[Volume]) -> list[str]:
+    """Volumes whose sheet row says ``distributed: true`` while ``predict.distributed`` is off
+    (the column chooses between parts and one part; the parts' size comes from the config)."""
+    if (config.get("predict") or {}).get("distributed") is not None:
+        return []
+    marked = [v.name for v in volumes if v.distributed]
+    if not marked:
+        return []
+    return [f"volume(s) {marked} are marked distributed (column 'distributed' true in the sheet "
+            f"{config.get('volumes')}), but predict.distributed is null: set it (e.g. {{blocks_per_job: 64}}) "
+            "or clear the column"]
+
+
 def check_workflow(
     config: Mapping[str, Any], volumes: Iterable[Volume], *, generated: Sequence[str] = (), shown: int = 20
 ) -> None:
@@ -253,6 +266,7 @@ def check_workflow(
     problems += found
     problems += check_grids(config, volumes, grids)
     problems += check_class_labels(config, volumes, generated)
+    problems += check_distributed_flags(config, volumes)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:shown])
         if len(problems) > shown:

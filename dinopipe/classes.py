@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
 
 logger = logging.getLogger(__name__)
 
@@ -429,6 +427,8 @@ def instances_of(labels: np.ndarray, region: np.ndarray, min_size: int = 0) -> n
     Returns:
         uint64 (z, y, x), objects numbered 1..n in scan order, 0 outside.
     """
+    from scipy import ndimage  # heavy: imported by the jobs that use it (not every stage's)
+
     region = np.asarray(region, dtype=bool)
     components, n = ndimage.label(region)
     out = np.zeros(region.shape, dtype=np.uint64)
@@ -461,6 +461,7 @@ def split_touching(objects: np.ndarray, voxel_size_nm: Sequence[float], h_nm: fl
     Returns:
         uint64 (z, y, x) objects 1..n (an object without a seed keeps its voxels as one object).
     """
+    from scipy import ndimage
     from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
@@ -682,6 +683,8 @@ def instance_scores(
     iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
     matches: list[tuple[int, int, float]] = []
     if iou.size:
+        from scipy.optimize import linear_sum_assignment
+
         rows, cols = linear_sum_assignment(-iou)
         matches = [(int(r), int(c), float(iou[r, c])) for r, c in zip(rows, cols) if iou[r, c] >= iou_threshold]
     tp, n_t, n_p = len(matches), len(t_obj), len(p_obj)
@@ -701,6 +704,8 @@ def instance_scores(
 
 def _hausdorff(a: np.ndarray, b: np.ndarray, voxel_size_nm: Sequence[float]) -> float:
     """Symmetric Hausdorff distance (nm) between two non-empty voxel sets (voxel centres)."""
+    from scipy import ndimage
+
     sampling = tuple(float(v) for v in voxel_size_nm)
     to_b = ndimage.distance_transform_edt(~b, sampling=sampling)
     to_a = ndimage.distance_transform_edt(~a, sampling=sampling)

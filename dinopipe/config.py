@@ -167,7 +167,10 @@ def job_settings(params: Mapping[str, Any], config: Mapping[str, Any], section: 
     return {**params, **runtime_settings(config, section)}
 
 
-def volume_params(record: Mapping[str, Any], *, role: bool = False) -> dict[str, Any]:
+def volume_params(record: Mapping[str, Any], *, role: bool = False, distributed: bool = False) -> dict[str, Any]:
     """A sheet row as a canonical param; without the role unless the job uses it (the
-    role decides what a volume is used for, not what its features or targets hold)."""
-    return canonical({k: v for k, v in record.items() if role or k != "role"})
+    role decides what a volume is used for, not what its features or targets hold), and
+    without the ``distributed`` column unless the job plans the parts (it decides how many
+    jobs predict the volume, not what any output holds)."""
+    dropped = {k for k, keep in (("role", role), ("distributed", distributed)) if not keep}
+    return canonical({k: v for k, v in record.items() if k not in dropped})

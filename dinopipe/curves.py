@@ -2,7 +2,7 @@
 
 ``loss_curve.tsv`` has the columns ``step``, ``train_loss``, ``val_loss``, ``val_bacc``, ``lr``
 and one ``val_bacc_<channel>`` per affinity offset (``1_0_0`` for offset (z, y, x) = (1, 0, 0))
-or per class (``class<c>``); cells are empty where a step has no value (validation runs every
+or per class (its name, e.g. ``val_bacc_mito``; ``class<c>`` for targets without names); cells are empty where a step has no value (validation runs every
 ``validate_every`` steps). Training writes it (:func:`write_curve`), the report plots it
 (:func:`plot_curve_file`), benchmarks and tests read it (:func:`read_curve`).
 """
@@ -26,9 +26,13 @@ Row = tuple[int, float | None, float | None, float | None, float | None, tuple[f
 CURVE_COLUMNS = ("step", "train_loss", "val_loss", "val_bacc", "lr")
 
 
-def channel_names(offsets: Sequence[Sequence[int]], num_classes: int | None = None) -> list[str]:
-    """Names of the per-channel validation columns: ``1_0_0`` per offset (z, y, x), or ``class<c>``."""
+def channel_names(offsets: Sequence[Sequence[int]], num_classes: int | None = None,
+                  class_names: Sequence[str] | None = None) -> list[str]:
+    """Names of the per-channel validation columns: ``1_0_0`` per offset (z, y, x), or per class
+    its name (``class_names``, one per class) or, for targets that record no names, ``class<c>``."""
     if num_classes:
+        if class_names is not None and len(class_names) == num_classes:
+            return [str(n) for n in class_names]
         return [f"class{c}" for c in range(num_classes)]
     return ["_".join(str(int(v)) for v in o) for o in offsets]
 

@@ -1,9 +1,9 @@
 """One volume's prediction spread over many cluster jobs: the block plan, the record of finished parts.
 
 A volume is cut into the blocks of :func:`dinopipe.predict.block_layout` (core shape in
-label voxels, (z, y, x), numbered in C order: block ``i`` starts at
-``unravel_index(i, counts) * block``). Consecutive blocks form *parts*, one cluster job
-each (``predict.distributed.blocks_per_job``). Three rules use this module
+label voxels, (z, y, x)) and the blocks into *parts*, one cluster job each, by the rule of
+:class:`dinopipe.parts.BlockPlan` (blocks in C order, consecutive blocks per part), with
+``predict.distributed.blocks_per_job`` blocks per part (:func:`blocks_per_part`). Three rules use this module
 (``workflow/rules/predict.smk``):
 
 * ``predict_create`` writes the plan (``results/predictions/{volume}.parts/plan.json``) and
@@ -34,16 +34,18 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from dinopipe.atomic import move_into_place, write_json
+from dinopipe.atomic import move_into_place, remove_partial_writes, write_json
 from dinopipe.chunks import count_chunks
+from dinopipe.parts import BlockPlan
 
 logger = logging.getLogger(__name__)
 
@@ -51,92 +53,29 @@ logger = logging.getLogger(__name__)
 PLAN_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class BlockPlan:
-    """Blocks of one volume and their partition into parts (one cluster job each).
-
-    Attributes:
-        shape: The label grid (z, y, x), voxels.
-        block: Core block shape (z, y, x), voxels (also the output chunk shape).
-        blocks_per_part: Consecutive blocks (C order) per part; the last part may have fewer.
-    """
-
-    shape: tuple[int, int, int]
-    block: tuple[int, int, int]
-    blocks_per_part: int
-
-    def __post_init__(self) -> None:
-        if len(self.shape) != 3 or len(self.block) != 3 or min(*self.shape, *self.block) < 1:
-            raise ValueError(f"a block plan needs a (z, y, x) shape and block of positive voxels, got shape "
-                             f"{self.shape} and block {self.block}")
-        if self.blocks_per_part < 1:
-            raise ValueError(f"blocks per part must be >= 1, got {self.blocks_per_part}")
-
-    @property
-    def counts(self) -> tuple[int, int, int]:
-        """Blocks along (z, y, x)."""
-        return tuple(-(-s // b) for s, b in zip(self.shape, self.block, strict=True))  # type: ignore[return-value]
-
-    @property
-    def num_blocks(self) -> int:
-        return math.prod(self.counts)
-
-    @property
-    def num_parts(self) -> int:
-        return -(-self.num_blocks // self.blocks_per_part)
-
-    def part_blocks(self, part: int) -> range:
-        """Indices of the blocks of ``part`` (0-based)."""
-        if not 0 <= part < self.num_parts:
-            raise ValueError(f"part {part} does not exist: the plan has parts 0..{self.num_parts - 1}")
-        return range(part * self.blocks_per_part, min((part + 1) * self.blocks_per_part, self.num_blocks))
-
-    def block_start(self, index: int) -> tuple[int, int, int]:
-        """The first voxel (z, y, x) of block ``index`` (C order)."""
-        if not 0 <= index < self.num_blocks:
-            raise ValueError(f"block {index} does not exist: the plan has blocks 0..{self.num_blocks - 1}")
-        return tuple(int(i) * b for i, b in zip(np.unravel_index(index, self.counts), self.block))  # type: ignore[return-value]
-
-    def block_index(self, voxel: Sequence[int]) -> int:
-        """The block holding ``voxel`` (z, y, x)."""
-        if len(voxel) != 3 or any(not 0 <= v < s for v, s in zip(voxel, self.shape)):
-            raise ValueError(f"voxel {list(voxel)} lies outside the volume of shape {list(self.shape)} (z, y, x)")
-        return int(np.ravel_multi_index(tuple(v // b for v, b in zip(voxel, self.block)), self.counts))
-
-    def part_of_block(self, index: int) -> int:
-        self.block_start(index)  # checks the index
-        return index // self.blocks_per_part
-
-    def part_starts(self, part: int) -> list[tuple[int, int, int]]:
-        """Block starts (z, y, x voxels) of ``part``, in C order."""
-        return [self.block_start(i) for i in self.part_blocks(part)]
-
-    def describe(self, part: int) -> str:
-        """``"blocks 8-15 of 64 (z, y, x) [0, 64, 0]..[16, 112, 48]"``: a part's blocks by index and first voxels."""
-        blocks = self.part_blocks(part)
-        first, last = self.block_start(blocks[0]), self.block_start(blocks[-1])
-        return (f"blocks {blocks[0]}-{blocks[-1]} of {self.num_blocks} (first voxels (z, y, x) {list(first)}.."
-                f"{list(last)}, blocks of {list(self.block)})")
-
-
-def blocks_per_part(setting: Mapping[str, Any], shape: Sequence[int], num_blocks: int, batch_size: int = 1) -> int:
+def blocks_per_part(setting: Mapping[str, Any], shape: Sequence[int], num_blocks: int, batch_size: int = 1,
+                    flag: bool | None = None) -> int:
     """Blocks per part from the ``predict.distributed`` setting.
 
     ``blocks_per_job`` is rounded up to a multiple of ``batch_size``, so that every part
     starts a new forward batch where a single-job run would (the batches, and with them
-    the results, stay the same). A volume with fewer voxels than ``min_voxels`` is one part.
+    the results, stay the same). A volume with fewer voxels than ``min_voxels`` is one part,
+    unless the sheet's ``distributed`` column (``flag``) says otherwise.
 
     Args:
         setting: ``{"blocks_per_job": int, "min_voxels": int}``.
         shape: The label grid (z, y, x), voxels.
         num_blocks: Blocks tiling the volume.
         batch_size: ``predict.batch_size``.
+        flag: The volume's ``distributed`` column: True: parts of ``blocks_per_job``
+            whatever the size; False: one part; None: by ``min_voxels``.
     """
     per_job = int(setting.get("blocks_per_job", 64))
     if per_job < 1 or batch_size < 1:
         raise ValueError(f"predict.distributed.blocks_per_job and predict.batch_size must be >= 1, got "
                          f"{per_job} and {batch_size}")
-    if math.prod(shape) < int(setting.get("min_voxels") or 0):
+    small = math.prod(shape) < int(setting.get("min_voxels") or 0)
+    if flag is False or (flag is None and small):
         return max(1, num_blocks)
     return -(-per_job // batch_size) * batch_size
 
@@ -179,8 +118,12 @@ def read_plan(path: str | os.PathLike[str]) -> tuple[BlockPlan, dict[str, Any]]:
         cached = (mtime, record)
         _PLANS[key] = cached
     record = cached[1]
-    plan = BlockPlan(tuple(record["shape"]), tuple(record["block"]), int(record["blocks_per_part"]))  # type: ignore[arg-type]
-    return plan, record
+    return plan_of(record), record
+
+
+def plan_of(record: Mapping[str, Any]) -> BlockPlan:
+    """The block plan of a plan's JSON record."""
+    return BlockPlan(tuple(record["shape"]), tuple(record["block"]), int(record["blocks_per_part"]))  # type: ignore[arg-type]
 
 
 def part_names(plan_path: str | os.PathLike[str]) -> list[str]:
@@ -204,8 +147,7 @@ def describe_part(plan_path: str | os.PathLike[str], part: str | int) -> str:
 def write_marker(path: str | os.PathLike[str], record: Mapping[str, Any], part: int,
                  stats: Mapping[str, Any]) -> None:
     """Record a finished part (atomically, after all its blocks were written)."""
-    plan = BlockPlan(tuple(record["shape"]), tuple(record["block"]), int(record["blocks_per_part"]))  # type: ignore[arg-type]
-    blocks = plan.part_blocks(part)
+    blocks = plan_of(record).part_blocks(part)
     write_json(path, {"plan_id": record["plan_id"], "volume": record["volume"], "part": part,
                       "blocks": [blocks.start, blocks.stop], **stats})
 
@@ -283,7 +225,100 @@ def finish_store(plan_path: str | os.PathLike[str], staging: str | os.PathLike[s
              "distributed": {"parts": plan.num_parts, "blocks_per_part": plan.blocks_per_part,
                              "blocks": plan.num_blocks}}
     root.attrs["dinopipe"] = attrs  # replaces the staging mark {"plan_id": ...}
+    remove_partial_writes(staging)
     move_into_place(staging, out_path)
     logger.info("wrote %s: %d blocks from %d parts (jobs' seconds together: network %.1f, total %.1f)", out_path,
                 plan.num_blocks, plan.num_parts, timings["forward_s"], timings["total_s"])
     return timings
+
+
+# --------------------------------------------------------------------------- one block again
+
+
+def batch_of(plan: BlockPlan, index: int, batch_size: int) -> range:
+    """The blocks of the forward batch that holds block ``index``.
+
+    A part predicts its blocks in batches of ``batch_size`` from its first block, so the
+    batch is ``batch_size`` consecutive blocks of the part (fewer at its end). Predicting
+    this batch again gives block ``index`` bit for bit (the network's output for a block
+    depends on the batch it is in, in the last bit).
+    """
+    if batch_size < 1:
+        raise ValueError(f"predict.batch_size must be >= 1, got {batch_size}")
+    part = plan.part_blocks(plan.part_of_block(index))
+    first = part.start + (index - part.start) // batch_size * batch_size
+    return range(first, min(first + batch_size, part.stop))
+
+
+_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
+
+
+def replace_block(array_path: str | os.PathLike[str], plan: BlockPlan, index: int, values: np.ndarray) -> bool:
+    """Write block ``index`` of one image (C, z, y, x; one chunk per block) atomically.
+
+    The block is encoded into a scratch copy of the array (same metadata, beside the store),
+    and its chunk file is renamed over the stored one: a reader, or a job killed meanwhile,
+    sees the old chunk or the new one, never half of one.
+
+    Args:
+        array_path: The image's array (``{store}/{image}/s0``).
+        plan: The volume's blocks; the array's shape and chunks must be the plan's.
+        index: The block (C order).
+        values: The block's values (C, z, y, x), the block's window of :meth:`BlockPlan.window`.
+
+    Returns:
+        Whether the stored block differed (or could not be read: missing or corrupt chunk).
+
+    Raises:
+        ValueError: The array's shape or chunks are not those of the plan (names the path).
+    """
+    path = Path(array_path)
+    array = zarr.open_array(str(path), mode="r")
+    if tuple(array.shape[1:]) != plan.shape or tuple(array.chunks[1:]) != plan.block or array.chunks[0] != array.shape[0]:
+        raise ValueError(f"{path}: shape {list(array.shape)} and chunks {list(array.chunks)} are not those of the plan "
+                         f"(grid {list(plan.shape)}, one chunk per block of {list(plan.block)})")
+    where = (slice(None), *plan.window(index))
+    try:
+        changed = not np.array_equal(array[where], values)
+    except Exception as exc:  # a missing or truncated chunk reads as fill value or fails to decode
+        logger.warning("%s: block %d could not be read (%s): it is replaced", path, index, exc)
+        changed = True
+    scratch = Path(tempfile.mkdtemp(prefix=f".block-{index}-", dir=path.parent.parent.parent))
+    try:
+        for name in _METADATA:
+            if (path / name).exists():
+                shutil.copy2(path / name, scratch / name)
+        zarr.open_array(str(scratch), mode="r+", config={"write_empty_chunks": True})[where] = values
+        chunks = [p for p in scratch.rglob("*") if p.is_file() and p.name not in _METADATA]
+        if len(chunks) != 1:
+            raise RuntimeError(f"{path}: block {index} encoded into {len(chunks)} chunk files, expected one")
+        target = path / chunks[0].relative_to(scratch)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(chunks[0], target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return changed
+
+
+def record_block(store: str | os.PathLike[str], record_path: str | os.PathLike[str], entry: Mapping[str, Any]) -> None:
+    """The provenance of a block predicted again: appended to the store's root attrs
+    (``dinopipe.recomputed_blocks``) and written to ``record_path``.
+
+    When the block changed, the store's modification time is set to now (its directory and
+    Snakemake's ``.snakemake_timestamp`` inside it, which Snakemake reads as a directory
+    output's time), so Snakemake reruns what was computed from the old block (the
+    segmentation); an unchanged block leaves the store's time as it was.
+    """
+    store = Path(store)
+    stamp = store / ".snakemake_timestamp"
+    times = {p: os.stat(p) for p in (store, stamp) if p.exists()}
+    root = zarr.open_group(str(store), mode="r+")
+    attrs = dict(root.attrs.get("dinopipe") or {})
+    attrs["recomputed_blocks"] = [*attrs.get("recomputed_blocks", []), dict(entry)]
+    root.attrs["dinopipe"] = attrs
+    for p, st in times.items():
+        if entry.get("changed"):
+            os.utime(p)
+        else:
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    write_json(record_path, entry)

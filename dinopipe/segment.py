@@ -245,19 +245,7 @@ def agglomerate(
             "(prebuilt wheels for Linux; other scoring functions compile with a C++ compiler and boost headers, "
             f"e.g. `apt-get install g++ libboost-dev`): {exc}"
         ) from exc
-    shape = affinities.shape[1:]
-    # waterz stores the edge p <-> p - e_d at p (channel d); ours p <-> p + o at p.
-    affs = np.zeros((3, *shape), dtype=np.float32)
-    for axis in range(3):
-        k = _axis_offset(offsets_t, axis)
-        if k is None:
-            raise ValueError(f"agglomeration needs a short-range offset along axis {'zyx'[axis]}, got {offsets_t}")
-        sign = offsets_t[k][axis]
-        dst = [slice(None)] * 3
-        src = [slice(None)] * 3
-        if sign > 0:  # ours at p is waterz's at p + e_d
-            dst[axis], src[axis] = slice(1, None), slice(0, -1)
-        affs[(axis, *dst)] = affinities[(k, *src)]
+    affs = _waterz_affinities(affinities, offsets_t, "agglomeration")
     seeds = None
     if fragments == "distance":
         # waterz's channel d at p is the edge p <-> p - e_d: its mean is the same boundary map
@@ -279,6 +267,29 @@ def agglomerate(
 
 FRAGMENTS = ("waterz", "distance")
 """Fragment sources of :func:`agglomerate`."""
+
+
+def _waterz_affinities(affinities: np.ndarray, offsets: Sequence[tuple[int, int, int]], method: str) -> np.ndarray:
+    """The three short-range channels in waterz's convention: (3, z, y, x) float32, channel d at
+    voxel p the edge between p and p - e_d (0 where p - e_d is outside).
+
+    Raises:
+        ValueError: No short-range offset along an axis (naming ``method``, which needs them).
+    """
+    shape = affinities.shape[1:]
+    # waterz stores the edge p <-> p - e_d at p (channel d); ours p <-> p + o at p.
+    affs = np.zeros((3, *shape), dtype=np.float32)
+    for axis in range(3):
+        k = _axis_offset(offsets, axis)
+        if k is None:
+            raise ValueError(f"{method} needs a short-range offset along axis {'zyx'[axis]}, got {list(offsets)}")
+        sign = offsets[k][axis]
+        dst = [slice(None)] * 3
+        src = [slice(None)] * 3
+        if sign > 0:  # ours at p is waterz's at p + e_d
+            dst[axis], src[axis] = slice(1, None), slice(0, -1)
+        affs[(axis, *dst)] = affinities[(k, *src)]
+    return affs
 
 
 def distance_fragments(short_affinities: np.ndarray, seed_threshold: float = 0.5) -> np.ndarray:
@@ -309,8 +320,21 @@ def distance_fragments(short_affinities: np.ndarray, seed_threshold: float = 0.5
     Raises:
         ValueError: Wrong shape or a threshold outside (0, 1).
     """
-    from scipy import ndimage
     from skimage.segmentation import watershed
+
+    lowest, seeds, n = _distance_seeds(short_affinities, seed_threshold)
+    if not n:
+        return np.ones(lowest.shape, dtype=np.uint64)
+    labels = watershed(1.0 - lowest, seeds)
+    logger.debug("distance fragments: %d seeds", n)
+    return labels.astype(np.uint64)
+
+
+def _distance_seeds(short_affinities: np.ndarray, seed_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The boundary map and seeds of :func:`distance_fragments`: each voxel's lowest short-range
+    affinity (z, y, x) float32, the seeds labelled 1..n (int32, 0 elsewhere; numbered in C order of
+    their first voxel, as :func:`scipy.ndimage.label` does) and n."""
+    from scipy import ndimage
 
     if short_affinities.ndim != 4 or short_affinities.shape[0] != 3:
         raise ValueError(f"short_affinities must be (3, z, y, x), got shape {short_affinities.shape}")
@@ -326,13 +350,56 @@ def distance_fragments(short_affinities: np.ndarray, seed_threshold: float = 0.5
         np.minimum(lowest[tuple(earlier)], edges, out=lowest[tuple(earlier)])
     inside = lowest >= seed_threshold
     if not inside.any():
-        return np.ones(lowest.shape, dtype=np.uint64)
+        return lowest, np.zeros(lowest.shape, dtype=np.int32), 0
     distance = ndimage.distance_transform_edt(inside)
     maxima = (distance == ndimage.maximum_filter(distance, size=3)) & inside
     seeds, n = ndimage.label(maxima)
-    labels = watershed(1.0 - lowest, seeds)
-    logger.debug("distance fragments: %d seeds", n)
-    return labels.astype(np.uint64)
+    return lowest, seeds, int(n)
+
+
+def seeded_fragments(affinities: np.ndarray, offsets: Sequence[Sequence[int]], window: Sequence[slice],
+                     grown: Sequence[slice], shape: Sequence[int], seed_threshold: float = 0.5) -> np.ndarray:
+    """:func:`distance_fragments` of a block computed in context, each fragment named by its seed.
+
+    The fragments are computed on ``affinities`` (those of the window ``grown``, which holds the
+    block ``window`` and the context around it) and cropped to the block. Each fragment's id is
+    one plus the C-order index, in the whole volume of ``shape``, of the first voxel of its seed
+    (the seed may lie in the context). Two blocks that see the same seed name its fragment alike,
+    so a fragment cut by a block face keeps one id on both sides: the fragments of all blocks
+    are those of the whole volume (up to ties of the flooding, and seeds whose plateau the
+    context cuts), and a global merge on them sees the region graph of the one-piece
+    segmentation, whatever the block size. A block whose context holds no seed is one fragment,
+    named by the block's first voxel (no seed can lie there with ``context`` >= 1: a core voxel
+    has all its edges in every window around it).
+
+    Args:
+        affinities: (n_offsets, z, y, x) floats in [0, 1] of the window ``grown``.
+        offsets: Their offsets (dz, dy, dx) in voxels, with a short-range one along each axis.
+        window: The block, in voxels of the volume (z, y, x).
+        grown: The window read (the block and its context), in voxels of the volume.
+        shape: The volume's shape (z, y, x) in voxels.
+        seed_threshold: Affinity below which an edge makes its voxels boundary, in (0, 1).
+
+    Returns:
+        uint64 fragment ids of the block (z, y, x), every voxel assigned (ids >= 1).
+    """
+    from skimage.segmentation import watershed
+
+    offsets_t = _check_inputs(affinities, offsets)
+    short = _waterz_affinities(affinities, offsets_t, "blockwise seeded fragments")
+    lowest, seeds, n = _distance_seeds(short, seed_threshold)
+    core = inner_window(window, grown)
+    origin = np.array([g.start for g in grown])
+    if not n:
+        first = np.ravel_multi_index(tuple(int(w.start) for w in window), tuple(shape))
+        return np.full(tuple(w.stop - w.start for w in window), first + 1, dtype=np.uint64)
+    flat = np.flatnonzero(seeds)
+    _, first = np.unique(seeds.ravel()[flat], return_index=True)  # each seed's first voxel in the window
+    where = np.unravel_index(flat[first], seeds.shape)
+    keys = np.ravel_multi_index(tuple(w + o for w, o in zip(where, origin)), tuple(shape)).astype(np.uint64) + 1
+    labels = watershed(1.0 - lowest, seeds)[core]
+    logger.debug("seeded fragments: %d seeds in %s", n, tuple(grown))
+    return np.concatenate([np.zeros(1, np.uint64), keys])[labels]
 
 
 def _axis_offset(offsets: Sequence[tuple[int, int, int]], axis: int) -> int | None:
@@ -524,8 +591,10 @@ def segment_blockwise(
     3. :func:`merge_table` merges on that graph. ``agglomeration``: hierarchically, regions
        joining while the mean affinity on their whole common boundary exceeds the method's
        ``threshold`` (waterz's mean-affinity agglomeration on the global graph, so the result
-       barely depends on the block size: only the fragments cut by block faces differ from
-       the one-piece segmentation). Other methods: pairs facing each other across a block face
+       does not depend on the block size when the fragments are seeded, ``fragments="distance"``:
+       a fragment cut by block faces keeps its seed's id on every side, so the graph is the
+       one-piece one; with waterz's fragments, cut fragments are separate nodes and change the
+       merge order). Other methods: pairs facing each other across a block face
        join when their mean affinity over the face exceeds ``merge_threshold`` (the
        segmentation within a block is final). Objects smaller than ``min_size`` voxels are
        dropped and ids made consecutive in the order of their first fragment.
@@ -563,19 +632,17 @@ def segment_blockwise(
         raise ValueError(f"output shape {tuple(out.shape)} differs from the affinities' {shape}")
     offsets_t, block = check_blockwise(shape, offsets, block_shape, method, min_size, merge_levels)
     windows = blocks(shape, block)
-    ids, sizes, edges = [], [], []
+    found, edges = [], []
     for index, window in enumerate(windows):
-        block_ids, block_sizes = fragment_block(affinities, offsets_t, out, window, index, block, method, context,
-                                                **params)
-        ids.append(block_ids)
-        sizes.append(block_sizes)
+        found.append(fragment_block(affinities, offsets_t, out, window, index, block, method, context, **params))
     internal = method == "agglomeration"
     for window in windows:
         edges.append(block_edges(affinities, offsets_t, out, window, internal))
-    all_ids = np.concatenate(ids)
-    levels = None if merge_levels is None else fragment_superblocks(all_ids, shape, block, merge_levels)
-    keys, values = merge_table(all_ids, np.concatenate(sizes), concat_edges(edges), min_size,
-                               **graph_merge(method, merge_threshold, params), levels=levels)
+    ids, sizes = concat_fragments(found)
+    levels = None if merge_levels is None else fragment_superblocks(ids, shape, block, merge_levels,
+                                                                     seeded(method, params))
+    keys, values = merge_table(ids, sizes, concat_edges(edges), min_size, **graph_merge(method, merge_threshold, params),
+                               levels=levels)
     target = out if relabel_into is None else relabel_into
     if tuple(target.shape) != shape:
         raise ValueError(f"relabel_into shape {tuple(target.shape)} differs from the affinities' {shape}")
@@ -649,14 +716,33 @@ def fragment_id_base(index: int, block_shape: Sequence[int]) -> int:
     return int(index) * int(np.prod([int(b) for b in block_shape]))
 
 
+def seeded(method: str, params: Mapping[str, object]) -> bool:
+    """Whether blockwise ``method`` with ``params`` takes :func:`seeded_fragments` (named by their
+    seeds, so fragments cut by block faces keep one id): agglomeration with distance fragments."""
+    return method == "agglomeration" and params.get("fragments", "waterz") == "distance"
+
+
+def concat_fragments(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The fragments of several blocks (ids and sizes in voxels, from :func:`fragment_block`) as
+    one list: ids ascending, the sizes of an id found in several blocks (a seeded fragment cut by
+    block faces, :func:`seeded_fragments`) summed."""
+    ids = np.concatenate([np.zeros(0, np.uint64), *[np.asarray(p[0], np.uint64) for p in parts]])
+    sizes = np.concatenate([np.zeros(0, np.int64), *[np.asarray(p[1], np.int64) for p in parts]])
+    unique, inverse = np.unique(ids, return_inverse=True)
+    return unique, np.bincount(inverse.ravel(), weights=sizes, minlength=len(unique)).astype(np.int64)
+
+
 def fragment_block(affinities: Any, offsets: Sequence[Sequence[int]], out: Any, window: Sequence[slice],
                    index: int, block_shape: Sequence[int], method: str, context: int | Sequence[int] = 0,
                    **params: object) -> tuple[np.ndarray, np.ndarray]:
     """Split one block into fragments; write them with globally unique ids into ``out``.
 
     ``agglomeration``: the method's fragments, unmerged (its ``threshold`` applies to the
-    global graph, :func:`merge_table`); other methods: the block's segmentation. ``min_size``
-    is left at 0 (it applies to the merged objects).
+    global graph, :func:`merge_table`); with ``fragments="distance"`` they are
+    :func:`seeded_fragments`, named by their seed, so a fragment cut by a block face has the
+    same id in every block it reaches (:func:`concat_fragments` sums its sizes). Other methods:
+    the block's segmentation, numbered from :func:`fragment_id_base`. ``min_size`` is left at 0
+    (it applies to the merged objects).
 
     Args:
         affinities: (n_offsets, z, y, x) array-like; the block's window is read.
@@ -679,6 +765,12 @@ def fragment_block(affinities: Any, offsets: Sequence[Sequence[int]], out: Any, 
     shape = tuple(int(n) for n in affinities.shape[1:])
     grown = grow_window(window, context, shape)
     aff = np.asarray(affinities[(slice(None), *grown)], dtype=np.float32)
+    if seeded(method, params):
+        labels = seeded_fragments(aff, offsets, window, grown, shape,
+                                  float(params.get("seed_threshold", 0.5)))  # type: ignore[arg-type]
+        ids, counts = np.unique(labels, return_counts=True)
+        out[window] = labels
+        return ids, counts.astype(np.int64)
     if method == "agglomeration":
         params = {**params, "threshold": 1.0}  # regions merge while their mean affinity exceeds 1: never
     labels = segment(aff, offsets, method=method, min_size=0, **params)
@@ -851,18 +943,21 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
 
 
 def fragment_superblocks(ids: np.ndarray, shape: Sequence[int], block_shape: Sequence[int],
-                         factors: Sequence[int | Sequence[int]]) -> list[np.ndarray]:
+                         factors: Sequence[int | Sequence[int]], seeded: bool = False) -> list[np.ndarray]:
     """The super-block of every fragment at each level of a hierarchical merge (``merge_table``'s ``levels``).
 
-    A fragment's block follows from its id (:func:`fragment_id_base`); level ``k`` groups
-    ``factors[k]`` blocks per axis (one int for all three axes, or (z, y, x)), so each level
-    must be a multiple of the previous one.
+    A fragment's block follows from its id: the block of its seed's voxel for
+    :func:`seeded_fragments` (a fragment cut by block faces goes with its seed), else the
+    block that numbered it (:func:`fragment_id_base`). Level ``k`` groups ``factors[k]``
+    blocks per axis (one int for all three axes, or (z, y, x)), so each level must be a
+    multiple of the previous one.
 
     Args:
         ids: Fragment ids (uint64, from :func:`fragment_block`), any order.
         shape: The volume's shape (z, y, x) in voxels.
         block_shape: The block shape (z, y, x) in voxels.
         factors: Blocks per super-block along (z, y, x) at each level, increasing.
+        seeded: Whether the ids name seeds (:func:`seeded`: agglomeration of distance fragments).
 
     Returns:
         Per level, (len(ids),) int64 super-block indices (C order), aligned with ``ids``.
@@ -872,8 +967,11 @@ def fragment_superblocks(ids: np.ndarray, shape: Sequence[int], block_shape: Seq
     """
     block = np.array([int(b) for b in block_shape])
     grid = -(-np.array([int(n) for n in shape]) // block)
-    index = (np.asarray(ids, dtype=np.uint64) - np.uint64(1)) // np.uint64(int(np.prod(block)))
-    coords = np.stack(np.unravel_index(index.astype(np.int64), tuple(grid)))
+    index = (np.asarray(ids, dtype=np.uint64) - np.uint64(1)).astype(np.int64)
+    if seeded:  # the voxel of the seed, C order in the volume
+        coords = np.stack(np.unravel_index(index, tuple(int(n) for n in shape))) // block[:, None]
+    else:
+        coords = np.stack(np.unravel_index(index // int(np.prod(block)), tuple(grid)))
     return [np.ravel_multi_index(tuple(coords // f[:, None]), tuple(-(-grid // f))).astype(np.int64)
             for f in superblock_factors(factors)]
 

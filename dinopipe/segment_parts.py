@@ -23,9 +23,12 @@ same numbering):
    attrs of :func:`dinopipe.stages.run_segment`'s blockwise output, deletes the fragments and
    renames the staging store to ``results/segmentations/{volume}.zarr``.
 
-Part ``p`` of ``jobs`` takes blocks ``p, p + jobs, p + 2 jobs, ...`` (C order of
-:func:`dinopipe.geometry.blocks`): the number of jobs is fixed by the config, not by the
-volume's size, so the workflow knows its jobs before any prediction exists. The per-part
+The blocks are split into ``jobs`` parts by the rule every stage uses
+(:class:`dinopipe.parts.BlockPlan`, :meth:`~dinopipe.parts.BlockPlan.in_jobs`): blocks in C
+order, part ``p`` takes the consecutive blocks ``p * n ... p * n + n - 1`` for
+``n = ceil(blocks / jobs)`` (trailing parts may have none). The number of jobs is fixed by
+the config, not by the volume's size, so the workflow knows its jobs before any prediction
+exists. The per-part
 files are Snakemake temporary outputs: a killed job leaves its part missing and only that
 part is redone; once the volume is finished they are deleted.
 """
@@ -44,18 +47,22 @@ import numpy as np
 import zarr
 
 from dinopipe import io
-from dinopipe.geometry import Window, blocks
+from dinopipe.atomic import remove_partial_writes
+from dinopipe.geometry import Window
+from dinopipe.parts import BlockPlan
 from dinopipe.segment import (
     block_edges,
     block_for,
     check_blockwise,
     concat_edges,
+    concat_fragments,
     fragment_block,
     fragment_superblocks,
     graph_merge,
     merge_table,
     relabel_block,
     sanity_warnings,
+    seeded,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,13 +71,6 @@ def parts_dir(out_path: str | Path) -> Path:
     """The work directory of a segmentation output: ``{volume}.zarr`` -> ``{volume}.parts``."""
     out = Path(out_path)
     return out.with_name(out.name.removesuffix(".zarr") + ".parts")
-
-
-def part_blocks(n_blocks: int, part: int, jobs: int) -> list[int]:
-    """The block indices part ``part`` of ``jobs`` processes: ``part, part + jobs, ...``."""
-    if not 0 <= part < jobs:
-        raise ValueError(f"part {part} outside 0..{jobs - 1} (segment.jobs is {jobs})")
-    return list(range(part, n_blocks, jobs))
 
 
 def _writable(path: Path) -> Any:
@@ -85,9 +85,17 @@ def _read_plan(work: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def block_plan(plan: Mapping[str, Any]) -> BlockPlan:
+    """The blocks of a segmentation plan and their ``jobs`` parts."""
+    return BlockPlan.in_jobs(plan["shape"], plan["block_shape"], int(plan["jobs"]))
+
+
 def _windows(plan: Mapping[str, Any], part: int) -> list[tuple[int, Window]]:
-    every = blocks(plan["shape"], plan["block_shape"])
-    return [(i, every[i]) for i in part_blocks(len(every), part, int(plan["jobs"]))]
+    """The blocks (index, window) of ``part``."""
+    blocks = block_plan(plan)
+    if not 0 <= part < blocks.num_parts:
+        raise ValueError(f"part {part} outside 0..{blocks.num_parts - 1} (segment.jobs is {plan['jobs']})")
+    return [(i, blocks.window(i)) for i in blocks.part_blocks(part)]
 
 
 def run_plan(predictions_path: str | Path, out_path: str | Path, settings: Mapping[str, Any], jobs: int,
@@ -122,13 +130,13 @@ def run_plan(predictions_path: str | Path, out_path: str | Path, settings: Mappi
             shutil.rmtree(target)
         io.create_image(target, g.shape, np.uint64, g.voxel_size, g.translation, chunks=block,
                         name="fragments" if name == "fragments.zarr" else "segmentation")
-    n_blocks = len(blocks(g.shape, block))
+    parts = BlockPlan.in_jobs(g.shape, block, int(jobs))
     plan = {"predictions": str(predictions_path), "shape": list(g.shape), "block_shape": block,
-            "blocks": n_blocks, "jobs": int(jobs), "offsets": offsets, "settings": dict(settings),
-            "started": time.time()}
+            "blocks": parts.num_blocks, "jobs": int(jobs), "blocks_per_part": parts.blocks_per_part,
+            "offsets": offsets, "settings": dict(settings), "started": time.time()}
     io.write_json(plan_json, plan)
-    logger.info("segmentation of %s: %d blocks of %s in %d jobs per step (%d-%d blocks each)", predictions_path,
-                n_blocks, block, jobs, n_blocks // jobs, -(-n_blocks // jobs))
+    logger.info("segmentation of %s: %d blocks of %s in %d jobs per step (%d consecutive blocks each)",
+                predictions_path, parts.num_blocks, block, jobs, parts.blocks_per_part)
     return plan
 
 
@@ -139,18 +147,16 @@ def run_fragments(out_path: str | Path, part: int, out_npz: str | Path) -> int:
     s = plan["settings"]
     affs = io.read_image(Path(plan["predictions"]) / "affinities").array
     fragments = _writable(work / "fragments.zarr")
-    ids, sizes = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
     t = time.perf_counter()
     windows = _windows(plan, part)
-    for i, window in windows:
-        block_ids, block_sizes = fragment_block(affs, plan["offsets"], fragments, window, i, plan["block_shape"],
-                                                s["method"], s["block_context"], **s["parameters"])
-        ids.append(block_ids)
-        sizes.append(block_sizes)
-    all_ids = np.concatenate(ids)
+    all_ids, sizes = concat_fragments([
+        fragment_block(affs, plan["offsets"], fragments, window, i, plan["block_shape"], s["method"],
+                       s["block_context"], **s["parameters"])
+        for i, window in windows
+    ])
     with io.atomic_output(out_npz) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, ids=all_ids, sizes=np.concatenate(sizes))
+            np.savez(f, ids=all_ids, sizes=sizes)
     logger.info("part %d: %d blocks, %d fragments in %.1fs", part, len(windows), len(all_ids), time.perf_counter() - t)
     return len(all_ids)
 
@@ -176,19 +182,19 @@ def run_merge(plan_json: str | Path, fragment_npzs: list[str], face_npzs: list[s
     """The table fragment id -> segment id of the whole volume (step 4); returns the segment count."""
     plan = json.loads(Path(plan_json).read_text())
     s = plan["settings"]
-    ids, sizes, edges = [], [], []
+    found, edges = [], []
     for path in fragment_npzs:
         with np.load(path) as data:
-            ids.append(data["ids"])
-            sizes.append(data["sizes"])
+            found.append((data["ids"], data["sizes"]))
     for path in face_npzs:
         with np.load(path) as data:
             edges.append((data["pairs"], data["sums"], data["counts"]))
     t = time.perf_counter()
-    all_ids = np.concatenate(ids)
+    ids, sizes = concat_fragments(found)
     factors = s.get("merge_levels")
-    levels = None if factors is None else fragment_superblocks(all_ids, plan["shape"], plan["block_shape"], factors)
-    keys, values = merge_table(all_ids, np.concatenate(sizes), concat_edges(edges), int(s["min_size"]),
+    levels = None if factors is None else fragment_superblocks(ids, plan["shape"], plan["block_shape"], factors,
+                                                               seeded(s["method"], s["parameters"]))
+    keys, values = merge_table(ids, sizes, concat_edges(edges), int(s["min_size"]),
                                **graph_merge(s["method"], s["merge_threshold"], s["parameters"]), levels=levels)
     n = int(values.max()) if len(values) else 0
     with io.atomic_output(out_npz) as tmp:
@@ -238,6 +244,7 @@ def run_finish(out_path: str | Path, plan_json: str | Path, table_npz: str | Pat
     if s.get("merge_levels") is not None:
         attrs["merge_levels"] = s["merge_levels"]
     io.set_attrs(work / "segmentation.zarr", attrs)
+    remove_partial_writes(work / "segmentation.zarr")
     io.move_into_place(work / "segmentation.zarr", out_path)
     shutil.rmtree(work / "fragments.zarr", ignore_errors=True)
     logger.info("segmentation %s: %d segments from %d blocks in %d jobs per step", out_path, n, plan["blocks"],

@@ -17,6 +17,10 @@ A tab-separated file with a header row. Columns:
   arrays, ``offset`` defaults to ``0,0,0``; both must be empty for OME-NGFF groups.
 * ``labels_voxel_size``, ``labels_offset`` (optional): the same for a plain labels
   array; default: the raw's ``voxel_size`` / ``offset``.
+* ``distributed`` (optional, may be empty): ``true`` or ``false``: whether the volume is
+  predicted as many part jobs (``true``) or as one part (``false``) when
+  ``predict.distributed`` is set, whatever its size; empty: by size
+  (``predict.distributed.min_voxels``). ``true`` needs ``predict.distributed`` set.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ import numpy as np
 from dinopipe.inputs import child_images
 
 ROLES = ("train", "validate", "predict")
-COLUMNS = ("name", "raw", "labels", "role", "roi", "voxel_size", "offset", "labels_voxel_size", "labels_offset")
+COLUMNS = ("name", "raw", "labels", "role", "roi", "voxel_size", "offset", "labels_voxel_size", "labels_offset",
+           "distributed")
 #: Optional geometry columns (plain arrays only); omitted from records when empty.
 GEOMETRY_COLUMNS = ("voxel_size", "offset", "labels_voxel_size", "labels_offset")
 REQUIRED = ("name", "raw", "role")
+#: Values of the ``distributed`` column (case-insensitive); empty: decided by size.
+FLAGS = {"true": True, "false": False}
 #: Names that would collide with other outputs (``results/report/loss_curve.png`` is the
 #: loss curve, not a volume's figure).
 RESERVED_NAMES = ("loss_curve",)
@@ -59,6 +66,8 @@ class Volume:
         offset: Corner of raw voxel (0, 0, 0) in nm (z, y, x) for a plain array, else None.
         labels_voxel_size: As ``voxel_size``, for a plain labels array (None: the raw's).
         labels_offset: As ``offset``, for a plain labels array (None: the raw's).
+        distributed: Predicted as many part jobs (True) or one (False) under
+            ``predict.distributed``; None: by size (``min_voxels``).
     """
 
     name: str
@@ -70,16 +79,19 @@ class Volume:
     offset: tuple[float, float, float] | None = None
     labels_voxel_size: tuple[float, float, float] | None = None
     labels_offset: tuple[float, float, float] | None = None
+    distributed: bool | None = None
 
     def to_record(self) -> dict[str, Any]:
-        """A JSON-able dict (a Snakemake param); empty geometry columns are left out,
-        so sheets without them give the same record as before they existed."""
+        """A JSON-able dict (a Snakemake param); empty geometry and ``distributed`` columns
+        are left out, so sheets without them give the same record as before they existed."""
         rec: dict[str, Any] = {"name": self.name, "raw": self.raw, "labels": self.labels, "role": self.role,
                                "roi": [list(b) for b in self.roi] if self.roi else None}
         for col in GEOMETRY_COLUMNS:
             value = getattr(self, col)
             if value is not None:
                 rec[col] = list(value)
+        if self.distributed is not None:
+            rec["distributed"] = self.distributed
         return rec
 
     @classmethod
@@ -90,7 +102,7 @@ class Volume:
         return cls(
             name=record["name"], raw=record["raw"], labels=record.get("labels") or None, role=record.get("role"),
             roi=tuple(tuple(float(v) for v in b) for b in roi) if roi else None,  # type: ignore[arg-type]
-            **geometry,  # type: ignore[arg-type]
+            distributed=record.get("distributed"), **geometry,  # type: ignore[arg-type]
         )
 
 
@@ -122,6 +134,17 @@ def parse_vec3(text: str, where: str, column: str, *, positive: bool) -> tuple[f
         kind = "three positive numbers" if positive else "three numbers"
         raise ValueError(f"{where}: {column} {text!r} is not 'z,y,x' in nm ({kind})")
     return values  # type: ignore[return-value]
+
+
+def parse_flag(text: str, where: str, column: str) -> bool | None:
+    """Parse ``true`` / ``false`` (any case); empty -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.lower() not in FLAGS:
+        raise ValueError(f"{where}: column {column!r} is {text!r}; allowed: true, false, or empty (decided by "
+                         f"predict.distributed.min_voxels)")
+    return FLAGS[text.lower()]
 
 
 def read_sheet(path: str | Path) -> list[Volume]:
@@ -184,6 +207,7 @@ def read_sheet(path: str | Path) -> list[Volume]:
                 roi=parse_roi(rec.get("roi", ""), vwhere),  # type: ignore[arg-type]
                 **{c: parse_vec3(rec.get(c, ""), vwhere, c, positive=c.endswith("voxel_size"))  # type: ignore[arg-type]
                    for c in GEOMETRY_COLUMNS},
+                distributed=parse_flag(rec.get("distributed", ""), vwhere, "distributed"),
             )
         )
     if not volumes:

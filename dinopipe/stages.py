@@ -19,6 +19,7 @@ import socket
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -272,22 +273,91 @@ def run_targets(
     src = open_sources(volume, **source_args(data))
     if src.labels is None or src.label_window is None:
         raise ValueError(f"volume {volume.name!r} has no labels: targets need labels (role {volume.role!r})")
-    timings: dict[str, float] = {}
-
-    def timed(key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        t = time.perf_counter()
-        result = fn(*args, **kwargs)
-        timings[key] = time.perf_counter() - t
-        return result
-
+    timed = _Timings()
     workers = allotted_cpus(threads)
     vs = src.grid.voxel_size
-    where = f"volume {volume.name!r}: labels {volume.labels}"
     classes = parse_classes(params["classes"], overlap=params["classes_overlap"])
-    overlap = classes is not None and classes.overlap
-    class_targets: np.ndarray | None = None  # overlapping classes: (C, z, y, x) 0/1, annotation, objects
+    found = _read_label_targets(volume, src, params, classes, data, timed, workers)
+    class_attrs = _class_targets(volume, found, classes, timed)
+    labels = found.labels
+    affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
+    lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs, num_workers=workers)
+    weights = timed(
+        "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
+        params["boundary_weight_max"], params["boundary_sigma_nm"], found.mask, num_workers=workers,
+    )
+    raw = timed("raw_s", raw_on_grid, src)
+    images: dict[str, tuple[np.ndarray, bool]] = {  # name -> (array as stored, channel axis)
+        "labels": (labels, False), "affinities": (affs.astype(np.uint8, copy=False), True),
+        "lsds": (lsds.astype(np.float16, copy=False), True),
+        "boundary_weights": (weights.astype(np.float32, copy=False), False),
+        "mask": (found.mask.astype(np.uint8, copy=False), False),
+        "raw": (raw, False),
+    }
+    del affs, lsds, weights
+    if found.semantic is not None:
+        images["semantic"] = (found.semantic, False)
+    if found.class_targets is not None and found.class_mask is not None:
+        images["classes"] = (found.class_targets, True)
+        images["class_mask"] = (found.class_mask, True)
+    # optional keys only when on: targets of projects without classes keep their attrs
+    off = OPTIONAL_KEYS["targets"]
+    stored = {k: v for k, v in params.items() if not (k in off and v == off[k])}
+    attrs = {"volume": volume.name, **stored, **class_attrs, "grid": src.grid.to_dict(), "sources": src.provenance(),
+             "timings": timed.seconds, "store_id": io.new_store_id()}
+    _write_targets(out_path, volume, src.grid, images, found.class_objects, attrs, timed)
+    logger.info("targets %s: %s, %.1fs", volume.name, labels.shape, sum(timed.seconds.values()))
+    return attrs
+
+
+class _Timings:
+    """Seconds per named step of a stage: ``timed("mask_s", fn, *args)`` calls ``fn`` and records its time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[key] = time.perf_counter() - t
+        return result
+
+
+@dataclass
+class _LabelTargets:
+    """What a volume's labels give, on the label grid (z, y, x): ids, the mask and the class targets.
+
+    Attributes:
+        labels: Object ids (uint64), 0 unlabelled.
+        mask: 1 where annotated (uint8), eroded as ``targets.mask_erosion_nm`` says.
+        semantic: Class ids (uint8, 0 background) of exclusive classes read from class arrays,
+            else None (computed from ``labels`` by :func:`_class_targets`).
+        class_targets: Overlapping classes: (C, z, y, x) 0/1 per class, else None.
+        class_mask: Overlapping classes: (C, z, y, x) where each class is annotated, else None.
+        class_objects: Overlapping classes: the truth objects (uint64) of each instance class.
+    """
+
+    labels: np.ndarray
+    mask: np.ndarray
+    semantic: np.ndarray | None = None
+    class_targets: np.ndarray | None = None
     class_mask: np.ndarray | None = None
-    class_objects: dict[str, np.ndarray] = {}
+    class_objects: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _read_label_targets(volume: Volume, src: Any, params: Mapping[str, Any], classes: Classes | None,
+                        data: Mapping[str, Any], timed: _Timings, workers: int) -> _LabelTargets:
+    """Read a volume's labels (one id image, or a CellMap group of class arrays) and its mask.
+
+    Raises:
+        ValueError: labels that do not fit ``targets.classes``, all-zero labels, or a mask
+            with no annotated voxel (naming the volume and its labels path).
+    """
+    from dinopipe import targets as tg
+
+    vs = src.grid.voxel_size
+    where = f"volume {volume.name!r}: labels {volume.labels}"
+    overlap = classes is not None and classes.overlap
     class_group = bool(child_images(volume.labels))
     if class_group and (classes is None or not classes.from_arrays):
         raise ValueError(f"{where} are a group of class images (a CellMap crop), which needs targets.classes with "
@@ -295,7 +365,10 @@ def run_targets(
     if classes is not None and classes.from_arrays and not class_group:
         raise ValueError(f"{where}: targets.classes names class arrays, so labels must be a group holding one "
                          f"OME-NGFF image per class (a CellMap crop such as labels/groundtruth/crop1)")
-    semantic, class_attrs = None, {}
+    semantic = None
+    class_targets: np.ndarray | None = None
+    class_mask: np.ndarray | None = None
+    class_objects: dict[str, np.ndarray] = {}
     if classes is not None and classes.from_arrays:
         arrays = timed("read_labels_s", lambda: {c.name: open_class_array(
             volume, str(c.array), src.labels, src.label_window, data.get("label_voxel_size"))
@@ -330,66 +403,57 @@ def run_targets(
             + (f" or eroded away by targets.mask_erosion_nm {params['mask_erosion_nm']}" if params["mask_erosion_nm"]
                else "")
         )
-    if overlap:
-        if class_targets is None or class_mask is None:
-            class_targets, class_mask, class_objects = timed(
+    return _LabelTargets(labels, mask, semantic, class_targets, class_mask, class_objects)
+
+
+def _class_targets(volume: Volume, found: _LabelTargets, classes: Classes | None, timed: _Timings) -> dict[str, Any]:
+    """Complete ``found``'s class targets within its mask; the root attrs describing them (none without classes)."""
+    from dinopipe import targets as tg
+
+    mask, labels = found.mask, found.labels
+    if classes is None:
+        return {}
+    if classes.overlap:
+        if found.class_targets is None or found.class_mask is None:
+            found.class_targets, found.class_mask, found.class_objects = timed(
                 "classes_s", overlapping_class_targets, labels, classes, mask)
-        class_mask &= mask.astype(np.uint8)[None]  # the union mask, eroded
-        class_targets &= class_mask
-        for name, objects in class_objects.items():
+        found.class_mask &= mask.astype(np.uint8)[None]  # the union mask, eroded
+        found.class_targets &= found.class_mask
+        for objects in found.class_objects.values():
             objects[mask == 0] = 0
-        positives = class_targets.reshape(classes.num_classes, -1).sum(axis=1)
-        annotated = class_mask.reshape(classes.num_classes, -1).sum(axis=1)
-        class_attrs = {"num_classes": classes.num_classes, "class_voxels": positives.tolist(),
-                       "class_annotated_voxels": annotated.tolist(), **classes.to_attrs()}
+        positives = found.class_targets.reshape(classes.num_classes, -1).sum(axis=1)
+        annotated = found.class_mask.reshape(classes.num_classes, -1).sum(axis=1)
         logger.info("volume %s: voxels per class %s of annotated %s", volume.name,
                     dict(zip(classes.names, positives.tolist())), dict(zip(classes.names, annotated.tolist())))
-    elif classes is not None:
-        if semantic is None:
-            semantic, class_weights = timed("semantic_s", tg.compute_semantic_targets, labels, classes.class_map(),
-                                            classes.num_classes, mask)
-        else:
-            semantic[mask == 0] = 0
-            _, class_weights = tg.compute_semantic_targets(semantic, None, classes.num_classes, mask)
-        counts = np.bincount(semantic[mask.astype(bool)], minlength=classes.num_classes)
-        class_attrs = {"num_classes": classes.num_classes, "class_weights": class_weights.tolist(),
-                       "class_voxels": counts.tolist(), **classes.to_attrs()}
-        logger.info("volume %s: known voxels per class %s", volume.name, dict(zip(classes.names, counts.tolist())))
-    affs = timed("affinities_s", tg.compute_affinities, labels, params["offsets"])
-    lsds = timed("lsds_s", tg.compute_lsds, labels, params["lsd_sigma_nm"], vs, num_workers=workers)
-    weights = timed(
-        "boundary_weights_s", tg.compute_boundary_weights, labels, vs,
-        params["boundary_weight_max"], params["boundary_sigma_nm"], mask, num_workers=workers,
-    )
-    raw = timed("raw_s", raw_on_grid, src)
+        return {"num_classes": classes.num_classes, "class_voxels": positives.tolist(),
+                "class_annotated_voxels": annotated.tolist(), **classes.to_attrs()}
+    if found.semantic is None:
+        found.semantic, class_weights = timed("semantic_s", tg.compute_semantic_targets, labels,
+                                              classes.class_map(), classes.num_classes, mask)
+    else:
+        found.semantic[mask == 0] = 0
+        _, class_weights = tg.compute_semantic_targets(found.semantic, None, classes.num_classes, mask)
+    counts = np.bincount(found.semantic[mask.astype(bool)], minlength=classes.num_classes)
+    logger.info("volume %s: known voxels per class %s", volume.name, dict(zip(classes.names, counts.tolist())))
+    return {"num_classes": classes.num_classes, "class_weights": class_weights.tolist(),
+            "class_voxels": counts.tolist(), **classes.to_attrs()}
+
+
+def _write_targets(out_path: str | Path, volume: Volume, grid: Any, images: Mapping[str, tuple[np.ndarray, bool]],
+                   class_objects: Mapping[str, np.ndarray], attrs: dict[str, Any], timed: _Timings) -> None:
+    """Write the targets group atomically: each image (name -> (array, channel axis)), the truth
+    objects of each instance class under ``class_objects/{name}``, then the root attrs (``attrs``,
+    whose ``timings`` gain ``write_s``)."""
     t = time.perf_counter()
-    g = src.grid
-    # uncompressed size: labels, affinities, LSDs, weights, mask, raw
-    size = int(np.prod(g.shape)) * (8 + len(params["offsets"]) + 2 * 10 + 4 + 1 + 4)
+    size = sum(a.nbytes for a, _ in images.values()) + sum(a.nbytes for a in class_objects.values())
     with io.atomic_output(out_path, what=f"targets of volume {volume.name!r}", expected_bytes=size) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        io.write_image(tmp / "labels", labels, g.voxel_size, g.translation)
-        io.write_image(tmp / "affinities", affs.astype(np.uint8), g.voxel_size, g.translation, channel_axis=True)
-        io.write_image(tmp / "lsds", lsds.astype(np.float16), g.voxel_size, g.translation, channel_axis=True)
-        io.write_image(tmp / "boundary_weights", weights.astype(np.float32), g.voxel_size, g.translation)
-        io.write_image(tmp / "mask", mask.astype(np.uint8), g.voxel_size, g.translation)
-        io.write_image(tmp / "raw", raw, g.voxel_size, g.translation)
-        if semantic is not None:
-            io.write_image(tmp / "semantic", semantic, g.voxel_size, g.translation)
-        if class_targets is not None and class_mask is not None:
-            io.write_image(tmp / "classes", class_targets, g.voxel_size, g.translation, channel_axis=True)
-            io.write_image(tmp / "class_mask", class_mask, g.voxel_size, g.translation, channel_axis=True)
-            for name, objects in class_objects.items():
-                io.write_image(tmp / "class_objects" / name, objects, g.voxel_size, g.translation, name=name)
-        timings["write_s"] = time.perf_counter() - t
-        # optional keys only when on: targets of projects without classes keep their attrs
-        off = OPTIONAL_KEYS["targets"]
-        stored = {k: v for k, v in params.items() if not (k in off and v == off[k])}
-        attrs = {"volume": volume.name, **stored, **class_attrs, "grid": g.to_dict(), "sources": src.provenance(),
-                 "timings": timings, "store_id": io.new_store_id()}
+        for name, (array, channels) in images.items():
+            io.write_image(tmp / name, array, grid.voxel_size, grid.translation, channel_axis=channels)
+        for name, objects in class_objects.items():
+            io.write_image(tmp / "class_objects" / name, objects, grid.voxel_size, grid.translation, name=name)
+        timed.seconds["write_s"] = time.perf_counter() - t
         root.attrs["dinopipe"] = json.loads(json.dumps(attrs))
-    logger.info("targets %s: %s, %.1fs", volume.name, labels.shape, sum(timings.values()))
-    return attrs
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -1072,7 +1136,8 @@ def run_predict_create(
     inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data)
     layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
     plan = BlockPlan(layout.shape, layout.block,  # type: ignore[arg-type]
-                     blocks_per_part(setting, layout.shape, layout.num_blocks, int(params["batch_size"])))
+                     blocks_per_part(setting, layout.shape, layout.num_blocks, int(params["batch_size"]),
+                                     flag=volume.distributed if volume is not None else None))
     plan_id = io.new_store_id()
     name = volume.name if volume is not None else Path(plan_path).parent.name.removesuffix(".parts")
     with io.atomic_output(staging, what=f"predictions of volume {name!r} (staging)",
@@ -1089,6 +1154,37 @@ def run_predict_create(
     return read_plan(plan_path)[1]
 
 
+def _planned_job(
+    features_path: str | Path | None, checkpoint_dir: str | Path, plan_path: str | Path, params: Mapping[str, Any],
+    *, threads: int | None, volume: Volume | None, features: Mapping[str, Any] | None,
+    data: Mapping[str, Any] | None,
+) -> tuple[Any, dict[str, Any], Any, Any, Any, str]:
+    """What a job of a planned (distributed) prediction needs: the plan and its record, the
+    inputs, the block layout (checked against the plan), the device (model moved to it) and
+    the autocast mode."""
+    import torch
+
+    from dinopipe.distributed import read_plan
+    from dinopipe.predict import block_layout
+    from dinopipe.runtime import autocast_mode, resolve_device
+
+    torch.set_num_threads(allotted_cpus(threads))
+    plan, record = read_plan(plan_path)
+    inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data,
+                                known=record["known"])
+    layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
+    if layout.shape != plan.shape or layout.block != plan.block or layout.halo != record["halo"]:
+        raise ValueError(
+            f"volume {record['volume']!r}: the plan {plan_path} has shape {list(plan.shape)}, blocks "
+            f"{list(plan.block)} and halo {record['halo']}, but this job computes {list(layout.shape)}, "
+            f"{list(layout.block)} and {layout.halo}: rerun predict_create (snakemake results/predictions/{record['volume']}.zarr --forcerun predict_create)"
+        )
+    dev = resolve_device(params["device"], "predict.device")
+    mode = autocast_mode(params["autocast"], "predict.autocast")
+    inputs.model.to(dev)
+    return plan, record, inputs, layout, dev, mode
+
+
 def run_predict_part(
     features_path: str | Path | None, checkpoint_dir: str | Path, plan_path: str | Path, staging: str | Path,
     marker: str | Path, part: int, params: Mapping[str, Any], *, threads: int | None = None,
@@ -1103,30 +1199,16 @@ def run_predict_part(
     Returns:
         The part's statistics (``timings`` in seconds, ``precision``), as in its marker.
     """
-    import torch
-
     from dinopipe.distributed import read_plan, write_marker
-    from dinopipe.predict import block_layout, predict_into
-    from dinopipe.runtime import autocast_mode, resolve_device
+    from dinopipe.predict import predict_into
 
     t_start = time.perf_counter()
-    torch.set_num_threads(allotted_cpus(threads))
     params = {**DEFAULT_PREDICT, **params}
-    plan, record = read_plan(plan_path)
-    starts = plan.part_starts(int(part))  # a part the plan does not have fails here
-    inputs = _prediction_inputs(features_path, checkpoint_dir, params, volume=volume, features=features, data=data,
-                                known=record["known"])
-    layout = block_layout(inputs.model, inputs.config, inputs.grid.shape, tuple(params["block_shape"]))
-    if layout.shape != plan.shape or layout.block != plan.block or layout.halo != record["halo"]:
-        raise ValueError(
-            f"volume {record['volume']!r}: the plan {plan_path} has shape {list(plan.shape)}, blocks "
-            f"{list(plan.block)} and halo {record['halo']}, but this job computes {list(layout.shape)}, "
-            f"{list(layout.block)} and {layout.halo}: rerun predict_create (snakemake results/predictions/{record['volume']}.zarr --forcerun predict_create)"
-        )
+    read_plan(plan_path)[0].part_blocks(int(part))  # a part the plan does not have fails here, before the model loads
+    plan, record, inputs, layout, dev, mode = _planned_job(features_path, checkpoint_dir, plan_path, params,
+                                                           threads=threads, volume=volume, features=features, data=data)
+    starts = plan.part_starts(int(part))
     outputs = [zarr.open_array(str(Path(staging) / n / "s0"), mode="r+") for n in record["images"]]
-    dev = resolve_device(params["device"], "predict.device")
-    mode = autocast_mode(params["autocast"], "predict.autocast")
-    inputs.model.to(dev)
     logger.info("volume %s, part %s: %s + halo %d, device %s", record["volume"], part, plan.describe(int(part)),
                 layout.halo, dev)
     timings = predict_into(inputs.readers, layout, inputs.model, outputs, starts, device=dev, mode=mode,
@@ -1136,6 +1218,59 @@ def run_predict_part(
              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     write_marker(marker, record, int(part), stats)
     return stats
+
+
+def run_predict_block(
+    features_path: str | Path | None, checkpoint_dir: str | Path, plan_path: str | Path, store: str | Path,
+    record_path: str | Path, index: int, params: Mapping[str, Any], *, threads: int | None = None,
+    volume: Volume | None = None, features: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict block ``index`` (C order of the plan) of a finished distributed prediction again
+    and write it into ``store`` in place (rule ``predict_block``).
+
+    The block's forward batch (:func:`dinopipe.distributed.batch_of`) is predicted as its part
+    job predicted it, so an intact block is rewritten with the same bits; only block ``index``
+    is written, chunk by chunk atomically (:func:`~dinopipe.distributed.replace_block`). The
+    provenance (block, first voxel, whether it changed, time, device) goes into the store's
+    root attrs and ``record_path`` (:func:`~dinopipe.distributed.record_block`); a changed
+    block makes the store newer, so Snakemake reruns what reads it.
+
+    Returns:
+        The provenance record.
+    """
+    from dinopipe.distributed import batch_of, read_plan, record_block, replace_block
+    from dinopipe.predict import predict_into
+
+    t_start = time.perf_counter()
+    params = {**DEFAULT_PREDICT, **params}
+    plan, record = read_plan(plan_path)
+    plan.block_start(int(index))  # a block the plan does not have fails here, before the model loads
+    if not Path(store).is_dir():
+        raise FileNotFoundError(f"volume {record['volume']!r}: no finished prediction at {store} to write block {index} "
+                                f"into; a part not yet finished is recomputed by snakemake {Path(plan_path).parent}/PART.done")
+    plan, record, inputs, layout, dev, mode = _planned_job(features_path, checkpoint_dir, plan_path, params,
+                                                           threads=threads, volume=volume, features=features, data=data)
+    batch = batch_of(plan, int(index), int(params["batch_size"]))
+    scratch = [zarr.create_array(zarr.storage.MemoryStore(), shape=a.shape, chunks=a.shape[:1] + plan.block,
+                                 dtype=a.dtype, fill_value=0)
+               for a in (zarr.open_array(str(Path(store) / n / "s0"), mode="r") for n in record["images"])]
+    logger.info("volume %s: block %d (first voxel (z, y, x) %s) predicted again in its batch of blocks %d-%d, "
+                "device %s", record["volume"], index, list(plan.block_start(int(index))), batch.start, batch.stop - 1, dev)
+    timings = predict_into(inputs.readers, layout, inputs.model, scratch, [plan.block_start(i) for i in batch],
+                           device=dev, mode=mode, batch_size=len(batch), label=f"predict {record['volume']} block {index}")
+    where = (slice(None), *plan.window(int(index)))
+    changed = {n: replace_block(Path(store) / n / "s0", plan, int(index), a[where])
+               for n, a in zip(record["images"], scratch, strict=True)}
+    entry = {"block": int(index), "first_voxel": list(plan.block_start(int(index))), "batch": [batch.start, batch.stop],
+             "changed": any(changed.values()), "changed_images": [n for n, c in changed.items() if c],
+             "precision": mode if dev.type == "cuda" else "none", "device": str(dev),
+             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dinopipe_version": __version__,
+             "seconds": time.perf_counter() - t_start, "forward_s": timings["forward_s"]}
+    record_block(store, record_path, entry)
+    logger.info("volume %s: block %d %s", record["volume"], index,
+                f"differed from the stored one in {entry['changed_images']}: rewritten" if entry["changed"]
+                else "equals the stored one bit for bit")
+    return entry
 
 
 def run_predict_finish(plan_path: str | Path, staging: str | Path, markers: Sequence[str | Path],

@@ -26,7 +26,7 @@ Outputs in ``out_dir``, written when training ends (a killed run leaves none of 
   :func:`build_model_config`), incl. ``input_raw`` and where the raw comes from.
 * ``loss_curve.tsv``: columns ``step``, ``train_loss``, ``val_loss``, ``val_bacc``,
   ``lr``, then ``val_bacc_<offset>`` per affinity offset (e.g. ``val_bacc_1_0_0``) or
-  ``val_bacc_class<c>`` per class. ``val_bacc`` is the balanced accuracy on the
+  ``val_bacc_<name>`` per class (``val_bacc_class<c>`` for targets without class names). ``val_bacc`` is the balanced accuracy on the
   validation crops (:func:`dinopipe.evaluate.balanced_accuracy`: the mean of the recalls
   of same-object and of boundary edges, per offset, then averaged over offsets; for
   classes, one class against the rest), so that the rare boundary edges count as much as
@@ -461,7 +461,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and p["autocast"] == "fp16")
         self.objective = Objective(p, self.num_offsets, self.class_weights, device,
                                    overlap=_overlap(self.train_vols + self.val_vols, p))
-        self.channels = channel_names(self.offsets, self.num_classes)
+        self.channels = channel_names(self.offsets, self.num_classes, self.model_config.get("class_names"))
         self.sampler = CropSampler(self.train_vols, crop, p["batch_size"], p["seed"], p["min_mask_fraction"],
                                    p["augment"], lsds=p["lsds"], raw=p["input_raw"], target=p["target"],
                                    boundary_fraction=p["sample_boundary"])

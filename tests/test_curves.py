@@ -12,6 +12,7 @@ from dinopipe.curves import CURVE_COLUMNS, channel_names, curve_rows, plot_curve
 def test_channel_names():
     assert channel_names([[1, 0, 0], [0, -3, 0]]) == ["1_0_0", "0_-3_0"]
     assert channel_names([[1, 0, 0]], num_classes=3) == ["class0", "class1", "class2"]
+    assert channel_names([[1, 0, 0]], 3, ["background", "mito", "er"]) == ["background", "mito", "er"]
 
 
 def test_write_read_round_trip(tmp_path):

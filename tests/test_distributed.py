@@ -11,44 +11,11 @@ import numpy as np
 import pytest
 import zarr
 
-from dinopipe.distributed import BlockPlan, blocks_per_part, check_parts, describe_part, part_names, read_plan
+from dinopipe.distributed import blocks_per_part, check_parts, describe_part, part_names, read_plan
 from dinopipe.stages import run_predict, run_predict_create, run_predict_finish, run_predict_part
 from test_predict import make_features, make_model_dir
 
 # --------------------------------------------------------------------------- the plan (hand-computed)
-
-
-def test_block_grid_and_parts_by_hand():
-    # 20 x 26 x 30 voxels in 8 x 12 x 16 blocks: 3 x 3 x 2 = 18 blocks; 4 per part: 5 parts (4+4+4+4+2)
-    plan = BlockPlan((20, 26, 30), (8, 12, 16), 4)
-    assert plan.counts == (3, 3, 2) and plan.num_blocks == 18 and plan.num_parts == 5
-    assert [len(plan.part_blocks(p)) for p in range(5)] == [4, 4, 4, 4, 2]
-    assert plan.part_blocks(1) == range(4, 8)
-    # C order: x fastest, then y, then z
-    assert plan.block_start(0) == (0, 0, 0)
-    assert plan.block_start(1) == (0, 0, 16)
-    assert plan.block_start(2) == (0, 12, 0)
-    assert plan.block_start(6) == (8, 0, 0)
-    assert plan.block_start(17) == (16, 24, 16)
-    assert plan.part_starts(4) == [(16, 24, 0), (16, 24, 16)]
-    assert plan.block_index((17, 25, 29)) == 17 and plan.block_index((9, 0, 15)) == 6
-    assert plan.part_of_block(17) == 4 and plan.part_of_block(3) == 0 and plan.part_of_block(4) == 1
-    # every block in exactly one part
-    assert sorted(i for p in range(plan.num_parts) for i in plan.part_blocks(p)) == list(range(18))
-    assert plan.describe(4) == ("blocks 16-17 of 18 (first voxels (z, y, x) [16, 24, 0]..[16, 24, 16], "
-                                "blocks of [8, 12, 16])")
-
-
-def test_plan_errors_name_the_bad_value():
-    plan = BlockPlan((20, 26, 30), (8, 12, 16), 4)
-    with pytest.raises(ValueError, match=r"part 5 does not exist: the plan has parts 0\.\.4"):
-        plan.part_blocks(5)
-    with pytest.raises(ValueError, match=r"block 18 does not exist"):
-        plan.block_start(18)
-    with pytest.raises(ValueError, match=r"voxel \[20, 0, 0\] lies outside"):
-        plan.block_index((20, 0, 0))
-    with pytest.raises(ValueError, match="blocks per part must be >= 1"):
-        BlockPlan((4, 4, 4), (4, 4, 4), 0)
 
 
 def test_blocks_per_part_follows_batches_and_threshold():
@@ -187,3 +154,47 @@ def test_a_shard_shape_gives_an_unsharded_store_with_a_warning(setup, caplog):
         run_predict_create(features, model_dir, parts / "s.zarr", parts / "plan.json", params, threads=1)
     assert "predict.shard_shape 32: a distributed prediction writes an unsharded store" in caplog.text
     assert zarr.open_array(str(parts / "s.zarr" / "affinities" / "s0"), mode="r").metadata.zarr_format == 2
+
+
+def test_one_block_of_a_finished_volume_is_predicted_again_by_index(setup):
+    """run_predict_block (rule predict_block): a block deleted or corrupted in the finished
+    store is predicted again in its forward batch and rewritten, bitwise as before; the
+    store records it; an intact block is rewritten with the same bits and recorded unchanged."""
+    from dinopipe.distributed import batch_of
+    from dinopipe.stages import run_predict_block
+
+    tmp_path, features, model_dir = setup
+    params = {**_params(blocks_per_job=3), "batch_size": 2}  # parts of 4 blocks, batches of 2
+    out = _distributed(tmp_path, features, model_dir, params)
+    before = _arrays(out)
+    plan_path = tmp_path / "vol.parts" / "plan.json"
+    plan, _ = read_plan(plan_path)
+    assert batch_of(plan, 5, 2) == range(4, 6) and batch_of(plan, 16, 2) == range(16, 18)
+    index = 5
+    window = (slice(None), *plan.window(index))
+    chunk = Path(out) / "affinities" / "s0" / "0" / "0" / "2" / "1"  # block 5: (z, y, x) = (0, 2, 1)
+    assert chunk.is_file()
+    chunk.write_bytes(b"\x02\x01half a chunk")  # a corrupt chunk (as a job killed mid-write leaves)
+    lsds = zarr.open_array(str(out / "lsds" / "s0"), mode="r+")
+    lsds[window] = 0.5  # and wrong values in the other image
+    entry = run_predict_block(features, model_dir, plan_path, out, tmp_path / "blocks" / "5.json", index, params,
+                              threads=1)
+    assert entry["changed"] and entry["changed_images"] == ["affinities", "lsds"] and entry["batch"] == [4, 6]
+    for name, array in _arrays(out).items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+    assert json.loads((tmp_path / "blocks" / "5.json").read_text())["block"] == 5
+    # a deleted chunk too, and an intact block: recorded unchanged
+    chunk.unlink()
+    run_predict_block(features, model_dir, plan_path, out, tmp_path / "blocks" / "5.json", index, params, threads=1)
+    again = run_predict_block(features, model_dir, plan_path, out, tmp_path / "blocks" / "0.json", 0, params, threads=1)
+    assert not again["changed"] and again["batch"] == [0, 2]
+    for name, array in _arrays(out).items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+    recorded = zarr.open_group(str(out)).attrs["dinopipe"]["recomputed_blocks"]
+    assert [(r["block"], r["changed"]) for r in recorded] == [(5, True), (5, True), (0, False)]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".block-")]  # no scratch left
+    with pytest.raises(ValueError, match=r"block 18 does not exist"):
+        run_predict_block(features, model_dir, plan_path, out, tmp_path / "b.json", 18, params, threads=1)
+    with pytest.raises(FileNotFoundError, match=r"no finished prediction at .*PART.done"):
+        run_predict_block(features, model_dir, plan_path, tmp_path / "none.zarr", tmp_path / "b.json", 1, params,
+                          threads=1)

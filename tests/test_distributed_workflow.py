@@ -9,6 +9,7 @@ repeated through the emulated LSF with one part job killed (for memory) and resu
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -74,15 +75,17 @@ def assert_bitwise_equal(store: Path, reference: Path) -> None:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def documented(cluster: bool = False) -> list[str]:
+def documented(cluster: bool = False, blocks: bool = False) -> list[str]:
     """The snakemake commands of docs/distributed.md's bash blocks for the test volume: the local
-    ones, or (``cluster``) those through profiles/lsf; each is run by a test here."""
+    ones for parts, or (``cluster``) those through profiles/lsf, or (``blocks``) those that
+    predict one block again; each is run by a test here."""
     commands = list(dict.fromkeys(c.replace(DOC_VOLUME, VOLUME) for c in documented_commands(DOCS, "snakemake ")))
-    local = [c for c in commands if "--profile" not in c]
+    block = [c for c in commands if "/blocks/" in c]
+    local = [c for c in commands if "--profile" not in c and c not in block]
     lsf_ = [c for c in commands if c.startswith("snakemake --profile profiles/lsf --workflow-profile none ")]
-    assert len(local) + len(lsf_) == len(commands), commands
-    assert len(local) == 3 and len(lsf_) == 2, commands
-    return lsf_ if cluster else local
+    assert len(local) + len(lsf_) + len(block) == len(commands), commands
+    assert len(local) == 3 and len(lsf_) == 2 and len(block) == 2, commands
+    return block if blocks else lsf_ if cluster else local
 
 
 def run_documented(project: Path, command: str):
@@ -216,3 +219,99 @@ def test_another_blocks_per_job_recreates_the_plan(steps, tmp_path):
     assert jobs.get("predict_create") == 1 and jobs.get("predict_finish") == 1, out
     assert not {"features", "targets", "train"} & set(jobs), jobs
     assert re.search(r"params have changed", out, re.I), out
+
+
+def test_lsf_prediction_and_segmentation_in_parts_killed_mid_write(project, tmp_path):
+    """Issue #17's proof: predict.distributed and segment.jobs together through profiles/lsf on the
+    emulated LSF. predict_0 (16 x 32 x 32) is 8 blocks: 4 prediction parts of 2 blocks, 3
+    segmentation parts of 3, 3, 2 blocks. The first run dies twice mid-write: prediction part 2
+    while writing its first chunk (half a chunk file, no marker), and, in the second run,
+    segmentation part 1 while writing its first fragments chunk; each run without retries, so the
+    dry run between them lists exactly what is missing and the next run redoes only that. The
+    prediction equals the single-job prediction bitwise, the segmentation the one-job blockwise
+    one. Then docs/distributed.md's block commands: an intact block predicted again leaves
+    nothing to do; a corrupted one is rewritten bitwise as before, and Snakemake resegments."""
+    from dinopipe import io
+    from dinopipe.stages import run_segment
+
+    own = tmp_path / "own"
+    shutil.copytree(project, own, symlinks=True)
+    for stale in ("predictions/predict_0.zarr", "predictions/predict_0.parts", "segmentations/predict_0.zarr"):
+        shutil.rmtree(own / "results" / stale, ignore_errors=True)
+    config = distributed_config()
+    config["segment"].update(jobs=3, block_shape=[8, 16, 16], tune=False)
+    (own / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    target = f"results/segmentations/{VOLUME}.zarr"
+    killed_part = f"rule_predict_part:volume={VOLUME},part=2"
+    killed_fragments = f"rule_segment_fragments:volume={VOLUME},part=1"
+    state = lsf.configure(tmp_path / "lsf", max_running=4, queues={CPU_QUEUE: {}, GPU_QUEUE: {"gpus": 4}}, faults=[
+        # block 4, the first of part 2: chunk (c, z, y, x) = (0, 1, 0, 0), written by zarr as a temporary file
+        {"job_name": killed_part, "die_writing": f"{PARTS}/staging.zarr/affinities/s0/0/1/0/0.*", "times": 1},
+        {"job_name": killed_fragments, "die_writing": f"results/segmentations/{VOLUME}.parts/fragments.zarr/s0/*",
+         "times": 1},
+    ])
+    bin_dir = lsf.install(tmp_path / "bin", python=sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LSF_EMULATOR_DIR": str(state),
+           "PYTHONUNBUFFERED": "1"}
+    profile = profile_copy("lsf", tmp_path)
+    once = ("--retries", "0", "--keep-going", target)
+    try:
+        with pytest.raises(AssertionError, match="failed"):
+            cluster_snakemake(own, profile, *once, env=env)
+        dry_1 = snakemake(own, "-n", target)
+        with pytest.raises(AssertionError, match="failed"):
+            cluster_snakemake(own, profile, *once, env=env)
+        dry_2 = snakemake(own, "-n", target)
+        cluster_snakemake(own, profile, target, env=env)
+    finally:
+        lsf.kill_all(state)
+    jobs = lsf.all_jobs(state)
+
+    # each kill: one job EXIT, nothing else of its step resubmitted
+    def tries(name: str) -> list[str]:
+        return [j["stat"] for j in jobs if name in j["name"]]
+    assert tries(killed_part) == ["EXIT", "DONE"] and tries(killed_fragments) == ["EXIT", "DONE"]
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[rule_of(job["name"])] = counts.get(rule_of(job["name"]), 0) + 1
+    assert counts == {"predict_create": 1, "predict_part": 5, "predict_finish": 1, "segment_fragments": 4,
+                      "segment_faces": 3, "segment_merge": 1, "segment_relabel": 3}, counts
+    segment_steps = {"segment_plan": 1, "segment_fragments": 3, "segment_faces": 3, "segment_merge": 1,
+                     "segment_relabel": 3, "segment_finish": 1}
+    dry = dry_1.stdout + dry_1.stderr
+    assert jobs_in(dry) == {"predict_part": 1, "predict_finish": 1, **segment_steps}, dry
+    assert "part 2 of 4 of predict_0: blocks 4-5 of 8" in dry
+    staged = sorted((own / PARTS).glob("*.done"))  # (staging moved since; markers stay)
+    assert [p.name for p in staged] == ["0.done", "1.done", "2.done", "3.done"]
+    dry = dry_2.stdout + dry_2.stderr
+    assert jobs_in(dry) == {k: v for k, v in {**segment_steps, "segment_fragments": 1}.items()
+                            if k != "segment_plan"}, dry
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(own, "-n", target))
+
+    store = own / "results" / "predictions" / f"{VOLUME}.zarr"
+    reference = single_job_prediction(own, tmp_path / "single.zarr")
+    assert_bitwise_equal(store, reference)
+    assert not list(store.rglob("*.partial")), "the half-written chunk of the killed part was left in the store"
+    seg = io.read_image(own / target)
+    run_segment(store, tmp_path / "one.zarr", config["segment"])
+    one = io.read_image(tmp_path / "one.zarr")
+    assert np.array_equal(seg.read(), one.read()) and seg.attrs["jobs"] == 3 and one.attrs["segments"] > 1
+
+    # docs/distributed.md: one block by index, intact (nothing downstream reruns) ...
+    first, forced = documented(blocks=True)
+    ran = run_documented(own, first)
+    assert jobs_in(ran.stdout + ran.stderr) == {"predict_block": 1}
+    record = json.loads((own / PARTS / "blocks" / "5.json").read_text())
+    assert record["block"] == 5 and not record["changed"]
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(own, "-n", target))
+    # ... and corrupted (a chunk of block 5 = (z, y, x) (1, 0, 1) scribbled over): rewritten as before
+    chunk = store / "affinities" / "s0" / "0" / "1" / "0" / "1"
+    chunk.write_bytes(b"\x02\x01half a chunk")
+    ran = run_documented(own, forced)
+    assert jobs_in(ran.stdout + ran.stderr) == {"predict_block": 1}
+    assert json.loads((own / PARTS / "blocks" / "5.json").read_text())["changed_images"] == ["affinities"]
+    assert_bitwise_equal(store, reference)
+    recorded = zarr.open_group(str(store)).attrs["dinopipe"]["recomputed_blocks"]
+    assert [(r["block"], r["changed"]) for r in recorded] == [(5, False), (5, True)]
+    dry = snakemake(own, "-n", target)
+    assert jobs_in(dry.stdout + dry.stderr) == segment_steps, dry.stdout  # the segmentation read the old block

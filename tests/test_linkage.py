@@ -168,7 +168,7 @@ def test_hierarchical_merge_on_the_demo_volume_is_within_the_bound() -> None:
     one = segmentation(None)
     truth_voi = evaluate_segmentation(truth, one)["voi_sum"]
     for factors in ([2], [2, (2, 4, 4)]):
-        out = segmentation(fragment_superblocks(ids, truth.shape, block, factors))
+        out = segmentation(fragment_superblocks(ids, truth.shape, block, factors, seeded=True))
         assert evaluate_segmentation(one, out)["voi_sum"] <= 0.05, factors
         assert evaluate_segmentation(truth, out)["voi_sum"] <= truth_voi + 0.05, factors
 
@@ -185,6 +185,11 @@ def test_fragment_superblocks_by_hand() -> None:
     assert two.tolist() == [0, 0, 1, 0, 1]  # 1 x 1 x 2
     with pytest.raises(ValueError, match="multiples"):
         fragment_superblocks(ids, (4, 4, 6), block, [2, 3])
+    # seeded fragments are named by their seed's voxel (C order in the volume): its block counts
+    seeds = np.array([(0, 0, 0), (1, 3, 5), (3, 0, 2)])
+    ids = np.ravel_multi_index(tuple(seeds.T), (4, 4, 6)).astype(np.uint64) + np.uint64(1)
+    (one,) = fragment_superblocks(ids, (4, 4, 6), block, [(1, 1, 2)], seeded=True)
+    assert one.tolist() == [0, 3, 4]  # blocks (0,0,0) (0,1,2) (1,0,1) -> super-blocks (0,0,0) (0,1,1) (1,0,0)
 
 
 def test_merge_table_levels_need_mean_linkage() -> None:

@@ -383,6 +383,8 @@ def test_a_model_learns_overlapping_classes(tmp_path) -> None:
     config = json.loads((tmp_path / "m" / "model_config.json").read_text())
     assert config["classes_overlap"] is True and config["unet"]["out_channels"] == 3
     assert config["class_names"] == ["organelle", "dark", "bright"] and config["class_weights"] == [1.0, 1.0, 2.0]
+    header = (tmp_path / "m" / "loss_curve.tsv").read_text().splitlines()[0].split("\t")
+    assert header[-3:] == ["val_bacc_organelle", "val_bacc_dark", "val_bacc_bright"]  # columns named by class
     predict_volume(val_vol[0], tmp_path / "m", tmp_path / "p.zarr", block_shape=(16, 16, 16), device="cpu")
     probs = read_image(tmp_path / "p.zarr" / "classes").read()
     assert probs.shape == (3, 32, 32, 32)

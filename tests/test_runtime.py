@@ -88,3 +88,24 @@ def test_resident_mb_sees_a_held_array():
     after = resident_mb()
     assert held[-1] == 1.0
     assert after - before > 50, (before, after)
+
+
+def test_one_job_gc_raises_the_thresholds_once_and_freezes_what_lives_at_exit():
+    """In a fresh process (it changes the process's collector): thresholds raised, one exit
+    hook however often it is called, and at exit the live objects are frozen."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, gc\n"
+        "from dinopipe.runtime import JOB_GC_THRESHOLDS, one_job_gc\n"
+        "before = atexit._ncallbacks()\n"
+        "one_job_gc(); one_job_gc()\n"
+        "assert gc.get_threshold() == JOB_GC_THRESHOLDS, gc.get_threshold()\n"
+        "assert atexit._ncallbacks() == before + 1\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "atexit._run_exitfuncs()\n"
+        "print(gc.get_freeze_count() > 1000)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

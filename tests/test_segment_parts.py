@@ -11,8 +11,9 @@ import zarr
 
 from dinopipe import io
 from dinopipe.evaluate import evaluate_segmentation
+from dinopipe.segment import segment
 from dinopipe.segment_parts import (
-    part_blocks,
+    block_plan,
     parts_dir,
     run_faces,
     run_finish,
@@ -22,15 +23,17 @@ from dinopipe.segment_parts import (
     run_relabel,
 )
 from dinopipe.stages import run_segment, segment_settings
-from test_segment_stage import prediction  # noqa: F401  (fixture)
+from test_segment_stage import OFFSETS, prediction  # noqa: F401  (fixture)
 
 
-def test_parts_take_every_jobs_th_block():
-    assert part_blocks(10, 0, 4) == [0, 4, 8] and part_blocks(10, 3, 4) == [3, 7]
-    assert part_blocks(2, 3, 4) == []  # more jobs than blocks: the extra parts have nothing to do
-    assert sorted(b for p in range(4) for b in part_blocks(10, p, 4)) == list(range(10))
-    with pytest.raises(ValueError, match="segment.jobs is 4"):
-        part_blocks(10, 4, 4)
+def test_parts_take_consecutive_blocks_of_the_one_plan():
+    """Segmentation parts follow dinopipe.parts.BlockPlan's rule: ceil(blocks / jobs)
+    consecutive blocks (C order) per part, exactly segment.jobs parts."""
+    plan = block_plan({"shape": [10, 1, 1], "block_shape": [1, 1, 1], "jobs": 4})
+    assert [list(plan.part_blocks(p)) for p in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    few = block_plan({"shape": [2, 1, 1], "block_shape": [1, 1, 1], "jobs": 4})
+    assert few.num_parts == 4 and list(few.part_blocks(3)) == []  # more jobs than blocks: nothing to do
+    assert few.describe(3).startswith("no blocks")
 
 
 def run_all_parts(predictions, out, params: dict, jobs: int) -> dict:
@@ -51,17 +54,25 @@ def run_all_parts(predictions, out, params: dict, jobs: int) -> dict:
     return attrs
 
 
-@pytest.mark.parametrize("method, merge_levels", [("mutex_watershed", None), ("agglomeration", None),
-                                                  ("agglomeration", [[1, 2, 2], 2])])
-def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method, merge_levels):  # noqa: F811
+@pytest.mark.parametrize(("method", "fragments", "merge_levels"),
+                         [("mutex_watershed", "waterz", None), ("agglomeration", "waterz", None),
+                          ("agglomeration", "distance", None), ("agglomeration", "waterz", [[1, 2, 2], 2]),
+                          ("agglomeration", "distance", [[1, 2, 2], 2])])
+def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method, fragments,  # noqa: F811
+                                                       merge_levels):
     path, truth = prediction
     params = {"method": method, "block_shape": [4, 8, 8], "min_size": 20, "bias_short": -0.5, "bias_long": -0.5,
-              "threshold": 0.5, "fragments": "waterz", "merge_levels": merge_levels}
+              "threshold": 0.5, "fragments": fragments, "merge_levels": merge_levels}
     one = run_segment(path, tmp_path / "one.zarr", params)
     attrs = run_all_parts(path, tmp_path / "many.zarr", params, jobs=3)
     a, b = io.read_image(tmp_path / "one.zarr"), io.read_image(tmp_path / "many.zarr")
     assert np.array_equal(a.read(), b.read()) and a.geometry == b.geometry
-    assert evaluate_segmentation(truth, a.read())["voi_sum"] == pytest.approx(0, abs=1e-9)  # the 12 boxes
+    if fragments == "waterz":
+        assert evaluate_segmentation(truth, a.read())["voi_sum"] == pytest.approx(0, abs=1e-9)  # the 12 boxes
+    else:  # seeded fragments: the one-piece agglomeration (which joins some of these membrane-less boxes)
+        whole = segment(io.read_image(path / "affinities").read(), OFFSETS, method="agglomeration", threshold=0.5,
+                        fragments="distance", min_size=20)
+        assert evaluate_segmentation(whole, a.read())["voi_sum"] == pytest.approx(0, abs=1e-9)
     assert {k: v for k, v in attrs.items() if k not in ("seconds", "jobs")} == {
         k: v for k, v in one.items() if k != "seconds"}
     assert attrs["jobs"] == 3 and b.attrs["jobs"] == 3
@@ -84,8 +95,8 @@ def test_a_missing_part_is_named(prediction, tmp_path):  # noqa: F811
     run_merge(work / "plan.json", [str(work / "f0.npz"), str(work / "f1.npz")], [str(work / "c0.npz"),
               str(work / "c1.npz")], work / "t.npz")
     run_relabel(out, 1, work / "t.npz", work / "d1.json")
-    assert json.loads((work / "d1.json").read_text())["blocks"] == [1, 3, 5, 7]
-    with pytest.raises(RuntimeError, match=r"blocks \[0, 2, 4, 6\] of 8 were not relabelled"):
+    assert json.loads((work / "d1.json").read_text())["blocks"] == [4, 5, 6, 7]
+    with pytest.raises(RuntimeError, match=r"blocks \[0, 1, 2, 3\] of 8 were not relabelled"):
         run_finish(out, work / "plan.json", work / "t.npz", [str(work / "d1.json")])
     assert not out.exists()
 
@@ -121,7 +132,8 @@ def test_segment_jobs_through_snakemake(project, tmp_path):
     assert sorted(p.name for p in (work / "fragments").iterdir()) == ["0.npz", "1.npz", "2.npz"]
     (work / "fragments" / "1.npz").unlink()
     fragments = zarr.open_group(str(work / "fragments.zarr"), mode="r+")["s0"]
-    fragments[0:8, 0:16, 16:32] = 12345  # block 1 (C order: z, y, x)
+    fragments[0:8, 16:32, 16:32] = 12345  # block 3, the first of part 1 (blocks 3-5; C order: z, y, x)
+    assert json.loads((work / "plan.json").read_text())["blocks_per_part"] == 3
     rerun = jobs_in(snakemake(own, "-n", target).stdout)
     assert rerun["segment_fragments"] == 1 and "segment_plan" not in rerun
     snakemake(own, target)

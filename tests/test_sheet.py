@@ -108,3 +108,39 @@ def test_lookup_names_the_unknown_volume_the_sheet_and_known_names():
     assert message.endswith("known volumes: vol_000, vol_001, vol_002, vol_003, vol_004, ... (12 in all)")
     with pytest.raises(ValueError, match=r"'zzz' is not .*; known volumes: vol_000, .*\(12 in all\)$"):
         lookup(volumes, "zzz", "s.tsv")
+
+
+def test_distributed_column_marks_volumes(tmp_path):
+    """The optional `distributed` column: true / false (any case) or empty; kept in the record only
+    when set, and only in the record of the job that plans the parts (volume_params)."""
+    from dinopipe.config import volume_params
+
+    p = _sheet(tmp_path, "name\traw\trole\tdistributed\na\tr\tpredict\tTRUE\nb\tr\tpredict\tfalse\nc\tr\tpredict\t\n")
+    a, b, c = read_sheet(p)
+    assert (a.distributed, b.distributed, c.distributed) == (True, False, None)
+    assert Volume.from_record(a.to_record()) == a and "distributed" not in c.to_record()
+    assert "distributed" not in volume_params(a.to_record())
+    assert volume_params(a.to_record(), distributed=True)["distributed"] is True
+    assert volume_params(c.to_record(), distributed=True) == volume_params(c.to_record())  # no column: no rerun
+
+
+def test_bad_distributed_value_names_sheet_row_and_column(tmp_path):
+    p = _sheet(tmp_path, "name\traw\trole\tdistributed\na\tr\tpredict\tyes please\n")
+    with pytest.raises(ValueError, match=r"volumes.tsv line 2 \(volume 'a'\): column 'distributed' is 'yes please'; "
+                                         r"allowed: true, false, or empty"):
+        read_sheet(p)
+
+
+def test_distributed_column_without_predict_distributed_is_a_problem():
+    from dinopipe.checks import check_distributed_flags
+    from dinopipe.distributed import blocks_per_part
+
+    vols = [Volume("a", "r", None, "predict", distributed=True), Volume("b", "r", None, "predict", distributed=False)]
+    (problem,) = check_distributed_flags({"volumes": "config/volumes.tsv", "predict": {"distributed": None}}, vols)
+    assert "['a']" in problem and "config/volumes.tsv" in problem and "predict.distributed is null" in problem
+    assert check_distributed_flags({"predict": {"distributed": {"blocks_per_job": 4}}}, vols) == []
+    # the column overrides min_voxels both ways
+    small = {"blocks_per_job": 4, "min_voxels": 10**9}
+    assert blocks_per_part(small, (64, 64, 64), 100) == 100
+    assert blocks_per_part(small, (64, 64, 64), 100, flag=True) == 4
+    assert blocks_per_part({"blocks_per_job": 4}, (64, 64, 64), 100, flag=False) == 100

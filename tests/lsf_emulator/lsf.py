@@ -32,6 +32,11 @@ Emulated cluster behaviour, set in ``config.json`` through :func:`configure`:
       processes are stopped (SIGSTOP) ``after`` seconds into the run and resumed (SIGCONT)
       ``seconds`` later, but not before bjobs has reported the state once (unless
       ``"until_reported": false``); bjobs reports the state meanwhile;
+    - ``"die_writing": pattern``: the job dies (SIGKILL to its process group, as a node
+      failure or ``kill -9`` leaves it) in the middle of writing the first file whose path
+      matches the glob ``pattern``: half the first write reaches the file, the rest never
+      does. Every Python process of the job loads :data:`SITECUSTOMIZE`, which wraps
+      ``open`` for that path: a job killed mid-write, deterministically, whatever the timing;
   optionally ``"times": n`` limits how often the fault fires (default: every matching job).
 """
 
@@ -360,6 +365,47 @@ def _spawn_runner(state: Path, job: dict) -> None:
         )
 
 
+#: Loaded (as ``sitecustomize``) by the Python processes of a job with a ``die_writing`` fault.
+SITECUSTOMIZE = """\
+import builtins, fnmatch, io, os, signal
+
+_pattern = os.environ.get("LSF_EMULATOR_DIE_WRITING")
+_open = io.open
+
+
+class _DyingFile:
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        self._f.write(view[: len(view) // 2])
+        self._f.flush()
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+
+def _dying_open(file, mode="r", *args, **kwargs):
+    f = _open(file, mode, *args, **kwargs)
+    if _pattern and isinstance(file, (str, os.PathLike)) and ("w" in mode or "a" in mode or "x" in mode) \
+            and fnmatch.fnmatch(os.path.abspath(os.fspath(file)), _pattern):
+        return _DyingFile(f)
+    return f
+
+
+if _pattern:
+    io.open = builtins.open = _dying_open
+"""
+
+
 def run_job(state: Path, jobid: int) -> int:
     """The runner: execute one job as LSF's sbatchd would, then report and dispatch more."""
     job = load_job(state, jobid)
@@ -376,11 +422,18 @@ def run_job(state: Path, jobid: int) -> int:
     }
     if job["gpus"]:
         env.setdefault("CUDA_VISIBLE_DEVICES", "")  # no GPU here; LSF would set the granted ids
+    fault = job.get("fault") or {}
+    if "die_writing" in fault:
+        hooks = state / "die_writing"
+        hooks.mkdir(exist_ok=True)
+        (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        pattern = os.path.join(job["cwd"], fault["die_writing"])
+        env.update(LSF_EMULATOR_DIE_WRITING=pattern,
+                   PYTHONPATH=os.pathsep.join(p for p in (str(hooks), env.get("PYTHONPATH")) if p))
     sys.stdout.flush()
     proc = subprocess.Popen(["/bin/sh", "-c", job["command"]], cwd=job["cwd"], env=env,
                             start_new_session=True)
     set_status(state, jobid, None, pgid=proc.pid, exec_host=socket.gethostname())
-    fault = job.get("fault") or {}
     term = None
     try:
         if "memlimit_mb" in fault:

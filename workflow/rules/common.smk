@@ -68,6 +68,11 @@ def volume_record(wildcards):
     its jobs; a changed role alone reruns none of the per-volume stages that ignore it)."""
     return volume_params(sheet_row(wildcards).to_record())
 
+def volume_record_for_plan(wildcards):
+    """The sheet row of a volume with its `distributed` column (predict_create: it decides the
+    parts; no other job's params carry it, so setting it reruns nothing else)."""
+    return volume_params(sheet_row(wildcards).to_record(), distributed=True)
+
 def volume_record_with_role(wildcards):
     """The sheet row of a volume with its role (for jobs that record it)."""
     return volume_params(sheet_row(wildcards).to_record(), role=True)

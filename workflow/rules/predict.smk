@@ -44,7 +44,7 @@ else:
         log:
             "logs/predict_create/{volume}.log",
         params:
-            volume=volume_record,
+            volume=volume_record_for_plan,
             predict=settings("predict"),
             features=settings("features") if config["predict"]["source"] == "raw" else {},
             data=settings("data"),
@@ -109,3 +109,37 @@ else:
             "../envs/dinopipe.yaml"
         script:
             "../scripts/predict_finish.py"
+
+    # One block of a finished distributed prediction predicted again, by its index (C order of
+    # the plan), and rewritten in place; the record names the block and whether it changed.
+    rule predict_block:
+        input:
+            features=prediction_features,
+            sources=volume_inputs,
+            checkpoint="results/model/checkpoint.pt",
+            model_config="results/model/model_config.json",
+            plan="results/predictions/{volume}.parts/plan.json",
+            # rewritten in place: a changed block makes it newer, so what reads it reruns
+            predictions="results/predictions/{volume}.zarr",
+        output:
+            "results/predictions/{volume}.parts/blocks/{index}.json",
+        log:
+            "logs/predict_block/{volume}/{index}.log",
+        message:
+            "predict {wildcards.volume}: block {wildcards.index} again, into results/predictions/{wildcards.volume}.zarr"
+        wildcard_constraints:
+            index=r"\d+",
+        params:
+            volume=volume_record,
+            predict=settings("predict"),
+            features=settings("features") if config["predict"]["source"] == "raw" else {},
+            data=settings("data"),
+        threads: 8
+        resources:
+            mem_mb=per_attempt(32000),  # MB x attempt: one batch of blocks, as a part job
+            runtime=60,  # minutes
+            **GPU,
+        conda:
+            "../envs/dinopipe.yaml"
+        script:
+            "../scripts/predict_block.py"
