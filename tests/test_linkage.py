@@ -138,6 +138,7 @@ def test_hierarchical_merge_on_the_demo_volume_is_within_the_bound() -> None:
     from dinopipe.segment import (
         block_edges,
         concat_edges,
+        concat_fragments,
         fragment_block,
         fragment_superblocks,
         merge_table,
@@ -154,9 +155,8 @@ def test_hierarchical_merge_on_the_demo_volume_is_within_the_bound() -> None:
     block = (16, 24, 24)
     windows = blocks(truth.shape, block)
     fragments = np.zeros(truth.shape, np.uint64)
-    parts = [fragment_block(aff, offsets, fragments, w, i, block, "agglomeration", 16, **params)
-             for i, w in enumerate(windows)]
-    ids, sizes = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    ids, sizes = concat_fragments([fragment_block(aff, offsets, fragments, w, i, block, "agglomeration", 16, **params)
+                                   for i, w in enumerate(windows)])
     edges = concat_edges([block_edges(aff, offsets, fragments, w, True) for w in windows])
 
     def segmentation(levels):
