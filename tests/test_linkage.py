@@ -122,7 +122,7 @@ def test_hierarchical_merge_of_the_benchmark_graph(bench) -> None:
 
 
 @pytest.mark.slow
-def test_hierarchical_merge_on_the_demo_volume_is_within_the_bound() -> None:
+def test_hierarchical_merge_on_the_demo_volume_is_within_the_bound(bench) -> None:
     """The stated bound (docs/cluster.md section 8, config/README.md): on the demo volume (64 x 96 x 96
     labels, cells ~12 voxels across) with the noisy affinities of
     test_blockwise_agglomeration_barely_depends_on_the_block_size, fragments of 16 x 24 x 24 blocks
@@ -130,48 +130,10 @@ def test_hierarchical_merge_on_the_demo_volume_is_within_the_bound() -> None:
     across), then globally, are within 0.05 bits VOI of the single global merge (measured 0.013;
     0.03-0.04 with super-blocks one block thin) and no further from the truth; two levels
     (2 x 2 x 2, then 2 x 4 x 4 blocks) too."""
-    from scipy import ndimage
-
-    from dinopipe.demo import make_demo_volume
-    from dinopipe.evaluate import evaluate_segmentation
-    from dinopipe.geometry import blocks
-    from dinopipe.segment import (
-        block_edges,
-        concat_edges,
-        concat_fragments,
-        fragment_block,
-        fragment_superblocks,
-        merge_table,
-        relabel_block,
-    )
-    from dinopipe.targets import compute_affinities
-
-    _, truth = make_demo_volume(0, label_shape=(64, 96, 96))
-    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -9, 0], [0, 0, -9]]
-    rng = np.random.default_rng(0)
-    noise = ndimage.gaussian_filter(rng.normal(0, 1, (6, *truth.shape)), (0, 1, 2, 2))
-    aff = np.clip(compute_affinities(truth, offsets) * 0.8 + 0.1 + 0.2 * noise / noise.std(), 0, 1).astype(np.float32)
-    params = {"threshold": 0.5, "fragments": "distance"}
-    block = (16, 24, 24)
-    windows = blocks(truth.shape, block)
-    fragments = np.zeros(truth.shape, np.uint64)
-    ids, sizes = concat_fragments([fragment_block(aff, offsets, fragments, w, i, block, "agglomeration", 16, **params)
-                                   for i, w in enumerate(windows)])
-    edges = concat_edges([block_edges(aff, offsets, fragments, w, True) for w in windows])
-
-    def segmentation(levels):
-        keys, values = merge_table(ids, sizes, edges, 0, linkage="mean", threshold=0.5, levels=levels)
-        out = np.zeros(truth.shape, np.uint64)
-        for w in windows:
-            relabel_block(fragments, out, w, keys, values)
-        return out
-
-    one = segmentation(None)
-    truth_voi = evaluate_segmentation(truth, one)["voi_sum"]
-    for factors in ([2], [2, (2, 4, 4)]):
-        out = segmentation(fragment_superblocks(ids, truth.shape, block, factors, seeded=True))
-        assert evaluate_segmentation(one, out)["voi_sum"] <= 0.05, factors
-        assert evaluate_segmentation(truth, out)["voi_sum"] <= truth_voi + 0.05, factors
+    vois = bench.demo_vois()
+    for name in ("2", "2,(2,4,4)"):
+        assert vois[name]["vs_global"] <= 0.05, (name, vois)
+        assert vois[name]["vs_truth"] <= vois["global"]["vs_truth"] + 0.05, (name, vois)
 
 
 def test_fragment_superblocks_by_hand() -> None:

@@ -18,6 +18,7 @@ def test_main_prints_every_figure_and_its_goals(bench, monkeypatch, capsys):
     monkeypatch.setattr(bench, "GRAPHS", {"tiny": (6, 6, 7)})
     monkeypatch.setattr(bench, "SUPER", 3)
     monkeypatch.setattr(bench, "REPEATS", 1)
+    monkeypatch.setattr(bench, "DEMO_SHAPE", (32, 48, 48))
     bench.main()
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["benchmark"] == "merge" and line["same_result_tiny"] is True
@@ -27,6 +28,7 @@ def test_main_prints_every_figure_and_its_goals(bench, monkeypatch, capsys):
     assert line["edges_tiny"] == 6 * 6 * 7 * 7 - sum(  # 7 directions, less the pairs leaving the grid
         6 * 6 * 7 - (6 - abs(d[0])) * (6 - abs(d[1])) * (7 - abs(d[2])) for d in bench.DIRECTIONS)
     assert 0 < line["top_edges_fraction_tiny"] < 1 and line["hierarchical_voi_bits_tiny"] >= 0
+    assert all(line[f"demo_voi_vs_global_{name}"] >= 0 for name in bench.DEMO_LEVELS)
 
 
 def test_voi_bits_by_hand(bench):
