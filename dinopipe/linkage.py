@@ -8,7 +8,7 @@ boundary affinity ``sum / count`` (the boundary of a joined region being the uni
 parts') while that mean exceeds a threshold.
 
 :func:`mean_linkage` is the whole graph in one process, held in flat arrays (about 105 bytes
-and 8 us of CPU per edge, a quarter of the memory and half the time of the dict-based
+and 7 us of CPU per edge, a quarter of the memory and half the time of the dict-based
 implementation it replaced; benchmarks/merge.py); :func:`grouped_mean_linkage`,
 :func:`contract` and :func:`hierarchical_mean_linkage` split a graph too large for one job:
 groups of nodes (super-blocks of blocks) are agglomerated independently on the edges inside

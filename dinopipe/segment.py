@@ -877,7 +877,7 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     in the order of their smallest fragment id (blocks in C order).
 
     Mean linkage is :func:`dinopipe.linkage.mean_linkage` (flat arrays; with the id lookup
-    ~130 bytes and ~8 us of CPU per edge above the edges themselves, benchmarks/merge.py);
+    ~130 bytes and ~7 us of CPU per edge above the edges themselves, benchmarks/merge.py);
     with ``levels`` it is
     :func:`dinopipe.linkage.hierarchical_mean_linkage`: groups of fragments (super-blocks)
     agglomerated on their own edges first, then the contracted graph (approximate, see there).
