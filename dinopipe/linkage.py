@@ -107,14 +107,14 @@ def mean_linkage(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts:
     counts_np = np.asarray(counts, dtype=np.int64).ravel()
     check_graph(n, u, v, sums_np, counts_np)
     m = len(u)
+    eb = max(m.bit_length(), 1)  # adjacency entry: neighbour << eb | edge
+    nb = max((n - 1).bit_length(), 1)  # queue key: rank << 2 nb | a << nb | b
+    if m and (nb + eb > 62 or 2 * nb > 62):
+        raise ValueError(f"mean_linkage: {n} nodes and {m} edges exceed 63-bit adjacency keys; split the graph "
+                         "(hierarchical_mean_linkage)")
     parent = np.arange(n, dtype=np.int64)
     if m == 0 or n < 2:
         return parent
-    eb = max(m.bit_length(), 1)  # adjacency entry: neighbour << eb | edge
-    nb = max((n - 1).bit_length(), 1)  # queue key: rank << 2 nb | a << nb | b
-    if nb + eb > 62 or 2 * nb > 62:
-        raise ValueError(f"mean_linkage: {n} nodes and {m} edges exceed 63-bit adjacency keys; split the graph "
-                         "(hierarchical_mean_linkage)")
     emask, nmask = (1 << eb) - 1, (1 << nb) - 1
     limit = _rank(float(threshold))
     ranks = _ranks(sums_np / counts_np)

@@ -74,6 +74,8 @@ def test_mean_linkage_rejects_bad_graphs(bad, match) -> None:
     n, *arrays = bad
     with pytest.raises(ValueError, match=match):
         mean_linkage(n, *(np.asarray(a) for a in arrays), 0.5)
+    with pytest.raises(ValueError, match="63-bit"):  # before allocating anything per node
+        mean_linkage(2**40, np.array([0]), np.array([1]), np.array([1.0]), np.array([1]), 0.5)
 
 
 def test_contract_sums_the_boundaries_of_joined_regions() -> None:
