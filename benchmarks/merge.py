@@ -3,8 +3,8 @@
 The merge holds the whole region graph (fragments, and per pair of touching fragments the sum
 and count of the affinities between them) and agglomerates it by mean linkage. Its inputs are
 synthetic region graphs shaped like the real ones: fragments on a 3-D grid, each joined to
-its 6 face neighbours and 4 of its diagonal ones (~7 edges per fragment, as between watershed
-fragments), ``OBJECT``^3 neighbouring fragments forming one object (mean boundary affinity
+its 6 face neighbours and 8 of its 12 edge-diagonal ones (7 edges per fragment, as between
+watershed fragments), ``OBJECT``^3 neighbouring fragments forming one object (mean boundary affinity
 0.75 +- 0.15 inside an object, 0.3 +- 0.15 between objects; 1-199 voxel pairs per edge),
 merged at threshold 0.5. Two sizes, ~10^5 and ~10^6 edges (``GRAPHS``).
 
@@ -23,6 +23,7 @@ CPU time far less. Side by side, alternately, the fastest of ``REPEATS`` runs ea
   parts (uint64 fragment id pairs, float64 sums, int64 counts: 32 bytes per edge, loaded
   before the measurement starts) joined by :func:`dinopipe.segment.concat_edges`, then
   :func:`dinopipe.segment.merge_table` with mean linkage (id lookup, linkage, numbering);
+  goal <= 150 bytes per edge above the loaded edges (docs/cluster.md section 8 scales it);
 * ``single``: the same with single linkage (the other methods' merge: connected components
   of the edges above the threshold, scipy);
 * ``hierarchical``: the same with one level of super-blocks of ``SUPER``^3 fragments
@@ -38,7 +39,7 @@ CPU time far less. Side by side, alternately, the fastest of ``REPEATS`` runs ea
 
 The last line is one JSON object with the figures and a "goals" key.
 
-Run: .venv/bin/python benchmarks/merge.py
+Run: .venv/bin/python benchmarks/merge.py (about 5 minutes on 2 quiet cores, 10 under load).
 """
 
 from __future__ import annotations
