@@ -641,7 +641,9 @@ def segment_blockwise(
     ids, sizes = concat_fragments(found)
     levels = None if merge_levels is None else fragment_superblocks(ids, shape, block, merge_levels,
                                                                      seeded(method, params))
-    keys, values = merge_table(ids, sizes, concat_edges(edges), min_size, **graph_merge(method, merge_threshold, params),
+    graph = concat_edges(edges)
+    del edges  # the blocks' copies
+    keys, values = merge_table(ids, sizes, graph, min_size, **graph_merge(method, merge_threshold, params),
                                levels=levels)
     target = out if relabel_into is None else relabel_into
     if tuple(target.shape) != shape:

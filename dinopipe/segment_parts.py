@@ -194,7 +194,9 @@ def run_merge(plan_json: str | Path, fragment_npzs: list[str], face_npzs: list[s
     factors = s.get("merge_levels")
     levels = None if factors is None else fragment_superblocks(ids, plan["shape"], plan["block_shape"], factors,
                                                                seeded(s["method"], s["parameters"]))
-    keys, values = merge_table(ids, sizes, concat_edges(edges), int(s["min_size"]),
+    graph = concat_edges(edges)
+    del edges  # the parts' copies: 32 bytes per edge less while merging
+    keys, values = merge_table(ids, sizes, graph, int(s["min_size"]),
                                **graph_merge(s["method"], s["merge_threshold"], s["parameters"]), levels=levels)
     n = int(values.max()) if len(values) else 0
     with io.atomic_output(out_npz) as tmp:
