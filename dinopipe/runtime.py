@@ -184,16 +184,32 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def resident_mb() -> float:
-    """This process's resident set size now (``VmRSS``), in MB; NaN where ``/proc`` is missing."""
+def _status_mb(field: str) -> float:
+    """A memory field (kB) of ``/proc/self/status`` in MB; NaN where ``/proc`` is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def resident_mb() -> float:
+    """This process's resident set size now (``VmRSS``), in MB; NaN where ``/proc`` is missing."""
+    return _status_mb("VmRSS")
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident set size since it started (``VmHWM``), in MB; NaN where
+    ``/proc`` is missing.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries a process's high-water mark over
+    ``exec``, so a job started by a large process (Snakemake, a benchmark holding arrays;
+    Python's ``subprocess`` forks with ``vfork``) reports at least that process's peak.
+    """
+    return _status_mb("VmHWM")
 
 
 # --------------------------------------------------------------------------- garbage collection
@@ -209,10 +225,11 @@ def one_job_gc() -> None:
     For the workflow scripts (each one cluster job) only; tests, notebooks and other long-lived
     processes keep the defaults.
 
-    Importing torch and transformers leaves a few million long-lived objects, and CPython's
-    collector traverses all of them at every full collection while the imports run and again
-    in the collections of the interpreter's shutdown: about 1.5 of the ~5 CPU-seconds it takes
-    to start a prediction job (measured with ``benchmarks/distributed.py``), a fixed cost that
+    Importing torch and transformers leaves ~370,000 long-lived objects that CPython's
+    collector tracks, and it traverses all of them at every full collection while the imports
+    run and again in the collections of the interpreter's shutdown: about 1.5 of the ~5
+    CPU-seconds a one-block prediction job took (profiled with ``perf``; see
+    docs/distributed.md, "Where a part job's CPU goes"), a fixed cost that
     each of the many part jobs of a distributed prediction pays. Here the young generation is
     collected every 50,000 allocations instead of every 700 (:data:`JOB_GC_THRESHOLDS`: cyclic
     garbage is still collected, later and in bigger batches), and at exit what is still alive

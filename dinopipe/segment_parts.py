@@ -13,9 +13,10 @@ same numbering):
    writes them to ``fragments.zarr`` and their ids and sizes to ``fragments/{part}.npz``.
 3. :func:`run_faces` (rule ``segment_faces``, one job per part, after every part's
    fragments): the region graph's edges of the part's blocks (across the faces with their
-   predecessors, and inside them for agglomeration), in ``faces/{part}.npz``.
+   predecessors, and inside them for agglomeration and mutex watershed; for mutex watershed
+   the long-range edges too), in ``faces/{part}.npz``.
 4. :func:`run_merge` (rule ``segment_merge``, one job): the merge on the whole graph
-   (:func:`dinopipe.segment.merge_table`), ``min_size``, consecutive ids; ``table.npz``
+   (:func:`dinopipe.segment.merge_fragments`), ``min_size``, consecutive ids; ``table.npz``
    maps every fragment to its segment.
 5. :func:`run_relabel` (rule ``segment_relabel``, one job per part): writes the part's blocks
    of the staging store through the table.
@@ -51,18 +52,17 @@ from dinopipe.atomic import remove_partial_writes
 from dinopipe.geometry import Window
 from dinopipe.parts import BlockPlan
 from dinopipe.segment import (
-    block_edges,
     block_for,
+    block_graph,
+    block_seeds,
     check_blockwise,
     concat_edges,
     concat_fragments,
     fragment_block,
     fragment_superblocks,
-    graph_merge,
-    merge_table,
+    merge_fragments,
     relabel_block,
     sanity_warnings,
-    seeded,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,18 +162,21 @@ def run_fragments(out_path: str | Path, part: int, out_npz: str | Path) -> int:
 
 
 def run_faces(out_path: str | Path, part: int, out_npz: str | Path) -> int:
-    """The region graph's edges of one part's blocks (step 3, :func:`dinopipe.segment.block_edges`);
+    """The region graph's edges of one part's blocks (step 3, :func:`dinopipe.segment.block_graph`);
     returns their number."""
     work = parts_dir(out_path)
     plan = _read_plan(work)
     affs = io.read_image(Path(plan["predictions"]) / "affinities").array
     fragments = io.read_image(work / "fragments.zarr").array
-    internal = plan["settings"]["method"] == "agglomeration"
-    pairs, sums, counts = concat_edges([block_edges(affs, plan["offsets"], fragments, window, internal)
-                                        for _, window in _windows(plan, part)])
+    s = plan["settings"]
+    graphs = [block_graph(affs, plan["offsets"], fragments, window, s["method"], s["parameters"])
+              for _, window in _windows(plan, part)]
+    pairs, sums, counts = concat_edges([g[0] for g in graphs])
+    long_pairs, long_sums, long_counts = concat_edges([g[1] for g in graphs])  # mutex watershed's; else none
     with io.atomic_output(out_npz) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, pairs=pairs, sums=sums, counts=counts)
+            np.savez(f, pairs=pairs, sums=sums, counts=counts, long_pairs=long_pairs, long_sums=long_sums,
+                     long_counts=long_counts)
     logger.info("part %d: %d region graph edges", part, pairs.shape[1])
     return int(pairs.shape[1])
 
@@ -182,22 +185,23 @@ def run_merge(plan_json: str | Path, fragment_npzs: list[str], face_npzs: list[s
     """The table fragment id -> segment id of the whole volume (step 4); returns the segment count."""
     plan = json.loads(Path(plan_json).read_text())
     s = plan["settings"]
-    found, edges = [], []
+    found, edges, long_edges = [], [], []
     for path in fragment_npzs:
         with np.load(path) as data:
             found.append((data["ids"], data["sizes"]))
     for path in face_npzs:
         with np.load(path) as data:
             edges.append((data["pairs"], data["sums"], data["counts"]))
+            long_edges.append((data["long_pairs"], data["long_sums"], data["long_counts"]))
     t = time.perf_counter()
-    ids, sizes = concat_fragments(found)
+    fragments = concat_fragments(found)
     factors = s.get("merge_levels")
-    levels = None if factors is None else fragment_superblocks(ids, plan["shape"], plan["block_shape"], factors,
-                                                               seeded(s["method"], s["parameters"]))
-    graph = concat_edges(edges)
-    del edges  # the parts' copies: 32 bytes per edge less while merging
-    keys, values = merge_table(ids, sizes, graph, int(s["min_size"]),
-                               **graph_merge(s["method"], s["merge_threshold"], s["parameters"]), levels=levels)
+    levels = None if factors is None else fragment_superblocks(fragments[0], plan["shape"], plan["block_shape"],
+                                                               factors, block_seeds(s["method"], s["parameters"]) is not None)
+    graph, long_graph = concat_edges(edges), concat_edges(long_edges)
+    del edges, long_edges  # the parts' copies: 32 bytes per edge less while merging
+    keys, values = merge_fragments(s["method"], fragments, graph, long_graph, int(s["min_size"]), s["merge_threshold"],
+                                   s["parameters"], levels)
     n = int(values.max()) if len(values) else 0
     with io.atomic_output(out_npz) as tmp:
         with open(tmp, "wb") as f:

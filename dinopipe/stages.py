@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import platform
-import resource
 import shutil
 import socket
 import time
@@ -44,7 +43,7 @@ from dinopipe.classes import (
 from dinopipe.config import OPTIONAL_KEYS
 from dinopipe.inputs import child_images
 from dinopipe.logs import Progress
-from dinopipe.runtime import allotted_cpus
+from dinopipe.runtime import allotted_cpus, peak_resident_mb
 from dinopipe.sheet import Volume
 from dinopipe.sources import intensity_range, open_class_array, open_sources, raw_on_grid, source_args
 
@@ -216,7 +215,7 @@ def run_features(
         attrs["blocks"] = {"block_shape": blocking, "halo": params.block_halo, "count": info.get("blocks", 1)}
         attrs["timings"] = {"load_s": t_load, "planes": info["timings"], "extract_s": t1 - t0 - t_load,
                             "write_s": time.perf_counter() - t1}
-        attrs["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        attrs["peak_rss_mb"] = peak_resident_mb()
         io.set_attrs(tmp, attrs)
     logger.info("features %s: %s in %.1fs, peak RSS %.0f MB", volume.name, (backbone.channels, *g.shape),
                 time.perf_counter() - t0, attrs["peak_rss_mb"])
@@ -590,8 +589,8 @@ def run_segment(
     ``params`` is the ``segment`` config section: ``method``, ``min_size``, the
     method's own parameters (keys of other methods are ignored), and the blocking:
     volumes of more than ``max_voxels`` voxels, or any volume when ``block_shape`` is
-    set, are segmented blockwise (:func:`dinopipe.segment.segment_blockwise`, fragments
-    merged across block faces above ``merge_threshold``); ``block_shape`` null then means
+    set, are segmented blockwise (:func:`dinopipe.segment.segment_blockwise`: fragments
+    per block, merged on the whole region graph); ``block_shape`` null then means
     128 x 256 x 256. The default ``max_voxels`` (1e8, about 11 GB with 6 offsets, see
     :func:`dinopipe.segment.bytes_per_voxel`) suits the rule's 16 GB. With ``segment.jobs``
     the workflow runs the blockwise steps as many jobs instead (:mod:`dinopipe.segment_parts`),
@@ -1215,7 +1214,7 @@ def run_predict_part(
                            batch_size=int(params["batch_size"]), label=f"predict {record['volume']} part {part}")
     timings["total_s"] = time.perf_counter() - t_start
     stats = {"timings": timings, "precision": mode if dev.type == "cuda" else "none",
-             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+             "peak_rss_mb": peak_resident_mb()}
     write_marker(marker, record, int(part), stats)
     return stats
 

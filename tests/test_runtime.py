@@ -109,3 +109,18 @@ def test_one_job_gc_raises_the_thresholds_once_and_freezes_what_lives_at_exit():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_peak_resident_mb_is_the_process_own_peak_not_that_of_its_parent():
+    """getrusage's ru_maxrss of a process started by a large one reports the large one's peak;
+    VmHWM does not."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(256 * 2**20 // 8)  # 256 MB touched here, in the parent
+    code = "from dinopipe.runtime import peak_resident_mb; print(peak_resident_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0 < float(out.stdout) < 128 < resident_mb() - 200
+    del held

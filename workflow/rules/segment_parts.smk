@@ -62,7 +62,7 @@ rule segment_faces:
         part=r"\d+",
     threads: 1
     resources:
-        mem_mb=per_attempt(4000),  # MB x attempt: two voxel planes per face
+        mem_mb=per_attempt(4000),  # MB x attempt: one block of affinities and fragments (grown by the longest offset for mutex watershed)
         runtime=60,  # minutes
     conda:
         "../envs/dinopipe.yaml"

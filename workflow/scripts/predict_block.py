@@ -4,9 +4,11 @@ from pathlib import Path
 
 from dinopipe.config import job_settings
 from dinopipe.logs import logged
+from dinopipe.runtime import one_job_gc
 from dinopipe.stages import run_predict_block, volume_from_dict
 
 with logged(snakemake.log[0]):  # noqa: F821
+    one_job_gc()  # the process runs this one job: cheaper start and exit
     run_predict_block(
         snakemake.input.features[0] if snakemake.input.features else None,  # noqa: F821
         Path(snakemake.input.checkpoint).parent,  # noqa: F821
