@@ -18,7 +18,8 @@ The modules, layer by layer (a module imports only from its own layer and the on
   :mod:`~dinopipe.loader`, :mod:`~dinopipe.checkpoint` (the model on disk),
   :mod:`~dinopipe.curves` (the loss curve), :mod:`~dinopipe.train_params` (the ``train:``
   section), :mod:`~dinopipe.objective` (input, loss, validation), :mod:`~dinopipe.train`.
-* inference — :mod:`~dinopipe.predict`, :mod:`~dinopipe.segment`, :mod:`~dinopipe.evaluate`,
+* inference — :mod:`~dinopipe.predict`, :mod:`~dinopipe.segment`, :mod:`~dinopipe.linkage`
+  (agglomeration of the region graph: mean linkage, hierarchical merge), :mod:`~dinopipe.evaluate`,
   :mod:`~dinopipe.baseline`, :mod:`~dinopipe.tune`: never import training (only the model
   definition and :mod:`~dinopipe.checkpoint`); :mod:`~dinopipe.distributed` (one volume's
   prediction over many jobs: the block plan and the record of finished parts).

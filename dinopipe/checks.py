@@ -22,7 +22,7 @@ import numpy as np
 from dinopipe.augment import check_offsets_closed, resolve_augment_params, transform_group
 from dinopipe.backbone_spec import known_patch_size
 from dinopipe.classes import check_class_loss, class_thresholds, overlapping_unlabelled, parse_classes
-from dinopipe.geometry import Geometry
+from dinopipe.geometry import Geometry, superblock_factors
 from dinopipe.inputs import child_images, metadata_cache, source_store
 from dinopipe.runtime import DEVICE_HELP, is_device_name
 from dinopipe.sheet import Volume
@@ -40,7 +40,8 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
     models, local snapshots, hub ids in the local cache); affinity offsets (three integers,
     not ``[0, 0, 0]``, no duplicates); ``train.crop_shape`` divisible by
     ``2**train.unet.levels``; ``targets.classes`` (:func:`dinopipe.classes.parse_classes`),
-    set exactly when ``train.target`` is ``semantic``, and disjoint from ``targets.unlabelled_ids``.
+    set exactly when ``train.target`` is ``semantic``, and disjoint from ``targets.unlabelled_ids``;
+    ``segment.merge_levels`` only with agglomeration, each level a multiple of the previous one.
     """
     problems: list[str] = []
     features = config.get("features") or {}
@@ -63,6 +64,16 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
                             f"{backbone!r}; allowed: {divisors} or null (the patch size)")
     problems += _offset_problems((config.get("targets") or {}).get("offsets"))
     problems += _class_problems(config)
+    segment = config.get("segment") or {}
+    if segment.get("merge_levels") is not None:
+        method = segment.get("method", "agglomeration")
+        if method != "agglomeration":
+            problems.append(f"segment.merge_levels is set but segment.method is {method!r}: the hierarchical merge is "
+                            "agglomeration's (mean linkage); set it to null")
+        try:
+            superblock_factors(segment["merge_levels"])
+        except ValueError as exc:
+            problems.append(str(exc))
     crop, levels = train.get("crop_shape"), (train.get("unet") or {}).get("levels", 2)
     if crop is not None and isinstance(levels, int) and levels >= 0:
         divisor = 2**levels

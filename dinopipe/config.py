@@ -68,7 +68,8 @@ OPTIONAL_KEYS: Mapping[str, Mapping[str, Any]] = {
     "features": {"batch_size": 16},
     "targets": {"classes": None, "classes_overlap": False},
     "demo": {"organelles": None},
-    "segment": {"split_touching_nm": None, "class_threshold": None, "jobs": None, "block_context": 16},
+    "segment": {"split_touching_nm": None, "class_threshold": None, "jobs": None, "block_context": 16,
+                "merge_levels": None},
     "predict": {"distributed": None},
 }
 

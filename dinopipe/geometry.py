@@ -170,3 +170,30 @@ def grow_window(core: Sequence[slice], halo: int | Sequence[int], shape: Sequenc
 def inner_window(core: Sequence[slice], grown: Sequence[slice]) -> Window:
     """Where ``core`` lies inside ``grown`` (both in voxels of one grid)."""
     return tuple(slice(c.start - g.start, c.stop - g.start) for c, g in zip(core, grown, strict=True))  # type: ignore[return-value]
+
+
+def superblock_factors(factors: Sequence[int | Sequence[int]]) -> list[np.ndarray]:
+    """Super-blocks of a hierarchical merge (``segment.merge_levels``): (z, y, x) blocks per
+    super-block at each level, checked (each level's super-blocks unions of the previous level's).
+
+    Raises:
+        ValueError: No level, a factor that is not a positive int (or three of them), or a
+            level that is not a multiple of the previous one along every axis.
+    """
+    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or not factors:
+        raise ValueError(f"segment.merge_levels must be a non-empty list of blocks per super-block (an int or "
+                         f"[z, y, x]) per level, got {factors!r}")
+    out, previous = [], np.ones(3, dtype=np.int64)
+    for level, factor in enumerate(factors):
+        values = [factor] * 3 if isinstance(factor, (int, np.integer)) else list(factor)  # type: ignore[arg-type]
+        if len(values) != 3 or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1
+                                   for x in values):
+            raise ValueError(f"segment.merge_levels[{level}] must be a positive int or [z, y, x] of them, "
+                             f"got {factor!r}")
+        f = np.array(values, dtype=np.int64)
+        if np.any(f % previous):
+            raise ValueError(f"segment.merge_levels[{level}]: blocks per super-block {f.tolist()} must be "
+                             f"multiples of the previous level's {previous.tolist()}")
+        out.append(f)
+        previous = f
+    return out

@@ -24,7 +24,6 @@ memory is then bounded by one block plus the region graph.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import inspect
 import logging
 import os
@@ -38,7 +37,8 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
-from dinopipe.geometry import blocks, grow_window, inner_window
+from dinopipe.geometry import blocks, grow_window, inner_window, superblock_factors
+from dinopipe.linkage import hierarchical_mean_linkage, mean_linkage
 
 logger = logging.getLogger(__name__)
 
@@ -673,6 +673,7 @@ def segment_blockwise(
     min_size: int = 0,
     context: int | Sequence[int] = 0,
     relabel_into: Any | None = None,
+    merge_levels: Sequence[int | Sequence[int]] | None = None,
     **params: object,
 ) -> int:
     """Segment a volume too large for memory block by block: fragments per block, a global merge.
@@ -724,6 +725,10 @@ def segment_blockwise(
             ``out`` (which then holds the fragments): e.g. a sharded zarr array, written
             one whole shard at a time (its ``shards``), while ``out`` is an unsharded
             scratch array that steps 1 and 2 write and read block by block.
+        merge_levels: ``agglomeration`` only: merge hierarchically, in super-blocks of this
+            many blocks (an int or (z, y, x)) per level, then the whole graph
+            (:func:`fragment_superblocks`, ``merge_table``'s ``levels``); None: the whole
+            graph at once.
         **params: Parameters of ``method``.
 
     Returns:
@@ -732,13 +737,17 @@ def segment_blockwise(
     shape = tuple(int(s) for s in affinities.shape[1:])
     if tuple(out.shape) != shape:
         raise ValueError(f"output shape {tuple(out.shape)} differs from the affinities' {shape}")
-    offsets_t, block = check_blockwise(shape, offsets, block_shape, method, min_size)
+    offsets_t, block = check_blockwise(shape, offsets, block_shape, method, min_size, merge_levels)
     windows = blocks(shape, block)
     found = [fragment_block(affinities, offsets_t, out, window, index, block, method, context, **params)
              for index, window in enumerate(windows)]
     graphs = [block_graph(affinities, offsets_t, out, window, method, params) for window in windows]
-    keys, values = merge_fragments(method, concat_fragments(found), concat_edges([g[0] for g in graphs]),
-                                   concat_edges([g[1] for g in graphs]), min_size, merge_threshold, params)
+    fragments = concat_fragments(found)
+    levels = None if merge_levels is None else fragment_superblocks(fragments[0], shape, block, merge_levels,
+                                                                     block_seeds(method, params) is not None)
+    edges, long_edges = concat_edges([g[0] for g in graphs]), concat_edges([g[1] for g in graphs])
+    del graphs  # the blocks' copies
+    keys, values = merge_fragments(method, fragments, edges, long_edges, min_size, merge_threshold, params, levels)
     target = out if relabel_into is None else relabel_into
     if tuple(target.shape) != shape:
         raise ValueError(f"relabel_into shape {tuple(target.shape)} differs from the affinities' {shape}")
@@ -761,13 +770,16 @@ def block_for(block_shape: Sequence[int] | None, shape: Sequence[int]) -> list[i
 
 
 def check_blockwise(shape: Sequence[int], offsets: Sequence[Sequence[int]], block_shape: Sequence[int], method: str,
-                    min_size: int) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+                    min_size: int, merge_levels: Sequence[int | Sequence[int]] | None = None
+                    ) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
     """Validate blockwise segmentation arguments; return the offsets and block shape as int tuples.
 
     Raises:
         ValueError: a block shape that is not three positive voxel counts, a negative
-            ``min_size``, an unknown method, or no short-range offset along an axis that
-            is cut into blocks (fragments could not be joined across its faces).
+            ``min_size``, an unknown method, no short-range offset along an axis that
+            is cut into blocks (fragments could not be joined across its faces), or
+            ``merge_levels`` (:func:`dinopipe.geometry.superblock_factors`) that are invalid or set for a
+            method other than agglomeration.
     """
     if len(block_shape) != 3 or any(int(b) < 1 for b in block_shape):
         raise ValueError(f"block_shape must be three positive integers (z, y, x), got {block_shape!r}")
@@ -776,6 +788,11 @@ def check_blockwise(shape: Sequence[int], offsets: Sequence[Sequence[int]], bloc
         raise ValueError(f"unknown segmentation method {method!r}; allowed: {sorted(METHODS)}")
     offsets_t = [tuple(int(v) for v in o) for o in offsets]
     block = tuple(int(b) for b in block_shape)
+    if merge_levels is not None:
+        if method != "agglomeration":
+            raise ValueError(f"segment.merge_levels applies to the agglomeration method only (a hierarchical mean "
+                             f"linkage), not {method!r}: set it to null")
+        superblock_factors(merge_levels)
     needed = range(3) if method in GRAPH_METHODS else [a for a in range(3) if shape[a] > block[a]]
     for a in needed:
         if _axis_offset(offsets_t, a) is None:
@@ -907,15 +924,29 @@ def _aggregate(lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> Edges:
 
 
 def concat_edges(parts: Sequence[Edges]) -> Edges:
-    """Several edge lists as one, pairs found in several summed."""
+    """Several edge lists as one, sorted by pair; pairs found in several summed (in the order given).
+
+    Memory: the concatenation (32 bytes per edge) plus a sort order and one reordered array at
+    a time (24 bytes per edge), no per-pair temporaries.
+    """
     pairs = np.concatenate([np.zeros((2, 0), np.uint64), *[p[0] for p in parts]], axis=1).astype(np.uint64)
-    sums = np.concatenate([np.zeros(0), *[p[1] for p in parts]])
-    counts = np.concatenate([np.zeros(0, np.int64), *[p[2] for p in parts]])
+    sums = np.concatenate([np.zeros(0), *[p[1] for p in parts]]).astype(np.float64)
+    counts = np.concatenate([np.zeros(0, np.int64), *[p[2] for p in parts]]).astype(np.int64)
     if not pairs.shape[1]:
         return pairs, sums, counts
-    unique, inverse = np.unique(pairs, axis=1, return_inverse=True)
-    inverse = inverse.ravel()
-    return unique, np.bincount(inverse, weights=sums), np.bincount(inverse, weights=counts).astype(np.int64)
+    order = np.lexsort((pairs[1], pairs[0]))  # stable: a pair's parts keep their order
+    pairs = pairs[:, order]
+    sums = sums[order]
+    counts = counts[order]
+    del order
+    start = np.ones(pairs.shape[1], dtype=bool)
+    start[1:] = pairs[0, 1:] != pairs[0, :-1]
+    start[1:] |= pairs[1, 1:] != pairs[1, :-1]
+    if start.all():
+        return pairs, sums + 0.0, counts  # + 0.0: as a sum from zero (-0.0 -> 0.0)
+    group = np.cumsum(start) - 1  # bincount adds each pair's parts from zero in their order
+    return (pairs[:, start], np.bincount(group, weights=sums),
+            np.bincount(group, weights=counts).astype(np.int64))
 
 
 def block_edges(affinities: Any, offsets: Sequence[Sequence[int]], fragments: Any, window: Sequence[slice],
@@ -1075,7 +1106,8 @@ def block_graph(affinities: Any, offsets: Sequence[Sequence[int]], fragments: An
 
 
 def merge_fragments(method: str, fragments: tuple[np.ndarray, np.ndarray], edges: Edges, long_edges: Edges,
-                    min_size: int, merge_threshold: float, params: Mapping[str, object]) -> tuple[np.ndarray, np.ndarray]:
+                    min_size: int, merge_threshold: float, params: Mapping[str, object],
+                    levels: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The global merge of blockwise ``method``: :func:`mutex_table` for ``mutex_watershed`` (its
     biases), :func:`merge_table` (:func:`graph_merge`) for the others.
 
@@ -1087,64 +1119,20 @@ def merge_fragments(method: str, fragments: tuple[np.ndarray, np.ndarray], edges
         min_size: Smallest object kept, in voxels.
         merge_threshold: Face merge threshold of ``threshold_components``.
         params: The method's parameters.
+        levels: ``agglomeration``'s hierarchical merge (``merge_table``'s ``levels``, from
+            :func:`fragment_superblocks`); None: the whole graph at once.
     """
     ids, sizes = fragments
+    if levels is not None and method != "agglomeration":
+        raise ValueError(f"merge levels apply to the agglomeration method only, not {method!r}")
     if method == "mutex_watershed":
         return mutex_table(ids, sizes, edges, long_edges, min_size, float(params.get("bias_short", -0.5)),  # type: ignore[arg-type]
                            float(params.get("bias_long", -0.5)))  # type: ignore[arg-type]
-    return merge_table(ids, sizes, edges, min_size, **graph_merge(method, merge_threshold, params))
-
-
-def _mean_linkage(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts: np.ndarray,
-                  threshold: float) -> np.ndarray:
-    """Hierarchical agglomeration of ``n`` regions by mean boundary affinity (waterz's MeanAffinity).
-
-    Repeatedly joins the two adjacent regions with the highest mean affinity on their common
-    boundary (sum / count, the boundary of a joined region being the union of its parts')
-    while it exceeds ``threshold``. Returns each region's representative (an index).
-    """
-    adj: list[dict[int, list[float]] | None] = [{} for _ in range(n)]
-    heap = []
-    for a, b, s, c in zip(u.tolist(), v.tolist(), sums.tolist(), counts.tolist()):
-        e = [s, c]
-        adj[a][b] = e  # type: ignore[index]
-        adj[b][a] = e  # type: ignore[index]
-        heap.append((-s / c, a, b))
-    heapq.heapify(heap)
-    parent = np.arange(n)
-    while heap:
-        neg, a, b = heapq.heappop(heap)
-        if -neg <= threshold:
-            break
-        ea, eb = adj[a], adj[b]
-        if ea is None or eb is None or b not in ea or ea[b][0] / ea[b][1] != -neg:
-            continue  # a region already joined, or a mean since changed
-        if len(ea) < len(eb):
-            a, b, ea, eb = b, a, eb, ea
-        parent[b] = a
-        del ea[b]
-        for w, e in eb.items():  # b's boundary becomes a's
-            if w == a:
-                continue
-            ew = adj[w]
-            del ew[b]  # type: ignore[union-attr]
-            joined = ea.get(w)
-            if joined is None:
-                ea[w] = ew[a] = joined = e  # type: ignore[index]
-            else:
-                joined[0] += e[0]
-                joined[1] += e[1]
-            heapq.heappush(heap, (-joined[0] / joined[1], a, w))
-        adj[b] = None
-    while True:  # representatives: follow the joins to the end
-        up = parent[parent]
-        if np.array_equal(up, parent):
-            return parent
-        parent = up
+    return merge_table(ids, sizes, edges, min_size, **graph_merge(method, merge_threshold, params), levels=levels)
 
 
 def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int, linkage: str = "single",
-                threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                threshold: float = 0.5, levels: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Final segment ids of all fragments: the region graph merged, small objects dropped.
 
     ``linkage`` "single": two fragments join when the mean affinity of their edge exceeds
@@ -1153,6 +1141,13 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     fewer than ``min_size`` voxels (at least 1) gets id 0; the others are numbered 1, 2, ...
     in the order of their smallest fragment id (blocks in C order).
 
+    Mean linkage is :func:`dinopipe.linkage.mean_linkage` (flat arrays; with the id lookup
+    ~130 bytes and ~7 us of CPU per edge above the edges themselves, benchmarks/merge.py);
+    with ``levels`` it is
+    :func:`dinopipe.linkage.hierarchical_mean_linkage`: groups of fragments (super-blocks)
+    agglomerated on their own edges first, then the contracted graph (approximate, see there).
+    Single linkage is exact in any split: connected components of the edges above ``threshold``.
+
     Args:
         ids: Every fragment id (uint64, unique).
         sizes: Each fragment's size in voxels.
@@ -1160,6 +1155,9 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
         min_size: Smallest object kept, in voxels.
         linkage: "single" or "mean".
         threshold: Mean affinity above which regions join, in [0, 1].
+        levels: For mean linkage only: per level, the group of every fragment (in the order of
+            ``ids``), each level's groups unions of the previous level's
+            (:func:`fragment_superblocks`). None: the whole graph at once.
 
     Returns:
         ``keys`` (the fragment ids, ascending) and ``values`` (uint64 segment ids), for
@@ -1168,6 +1166,9 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     _check_min_size(min_size)
     if linkage not in ("single", "mean"):
         raise ValueError(f"merge_table: linkage must be 'single' or 'mean', got {linkage!r}")
+    if levels and linkage != "mean":
+        raise ValueError("merge_table: levels (a hierarchical merge) apply to mean linkage only; single linkage "
+                         "is exact as connected components")
     order = np.argsort(ids, kind="stable")
     keys = np.asarray(ids, dtype=np.uint64)[order]
     sizes = np.asarray(sizes, dtype=np.int64)[order]
@@ -1181,13 +1182,18 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     where = np.searchsorted(keys, pairs)
     if pairs.size and (where.max() >= n or not np.array_equal(keys[np.minimum(where, n - 1)], pairs)):
         raise ValueError("merge_table: an edge names a fragment that is not in the fragment list")
-    mean = np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts), 1)
     if linkage == "single":
+        mean = np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts), 1)
         join = where[:, mean > threshold]
         graph = sparse.coo_matrix((np.ones(join.shape[1], dtype=np.int8), (join[0], join[1])), shape=(n, n))
         component = csgraph.connected_components(graph, directed=False)[1]
     else:
-        component = _mean_linkage(n, where[0], where[1], np.asarray(sums, np.float64), np.asarray(counts), threshold)
+        sums, counts = np.asarray(sums, np.float64), np.asarray(counts)
+        if levels:
+            component = hierarchical_mean_linkage(n, where[0], where[1], sums, counts, threshold,
+                                                  [np.asarray(level)[order] for level in levels])
+        else:
+            component = mean_linkage(n, where[0], where[1], sums, counts, threshold)
         component = np.unique(component, return_inverse=True)[1].ravel()
     first = np.full(component.max() + 1, n, dtype=np.int64)
     np.minimum.at(first, component, np.arange(n))  # each object's first fragment (ids ascending)
@@ -1199,6 +1205,40 @@ def merge_table(ids: np.ndarray, sizes: np.ndarray, edges: Edges, min_size: int,
     final = np.zeros(len(first), dtype=np.uint64)
     final[np.flatnonzero(kept)] = numbered
     return keys, final[component]
+
+
+def fragment_superblocks(ids: np.ndarray, shape: Sequence[int], block_shape: Sequence[int],
+                         factors: Sequence[int | Sequence[int]], seeded: bool = False) -> list[np.ndarray]:
+    """The super-block of every fragment at each level of a hierarchical merge (``merge_table``'s ``levels``).
+
+    A fragment's block follows from its id: the block of its seed's voxel for
+    :func:`seeded_fragments` (a fragment cut by block faces goes with its seed), else the
+    block that numbered it (:func:`fragment_id_base`). Level ``k`` groups ``factors[k]``
+    blocks per axis (one int for all three axes, or (z, y, x)), so each level must be a
+    multiple of the previous one.
+
+    Args:
+        ids: Fragment ids (uint64, from :func:`fragment_block`), any order.
+        shape: The volume's shape (z, y, x) in voxels.
+        block_shape: The block shape (z, y, x) in voxels.
+        factors: Blocks per super-block along (z, y, x) at each level, increasing.
+        seeded: Whether the ids name seeds (:func:`block_seeds` is not None for the method).
+
+    Returns:
+        Per level, (len(ids),) int64 super-block indices (C order), aligned with ``ids``.
+
+    Raises:
+        ValueError: A factor below 1, or a level that is not a multiple of the previous one.
+    """
+    block = np.array([int(b) for b in block_shape])
+    grid = -(-np.array([int(n) for n in shape]) // block)
+    index = (np.asarray(ids, dtype=np.uint64) - np.uint64(1)).astype(np.int64)
+    if seeded:  # the voxel of the seed, C order in the volume
+        coords = np.stack(np.unravel_index(index, tuple(int(n) for n in shape))) // block[:, None]
+    else:
+        coords = np.stack(np.unravel_index(index // int(np.prod(block)), tuple(grid)))
+    return [np.ravel_multi_index(tuple(coords // f[:, None]), tuple(-(-grid // f))).astype(np.int64)
+            for f in superblock_factors(factors)]
 
 
 def relabel_block(fragments: Any, out: Any, window: Sequence[slice], keys: np.ndarray, values: np.ndarray) -> None:

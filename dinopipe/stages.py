@@ -546,6 +546,7 @@ DEFAULT_SEGMENT: dict[str, Any] = {
     "block_shape": None,
     "block_context": 16,
     "merge_threshold": 0.5,
+    "merge_levels": None,
     "shard_shape": None,
 }
 
@@ -557,7 +558,8 @@ def segment_settings(predictions_path: str | Path, params: Mapping[str, Any],
     ``tuned`` is the JSON of the tune_segment rule (:func:`run_tune_segment`): its picked
     parameters replace the config's. Returns ``method``, ``parameters`` (the method's own,
     keys of other methods left out), ``min_size``, ``merge_threshold``, ``block_shape``
-    (null or (z, y, x) voxels), ``block_context`` (voxels), ``max_voxels``, ``tuned`` (bool) and
+    (null or (z, y, x) voxels), ``block_context`` (voxels), ``merge_levels`` (null or blocks per
+    super-block per level, agglomeration's hierarchical merge), ``max_voxels``, ``tuned`` (bool) and
     ``shard_shape`` (the output's storage layout, runtime-only; not used by ``segment.jobs``,
     whose parts write blocks of one store concurrently and so never share a shard).
     """
@@ -575,7 +577,7 @@ def segment_settings(predictions_path: str | Path, params: Mapping[str, Any],
             "min_size": int(config["min_size"]), "merge_threshold": float(config["merge_threshold"]),
             "block_shape": config["block_shape"], "block_context": int(config["block_context"]),
             "max_voxels": int(config["max_voxels"]), "tuned": tuned is not None,
-            "shard_shape": config["shard_shape"]}
+            "shard_shape": config["shard_shape"], "merge_levels": config["merge_levels"]}
 
 
 def run_segment(
@@ -628,11 +630,13 @@ def run_segment(
             n = segment_blockwise(affs_img.array, offsets, out if scratch is None else scratch, block, method=method,
                                   merge_threshold=settings["merge_threshold"], min_size=settings["min_size"],
                                   context=settings["block_context"], relabel_into=None if scratch is None else out,
-                                  **method_params)
+                                  merge_levels=settings["merge_levels"], **method_params)
             if scratch is not None:
                 shutil.rmtree(tmp / "fragments")
             attrs.update(block_shape=block, block_context=settings["block_context"],
                          merge_threshold=settings["merge_threshold"])
+            if settings["merge_levels"] is not None:
+                attrs["merge_levels"] = settings["merge_levels"]
         else:
             logger.info("segmenting %s in memory (%d voxels, about %.1f GB)", predictions_path, voxels,
                         voxels * bytes_per_voxel(len(offsets)) / 1e9)

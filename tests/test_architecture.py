@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dinopipe"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 
 TRAINING = {"train", "train_params", "objective", "loader", "losses", "augment", "curves"}
-INFERENCE = {"predict", "segment", "evaluate", "baseline", "tune", "checkpoint", "report", "distributed"}
+INFERENCE = {"predict", "segment", "linkage", "evaluate", "baseline", "tune", "checkpoint", "report", "distributed"}
 #: Imported when Snakemake parses the workflow (workflow/rules/common.smk): no torch.
 PARSE_TIME = ["config", "checks", "sheet", "tune", "io", "sources", "geometry", "runtime", "backbone_spec",
               "distributed"]

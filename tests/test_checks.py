@@ -69,6 +69,9 @@ def test_a_good_config_has_no_problems():
     ({"targets": {"classes": [{"name": "organelle", "ids": [1, 2]}, {"name": "dark", "ids": [1]}],
                   "classes_overlap": True}, "train": {"target": "semantic", "loss": "bce"},
       "segment": {"class_threshold": {"mito": 0.6}}}, "segment.class_threshold names ['mito'], which are not classes"),
+    ({"segment": {"method": "mutex_watershed", "merge_levels": [4]}}, "segment.merge_levels is set but segment.method"),
+    ({"segment": {"merge_levels": [2, 3]}}, "segment.merge_levels[1]: blocks per super-block [3, 3, 3] must be "
+                                            "multiples of the previous level's [2, 2, 2]"),
 ])
 def test_config_problems(sections, message):
     problems = check_config(_config(**sections))

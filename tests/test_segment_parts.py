@@ -54,12 +54,15 @@ def run_all_parts(predictions, out, params: dict, jobs: int) -> dict:
     return attrs
 
 
-@pytest.mark.parametrize(("method", "fragments"),
-                         [("mutex_watershed", "waterz"), ("agglomeration", "waterz"), ("agglomeration", "distance")])
-def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method, fragments):  # noqa: F811
+@pytest.mark.parametrize(("method", "fragments", "merge_levels"),
+                         [("mutex_watershed", "waterz", None), ("agglomeration", "waterz", None),
+                          ("agglomeration", "distance", None), ("agglomeration", "waterz", [[1, 2, 2], 2]),
+                          ("agglomeration", "distance", [[1, 2, 2], 2])])
+def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, method, fragments,  # noqa: F811
+                                                       merge_levels):
     path, truth = prediction
     params = {"method": method, "block_shape": [4, 8, 8], "min_size": 20, "bias_short": -0.5, "bias_long": -0.5,
-              "threshold": 0.5, "fragments": fragments}
+              "threshold": 0.5, "fragments": fragments, "merge_levels": merge_levels}
     one = run_segment(path, tmp_path / "one.zarr", params)
     attrs = run_all_parts(path, tmp_path / "many.zarr", params, jobs=3)
     a, b = io.read_image(tmp_path / "one.zarr"), io.read_image(tmp_path / "many.zarr")
@@ -73,6 +76,7 @@ def test_parts_write_the_one_job_blockwise_segmentation(prediction, tmp_path, me
     assert {k: v for k, v in attrs.items() if k not in ("seconds", "jobs")} == {
         k: v for k, v in one.items() if k != "seconds"}
     assert attrs["jobs"] == 3 and b.attrs["jobs"] == 3
+    assert attrs.get("merge_levels") == merge_levels
     # the work directory keeps only the small files (the workflow deletes them as temporary)
     assert not (parts_dir(tmp_path / "many.zarr") / "fragments.zarr").exists()
     assert not (parts_dir(tmp_path / "many.zarr") / "segmentation.zarr").exists()

@@ -81,7 +81,7 @@ rule segment_merge:
         "logs/segment/{volume}.merge.log",
     threads: 1
     resources:
-        mem_mb=per_attempt(16000),  # MB x attempt: ~60 bytes per fragment
+        mem_mb=per_attempt(16000),  # MB x attempt: ~165 bytes per region-graph edge (docs/cluster.md section 8)
         runtime=60,  # minutes
     conda:
         "../envs/dinopipe.yaml"
