@@ -340,6 +340,8 @@ def main() -> None:
         "per_block_voxels": int(np.prod(BLOCK)),
         "voxels_per_cpu_s": round(np.prod(BLOCK) / per_block),
         "part_job_start_cpu_s": round(job_start, 2),
+        # the same derived from the parts: their CPU less their blocks at the single job's per-block
+        # cost (carries the blocks' ~10 % variation with the machine's load, and their geometry)
         "part_job_cpu_s_beyond_its_blocks": round(
             float(np.mean([p["cpu_s"] for p in dist["parts"]])) - BLOCKS_PER_JOB * per_block, 2),
         # for many parts the ratio tends to 1 + job start / (blocks per job x per-block cost)
