@@ -298,7 +298,7 @@ def test_unknown_volume_as_target(tmp_path, target):
         (HEADER, [GOOD, GOOD], r"volumes.tsv line 3: duplicate volume name 'good'"),
         (["name", "raw", "labels", "role", "colour"], [GOOD[:4] + ("red",)],
          r"volumes.tsv: unknown column\(s\) \['colour'\]; allowed: \['name', 'raw', 'labels', 'role', 'roi', "
-         r"'voxel_size', 'offset', 'labels_voxel_size', 'labels_offset'\]"),
+         r"'voxel_size', 'offset', 'labels_voxel_size', 'labels_offset', 'distributed'\]"),
         (HEADER, [("loss_curve", *GOOD[1:])],
          r"volumes.tsv line 2: volume name 'loss_curve' is reserved \(results/report/loss_curve.png is another "
          r"output\)"),
