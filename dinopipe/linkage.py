@@ -117,30 +117,9 @@ def mean_linkage(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts:
         return parent
     emask, nmask = (1 << eb) - 1, (1 << nb) - 1
     limit = _rank(float(threshold))
-    ranks = _ranks(sums_np / counts_np)
-    first = np.flatnonzero(ranks < np.uint64(limit))  # the initial queue, sorted by (rank, u, v)
-    first = first[np.lexsort((v[first], u[first], ranks[first]))].astype(np.int32 if m < 2**31 else np.int64)
-    del ranks
+    first = _initial_queue(u, v, sums_np, counts_np, limit)
     n_first = len(first)
-
-    # adjacency: per node its sorted (neighbour << eb | edge) entries
-    pair = np.concatenate([(u << nb) | v, (v << nb) | u])  # node << nb | neighbour, both directions
-    order = np.argsort(pair, kind="stable")
-    pair = pair[order]
-    if m > 1 and np.any(pair[1:] == pair[:-1]):
-        raise ValueError("mean_linkage: the edge list holds a pair twice")
-    bounds = np.searchsorted(pair, np.arange(n + 1, dtype=np.int64) << nb).tolist()
-    order %= m
-    pair &= nmask
-    pair <<= eb
-    pair |= order
-    del order
-    adj: list[array | None] = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        a = array("q")
-        a.frombytes(pair[start:stop].tobytes())
-        adj.append(a)
-    del pair, bounds
+    adj: list[array | None] = _adjacency(n, u, v, nb, eb)  # type: ignore[assignment]
 
     S = array("d", sums_np.tobytes())
     C = array("q", counts_np.tobytes())
@@ -209,11 +188,49 @@ def mean_linkage(n: int, u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts:
             heap = [q for q in heap if alive[(q >> nb) & nmask] and alive[q & nmask]]
             heapq.heapify(heap)
             compact_at = max(compact_at, 2 * len(heap))
-    parent = np.frombuffer(parents, dtype=np.int64).copy()
-    while True:  # representatives: follow the joins to the end
+    logger.debug("mean linkage: %d regions, %d edges, %d joins at %g", n, m, joins, threshold)
+    return _representatives(np.frombuffer(parents, dtype=np.int64).copy())
+
+
+def _initial_queue(u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarray:
+    """The edges whose mean ranks below ``limit`` (:func:`_rank`: above the threshold), sorted by
+    (rank, u, v): the order in which :func:`mean_linkage` first considers them (int32 when it fits)."""
+    ranks = _ranks(sums / counts)
+    first = np.flatnonzero(ranks < np.uint64(limit))
+    return first[np.lexsort((v[first], u[first], ranks[first]))].astype(np.int32 if len(u) < 2**31 else np.int64)
+
+
+def _adjacency(n: int, u: np.ndarray, v: np.ndarray, nb: int, eb: int) -> list[array]:
+    """Per node its sorted adjacency entries ``neighbour << eb | edge`` (both directions of each edge).
+
+    Raises:
+        ValueError: the edge list holds a pair twice.
+    """
+    m = len(u)
+    pair = np.concatenate([(u << nb) | v, (v << nb) | u])  # node << nb | neighbour, both directions
+    order = np.argsort(pair, kind="stable")
+    pair = pair[order]
+    if m > 1 and np.any(pair[1:] == pair[:-1]):
+        raise ValueError("mean_linkage: the edge list holds a pair twice")
+    bounds = np.searchsorted(pair, np.arange(n + 1, dtype=np.int64) << nb).tolist()
+    order %= m
+    pair &= (1 << nb) - 1
+    pair <<= eb
+    pair |= order
+    del order
+    adj: list[array] = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        a = array("q")
+        a.frombytes(pair[start:stop].tobytes())
+        adj.append(a)
+    return adj
+
+
+def _representatives(parent: np.ndarray) -> np.ndarray:
+    """Each node's representative: ``parent`` (a node per node, roots their own) followed to the end."""
+    while True:
         up = parent[parent]
         if np.array_equal(up, parent):
-            logger.debug("mean linkage: %d regions, %d edges, %d joins at %g", n, m, joins, threshold)
             return parent
         parent = up
 
